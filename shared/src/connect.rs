@@ -1,0 +1,260 @@
+//! Connection flags, the same as the `nats` CLI's, turned into a connected client.
+//!
+//! Every binary flattens [`ConnectArgs`] into its own clap parser, so `-s/--server` (env
+//! `NATS_URL`), `--creds`, `--user`/`--password`, `--token`, `--nkey` and `--tlscert`/`--tlskey`/
+//! `--tlsca` mean the same everywhere. The first connection fails fast with a one-line error (a
+//! typo in a URL should not hang); after that async-nats reconnects forever with its capped
+//! backoff (JETSTREAM-NOTES 1.1), and each disconnect and reconnect is logged.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream;
+
+use crate::subjects::{NameError, Names};
+
+/// The oldest nats-server jetci accepts. 2.9 silently drops 2.10 features and breaks
+/// async-nats' bucket creation (JETSTREAM-NOTES, section 0, item 2).
+pub const MIN_SERVER: (u64, u64) = (2, 10);
+
+/// How a process reaches NATS.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ConnectArgs {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        short = 's',
+        long = "server",
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        global = true
+    )]
+    pub server: String,
+    /// NATS credentials file (JWT and seed).
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    pub creds: Option<PathBuf>,
+    /// User name (with --password).
+    #[arg(long, env = "NATS_USER", global = true)]
+    pub user: Option<String>,
+    /// Password (with --user).
+    #[arg(long, env = "NATS_PASSWORD", global = true, hide_env_values = true)]
+    pub password: Option<String>,
+    /// Authentication token.
+    #[arg(long, env = "NATS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding an NKey seed.
+    #[arg(long, env = "NATS_NKEY", global = true)]
+    pub nkey: Option<PathBuf>,
+    /// TLS client certificate (with --tlskey).
+    #[arg(long, env = "NATS_CERT", global = true)]
+    pub tlscert: Option<PathBuf>,
+    /// TLS client key (with --tlscert).
+    #[arg(long, env = "NATS_KEY", global = true)]
+    pub tlskey: Option<PathBuf>,
+    /// CA certificate to verify the server with; implies TLS.
+    #[arg(long, env = "NATS_CA", global = true)]
+    pub tlsca: Option<PathBuf>,
+    /// Prefix of every subject, stream and bucket, so installations can share an account.
+    #[arg(long, env = "JETCI_PREFIX", default_value = "ci", global = true)]
+    pub prefix: String,
+    /// Replicas of streams and buckets this process creates (3 on a three-node cluster).
+    #[arg(long, env = "JETCI_REPLICAS", default_value_t = 1, global = true)]
+    pub replicas: usize,
+}
+
+/// Why a connection could not be made or used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A flag is wrong (missing pair, bad prefix, unreadable file).
+    #[error("{0}")]
+    BadFlag(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// No server answered.
+    #[error(
+        "cannot connect to NATS at {url}: {reason} (start one with `jetci up`, or set -s/NATS_URL)"
+    )]
+    Unreachable { url: String, reason: String },
+    /// The server is older than [`MIN_SERVER`].
+    #[error("nats-server {found} at {url} is too old: jetci needs 2.10 or newer (deploy/install-nats-server.sh installs 2.15.1)")]
+    TooOld { url: String, found: String },
+    /// The server runs without JetStream, or the account has none.
+    #[error("JetStream is not enabled on the NATS server at {url}: start nats-server with -js (or `jetstream {{}}` in its config)")]
+    NoJetStream { url: String },
+}
+
+/// A connected client with its JetStream context and the installation's names.
+#[derive(Clone)]
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub names: Names,
+    pub replicas: usize,
+}
+
+impl ConnectArgs {
+    /// Builds the async-nats options from the flags.
+    async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
+        let mut opts = match &self.creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .map_err(|e| {
+                    ConnectError::BadFlag(format!("cannot read --creds {}: {e}", path.display()))
+                })?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        match (&self.user, &self.password) {
+            (Some(u), Some(p)) => opts = opts.user_and_password(u.clone(), p.clone()),
+            (None, None) => {}
+            _ => {
+                return Err(ConnectError::BadFlag(
+                    "--user and --password go together".into(),
+                ))
+            }
+        }
+        if let Some(t) = &self.token {
+            opts = opts.token(t.clone());
+        }
+        if let Some(path) = &self.nkey {
+            let seed = std::fs::read_to_string(path).map_err(|e| {
+                ConnectError::BadFlag(format!("cannot read --nkey {}: {e}", path.display()))
+            })?;
+            opts = opts.nkey(seed.trim().to_string());
+        }
+        match (&self.tlscert, &self.tlskey) {
+            (Some(c), Some(k)) => {
+                opts = opts
+                    .add_client_certificate(c.clone(), k.clone())
+                    .require_tls(true)
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConnectError::BadFlag(
+                    "--tlscert and --tlskey go together".into(),
+                ))
+            }
+        }
+        if let Some(ca) = &self.tlsca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        let who = name.to_string();
+        Ok(opts
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let who = who.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tracing::info!(process = %who, "connected to NATS")
+                        }
+                        async_nats::Event::Disconnected => {
+                            tracing::warn!(process = %who, "lost NATS; reconnecting with backoff")
+                        }
+                        other => tracing::info!(process = %who, event = %other, "NATS event"),
+                    }
+                }
+            }))
+    }
+
+    /// Connects, checks the server version and JetStream, and returns the client.
+    ///
+    /// `name` is the connection name the server shows (`nats server report connections`).
+    /// Errors: [`ConnectError`], each printable as one line.
+    pub async fn connect(&self, name: &str) -> Result<Nats, ConnectError> {
+        let names = Names::new(&self.prefix)?;
+        if self.replicas == 0 || self.replicas > 5 {
+            return Err(ConnectError::BadFlag(
+                "--replicas must be between 1 and 5".into(),
+            ));
+        }
+        let opts = self.options(name).await?;
+        let urls: Vec<String> = self
+            .server
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .collect();
+        let url = self.server.clone();
+        let client =
+            opts.connect(urls.as_slice())
+                .await
+                .map_err(|e| ConnectError::Unreachable {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?;
+        check_server(&client, &url).await?;
+        let js = jetstream::new(client.clone());
+        Ok(Nats {
+            client,
+            js,
+            names,
+            replicas: self.replicas,
+        })
+    }
+}
+
+/// Refuses servers older than 2.10 and servers without JetStream.
+async fn check_server(client: &async_nats::Client, url: &str) -> Result<(), ConnectError> {
+    let version = client.server_info().version;
+    if !version_at_least(&version, MIN_SERVER) {
+        return Err(ConnectError::TooOld {
+            url: url.to_string(),
+            found: version,
+        });
+    }
+    // `$JS.API.INFO` answers with account info, or an error when JetStream is off for the
+    // account; with JetStream off for the whole server nobody answers at all.
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request("$JS.API.INFO", bytes::Bytes::new()),
+    )
+    .await;
+    match reply {
+        Ok(Ok(msg)) => {
+            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            if v.get("error").is_some() {
+                return Err(ConnectError::NoJetStream {
+                    url: url.to_string(),
+                });
+            }
+            Ok(())
+        }
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            Err(ConnectError::NoJetStream {
+                url: url.to_string(),
+            })
+        }
+        Ok(Err(e)) => Err(ConnectError::Unreachable {
+            url: url.to_string(),
+            reason: format!("JetStream did not answer: {e}"),
+        }),
+        Err(_) => Err(ConnectError::Unreachable {
+            url: url.to_string(),
+            reason: "JetStream did not answer within 10s".into(),
+        }),
+    }
+}
+
+/// True when a `major.minor.patch[-suffix]` version is at least `min`.
+pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
+    let mut parts = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u64>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= min
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(version_at_least("2.15.1", (2, 10)));
+        assert!(version_at_least("2.10.0", (2, 10)));
+        assert!(version_at_least("3.0.0-beta", (2, 10)));
+        assert!(!version_at_least("2.9.10", (2, 10)));
+        assert!(!version_at_least("", (2, 10)));
+    }
+}

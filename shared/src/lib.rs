@@ -1,0 +1,20 @@
+//! jetci's library crate: what more than one process needs.
+//!
+//! - [`subjects`]: every subject, stream, bucket and consumer name, built in one place;
+//! - [`messages`]: every wire type, strictly decoded;
+//! - [`connect`]: the `nats` CLI's connection flags and the server check at connect;
+//! - [`streams`]: idempotent stream and bucket set-up;
+//! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
+//! - [`repo_config`]: the watched repository's `.jetci.toml`;
+//! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
+//! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
+
+pub mod connect;
+pub mod dispatch;
+pub mod git;
+pub mod logging;
+pub mod messages;
+pub mod repo_config;
+pub mod shutdown;
+pub mod streams;
+pub mod subjects;

@@ -1,0 +1,502 @@
+//! Every wire type: one struct per subject or bucket, JSON with a `"v": 1` field (DESIGN.md,
+//! "Messages").
+//!
+//! Times are RFC 3339 UTC, durations are milliseconds in fields ending `_ms`. Decoding is strict:
+//! unknown fields, a wrong `v`, a malformed commit id or repo slug are all a [`MessageError`], so
+//! a reader can terminate the message with a logged reason instead of acting on half of it
+//! (invariant I5).
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::subjects::{check_sha, check_token, job_id, run_key, NameError};
+
+/// The schema version every message carries in `v`.
+pub const VERSION: u32 = 1;
+
+/// The largest message jetci accepts on any subject it reads, in bytes (1 MiB, the nats-server
+/// default `max_payload`).
+pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// Why a message could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MessageError {
+    /// Not JSON, or not the expected shape (missing or unknown fields, wrong types).
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A schema version this build does not speak.
+    #[error("unsupported message version {found} (this build speaks version {VERSION})")]
+    Version { found: u32 },
+    /// A field that parses but cannot be right (bad commit id, bad repo slug, run 0, ...).
+    #[error("invalid field: {0}")]
+    Invalid(String),
+    /// Larger than [`MAX_MESSAGE_BYTES`].
+    #[error("message of {0} bytes is larger than the {MAX_MESSAGE_BYTES} byte limit")]
+    TooLarge(usize),
+}
+
+impl From<NameError> for MessageError {
+    fn from(e: NameError) -> Self {
+        MessageError::Invalid(e.to_string())
+    }
+}
+
+/// A wire type: it knows its version field and can check its own fields.
+pub trait Wire: Serialize + DeserializeOwned {
+    /// The `v` field.
+    fn version(&self) -> u32;
+    /// Field checks beyond the JSON shape.
+    fn validate(&self) -> Result<(), MessageError> {
+        Ok(())
+    }
+}
+
+/// Parses and checks one message body.
+///
+/// Errors: [`MessageError::TooLarge`], [`MessageError::Json`], [`MessageError::Version`],
+/// [`MessageError::Invalid`].
+pub fn decode<T: Wire>(bytes: &[u8]) -> Result<T, MessageError> {
+    if bytes.len() > MAX_MESSAGE_BYTES {
+        return Err(MessageError::TooLarge(bytes.len()));
+    }
+    // Read the version first so a future version reports as such, not as "unknown field".
+    #[derive(Deserialize)]
+    struct Probe {
+        v: Option<u32>,
+    }
+    match serde_json::from_slice::<Probe>(bytes)?.v {
+        Some(VERSION) => {}
+        Some(found) => return Err(MessageError::Version { found }),
+        None => {
+            return Err(MessageError::Invalid("missing field `v`".into()));
+        }
+    }
+    let msg: T = serde_json::from_slice(bytes)?;
+    msg.validate()?;
+    Ok(msg)
+}
+
+/// Serializes a message; wire types always serialize.
+pub fn encode<T: Wire>(msg: &T) -> bytes::Bytes {
+    serde_json::to_vec(msg)
+        .expect("wire types serialize to JSON")
+        .into()
+}
+
+fn check_run(run: u32) -> Result<(), MessageError> {
+    if run == 0 {
+        return Err(MessageError::Invalid("run must be at least 1".into()));
+    }
+    Ok(())
+}
+
+/// The current time, for the `*_at` fields.
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// A commit to test, published by the observer on `ci.commits.<repo>` (stream `CI_COMMITS`)
+/// with `Nats-Msg-Id: <repo>.<sha>.<run>`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CommitMsg {
+    pub v: u32,
+    /// Repository slug, the subject token.
+    pub repo: String,
+    /// Where runners fetch it from: a URL or an absolute local path.
+    pub url: String,
+    /// Branch name without `refs/heads/`; any characters, payload only.
+    pub branch: String,
+    /// Full commit id, 40 hex digits.
+    pub sha: String,
+    /// Run number, 1 for the first test of this commit; a rerun is `n + 1`.
+    pub run: u32,
+    /// Runner labels the repository's `.jetci.toml` asks for.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Commit author as `Name <email>`.
+    #[serde(default)]
+    pub author: String,
+    /// First line of the commit message.
+    #[serde(default)]
+    pub summary: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub published_at: OffsetDateTime,
+}
+
+impl CommitMsg {
+    /// `<repo>.<sha>.<run>`: the `ci-jobs` key and the message id.
+    pub fn key(&self) -> String {
+        run_key(&self.repo, &self.sha, self.run)
+    }
+}
+
+impl Wire for CommitMsg {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_token("repo", &self.repo)?;
+        check_sha(&self.sha)?;
+        check_run(self.run)?;
+        for l in &self.labels {
+            check_token("label", l)?;
+        }
+        if self.url.is_empty() {
+            return Err(MessageError::Invalid("url is empty".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One attempt of a job, published by a dispatcher on `ci.jobs.<runner-id>` (stream `CI_JOBS`)
+/// with `Nats-Msg-Id: <repo>.<sha>.<run>.<attempt>`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobMsg {
+    pub v: u32,
+    pub repo: String,
+    pub url: String,
+    pub branch: String,
+    pub sha: String,
+    pub run: u32,
+    /// 1 for the first assignment; each reassignment after a lost runner adds one.
+    pub attempt: u32,
+    /// The runner this attempt is assigned to.
+    pub runner: String,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub summary: String,
+    /// Sequence of the commit message in `CI_COMMITS`, for ordering results per branch.
+    pub commit_seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub assigned_at: OffsetDateTime,
+}
+
+impl JobMsg {
+    /// `<repo>.<sha>.<run>`.
+    pub fn key(&self) -> String {
+        run_key(&self.repo, &self.sha, self.run)
+    }
+    /// `<repo>.<sha>.<run>.<attempt>`.
+    pub fn job_id(&self) -> String {
+        job_id(&self.repo, &self.sha, self.run, self.attempt)
+    }
+}
+
+impl Wire for JobMsg {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_token("repo", &self.repo)?;
+        check_token("runner", &self.runner)?;
+        check_sha(&self.sha)?;
+        check_run(self.run)?;
+        if self.attempt == 0 {
+            return Err(MessageError::Invalid("attempt must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A job's final status.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// The command exited 0.
+    Passed,
+    /// The command exited non-zero or was killed by a signal: the test's fault.
+    Failed,
+    /// jetci could not run the test (checkout failed, invalid `.jetci.toml`, runner lost too often).
+    Error,
+    /// The command ran past its timeout and was killed.
+    TimedOut,
+    /// A user cancelled the job.
+    Cancelled,
+}
+
+impl Status {
+    /// The lowercase wire name, as in `passed`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Passed => "passed",
+            Status::Failed => "failed",
+            Status::Error => "error",
+            Status::TimedOut => "timed_out",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Test counts read from the output (unittest or pytest summary) or JUnit XML files.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TestCounts {
+    pub tests: u64,
+    pub passed: u64,
+    pub failed: u64,
+    pub skipped: u64,
+    /// Names of failing tests, as the tool printed them.
+    #[serde(default)]
+    pub failures: Vec<String>,
+}
+
+/// A final result on `ci.results.<repo>.<sha>.<run>` (stream `CI_RESULTS`): exactly one per run,
+/// first writer wins. The same shape goes to `ci.superseded.…` for a fenced attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ResultMsg {
+    pub v: u32,
+    pub repo: String,
+    pub url: String,
+    pub branch: String,
+    pub sha: String,
+    pub run: u32,
+    /// `<repo>.<sha>.<run>.<attempt>`.
+    pub job_id: String,
+    pub attempt: u32,
+    /// The runner that ran the attempt; empty when a dispatcher gave the verdict (no runner).
+    pub runner: String,
+    pub status: Status,
+    /// The command's exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the command, when one did (9 is SIGKILL).
+    pub signal: Option<i32>,
+    /// Why, for `error`, `timed_out` and `cancelled`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub finished_at: OffsetDateTime,
+    pub duration_ms: u64,
+    /// The last few KiB of the output, lossily decoded as UTF-8.
+    pub output_tail: String,
+    /// Where the full output is: `ci.logs.<repo>.<sha>.<run>.<attempt>` in `CI_LOGS`.
+    pub log_subject: String,
+    /// Bytes of output the command wrote (before any cap).
+    pub log_bytes: u64,
+    /// Sequence of the commit message in `CI_COMMITS`.
+    pub commit_seq: u64,
+    #[serde(default)]
+    pub author: String,
+    #[serde(default)]
+    pub summary: String,
+    #[serde(default)]
+    pub tests: Option<TestCounts>,
+}
+
+impl ResultMsg {
+    /// `<repo>.<sha>.<run>`.
+    pub fn key(&self) -> String {
+        run_key(&self.repo, &self.sha, self.run)
+    }
+}
+
+impl Wire for ResultMsg {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_token("repo", &self.repo)?;
+        check_sha(&self.sha)?;
+        check_run(self.run)
+    }
+}
+
+/// Where a job is in its life (DESIGN.md: `queued → assigned → running → final`).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum JobPhase {
+    /// A dispatcher holds the commit and waits for a runner.
+    Queued,
+    /// Published to a runner's subject.
+    Assigned,
+    /// The runner has it and heartbeats.
+    Running,
+    /// A final result exists in `CI_RESULTS`.
+    Final,
+}
+
+/// The `ci-jobs` KV value for `<repo>.<sha>.<run>`.
+///
+/// Written with compare-and-set on the entry's revision by the dispatcher (assign, reassign,
+/// final error) and by the runner holding the current attempt (running, heartbeat, final), so a
+/// superseded runner's write fails instead of overwriting the new attempt.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobState {
+    pub v: u32,
+    pub repo: String,
+    pub branch: String,
+    pub sha: String,
+    pub run: u32,
+    pub phase: JobPhase,
+    /// Current attempt; 0 while queued before the first assignment.
+    pub attempt: u32,
+    /// Runner of the current attempt.
+    #[serde(default)]
+    pub runner: Option<String>,
+    /// Sequence of the current attempt's job message in `CI_JOBS`, so a dispatcher can delete it
+    /// from a lost runner's subject.
+    #[serde(default)]
+    pub job_seq: Option<u64>,
+    /// Labels the job needs.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Final status once `phase` is `final`.
+    #[serde(default)]
+    pub status: Option<Status>,
+    /// Why the job waits or failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Wire for JobState {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+/// The `ci-runners` KV value for one runner id, refreshed every heartbeat; an entry older than
+/// the lease means the runner is gone.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerInfo {
+    pub v: u32,
+    pub id: String,
+    pub host: String,
+    pub labels: Vec<String>,
+    /// Jobs it runs at once.
+    pub capacity: u32,
+    /// Job ids it runs now.
+    pub jobs: Vec<String>,
+    /// False while it drains for shutdown: give it nothing new.
+    pub accepting: bool,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Wire for RunnerInfo {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        Ok(check_token("runner", &self.id)?)
+    }
+}
+
+/// The `ci-observer` KV value for `<repo>.<branch-hash>`: the last head published for a branch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BranchMark {
+    pub v: u32,
+    pub repo: String,
+    pub branch: String,
+    pub sha: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+impl Wire for BranchMark {
+    fn version(&self) -> u32 {
+        self.v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commit() -> CommitMsg {
+        CommitMsg {
+            v: VERSION,
+            repo: "app".into(),
+            url: "/srv/app".into(),
+            branch: "feature/ä.b".into(),
+            sha: "0123456789abcdef0123456789abcdef01234567".into(),
+            run: 1,
+            labels: vec!["linux".into()],
+            author: "A <a@x>".into(),
+            summary: "fix".into(),
+            published_at: now(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = commit();
+        let back: CommitMsg = decode(&encode(&c)).unwrap();
+        assert_eq!(back.branch, c.branch);
+        assert_eq!(back.key(), format!("app.{}.1", c.sha));
+    }
+
+    #[test]
+    fn rejects_bad_input() {
+        assert!(matches!(
+            decode::<CommitMsg>(b"not json"),
+            Err(MessageError::Json(_))
+        ));
+        assert!(matches!(
+            decode::<CommitMsg>(b"[]"),
+            Err(MessageError::Json(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["v"] = 2.into();
+        let err = decode::<CommitMsg>(v.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, MessageError::Version { found: 2 }), "{err}");
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["surprise"] = 1.into();
+        assert!(matches!(
+            decode::<CommitMsg>(v.to_string().as_bytes()),
+            Err(MessageError::Json(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["sha"] = "HEAD".into();
+        assert!(matches!(
+            decode::<CommitMsg>(v.to_string().as_bytes()),
+            Err(MessageError::Invalid(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["repo"] = "a.b".into();
+        assert!(matches!(
+            decode::<CommitMsg>(v.to_string().as_bytes()),
+            Err(MessageError::Invalid(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["run"] = 0.into();
+        assert!(decode::<CommitMsg>(v.to_string().as_bytes()).is_err());
+        let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            decode::<CommitMsg>(&big),
+            Err(MessageError::TooLarge(_))
+        ));
+        let no_v = br#"{"repo":"a"}"#;
+        assert!(matches!(
+            decode::<CommitMsg>(no_v),
+            Err(MessageError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn status_names() {
+        assert_eq!(
+            serde_json::to_string(&Status::TimedOut).unwrap(),
+            "\"timed_out\""
+        );
+        assert_eq!(Status::Passed.to_string(), "passed");
+    }
+}

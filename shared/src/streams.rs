@@ -1,0 +1,251 @@
+//! Idempotent set-up of every stream and bucket (DESIGN.md, "Streams, subjects, buckets").
+//!
+//! Whichever process starts first creates them; the others find them. A stream that exists with
+//! settings jetci cannot work with (another retention, other subjects) is reported as a
+//! [`SetupError::Conflict`] and never silently recreated, because recreating a stream deletes its
+//! messages.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, kv,
+    stream::{Config, DiscardPolicy, RetentionPolicy, StorageType, Stream},
+};
+
+use crate::connect::Nats;
+
+/// How long a published commit, job or result id is remembered for de-duplication. An observer
+/// restarted within this window cannot publish a commit twice even if it lost its mark
+/// (JETSTREAM-NOTES 2, "Dedupe": the default is only 120 s).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
+
+/// How long results are kept.
+pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How long logs are kept.
+pub const LOGS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Bytes of logs kept in all (oldest dropped first).
+pub const LOGS_MAX_BYTES: i64 = 4 * 1024 * 1024 * 1024;
+/// How long a job's state is kept in `ci-jobs` after its last change.
+pub const JOBS_KV_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a runner's presence entry outlives its last refresh. Liveness itself is judged by the
+/// lease, from the entry's age; this only cleans up.
+pub const RUNNERS_KV_MAX_AGE: Duration = Duration::from_secs(60);
+
+/// Stream or bucket set-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A stream exists with settings jetci cannot use.
+    #[error("stream {stream} exists with {field} {found}, but jetci needs {wanted}; fix or delete it by hand (`nats stream info {stream}`)")]
+    Conflict {
+        stream: String,
+        field: &'static str,
+        found: String,
+        wanted: String,
+    },
+    /// The server refused or did not answer.
+    #[error("cannot set up {what}: {reason}")]
+    Server { what: String, reason: String },
+}
+
+/// Handles to every stream and bucket.
+#[derive(Clone)]
+pub struct Streams {
+    pub commits: Stream,
+    pub jobs: Stream,
+    pub results: Stream,
+    pub logs: Stream,
+    /// `ci-observer`: last head per branch.
+    pub marks: kv::Store,
+    /// `ci-jobs`: job state.
+    pub job_states: kv::Store,
+    /// `ci-runners`: runner presence.
+    pub runners: kv::Store,
+}
+
+/// The stream configurations, for one installation's names and replica count.
+pub fn stream_configs(nats: &Nats) -> Vec<Config> {
+    let n = &nats.names;
+    let base = Config {
+        storage: StorageType::File,
+        num_replicas: nats.replicas,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..Default::default()
+    };
+    vec![
+        Config {
+            name: n.commits_stream(),
+            description: Some("jetci: commits to test (work queue)".into()),
+            subjects: vec![n.commits_filter()],
+            retention: RetentionPolicy::WorkQueue,
+            ..base.clone()
+        },
+        Config {
+            name: n.jobs_stream(),
+            description: Some("jetci: jobs assigned to runners (work queue)".into()),
+            subjects: vec![n.jobs_filter()],
+            retention: RetentionPolicy::WorkQueue,
+            ..base.clone()
+        },
+        Config {
+            name: n.results_stream(),
+            description: Some("jetci: final results, one per run".into()),
+            subjects: vec![n.results_filter(), n.superseded_filter()],
+            retention: RetentionPolicy::Limits,
+            max_age: RESULTS_MAX_AGE,
+            allow_direct: true,
+            ..base.clone()
+        },
+        Config {
+            name: n.logs_stream(),
+            description: Some("jetci: job output in ordered chunks".into()),
+            subjects: vec![n.logs_filter()],
+            retention: RetentionPolicy::Limits,
+            max_age: LOGS_MAX_AGE,
+            max_bytes: LOGS_MAX_BYTES,
+            discard: DiscardPolicy::Old,
+            allow_direct: true,
+            ..base
+        },
+    ]
+}
+
+/// Creates or finds every stream and bucket, checking the settings that matter.
+///
+/// Errors: [`SetupError::Conflict`] for an incompatible existing stream, [`SetupError::Server`]
+/// when the server refuses or does not answer.
+pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
+    let mut streams = Vec::new();
+    for config in stream_configs(nats) {
+        streams.push(ensure_stream(&nats.js, config).await?);
+    }
+    let logs = streams.pop().expect("four streams");
+    let results = streams.pop().expect("four streams");
+    let jobs = streams.pop().expect("four streams");
+    let commits = streams.pop().expect("four streams");
+    let n = &nats.names;
+    let marks = ensure_bucket(nats, n.observer_bucket(), Duration::ZERO).await?;
+    let job_states = ensure_bucket(nats, n.jobs_bucket(), JOBS_KV_MAX_AGE).await?;
+    let runners = ensure_bucket(nats, n.runners_bucket(), RUNNERS_KV_MAX_AGE).await?;
+    Ok(Streams {
+        commits,
+        jobs,
+        results,
+        logs,
+        marks,
+        job_states,
+        runners,
+    })
+}
+
+async fn ensure_stream(js: &jetstream::Context, config: Config) -> Result<Stream, SetupError> {
+    let name = config.name.clone();
+    let mut stream = retry_setup(&name, || js.get_or_create_stream(config.clone())).await?;
+    let found = stream
+        .info()
+        .await
+        .map_err(|e| SetupError::Server {
+            what: name.clone(),
+            reason: e.to_string(),
+        })?
+        .config
+        .clone();
+    check_compatible(&config, &found)?;
+    Ok(stream)
+}
+
+/// The settings jetci relies on: retention (work queue vs limits) and the subjects.
+fn check_compatible(wanted: &Config, found: &Config) -> Result<(), SetupError> {
+    if wanted.retention != found.retention {
+        return Err(SetupError::Conflict {
+            stream: wanted.name.clone(),
+            field: "retention",
+            found: format!("{:?}", found.retention),
+            wanted: format!("{:?}", wanted.retention),
+        });
+    }
+    let mut a = wanted.subjects.clone();
+    let mut b = found.subjects.clone();
+    a.sort();
+    b.sort();
+    if a != b {
+        return Err(SetupError::Conflict {
+            stream: wanted.name.clone(),
+            field: "subjects",
+            found: b.join(","),
+            wanted: a.join(","),
+        });
+    }
+    Ok(())
+}
+
+async fn ensure_bucket(
+    nats: &Nats,
+    bucket: String,
+    max_age: Duration,
+) -> Result<kv::Store, SetupError> {
+    if let Ok(store) = nats.js.get_key_value(bucket.clone()).await {
+        return Ok(store);
+    }
+    let config = kv::Config {
+        bucket: bucket.clone(),
+        history: 1,
+        max_age,
+        storage: StorageType::File,
+        num_replicas: nats.replicas,
+        ..Default::default()
+    };
+    retry_setup(&bucket, || nats.js.create_key_value(config.clone())).await
+}
+
+/// Retries a set-up call for a few seconds: right after a server start or a cluster leader
+/// change the JetStream API answers "no responders" or times out for a moment
+/// (JETSTREAM-NOTES 5.4: meta-leader election took 0.5-1.2 s).
+async fn retry_setup<T, E, F, Fut>(what: &str, mut call: F) -> Result<T, SetupError>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut last = String::new();
+    for attempt in 0..20 {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                last = e.to_string();
+                tracing::debug!(what, attempt, error = %last, "set-up failed; retrying");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250 * (attempt + 1).min(4))).await;
+    }
+    Err(SetupError::Server {
+        what: what.to_string(),
+        reason: last,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflicts_are_detected() {
+        let wanted = Config {
+            name: "CI_COMMITS".into(),
+            subjects: vec!["ci.commits.>".into()],
+            retention: RetentionPolicy::WorkQueue,
+            ..Default::default()
+        };
+        assert!(check_compatible(&wanted, &wanted.clone()).is_ok());
+        let limits = Config {
+            retention: RetentionPolicy::Limits,
+            ..wanted.clone()
+        };
+        let err = check_compatible(&wanted, &limits).unwrap_err();
+        assert!(err.to_string().contains("retention"), "{err}");
+        let other = Config {
+            subjects: vec!["x.>".into()],
+            ..wanted.clone()
+        };
+        assert!(check_compatible(&wanted, &other).is_err());
+    }
+}
