@@ -1,1 +1,301 @@
+//! End-to-end tests of the core pipeline: a real nats-server, real git repositories, the real
+//! observer, dispatcher and runners as processes; assertions on what lands in `CI_RESULTS`.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use jetci_e2e::{
+    failing_test, passing_test, stream_messages, wait_results, GitRepo, NatsServer, Proc,
+};
+use serde_json::Value;
+
+/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// The processes of one jetci installation on one test server.
+struct System {
+    url: String,
+    observer: Proc,
+    _dispatcher: Proc,
+    runners: Vec<Proc>,
+    _work: tempfile::TempDir,
+}
+
+impl System {
+    fn start(nats: &NatsServer, repo: &GitRepo, runners: usize) -> System {
+        let url = nats.url();
+        let work = tempfile::tempdir().expect("tempdir");
+        let observer = spawn_observer(&url, repo);
+        let dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
+        let runners = (0..runners)
+            .map(|i| spawn_runner(&url, &format!("r{i}"), work.path()))
+            .collect();
+        System {
+            url,
+            observer,
+            _dispatcher: dispatcher,
+            runners,
+            _work: work,
+        }
+    }
+}
+
+fn spawn_observer(url: &str, repo: &GitRepo) -> Proc {
+    let path = repo.path().to_str().expect("utf-8 path").to_string();
+    Proc::spawn(
+        "jetci-observer",
+        &[
+            "-s",
+            url,
+            "--poll-interval",
+            "200ms",
+            "--name",
+            "app",
+            &path,
+        ],
+        &[],
+    )
+}
+
+fn spawn_runner(url: &str, id: &str, work: &std::path::Path) -> Proc {
+    let dir = work.join(id);
+    Proc::spawn(
+        "jetci-runner",
+        &[
+            "-s",
+            url,
+            "--id",
+            id,
+            "--work-dir",
+            dir.to_str().expect("utf-8 path"),
+        ],
+        &[],
+    )
+}
+
+async fn results(url: &str, count: usize) -> Vec<Value> {
+    wait_results(url, "CI_RESULTS", "ci.results.>", count, BOUND).await
+}
+
+fn by_sha(results: &[Value]) -> HashMap<String, Vec<Value>> {
+    let mut map: HashMap<String, Vec<Value>> = HashMap::new();
+    for r in results {
+        map.entry(r["sha"].as_str().expect("sha").to_string())
+            .or_default()
+            .push(r.clone());
+    }
+    map
+}
+
+/// Waits until the system settles and asserts nothing more arrives: exactly `count` results.
+async fn assert_exactly(url: &str, count: usize) -> Vec<Value> {
+    let got = results(url, count).await;
+    // Give a duplicate every chance to show up: the lease is 3 s, so 5 s covers a reassignment.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let all = stream_messages(url, "CI_RESULTS", "ci.results.>").await;
+    assert_eq!(
+        all.len(),
+        count,
+        "expected exactly {count} results, got {all:#?}"
+    );
+    got
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_new_commit_is_tested_once_with_its_branch_and_status() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let (ok_name, ok_body) = passing_test();
+    let first = repo.commit("first", &[(ok_name, ok_body)]);
+    let sys = System::start(&nats, &repo, 2);
+
+    // A repository the observer has never seen: only the head is tested.
+    let initial = results(&sys.url, 1).await;
+    assert_eq!(initial[0]["sha"], first);
+    assert_eq!(initial[0]["status"], "passed", "{:#}", initial[0]);
+
+    // Three commits at once on main, one failing, and one on a branch with '/' and '.'.
+    let (bad_name, bad_body) = failing_test();
+    let c1 = repo.commit("c1", &[("a.txt", "1")]);
+    let c2 = repo.commit("c2 breaks", &[(bad_name, bad_body)]);
+    let c3 = repo.commit("c3", &[("b.txt", "3")]);
+    repo.checkout_new_branch("feature/a.b");
+    let f1 = repo.commit("f1", &[("f.txt", "f")]);
+
+    let all = assert_exactly(&sys.url, 5).await;
+    let map = by_sha(&all);
+    for (sha, branch, status) in [
+        (&c1, "main", "passed"),
+        (&c2, "main", "failed"),
+        (&c3, "main", "failed"),
+        (&f1, "feature/a.b", "failed"),
+    ] {
+        let r = &map
+            .get(sha)
+            .unwrap_or_else(|| panic!("no result for {sha}: {all:#?}"))[0];
+        assert_eq!(r["branch"], branch, "{r:#}");
+        assert_eq!(r["status"], status, "{r:#}");
+        assert_eq!(r["run"], 1);
+        assert_eq!(r["attempt"], 1);
+        assert_eq!(r["repo"], "app");
+        assert!(r["duration_ms"].is_u64());
+        assert!(r["log_subject"]
+            .as_str()
+            .unwrap()
+            .starts_with("ci.logs.app."));
+    }
+    let failed = &map[&c2][0];
+    assert_eq!(failed["exit_code"], 1, "{failed:#}");
+    assert!(
+        failed["output_tail"].as_str().unwrap().contains("FAILED"),
+        "the output tail shows the failure: {failed:#}"
+    );
+    // Oldest first on main: the commits were published (and queued) in history order.
+    let seq = |sha: &String| map[sha][0]["commit_seq"].as_u64().expect("commit_seq");
+    assert!(seq(&c1) < seq(&c2) && seq(&c2) < seq(&c3), "{all:#?}");
+    drop(sys);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_observer_neither_misses_nor_repeats_a_commit() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let (name, body) = passing_test();
+    let a = repo.commit("a", &[(name, body)]);
+    let mut sys = System::start(&nats, &repo, 1);
+    results(&sys.url, 1).await;
+
+    sys.observer.kill();
+    let b = repo.commit("b", &[("b.txt", "b")]);
+    let c = repo.commit("c", &[("c.txt", "c")]);
+    sys.observer = spawn_observer(&sys.url, &repo);
+
+    let all = assert_exactly(&sys.url, 3).await;
+    let map = by_sha(&all);
+    for sha in [&a, &b, &c] {
+        assert_eq!(
+            map.get(sha).map(Vec::len),
+            Some(1),
+            "one result for {sha}: {all:#?}"
+        );
+    }
+    // A second restart with nothing new publishes nothing.
+    sys.observer.kill();
+    sys.observer = spawn_observer(&sys.url, &repo);
+    assert!(
+        sys.observer.wait_for_log("observing", BOUND),
+        "{}",
+        sys.observer.log()
+    );
+    assert_exactly(&sys.url, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_runners_job_finishes_on_another_runner_with_one_result() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let sha = repo.commit(
+        "slow",
+        &[(".jetci.toml", "command = \"sleep 4; echo slow-done\"\n")],
+    );
+    let mut sys = System::start(&nats, &repo, 2);
+
+    // Find the runner that runs the job, from the job's state, and kill it mid-test.
+    let key = format!("app.{sha}.1");
+    let holder = wait_job_phase(&sys.url, &key, "running").await;
+    let index: usize = holder
+        .trim_start_matches('r')
+        .parse()
+        .expect("runner id r<N>");
+    let killed_at = Instant::now();
+    sys.runners[index].kill();
+
+    let all = assert_exactly(&sys.url, 1).await;
+    let r = &all[0];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert_eq!(r["attempt"], 2, "the job ran again as attempt 2: {r:#}");
+    assert_ne!(r["runner"], holder.as_str(), "{r:#}");
+    assert!(r["output_tail"].as_str().unwrap().contains("slow-done"));
+    eprintln!(
+        "job moved and finished {:?} after the kill",
+        killed_at.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_messages_are_terminated_and_nothing_stops() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let (name, body) = passing_test();
+    repo.commit("a", &[(name, body)]);
+    let sys = System::start(&nats, &repo, 1);
+    results(&sys.url, 1).await;
+
+    let client = async_nats::connect(sys.url.as_str())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    for (subject, body) in [
+        ("ci.commits.app", &b"{not json"[..]),
+        ("ci.commits.app", br#"{"v":2,"repo":"app"}"#),
+        ("ci.commits.app", br#"{"v":1,"repo":"app","url":"/x","branch":"main","sha":"HEAD","run":1,"published_at":"2026-01-01T00:00:00Z"}"#),
+        ("ci.jobs.r0", b"\xff\xfe garbage"),
+        ("ci.jobs.r0", br#"{"v":1,"surprise":true}"#),
+    ] {
+        js.publish(subject, body.to_vec().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    // The processes say why they dropped each one, and the work queues are empty again.
+    let dispatcher_log = || sys._dispatcher.log();
+    let runner_log = || sys.runners[0].log();
+    wait_until("3 terminated commits", || {
+        dispatcher_log().matches("terminating a commit").count() >= 3
+    })
+    .await;
+    wait_until("2 terminated jobs", || {
+        runner_log().matches("terminating a job").count() >= 2
+    })
+    .await;
+    for stream in ["CI_COMMITS", "CI_JOBS"] {
+        let left = stream_messages(&sys.url, stream, ">").await;
+        assert!(left.is_empty(), "{stream} still holds {left:#?}");
+    }
+
+    // And the pipeline still works.
+    let b = repo.commit("b", &[("b.txt", "b")]);
+    let all = assert_exactly(&sys.url, 2).await;
+    assert!(
+        all.iter()
+            .any(|r| r["sha"] == b.as_str() && r["status"] == "passed"),
+        "{all:#?}"
+    );
+}
+
+/// Waits until the job `key` is in `phase` in `ci-jobs`; returns its runner.
+async fn wait_job_phase(url: &str, key: &str, phase: &str) -> String {
+    let js = jetci_e2e::js(url).await;
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Ok(kv) = js.get_key_value("ci-jobs").await {
+            if let Ok(Some(value)) = kv.get(key).await {
+                let v: Value = serde_json::from_slice(&value).expect("job state is JSON");
+                if v["phase"] == phase {
+                    return v["runner"].as_str().expect("runner").to_string();
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "job {key} never reached {phase}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + BOUND;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

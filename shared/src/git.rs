@@ -126,6 +126,16 @@ impl Watched {
         Ok(out)
     }
 
+    /// The branch the repository's `HEAD` names: the checked-out branch of a working repository,
+    /// the default branch of a bare one. `None` when `HEAD` is detached or names no branch. For a
+    /// mirrored URL this is the mirror's own `HEAD`, which fetching does not move. The observer
+    /// handles this branch first, so a commit on several branches is attributed to it.
+    pub fn head_branch(&self) -> Option<String> {
+        let head = self.repo.find_reference("HEAD").ok()?;
+        let target = head.symbolic_target().ok()??;
+        target.strip_prefix("refs/heads/").map(str::to_string)
+    }
+
     /// Commits reachable from `head` but from none of `seen`, oldest first (topological order,
     /// parents before children). Ids in `seen` that no longer exist are ignored.
     pub fn new_commits(&self, head: Oid, seen: &[Oid]) -> Result<Vec<Oid>, GitError> {
@@ -353,6 +363,10 @@ mod tests {
         assert_eq!(w.file_at(c, "nope").unwrap(), None);
         assert!(w.is_ancestor(a, c));
         assert!(!w.is_ancestor(f, c));
+        repo.set_head("refs/heads/feature/x.y").unwrap();
+        assert_eq!(w.head_branch().as_deref(), Some("feature/x.y"));
+        repo.set_head_detached(c).unwrap();
+        assert_eq!(w.head_branch(), None);
 
         let mirrors = dir.path().join("mirrors");
         let m = Mirror::open(&w.url, &mirrors).unwrap();

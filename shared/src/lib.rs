@@ -6,15 +6,19 @@
 //! - [`streams`]: idempotent stream and bucket set-up;
 //! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
+//! - [`results`]: first-writer-wins publishing of final results;
+//! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
 
 pub mod connect;
 pub mod dispatch;
 pub mod git;
+pub mod job_state;
 pub mod logging;
 pub mod messages;
 pub mod repo_config;
+pub mod results;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

@@ -26,9 +26,6 @@ pub const FILE_NAME: &str = ".jetci.toml";
 /// The command when a repository has no `.jetci.toml` (the original design's test command).
 pub const DEFAULT_COMMAND: &str = "python3 -m unittest discover";
 
-/// The timeout when the file names none.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3600);
-
 /// A parsed `.jetci.toml`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RepoConfig {

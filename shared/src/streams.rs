@@ -84,6 +84,8 @@ pub fn stream_configs(nats: &Nats) -> Vec<Config> {
             description: Some("jetci: jobs assigned to runners (work queue)".into()),
             subjects: vec![n.jobs_filter()],
             retention: RetentionPolicy::WorkQueue,
+            // A job left on the subject of a runner that never came back goes eventually.
+            max_age: JOBS_KV_MAX_AGE,
             ..base.clone()
         },
         Config {
@@ -221,6 +223,48 @@ where
         what: what.to_string(),
         reason: last,
     })
+}
+
+/// Follows every key of a bucket: current values first, then each change, forwarded to the
+/// returned channel (capacity 1024). The watch is an ordered consumer; when it ends or fails
+/// (a server restart, a leader change) it is created again after a short pause and replays the
+/// current values, so a reader must treat entries as "latest state", not as events to count.
+/// The task ends when the receiver is dropped.
+pub fn watch_bucket(
+    store: kv::Store,
+    name: &'static str,
+) -> tokio::sync::mpsc::Receiver<kv::Entry> {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    tokio::spawn(async move {
+        loop {
+            match store.watch_all().await {
+                Ok(mut watch) => {
+                    while let Some(entry) = watch.next().await {
+                        match entry {
+                            Ok(e) => {
+                                if tx.send(e).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(bucket = name, error = %e, "bucket watch failed; watching again");
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(bucket = name, error = %e, "cannot watch bucket; retrying")
+                }
+            }
+            if tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    rx
 }
 
 #[cfg(test)]

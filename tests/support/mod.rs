@@ -514,6 +514,9 @@ pub struct Proc {
     child: Child,
     log_path: PathBuf,
     dir: TempDir,
+    /// Descendants seen when the process was killed or stopped: they outlive it (re-parented),
+    /// and `Drop` still kills them so a test leaves nothing behind.
+    orphans: Vec<ProcId>,
 }
 
 impl Proc {
@@ -556,6 +559,7 @@ impl Proc {
             child,
             log_path,
             dir,
+            orphans: Vec::new(),
         }
     }
 
@@ -574,8 +578,10 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Kills the process (not its children) with SIGKILL, as a crash would, and waits for it.
+    /// Kills the process with SIGKILL, as a crash would, and waits for it. Its children live on
+    /// (as they would after a crash) until this `Proc` is dropped.
     pub fn kill(&mut self) -> ExitStatus {
+        self.orphans.extend(descendants(self.child.id()));
         let _ = self.child.kill();
         self.child.wait().expect("cannot wait for a killed process")
     }
@@ -583,6 +589,7 @@ impl Proc {
     /// Sends SIGTERM, waits up to 10 s for a clean exit, then SIGKILLs; returns the exit status
     /// so a test can check the process shut down cleanly.
     pub fn stop(&mut self) -> ExitStatus {
+        self.orphans.extend(descendants(self.child.id()));
         terminate(&mut self.child, STOP_GRACE)
     }
 
@@ -646,11 +653,15 @@ impl Drop for Proc {
         // Collect the descendants first: once the parent is dead they are re-parented and can no
         // longer be told apart from other processes.
         let pid = self.child.id();
-        let descendants = descendants(pid);
+        let mut leftovers = descendants(pid);
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for d in descendants {
-            let _ = send_signal(Pid::from_raw(d as i32), Signal::SIGKILL);
+        leftovers.append(&mut self.orphans);
+        for process in leftovers {
+            // Only if the pid still names the same process (same start time), not a reused pid.
+            if process_start_time(process.pid) == Some(process.start_time) {
+                let _ = send_signal(Pid::from_raw(process.pid as i32), Signal::SIGKILL);
+            }
         }
         if std::thread::panicking() {
             self.dir.disable_cleanup(true);
@@ -683,9 +694,29 @@ fn terminate(child: &mut Child, grace: Duration) -> ExitStatus {
     child.wait().expect("cannot wait for a killed process")
 }
 
+/// A process named by pid and start time, so a reused pid is not mistaken for it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct ProcId {
+    pid: u32,
+    start_time: u64,
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which is in parentheses and may hold
+/// spaces): state, ppid, ...
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// The start time (field 22 of `/proc/PID/stat`) of a live process.
+fn process_start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
 /// All live descendants of `root`, found from the parent pids in `/proc/*/stat`.
-fn descendants(root: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
+fn descendants(root: u32) -> Vec<ProcId> {
+    let mut table: Vec<(ProcId, u32)> = Vec::new();
     if let Ok(entries) = fs::read_dir("/proc") {
         for entry in entries.flatten() {
             let Some(pid) = entry
@@ -695,26 +726,23 @@ fn descendants(root: u32) -> Vec<u32> {
             else {
                 continue;
             };
-            let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            let Some(fields) = stat_fields(pid) else {
                 continue;
             };
-            // The command name is in parentheses and may hold spaces; ppid is the second field
-            // after the closing parenthesis.
-            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-                continue;
-            };
-            if let Some(ppid) = after.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-                parents.push((pid, ppid));
+            let ppid = fields.get(1).and_then(|s| s.parse().ok());
+            let start_time = fields.get(19).and_then(|s| s.parse().ok());
+            if let (Some(ppid), Some(start_time)) = (ppid, start_time) {
+                table.push((ProcId { pid, start_time }, ppid));
             }
         }
     }
-    let mut found = Vec::new();
+    let mut found: Vec<ProcId> = Vec::new();
     let mut frontier = vec![root];
-    while let Some(p) = frontier.pop() {
-        for &(child, parent) in &parents {
-            if parent == p && !found.contains(&child) {
-                found.push(child);
-                frontier.push(child);
+    while let Some(parent) = frontier.pop() {
+        for &(process, ppid) in &table {
+            if ppid == parent && !found.contains(&process) {
+                found.push(process);
+                frontier.push(process.pid);
             }
         }
     }

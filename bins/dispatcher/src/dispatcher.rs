@@ -1,0 +1,742 @@
+//! The dispatch protocol (DESIGN.md, "One commit's life" and "Deadlines instead of pings"):
+//!
+//! pull commit → pick runner → publish job → watch its heartbeats → ack on result.
+//!
+//! The dispatcher keeps every commit it holds unacked and extends its deadline every lease/3
+//! while it is alive; if the dispatcher dies, the deadline lapses and JetStream redelivers the
+//! commit to another dispatcher, which reads `ci-jobs` and adopts a job whose runner is alive
+//! (I4). A runner's liveness is the age of its last write to the job's state: a job whose state
+//! is older than the lease goes to another runner as attempt n+1 (I2). When a heartbeat is late
+//! the dispatcher asks the runner's control subject once: "no responders" means the runner's
+//! connection is gone, and the job moves at once instead of after the whole lease.
+//!
+//! In-memory state is a cache of the buckets (rebuilt by watching them) plus the commit messages
+//! this process holds; losing it loses nothing.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::{kv, AckKind, Message};
+use futures::StreamExt;
+use jetci::connect::Nats;
+use jetci::dispatch::{decide, nobody_has_labels, pick_runner, Candidate, Decision};
+use jetci::job_state::{self, StateError, Versioned};
+use jetci::messages::{
+    self, decode, encode, CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status,
+    VERSION,
+};
+use jetci::results::{final_result, publish_final};
+use jetci::streams::{watch_bucket, Streams};
+use jetci::subjects::job_id;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Tunables from the command line.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Ack wait of commits and the liveness bound of a job's heartbeats.
+    pub lease: Duration,
+    pub max_attempts: u32,
+}
+
+/// A runner as seen in `ci-runners`.
+struct Presence {
+    info: RunnerInfo,
+    /// When it last wrote its entry, on this host's clock.
+    written: Instant,
+    revision: u64,
+}
+
+/// A job that is assigned or running, as seen in `ci-jobs`.
+struct Active {
+    runner: String,
+    revision: u64,
+    written: Instant,
+}
+
+/// A commit message this dispatcher holds.
+struct Held {
+    msg: Message,
+    commit: CommitMsg,
+    seq: u64,
+    /// Why it waits for a runner, while it does.
+    waiting: Option<String>,
+    /// The job-state revision a liveness probe was sent for (one probe per heartbeat gap).
+    probed: Option<u64>,
+}
+
+pub struct Dispatcher {
+    nats: Nats,
+    streams: Streams,
+    settings: Settings,
+    consumer: PullConsumer,
+    runners: HashMap<String, Presence>,
+    /// Runners a probe found gone, with the presence revision they had then.
+    gone: HashMap<String, u64>,
+    active: HashMap<String, Active>,
+    held: HashMap<String, Held>,
+    picks: HashMap<String, u64>,
+    pick_count: u64,
+}
+
+/// What a liveness probe found.
+struct ProbeResult {
+    runner: String,
+    gone: bool,
+}
+
+impl Dispatcher {
+    /// Creates (or finds) the shared durable consumer on `CI_COMMITS`.
+    ///
+    /// Its ack wait is the lease; `max_deliver` is unlimited because a commit is never dropped
+    /// for being redelivered (a dead dispatcher is not the commit's fault); attempts are counted
+    /// in `ci-jobs` instead.
+    pub async fn start(
+        nats: Nats,
+        streams: Streams,
+        settings: Settings,
+    ) -> anyhow::Result<Dispatcher> {
+        let name = nats.names.dispatcher_consumer();
+        let config = pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: nats.names.commits_filter(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: settings.lease,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        let consumer = match streams.commits.get_consumer::<pull::Config>(&name).await {
+            Ok(c) if c.cached_info().config.ack_wait == settings.lease => c,
+            Ok(_) => streams
+                .commits
+                .update_consumer(config)
+                .await
+                .with_context(|| format!("cannot update consumer {name}"))?,
+            Err(_) => streams
+                .commits
+                .create_consumer(config)
+                .await
+                .with_context(|| format!("cannot create consumer {name}"))?,
+        };
+        Ok(Dispatcher {
+            nats,
+            streams,
+            settings,
+            consumer,
+            runners: HashMap::new(),
+            gone: HashMap::new(),
+            active: HashMap::new(),
+            held: HashMap::new(),
+            picks: HashMap::new(),
+            pick_count: 0,
+        })
+    }
+
+    fn beat(&self) -> Duration {
+        self.settings.lease / 3
+    }
+
+    /// The main loop, until `shutdown`.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut runner_entries = watch_bucket(self.streams.runners.clone(), "runners");
+        let mut job_entries = watch_bucket(self.streams.job_states.clone(), "jobs");
+        let (want_tx, want_rx) = mpsc::channel::<()>(1);
+        let (got_tx, mut got_rx) = mpsc::channel::<Option<Message>>(1);
+        tokio::spawn(pull_commits(self.consumer.clone(), want_rx, got_tx));
+        let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
+        let mut tick = tokio::time::interval(self.beat());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pulling = false;
+        tracing::info!(lease = ?self.settings.lease, max_attempts = self.settings.max_attempts, "dispatcher ready");
+
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(e) = runner_entries.recv() => self.on_runner_entry(e).await,
+                Some(e) = job_entries.recv() => self.on_job_entry(e).await,
+                Some(pulled) = got_rx.recv() => {
+                    pulling = false;
+                    if let Some(msg) = pulled {
+                        self.take_commit(msg).await;
+                    }
+                }
+                Some(p) = probe_rx.recv() => self.on_probe(p).await,
+                _ = tick.tick() => self.on_tick(&probe_tx).await,
+            }
+            // Pull a commit only when a runner could start it now: the queue stays in the
+            // stream (in order, visible as the consumer's pending count) instead of here.
+            if !pulling && self.free_slots() > self.waiting() {
+                pulling = want_tx.try_send(()).is_ok();
+            }
+        }
+
+        // Hand held commits straight to another dispatcher instead of letting them lapse;
+        // running jobs go on and are adopted.
+        for held in self.held.values() {
+            let _ = held.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        let _ = self.nats.client.flush().await;
+        tracing::info!(released = self.held.len(), "dispatcher stopped");
+    }
+
+    async fn on_runner_entry(&mut self, e: kv::Entry) {
+        if e.operation != kv::Operation::Put {
+            self.runners.remove(&e.key);
+            return;
+        }
+        match decode::<RunnerInfo>(&e.value) {
+            Ok(info) => {
+                let written = Instant::now() - job_state::age_of(e.created);
+                let new = !self.runners.contains_key(&e.key);
+                if new {
+                    tracing::info!(runner = %info.id, labels = ?info.labels, capacity = info.capacity, "runner joined");
+                }
+                self.runners.insert(
+                    e.key.clone(),
+                    Presence {
+                        info,
+                        written,
+                        revision: e.revision,
+                    },
+                );
+                if new {
+                    self.assign_waiting().await;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(key = %e.key, error = %err, "ignoring a runner entry that does not parse")
+            }
+        }
+    }
+
+    async fn on_job_entry(&mut self, e: kv::Entry) {
+        let key = e.key.clone();
+        let state = match job_state::from_entry(&e) {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                self.active.remove(&key);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%key, error = %err, "ignoring a job state that does not parse");
+                return;
+            }
+        };
+        match state.state.phase {
+            JobPhase::Assigned | JobPhase::Running => {
+                if let Some(runner) = state.state.runner.clone() {
+                    self.active.insert(
+                        key,
+                        Active {
+                            runner,
+                            revision: state.revision,
+                            written: Instant::now() - state.age,
+                        },
+                    );
+                }
+            }
+            JobPhase::Final => {
+                let freed = self.active.remove(&key).is_some();
+                if let Some(held) = self.held.remove(&key) {
+                    self.close(&key, held).await;
+                }
+                if freed {
+                    self.assign_waiting().await;
+                }
+            }
+            JobPhase::Queued => {
+                self.active.remove(&key);
+            }
+        }
+    }
+
+    /// A new (or redelivered) commit message.
+    async fn take_commit(&mut self, msg: Message) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let commit: CommitMsg = match decode(&msg.payload) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, seq, error = %e, "terminating a commit message that does not parse");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let key = commit.key();
+        if self.nats.names.commits_subject(&commit.repo) != msg.subject.as_str() {
+            tracing::warn!(subject = %msg.subject, seq, repo = %commit.repo, "terminating a commit published on another repository's subject");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+        match final_result(
+            &self.nats,
+            &self.streams.results,
+            &commit.repo,
+            &commit.sha,
+            commit.run,
+        )
+        .await
+        {
+            Ok(Some(_)) => {
+                tracing::debug!(%key, "commit already has its result");
+                let _ = msg.double_ack().await;
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot check for an existing result; going on")
+            }
+        }
+        self.held.insert(
+            key.clone(),
+            Held {
+                msg,
+                commit,
+                seq,
+                waiting: None,
+                probed: None,
+            },
+        );
+        self.advance(&key).await;
+    }
+
+    /// Reads the job's state and acts on it: close, adopt, assign, or give up.
+    async fn advance(&mut self, key: &str) {
+        let current = match job_state::read(&self.streams.job_states, key).await {
+            Ok(c) => c,
+            Err(StateError::Bad { reason, .. }) => {
+                tracing::warn!(%key, %reason, "job state does not parse; starting the run afresh");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot read job state; trying again next beat");
+                return;
+            }
+        };
+        let mut age = current.as_ref().map(|c| c.age).unwrap_or_default();
+        if let Some(runner) = current.as_ref().and_then(|c| c.state.runner.as_deref()) {
+            if !self.runner_alive(runner) && self.gone.contains_key(runner) {
+                // The probe found its connection gone: no need to wait out the lease.
+                age = age.max(self.settings.lease);
+            }
+        }
+        let decision = decide(
+            current.as_ref().map(|c| &c.state),
+            age,
+            self.settings.lease,
+            self.settings.max_attempts,
+        );
+        match decision {
+            Decision::Done => {
+                if let Some(held) = self.held.remove(key) {
+                    self.close(key, held).await;
+                }
+            }
+            Decision::Adopt => {
+                if let Some(held) = self.held.get_mut(key) {
+                    held.waiting = None;
+                }
+            }
+            Decision::Assign { attempt } => self.assign(key, current, attempt).await,
+            Decision::GiveUp { attempts } => self.give_up(key, current, attempts).await,
+        }
+    }
+
+    /// Starts `attempt` on a free runner, or leaves the commit waiting with the reason.
+    async fn assign(&mut self, key: &str, current: Option<Versioned>, attempt: u32) {
+        let Some(held) = self.held.get(key) else {
+            return;
+        };
+        let labels = held.commit.labels.clone();
+        let candidates: Vec<Candidate> = self.candidates();
+        let picked = pick_runner(&candidates, &labels, &self.picks).map(str::to_string);
+        let nobody = nobody_has_labels(&candidates, &labels);
+        drop(candidates);
+        let revision = current.as_ref().map(|c| c.revision);
+        let previous = current.as_ref().map(|c| c.state.clone());
+
+        let Some(runner) = picked else {
+            let reason = if nobody && !labels.is_empty() {
+                format!("waiting for a runner with labels [{}]", labels.join(", "))
+            } else {
+                "waiting for a free runner".to_string()
+            };
+            let held = self.held.get_mut(key).expect("held");
+            if held.waiting.as_deref() != Some(reason.as_str()) {
+                tracing::info!(%key, %reason, "commit waits");
+                held.waiting = Some(reason.clone());
+                // Record it, so `jetci status` can say why; a stale attempt's runner is cleared
+                // so that runner, if it comes back, finds itself superseded.
+                let commit = held.commit.clone();
+                let mut state = state_for(&commit, previous.as_ref());
+                state.phase = JobPhase::Queued;
+                state.attempt = attempt - 1;
+                state.runner = None;
+                state.reason = Some(reason);
+                if job_state::write(&self.streams.job_states, key, &state, revision)
+                    .await
+                    .is_ok()
+                {
+                    self.delete_stale_job(previous.as_ref()).await;
+                }
+            }
+            return;
+        };
+
+        let held = self.held.get(key).expect("held");
+        let commit = held.commit.clone();
+        let commit_seq = held.seq;
+        let mut state = state_for(&commit, previous.as_ref());
+        state.phase = JobPhase::Assigned;
+        state.attempt = attempt;
+        state.runner = Some(runner.clone());
+        state.job_seq = None;
+        state.reason = None;
+        // Claim the attempt first: of two dispatchers racing here, one write fails.
+        let rev = match job_state::write(&self.streams.job_states, key, &state, revision).await {
+            Ok(rev) => rev,
+            Err(StateError::Conflict) => {
+                tracing::debug!(%key, "another dispatcher moved the job first; re-reading");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot record the assignment; trying again next beat");
+                return;
+            }
+        };
+        self.delete_stale_job(previous.as_ref()).await;
+        self.active.insert(
+            key.to_string(),
+            Active {
+                runner: runner.clone(),
+                revision: rev,
+                written: Instant::now(),
+            },
+        );
+        self.pick_count += 1;
+        self.picks.insert(runner.clone(), self.pick_count);
+        if let Some(held) = self.held.get_mut(key) {
+            held.waiting = None;
+            held.probed = None;
+        }
+
+        let job = JobMsg {
+            v: VERSION,
+            repo: commit.repo.clone(),
+            url: commit.url.clone(),
+            branch: commit.branch.clone(),
+            sha: commit.sha.clone(),
+            run: commit.run,
+            attempt,
+            runner: runner.clone(),
+            author: commit.author.clone(),
+            summary: commit.summary.clone(),
+            commit_seq,
+            assigned_at: messages::now(),
+        };
+        let publish = PublishMessage::build()
+            .payload(encode(&job))
+            .message_id(job.job_id());
+        let sent = async {
+            self.nats
+                .js
+                .send_publish(self.nats.names.jobs_subject(&runner), publish)
+                .await?
+                .await
+                .map_err(async_nats::Error::from)
+        }
+        .await;
+        match sent {
+            Ok(ack) => {
+                tracing::info!(%key, %runner, attempt, branch = %commit.branch, "job assigned");
+                // Remember where the job message is, so it can be deleted if the runner is lost
+                // before taking it. The runner may have written first; then it recorded it.
+                state.job_seq = Some(ack.sequence);
+                state.updated_at = messages::now();
+                let _ = job_state::write(&self.streams.job_states, key, &state, Some(rev)).await;
+            }
+            Err(e) => {
+                // The state says `assigned`; with no heartbeat it goes stale after the lease and
+                // the job is assigned again.
+                tracing::warn!(%key, %runner, error = %e, "cannot publish the job; it is retried after the lease");
+            }
+        }
+    }
+
+    /// After `attempts` lost runners: the run's final result is `error`.
+    async fn give_up(&mut self, key: &str, current: Option<Versioned>, attempts: u32) {
+        let Some(held) = self.held.get(key) else {
+            return;
+        };
+        let commit = held.commit.clone();
+        let previous = current.as_ref().map(|c| c.state.clone());
+        let runner = previous
+            .as_ref()
+            .and_then(|s| s.runner.clone())
+            .unwrap_or_default();
+        let reason = format!(
+            "runner {runner} stopped heartbeating on attempt {attempts} of {}; giving up",
+            self.settings.max_attempts
+        );
+        let now = messages::now();
+        let result = ResultMsg {
+            v: VERSION,
+            repo: commit.repo.clone(),
+            url: commit.url.clone(),
+            branch: commit.branch.clone(),
+            sha: commit.sha.clone(),
+            run: commit.run,
+            job_id: job_id(&commit.repo, &commit.sha, commit.run, attempts),
+            attempt: attempts,
+            runner: String::new(),
+            status: Status::Error,
+            exit_code: None,
+            signal: None,
+            reason: Some(reason.clone()),
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            output_tail: String::new(),
+            log_subject: self.nats.names.logs_subject(
+                &commit.repo,
+                &commit.sha,
+                commit.run,
+                attempts,
+            ),
+            log_bytes: 0,
+            commit_seq: held.seq,
+            author: commit.author.clone(),
+            summary: commit.summary.clone(),
+            tests: None,
+        };
+        if let Err(e) = publish_final(&self.nats, &result).await {
+            tracing::warn!(%key, error = %e, "cannot publish the error result; trying again next beat");
+            return;
+        }
+        tracing::warn!(%key, %reason, "run given up");
+        let mut state = state_for(&commit, previous.as_ref());
+        state.phase = JobPhase::Final;
+        state.status = Some(Status::Error);
+        state.reason = Some(reason);
+        let _ = job_state::write(
+            &self.streams.job_states,
+            key,
+            &state,
+            current.as_ref().map(|c| c.revision),
+        )
+        .await;
+        self.delete_stale_job(previous.as_ref()).await;
+        self.active.remove(key);
+        if let Some(held) = self.held.remove(key) {
+            self.close(key, held).await;
+        }
+    }
+
+    /// Removes a lost attempt's job message from its runner's subject, so a runner that comes
+    /// back does not find it (it would see itself superseded anyway).
+    async fn delete_stale_job(&self, previous: Option<&JobState>) {
+        if let Some(seq) = previous.and_then(|s| s.job_seq) {
+            let _ = self.streams.jobs.delete_message(seq).await;
+        }
+    }
+
+    /// The run has its final result: ack the commit for good.
+    async fn close(&self, key: &str, held: Held) {
+        match held.msg.double_ack().await {
+            Ok(()) => tracing::info!(%key, "commit done"),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot ack the commit; it comes back and is closed then")
+            }
+        }
+    }
+
+    /// Every lease/3: extend held commits, probe late runners, move stale jobs, retry waiting
+    /// commits.
+    async fn on_tick(&mut self, probes: &mpsc::Sender<ProbeResult>) {
+        for held in self.held.values() {
+            let _ = held.msg.ack_with(AckKind::Progress).await;
+        }
+        let beat = self.beat();
+        let mut recheck = Vec::new();
+        for (key, held) in self.held.iter_mut() {
+            if held.waiting.is_some() {
+                recheck.push(key.clone());
+                continue;
+            }
+            let Some(active) = self.active.get(key) else {
+                recheck.push(key.clone());
+                continue;
+            };
+            let age = active.written.elapsed();
+            if age >= self.settings.lease {
+                recheck.push(key.clone());
+            } else if age > beat + beat / 2 && held.probed != Some(active.revision) {
+                held.probed = Some(active.revision);
+                tokio::spawn(probe(
+                    self.nats.clone(),
+                    active.runner.clone(),
+                    probes.clone(),
+                ));
+            }
+        }
+        // Forget runners that stopped refreshing long ago.
+        let lease = self.settings.lease;
+        self.runners.retain(|_, p| p.written.elapsed() < lease * 20);
+        for key in recheck {
+            if self.free_slots() == 0 && self.held.get(&key).is_some_and(|h| h.waiting.is_some()) {
+                continue;
+            }
+            self.advance(&key).await;
+        }
+    }
+
+    async fn on_probe(&mut self, p: ProbeResult) {
+        if !p.gone {
+            return;
+        }
+        let Some(presence) = self.runners.get(&p.runner) else {
+            return;
+        };
+        tracing::warn!(runner = %p.runner, "runner's connection is gone; moving its jobs now");
+        self.gone.insert(p.runner.clone(), presence.revision);
+        let keys: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(k, a)| a.runner == p.runner && self.held.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.advance(&key).await;
+        }
+    }
+
+    /// Retries commits that wait for a runner, oldest first, while runners are free.
+    async fn assign_waiting(&mut self) {
+        let mut waiting: Vec<(u64, String)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.waiting.is_some())
+            .map(|(k, h)| (h.seq, k.clone()))
+            .collect();
+        waiting.sort();
+        for (_, key) in waiting {
+            if self.free_slots() == 0 {
+                break;
+            }
+            self.advance(&key).await;
+        }
+    }
+
+    /// A runner is alive while its presence entry is younger than the lease and no probe found
+    /// it gone since its last refresh.
+    fn runner_alive(&self, id: &str) -> bool {
+        let Some(p) = self.runners.get(id) else {
+            return false;
+        };
+        p.written.elapsed() < self.settings.lease && self.gone.get(id) != Some(&p.revision)
+    }
+
+    fn candidates(&self) -> Vec<Candidate<'_>> {
+        let mut busy: HashMap<&str, u32> = HashMap::new();
+        for a in self.active.values() {
+            *busy.entry(a.runner.as_str()).or_default() += 1;
+        }
+        self.runners
+            .values()
+            .map(|p| Candidate {
+                id: p.info.id.as_str(),
+                labels: &p.info.labels,
+                capacity: p.info.capacity,
+                busy: busy.get(p.info.id.as_str()).copied().unwrap_or(0),
+                available: p.info.accepting && self.runner_alive(&p.info.id),
+            })
+            .collect()
+    }
+
+    fn free_slots(&self) -> u32 {
+        self.candidates()
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| c.capacity.saturating_sub(c.busy))
+            .sum()
+    }
+
+    fn waiting(&self) -> u32 {
+        self.held.values().filter(|h| h.waiting.is_some()).count() as u32
+    }
+}
+
+/// A job state for `commit`, carried over from `previous` where there is one.
+fn state_for(commit: &CommitMsg, previous: Option<&JobState>) -> JobState {
+    let mut s = previous.cloned().unwrap_or_else(|| JobState {
+        v: VERSION,
+        repo: commit.repo.clone(),
+        branch: commit.branch.clone(),
+        sha: commit.sha.clone(),
+        run: commit.run,
+        phase: JobPhase::Queued,
+        attempt: 0,
+        runner: None,
+        job_seq: None,
+        labels: commit.labels.clone(),
+        status: None,
+        reason: None,
+        updated_at: messages::now(),
+    });
+    s.updated_at = messages::now();
+    s
+}
+
+/// Pulls one commit per request from the shared consumer. Waiting pulls are answered the
+/// moment a commit arrives; consumer errors are transient (JETSTREAM-NOTES section 0, item 5).
+async fn pull_commits(
+    consumer: PullConsumer,
+    mut want: mpsc::Receiver<()>,
+    got: mpsc::Sender<Option<Message>>,
+) {
+    while want.recv().await.is_some() {
+        let next = match consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+        {
+            Ok(mut batch) => match batch.next().await {
+                Some(Ok(m)) => Some(m),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "pulling a commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    None
+                }
+                None => None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "pulling a commit failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                None
+            }
+        };
+        if got.send(next).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Asks a runner whether it is there. NATS answers "no responders" at once when no connection
+/// subscribes to the runner's control subject, that is when the runner process is gone; a
+/// stopped or partitioned runner just does not answer, and the lease decides.
+async fn probe(nats: Nats, runner: String, out: mpsc::Sender<ProbeResult>) {
+    let subject = nats.names.control_subject(&runner);
+    let reply = tokio::time::timeout(
+        Duration::from_secs(1),
+        nats.client.request(subject, "".into()),
+    )
+    .await;
+    let gone =
+        matches!(reply, Ok(Err(ref e)) if e.kind() == async_nats::RequestErrorKind::NoResponders);
+    let _ = out.send(ProbeResult { runner, gone }).await;
+}

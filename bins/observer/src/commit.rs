@@ -1,0 +1,145 @@
+//! One commit's message: what git says about it, and publishing it to `CI_COMMITS`.
+//!
+//! The message carries the runner labels the commit's own `.jetci.toml` asks for, so a dispatcher
+//! places the job without touching git (DESIGN.md, "The watched repository's own settings").
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::publish::PublishAck;
+use git2::Oid;
+use jetci::connect::Nats;
+use jetci::git::Watched;
+use jetci::messages::{encode, now, CommitMsg, VERSION};
+use jetci::repo_config::{RepoConfig, FILE_NAME};
+
+/// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
+/// first line must not make the message too large to publish (invariant I5).
+const MAX_AUTHOR: usize = 256;
+const MAX_SUMMARY: usize = 1000;
+
+/// The first characters of a commit id, for logs.
+pub fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(10)]
+}
+
+/// The message for run 1 of `commit` on `branch`.
+pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> CommitMsg {
+    let sha = commit.to_string();
+    let info = watched.commit_info(commit).unwrap_or_else(|e| {
+        tracing::warn!(repo, branch, sha = short(&sha), "no author or summary: {e}");
+        Default::default()
+    });
+    CommitMsg {
+        v: VERSION,
+        repo: repo.to_string(),
+        url: watched.url.clone(),
+        branch: branch.to_string(),
+        labels: labels(watched, repo, branch, commit),
+        author: clip(&info.author, MAX_AUTHOR),
+        summary: clip(&info.summary, MAX_SUMMARY),
+        sha,
+        run: 1,
+        published_at: now(),
+    }
+}
+
+/// The runner labels `.jetci.toml` asks for at `commit`. An invalid file gives none: the runner
+/// parses it again and reports the problem as the commit's `error` result.
+fn labels(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Vec<String> {
+    let sha = commit.to_string();
+    let text = match watched.file_at(commit, FILE_NAME) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return vec![],
+        Err(e) => {
+            tracing::warn!(
+                repo,
+                branch,
+                sha = short(&sha),
+                "cannot read {FILE_NAME}: {e}"
+            );
+            return vec![];
+        }
+    };
+    let parsed = std::str::from_utf8(&text)
+        .map_err(|_| format!("{FILE_NAME} is not UTF-8"))
+        .and_then(|t| RepoConfig::parse(t).map_err(|e| e.to_string()));
+    match parsed {
+        Ok(config) => config.labels,
+        Err(e) => {
+            tracing::warn!(
+                repo,
+                branch,
+                sha = short(&sha),
+                "{e}; publishing without labels (the runner will report it)"
+            );
+            vec![]
+        }
+    }
+}
+
+fn clip(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
+
+/// Publishes `msg` on `ci.commits.<repo>` and waits for the stream's acknowledgement.
+///
+/// The `Nats-Msg-Id` `<repo>.<sha>.<run>` makes a re-publish (after a crash between ack and mark)
+/// a duplicate the stream drops; the ack then says `duplicate`, which is as good as stored.
+pub async fn publish(nats: &Nats, msg: &CommitMsg) -> Result<PublishAck, PublishError> {
+    let publish = PublishMessage::build()
+        .payload(encode(msg))
+        .message_id(msg.key());
+    nats.js
+        .send_publish(nats.names.commits_subject(&msg.repo), publish)
+        .await?
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use git2::{Repository, Signature};
+
+    fn commit_with(repo: &Repository, files: &[(&str, &str)], summary: &str) -> Oid {
+        let mut tb = repo.treebuilder(None).unwrap();
+        for (name, content) in files {
+            let blob = repo.blob(content.as_bytes()).unwrap();
+            tb.insert(name, blob, 0o100644).unwrap();
+        }
+        let tree = repo.find_tree(tb.write().unwrap()).unwrap();
+        let sig = Signature::now("Ann Ärger", "ann@x").unwrap();
+        repo.commit(None, &sig, &sig, summary, &tree, &[]).unwrap()
+    }
+
+    #[test]
+    fn messages_carry_labels_author_and_summary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.git");
+        let repo = Repository::init_bare(&path).unwrap();
+        let w = Watched::open(path.to_str().unwrap(), dir.path()).unwrap();
+
+        let good = commit_with(
+            &repo,
+            &[(FILE_NAME, "labels = [\"linux\", \"gpu\"]\n")],
+            "add config\n\nbody",
+        );
+        let msg = message(&w, "app", "feature/ä.b", good);
+        assert_eq!(msg.labels, vec!["linux", "gpu"]);
+        assert_eq!(msg.author, "Ann Ärger <ann@x>");
+        assert_eq!(msg.summary, "add config");
+        assert_eq!(msg.key(), format!("app.{good}.1"));
+        assert_eq!(msg.url, w.url);
+        // What goes on the wire passes the readers' strict checks.
+        let back: CommitMsg = jetci::messages::decode(&encode(&msg)).unwrap();
+        assert_eq!(back, msg);
+
+        let bad = commit_with(&repo, &[(FILE_NAME, "labels = [\"a b\"]\n")], "x");
+        assert!(message(&w, "app", "main", bad).labels.is_empty());
+        let garbage = commit_with(&repo, &[(FILE_NAME, "\u{0}\u{ff}")], "x");
+        assert!(message(&w, "app", "main", garbage).labels.is_empty());
+        let none = commit_with(&repo, &[("a", "1")], &"long ".repeat(1000));
+        let msg = message(&w, "app", "main", none);
+        assert!(msg.labels.is_empty());
+        assert_eq!(msg.summary.chars().count(), MAX_SUMMARY);
+    }
+}

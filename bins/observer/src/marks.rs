@@ -1,0 +1,176 @@
+//! The observer's memory: the last head handled per branch, in the `ci-observer` KV bucket.
+//!
+//! A mark moves only after the commit it points at was acknowledged by `CI_COMMITS` (DESIGN.md,
+//! "One commit's life", step 1), so a crash between the two re-publishes that commit on restart
+//! and the stream's duplicate window drops the copy (`Nats-Msg-Id`); nothing is lost (invariant
+//! I4). Keys are `<repo>.<text_hash(branch)>`: branch names hold `/`, `.` and any character, so
+//! they travel in the value, never in the key. One more key, `<repo>._seen`, records that a poll
+//! of the repository completed, so an empty repository's first commits are not mistaken for a
+//! repository jetci never saw (whose history it would skip).
+//!
+//! The marks are read once at start; after that this process is their only writer (one observer
+//! per repository), so it keeps them in memory and writes each change through.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use async_nats::jetstream::kv;
+use futures::TryStreamExt;
+use git2::Oid;
+use jetci::git::text_hash;
+use jetci::messages::{decode, encode, now, BranchMark, VERSION};
+use jetci::subjects::check_sha;
+
+/// The `ci-observer` key of one branch of `repo`.
+pub fn mark_key(repo: &str, branch: &str) -> String {
+    format!("{repo}.{}", text_hash(branch))
+}
+
+/// The `ci-observer` key saying a poll of `repo` completed at least once.
+pub fn polled_key(repo: &str) -> String {
+    format!("{repo}._seen")
+}
+
+/// The marks of one repository, mirrored in memory.
+pub struct Marks {
+    kv: kv::Store,
+    repo: String,
+    heads: BTreeMap<String, Oid>,
+    ever_polled: bool,
+}
+
+impl Marks {
+    /// Reads every mark of `repo` from the bucket. A value that cannot be read is logged and
+    /// ignored: its branch is then treated as new.
+    pub async fn load(kv: kv::Store, repo: &str) -> anyhow::Result<Marks> {
+        let what = || format!("cannot read the marks of {repo} from the observer bucket");
+        let prefix = format!("{repo}.");
+        let keys: Vec<String> = kv
+            .keys()
+            .await
+            .with_context(what)?
+            .try_collect()
+            .await
+            .with_context(what)?;
+        let mut marks = Marks {
+            kv,
+            repo: repo.to_string(),
+            heads: BTreeMap::new(),
+            ever_polled: false,
+        };
+        for key in keys.into_iter().filter(|k| k.starts_with(&prefix)) {
+            if key == polled_key(repo) {
+                marks.ever_polled = true;
+                continue;
+            }
+            let Some(value) = marks.kv.get(&key).await.with_context(what)? else {
+                continue; // deleted since the listing
+            };
+            match read_mark(repo, &key, &value) {
+                Ok((branch, head)) => {
+                    marks.heads.insert(branch, head);
+                }
+                Err(why) => tracing::warn!(key, "ignoring an unreadable branch mark: {why}"),
+            }
+        }
+        Ok(marks)
+    }
+
+    /// The last head handled per branch.
+    pub fn heads(&self) -> &BTreeMap<String, Oid> {
+        &self.heads
+    }
+
+    /// True once a poll of this repository has completed (now or in an earlier run).
+    pub fn ever_polled(&self) -> bool {
+        self.ever_polled
+    }
+
+    /// Moves `branch`'s mark to `head`.
+    pub async fn set(&mut self, branch: &str, head: Oid) -> anyhow::Result<()> {
+        let mark = mark(&self.repo, branch, &head.to_string());
+        self.kv
+            .put(mark_key(&self.repo, branch), encode(&mark))
+            .await
+            .with_context(|| format!("cannot save the mark of branch {branch:?}"))?;
+        self.heads.insert(branch.to_string(), head);
+        Ok(())
+    }
+
+    /// Deletes the mark of a branch that no longer exists.
+    pub async fn forget(&mut self, branch: &str) -> anyhow::Result<()> {
+        self.kv
+            .delete(mark_key(&self.repo, branch))
+            .await
+            .with_context(|| format!("cannot delete the mark of branch {branch:?}"))?;
+        self.heads.remove(branch);
+        Ok(())
+    }
+
+    /// Records that a poll completed; writes once, then does nothing.
+    pub async fn record_polled(&mut self) -> anyhow::Result<()> {
+        if !self.ever_polled {
+            let seen = mark(&self.repo, "", "");
+            self.kv
+                .put(polled_key(&self.repo), encode(&seen))
+                .await
+                .context("cannot record the first poll in the observer bucket")?;
+            self.ever_polled = true;
+        }
+        Ok(())
+    }
+}
+
+fn mark(repo: &str, branch: &str, sha: &str) -> BranchMark {
+    BranchMark {
+        v: VERSION,
+        repo: repo.to_string(),
+        branch: branch.to_string(),
+        sha: sha.to_string(),
+        updated_at: now(),
+    }
+}
+
+/// Decodes one mark and checks it belongs under `key`: `(branch, head)`.
+fn read_mark(repo: &str, key: &str, value: &[u8]) -> Result<(String, Oid), String> {
+    let mark: BranchMark = decode(value).map_err(|e| e.to_string())?;
+    if mark.repo != repo || mark_key(repo, &mark.branch) != key {
+        return Err(format!(
+            "it names branch {:?} of {}, which has another key",
+            mark.branch, mark.repo
+        ));
+    }
+    check_sha(&mark.sha).map_err(|e| e.to_string())?;
+    let head = Oid::from_str(&mark.sha).map_err(|e| e.message().to_string())?;
+    Ok((mark.branch, head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_hide_branch_names() {
+        let k = mark_key("app", "feature/ä.b");
+        assert!(k.starts_with("app."));
+        assert_eq!(k.matches('.').count(), 1, "{k}");
+        assert_ne!(k, mark_key("app", "feature/ä-b"));
+        assert_ne!(k, polled_key("app"));
+    }
+
+    #[test]
+    fn marks_round_trip_and_bad_ones_are_refused() {
+        let sha = "0123456789abcdef0123456789abcdef01234567";
+        let key = mark_key("app", "feature/ä.b");
+        let good = encode(&mark("app", "feature/ä.b", sha));
+        let (branch, head) = read_mark("app", &key, &good).unwrap();
+        assert_eq!(branch, "feature/ä.b");
+        assert_eq!(head.to_string(), sha);
+
+        assert!(read_mark("app", &mark_key("app", "main"), &good).is_err());
+        assert!(read_mark("other", &key, &good).is_err());
+        let short = encode(&mark("app", "feature/ä.b", "0123"));
+        assert!(read_mark("app", &key, &short).is_err());
+        assert!(read_mark("app", &key, b"{not json").is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! Deciding what one poll publishes: the pure part of the observer.
+//!
+//! Input: the branches git shows now, the marks (last head handled per branch, from the
+//! `ci-observer` bucket), and whether the repository was ever polled. Output: an ordered list of
+//! [`Step`]s. Each step either publishes a commit and then moves its branch's mark to it, or only
+//! moves the mark (a commit already published from elsewhere, a branch reset backwards).
+//!
+//! The rules (DESIGN.md, "One commit's life", step 1):
+//! - Every commit new since the head last seen on a branch is published, oldest first, so a
+//!   push of five commits gets five results, not one.
+//! - "New" means reachable from the branch's head but from none of the marks of any branch (this
+//!   one included) and none of the heads handled earlier in this poll: a commit already reachable
+//!   from another branch jetci has seen is never published twice, and a force-push publishes just
+//!   the rewritten commits.
+//! - A repository never polled before publishes only each branch's current head, once per
+//!   distinct head, instead of flooding the runners with its whole history. Once a poll has
+//!   completed, even an empty repository counts as seen, so its first pushed commits are
+//!   published like any others.
+//! - A branch jetci has no mark for (new, or deleted and re-created) in a seen repository
+//!   publishes everything not reachable from the other marks.
+//!
+//! Branches are handled in a fixed order: branches with a mark first, then new branches; in each
+//! group the repository's `HEAD` branch first, then by name. So a commit that shows up on `main`
+//! and on a new branch made from it is attributed to `main`, even when a working repository's
+//! `HEAD` already points at the new branch.
+//!
+//! Marks move one commit at a time, and commits come parents first, so an observer that stops
+//! half-way (NATS down, killed) resumes from the last acknowledged commit and publishes each
+//! commit once (invariant I4).
+
+use std::collections::BTreeMap;
+
+use git2::Oid;
+use jetci::git::{GitError, Watched};
+
+/// One thing a poll does to one branch, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// The branch name, without `refs/heads/`.
+    pub branch: String,
+    /// The commit to publish (when `publish`) and then the branch's new mark.
+    pub commit: Oid,
+    /// False when the mark only moves: nothing new to test.
+    pub publish: bool,
+}
+
+/// What a poll found to do.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Publish-and-mark steps, in order.
+    pub steps: Vec<Step>,
+    /// Branches with a mark that no longer exist: their marks are deleted after the steps.
+    pub gone: Vec<String>,
+    /// Branches git could not walk this time (logged, retried next poll).
+    pub failed: Vec<(String, GitError)>,
+}
+
+/// Plans one poll.
+///
+/// `branches` are the branches to watch (already filtered by `--branches`); `all_branches` every
+/// branch that exists, so a mark is deleted only when its branch is really gone. `marks` are the
+/// last heads handled per branch; `ever_polled` is false until one poll of this repository has
+/// completed. Errors of one branch land in [`Plan::failed`] and do not stop the others.
+pub fn plan(
+    watched: &Watched,
+    branches: &[(String, Oid)],
+    all_branches: &[(String, Oid)],
+    marks: &BTreeMap<String, Oid>,
+    ever_polled: bool,
+) -> Plan {
+    let mut plan = Plan::default();
+    let head_branch = watched.head_branch();
+    let mut ordered: Vec<&(String, Oid)> = branches.iter().collect();
+    ordered.sort_by_key(|(name, _)| {
+        (
+            !marks.contains_key(name),
+            Some(name) != head_branch.as_ref(),
+            name.clone(),
+        )
+    });
+
+    // Everything already published, or deliberately skipped: every mark, plus the head of every
+    // branch handled earlier in this poll.
+    let mut seen: Vec<Oid> = marks.values().copied().collect();
+    for (name, head) in ordered {
+        let mark = marks.get(name).copied();
+        if mark == Some(*head) {
+            continue;
+        }
+        let new = if !ever_polled && mark.is_none() {
+            // First sight: the head only, once per distinct head.
+            if seen.contains(head) {
+                vec![]
+            } else {
+                vec![*head]
+            }
+        } else {
+            match watched.new_commits(*head, &seen) {
+                Ok(new) => new,
+                Err(e) => {
+                    plan.failed.push((name.clone(), e));
+                    continue;
+                }
+            }
+        };
+        let step = |commit: Oid, publish: bool| Step {
+            branch: name.clone(),
+            commit,
+            publish,
+        };
+        plan.steps.extend(new.iter().map(|c| step(*c, true)));
+        if new.last() != Some(head) {
+            plan.steps.push(step(*head, false));
+        }
+        seen.push(*head);
+    }
+
+    plan.gone = marks
+        .keys()
+        .filter(|m| !all_branches.iter().any(|(name, _)| name == *m))
+        .cloned()
+        .collect();
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use git2::{Repository, Signature};
+
+    /// A bare repository in a temporary directory, with helpers to commit and move branches.
+    struct Repo {
+        dir: tempfile::TempDir,
+        repo: Repository,
+        n: u32,
+    }
+
+    impl Repo {
+        fn new() -> Repo {
+            let dir = tempfile::tempdir().unwrap();
+            let repo = Repository::init_bare(dir.path().join("r.git")).unwrap();
+            repo.set_head("refs/heads/main").unwrap();
+            Repo { dir, repo, n: 0 }
+        }
+
+        /// A new commit on top of `parent` (or a root commit), made the head of `branch`.
+        fn commit(&mut self, branch: &str, parent: Option<Oid>) -> Oid {
+            self.n += 1;
+            let blob = self.repo.blob(self.n.to_string().as_bytes()).unwrap();
+            let mut tb = self.repo.treebuilder(None).unwrap();
+            tb.insert("f", blob, 0o100644).unwrap();
+            let tree = self.repo.find_tree(tb.write().unwrap()).unwrap();
+            let sig = Signature::now("T", "t@x").unwrap();
+            let parents: Vec<_> = parent
+                .map(|p| self.repo.find_commit(p).unwrap())
+                .into_iter()
+                .collect();
+            let parents: Vec<_> = parents.iter().collect();
+            let oid = self
+                .repo
+                .commit(None, &sig, &sig, &format!("c{}", self.n), &tree, &parents)
+                .unwrap();
+            self.set(branch, oid);
+            oid
+        }
+
+        /// Commits `n` times on `branch`, starting from `parent`; returns them oldest first.
+        fn commits(&mut self, branch: &str, mut parent: Option<Oid>, n: usize) -> Vec<Oid> {
+            (0..n)
+                .map(|_| {
+                    let c = self.commit(branch, parent);
+                    parent = Some(c);
+                    c
+                })
+                .collect()
+        }
+
+        fn set(&self, branch: &str, oid: Oid) {
+            self.repo
+                .reference(&format!("refs/heads/{branch}"), oid, true, "test")
+                .unwrap();
+        }
+
+        fn delete(&self, branch: &str) {
+            self.repo
+                .find_reference(&format!("refs/heads/{branch}"))
+                .unwrap()
+                .delete()
+                .unwrap();
+        }
+
+        fn watched(&self) -> Watched {
+            let path = self.dir.path().join("r.git");
+            Watched::open(path.to_str().unwrap(), self.dir.path()).unwrap()
+        }
+    }
+
+    /// Plans a poll over every branch, then applies it to `marks` as a successful poll would.
+    fn poll(w: &Watched, marks: &mut BTreeMap<String, Oid>, ever_polled: bool) -> Vec<Step> {
+        let branches = w.branches().unwrap();
+        let p = plan(w, &branches, &branches, marks, ever_polled);
+        assert!(p.failed.is_empty(), "{:?}", p.failed);
+        for s in &p.steps {
+            marks.insert(s.branch.clone(), s.commit);
+        }
+        for g in &p.gone {
+            marks.remove(g);
+        }
+        p.steps
+    }
+
+    /// The `(branch, commit)` pairs that a list of steps publishes.
+    fn published(steps: &[Step]) -> Vec<(&str, Oid)> {
+        steps
+            .iter()
+            .filter(|s| s.publish)
+            .map(|s| (s.branch.as_str(), s.commit))
+            .collect()
+    }
+
+    #[test]
+    fn new_commits_are_published_oldest_first_and_once() {
+        let mut r = Repo::new();
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        // An empty repository: nothing to do, but it now counts as polled.
+        assert!(poll(&w, &mut marks, false).is_empty());
+
+        let c = r.commits("main", None, 3);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            published(&steps),
+            vec![("main", c[0]), ("main", c[1]), ("main", c[2])]
+        );
+        assert!(poll(&w, &mut marks, true).is_empty(), "nothing new");
+
+        let more = r.commits("main", Some(c[2]), 2);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            published(&steps),
+            vec![("main", more[0]), ("main", more[1])]
+        );
+    }
+
+    #[test]
+    fn first_sight_publishes_each_distinct_head_once() {
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 5);
+        r.set("a-copy", main[4]);
+        let old = main[1];
+        r.set("old", old);
+        let side = r.commits("feature/ä.b", Some(main[2]), 2);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        let steps = poll(&w, &mut marks, false);
+        // `main` first (HEAD), then the rest by name; `a-copy` shares main's head.
+        assert_eq!(
+            published(&steps),
+            vec![("main", main[4]), ("feature/ä.b", side[1]), ("old", old)]
+        );
+        assert!(steps.contains(&Step {
+            branch: "a-copy".into(),
+            commit: main[4],
+            publish: false
+        }));
+        assert_eq!(marks.len(), 4);
+        assert!(poll(&w, &mut marks, true).is_empty());
+    }
+
+    #[test]
+    fn a_new_branch_publishes_only_what_no_other_branch_has() {
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 3);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+
+        // A branch made from main's head with two commits of its own, while main moves on too.
+        let feature = r.commits("feature/a.b", Some(main[2]), 2);
+        let next = r.commit("main", Some(main[2]));
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            published(&steps),
+            vec![
+                ("main", next),
+                ("feature/a.b", feature[0]),
+                ("feature/a.b", feature[1])
+            ]
+        );
+
+        // A branch at a commit jetci has already published: only a mark.
+        r.set("release", main[1]);
+        let steps = poll(&w, &mut marks, true);
+        assert!(published(&steps).is_empty(), "{steps:?}");
+        assert_eq!(marks["release"], main[1]);
+
+        // A commit lands on the feature and main fast-forwards to it: published once, for main
+        // (the HEAD branch goes first), and the feature's mark just follows.
+        let merged = r.commit("feature/a.b", Some(feature[1]));
+        r.set("main", merged);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(published(&steps), vec![("main", merged)]);
+        assert!(steps
+            .iter()
+            .any(|s| s.branch == "feature/a.b" && !s.publish));
+    }
+
+    #[test]
+    fn a_known_branch_keeps_its_commits_when_a_new_branch_sorts_first() {
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 1);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        // Someone pushes two commits to `zeta`, known, and branches `alpha` off its tip.
+        r.set("zeta", main[0]);
+        poll(&w, &mut marks, true);
+        let z = r.commits("zeta", Some(main[0]), 2);
+        r.set("alpha", z[1]);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(published(&steps), vec![("zeta", z[0]), ("zeta", z[1])]);
+    }
+
+    #[test]
+    fn force_push_publishes_the_rewritten_commits() {
+        let mut r = Repo::new();
+        let base = r.commits("main", None, 2);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        let old = r.commits("main", Some(base[1]), 2);
+        poll(&w, &mut marks, true);
+        assert_eq!(marks["main"], old[1]);
+
+        // Rewrite the last two commits.
+        let new = r.commits("main", Some(base[1]), 3);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            published(&steps),
+            vec![("main", new[0]), ("main", new[1]), ("main", new[2])]
+        );
+
+        // Reset backwards: nothing to test, the mark follows.
+        r.set("main", base[0]);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            steps,
+            vec![Step {
+                branch: "main".into(),
+                commit: base[0],
+                publish: false
+            }]
+        );
+    }
+
+    #[test]
+    fn deleted_branches_lose_their_marks_and_come_back_as_new() {
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 2);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        let topic = r.commits("topic", Some(main[1]), 2);
+        poll(&w, &mut marks, true);
+        assert_eq!(marks["topic"], topic[1]);
+
+        r.delete("topic");
+        let branches = w.branches().unwrap();
+        let p = plan(&w, &branches, &branches, &marks, true);
+        assert_eq!(p.gone, vec!["topic".to_string()]);
+        assert!(p.steps.is_empty());
+        marks.remove("topic");
+
+        // Re-created with one more commit: not reachable from any mark left, so all of it.
+        let again = r.commit("topic", Some(topic[1]));
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(
+            published(&steps),
+            vec![("topic", topic[0]), ("topic", topic[1]), ("topic", again)]
+        );
+    }
+
+    #[test]
+    fn filtered_out_branches_keep_their_marks() {
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 1);
+        r.set("other", main[0]);
+        let w = r.watched();
+        let all = w.branches().unwrap();
+        let watched: Vec<_> = all.iter().filter(|(n, _)| n == "main").cloned().collect();
+        let mut marks = BTreeMap::from([("other".to_string(), main[0])]);
+        let p = plan(&w, &watched, &all, &marks, false);
+        assert!(p.gone.is_empty());
+        assert_eq!(
+            p.steps,
+            vec![Step {
+                branch: "main".into(),
+                commit: main[0],
+                publish: false
+            }]
+        );
+        marks.clear();
+        let p = plan(&w, &watched, &all, &marks, false);
+        assert_eq!(published(&p.steps), vec![("main", main[0])]);
+    }
+}

@@ -1,0 +1,184 @@
+//! One poll of the watched repository: the git half on tokio's blocking pool, then publish and
+//! mark, commit by commit.
+//!
+//! git2 is synchronous. The git half (fetch, branch list, history walk, reading each commit's
+//! `.jetci.toml`) runs on the blocking pool, so a slow fetch of a remote repository never stalls
+//! the runtime, and a shutdown signal does not wait for it. Publishing is sequential: each
+//! commit's ack is awaited before its branch mark moves (DESIGN.md, "One commit's life", step 1),
+//! and the first NATS error ends the poll, leaving the remaining commits to the next one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::Context;
+use git2::Oid;
+use glob::Pattern;
+use jetci::connect::Nats;
+use jetci::git::{GitError, Watched};
+use jetci::messages::CommitMsg;
+use jetci::shutdown::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::commit::{self, short};
+use crate::marks::Marks;
+use crate::plan::{self, Step};
+
+/// One watched repository and where its commits go.
+pub struct Observer {
+    /// The repository's slug: the subject token and key prefix.
+    pub repo: String,
+    /// Behind a mutex only to move it onto the blocking pool; polls never overlap.
+    pub watched: Arc<Mutex<Watched>>,
+    /// Which branches to watch (`--branches`).
+    pub branches: Pattern,
+    pub nats: Nats,
+}
+
+/// What the git half of a poll found.
+struct Work {
+    /// Each step, with its message when it publishes.
+    steps: Vec<(Step, Option<CommitMsg>)>,
+    /// Deleted branches whose marks go.
+    gone: Vec<String>,
+    /// Branches git could not read.
+    failed: Vec<(String, GitError)>,
+}
+
+impl Observer {
+    /// One poll: read git, then publish and mark step by step. Returns at the first NATS error,
+    /// leaving the remaining steps to the next poll; stops between steps on shutdown.
+    pub async fn poll(
+        &self,
+        marks: &mut Marks,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let work = tokio::select! {
+            work = self.read_git(marks) => work?,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        for (step, msg) in &work.steps {
+            if shutdown.is_cancelled() {
+                return Ok(());
+            }
+            if let Some(msg) = msg {
+                self.publish(msg).await?;
+            }
+            marks.set(&step.branch, step.commit).await?;
+        }
+        for branch in &work.gone {
+            marks.forget(branch).await?;
+            info!(repo = self.repo, branch, "branch deleted; its mark is gone");
+        }
+        marks.record_polled().await?;
+        match work.failed.into_iter().next() {
+            Some((branch, e)) => Err(e).context(format!("cannot read branch {branch:?}")),
+            None => Ok(()),
+        }
+    }
+
+    /// The git half of a poll, on the blocking pool.
+    async fn read_git(&self, marks: &Marks) -> anyhow::Result<Work> {
+        let watched = self.watched.clone();
+        let repo = self.repo.clone();
+        let branches = self.branches.clone();
+        let heads = marks.heads().clone();
+        let ever_polled = marks.ever_polled();
+        tokio::task::spawn_blocking(move || {
+            let watched = watched.lock().unwrap_or_else(PoisonError::into_inner);
+            read_git(&watched, &repo, &branches, &heads, ever_polled)
+        })
+        .await
+        .context("the git task failed")?
+        .with_context(|| format!("cannot poll {}", self.repo))
+    }
+
+    /// Publishes one commit and waits for its ack (the caller moves the mark only after this).
+    async fn publish(&self, msg: &CommitMsg) -> anyhow::Result<()> {
+        let ack = commit::publish(&self.nats, msg).await.with_context(|| {
+            format!(
+                "commit {} of branch {:?} is not published yet: waiting for NATS and the {} \
+                 stream to acknowledge it (its branch mark stays put until then)",
+                short(&msg.sha),
+                msg.branch,
+                self.nats.names.commits_stream()
+            )
+        })?;
+        let what = if ack.duplicate {
+            "commit was already published (a duplicate the stream dropped)"
+        } else {
+            "published commit"
+        };
+        info!(
+            repo = msg.repo,
+            branch = msg.branch,
+            sha = short(&msg.sha),
+            seq = ack.sequence,
+            "{what}"
+        );
+        Ok(())
+    }
+}
+
+/// Fetches (for a URL), lists and filters branches, plans, and builds the messages.
+fn read_git(
+    watched: &Watched,
+    repo: &str,
+    branches: &Pattern,
+    heads: &BTreeMap<String, Oid>,
+    ever_polled: bool,
+) -> Result<Work, GitError> {
+    watched.refresh()?;
+    let all = watched.branches()?;
+    let chosen: Vec<_> = all
+        .iter()
+        .filter(|(name, _)| branches.matches(name))
+        .cloned()
+        .collect();
+    let plan = plan::plan(watched, &chosen, &all, heads, ever_polled);
+    let steps = plan
+        .steps
+        .into_iter()
+        .map(|step| {
+            let msg = step
+                .publish
+                .then(|| commit::message(watched, repo, &step.branch, step.commit));
+            (step, msg)
+        })
+        .collect();
+    Ok(Work {
+        steps,
+        gone: plan.gone,
+        failed: plan.failed,
+    })
+}
+
+/// Keeps a failing poll from repeating the same warning every tick: a new error is a warning,
+/// a repeat is debug, and the recovery is said once.
+#[derive(Default)]
+pub struct Trouble {
+    last: Option<String>,
+}
+
+impl Trouble {
+    /// Logs the outcome of one poll; `retry` is the poll interval.
+    pub fn note(&mut self, outcome: anyhow::Result<()>, retry: Duration) {
+        match outcome {
+            Ok(()) => {
+                if self.last.take().is_some() {
+                    info!("polling works again");
+                }
+            }
+            Err(e) => {
+                let message = format!("{e:#}");
+                let every = humantime::format_duration(retry);
+                if self.last.as_ref() == Some(&message) {
+                    debug!("{message}; still retrying every {every}");
+                } else {
+                    warn!("{message}; retrying every {every}");
+                }
+                self.last = Some(message);
+            }
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! One job, from its message to its acked result:
+//!
+//! claim (fenced by `ci-jobs`) → heartbeat → checkout → run → publish result → mark final → ack.
+//!
+//! Ordering matters for DESIGN.md's invariants: the result is published *before* the job state
+//! says `final` and before the job message is acked, so a crash at any point leaves either no
+//! result (the dispatcher reassigns after the lease) or a stored one (the dispatcher sees it and
+//! closes the commit); never a closed commit without a result (I1).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream::{self, AckKind};
+use jetci::connect::Nats;
+use jetci::git::Mirror;
+use jetci::job_state::{self, StateError};
+use jetci::messages::{self, decode, JobMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
+use jetci::repo_config::{RepoConfig, FILE_NAME};
+use jetci::results::{publish_final, publish_superseded, Published};
+use jetci::streams::Streams;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::exec::{self, Ended, Spec};
+use crate::logs::LogSink;
+
+/// Variables passed from the runner's environment to a job; everything else is built.
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TERM",
+    "USER",
+    "LOGNAME",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+];
+
+/// The runner's settings and shared state.
+pub struct Runner {
+    pub nats: Nats,
+    pub streams: Streams,
+    pub id: String,
+    pub work_dir: PathBuf,
+    pub default_command: String,
+    pub default_timeout: Duration,
+    pub grace: Duration,
+    pub heartbeat: Duration,
+    pub log_cap: u64,
+    pub keep_workspaces: bool,
+    pub pass_env: Vec<String>,
+    /// Job ids running now (reported in `ci-runners`).
+    pub active: Mutex<BTreeSet<String>>,
+    /// One lock per mirror: jobs of one repository fetch one at a time.
+    mirrors: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Why a running job was stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Another attempt owns the job now: run nothing more, publish no verdict.
+    Superseded,
+    /// The runner is shutting down in a hurry: hand the job back (no result, no ack).
+    HandBack,
+}
+
+impl Runner {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        nats: Nats,
+        streams: Streams,
+        id: String,
+        work_dir: PathBuf,
+        default_command: String,
+        default_timeout: Duration,
+        heartbeat: Duration,
+        log_cap: u64,
+        keep_workspaces: bool,
+        pass_env: Vec<String>,
+    ) -> Runner {
+        Runner {
+            nats,
+            streams,
+            id,
+            work_dir,
+            default_command,
+            default_timeout,
+            grace: Duration::from_secs(5),
+            heartbeat,
+            log_cap,
+            keep_workspaces,
+            pass_env,
+            active: Mutex::new(BTreeSet::new()),
+            mirrors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pending_dir(&self) -> PathBuf {
+        self.work_dir.join("pending")
+    }
+
+    /// Handles one delivered job message; never panics on its content (I5).
+    pub async fn handle(self: Arc<Self>, msg: jetstream::Message, hurry: CancellationToken) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let job: JobMsg = match decode(&msg.payload) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, seq, error = %e, "terminating a job message that does not parse");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        if job.runner != self.id {
+            tracing::warn!(subject = %msg.subject, seq, runner = %job.runner, "terminating a job addressed to another runner");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+        let job_id = job.job_id();
+        let revision = match self.claim(&job, seq).await {
+            Ok(Some(rev)) => rev,
+            Ok(None) => {
+                tracing::info!(job = %job_id, "job was superseded or is already final; skipping it");
+                let _ = msg.double_ack().await;
+                return;
+            }
+            Err(e) => {
+                // The dispatcher will reassign when the lease passes; leave the message for then.
+                tracing::warn!(job = %job_id, error = %e, "cannot claim the job; leaving it");
+                return;
+            }
+        };
+        tracing::info!(job = %job_id, branch = %job.branch, "running job");
+        self.active.lock().expect("lock").insert(job_id.clone());
+
+        let msg = Arc::new(msg);
+        let stop = CancellationToken::new();
+        let stop_reason = Arc::new(Mutex::new(None::<Stop>));
+        let heartbeat = tokio::spawn(self.clone().heartbeat(
+            job.clone(),
+            msg.clone(),
+            revision,
+            stop.clone(),
+            stop_reason.clone(),
+        ));
+        {
+            let (stop, reason) = (stop.clone(), stop_reason.clone());
+            let hurry = hurry.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = hurry.cancelled() => {
+                        reason.lock().expect("lock").get_or_insert(Stop::HandBack);
+                        stop.cancel();
+                    }
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+
+        let result = self.execute(&job, &stop).await;
+        let why = *stop_reason.lock().expect("lock");
+        match why {
+            Some(Stop::HandBack) => {
+                heartbeat.abort();
+                tracing::info!(job = %job_id, "handed the job back: the dispatcher reassigns it after the lease");
+            }
+            Some(Stop::Superseded) => {
+                heartbeat.abort();
+                self.record_superseded(&result).await;
+                let _ = msg.double_ack().await;
+            }
+            None => {
+                self.deliver(&result, heartbeat).await;
+                let _ = msg.double_ack().await;
+            }
+        }
+        stop.cancel();
+        self.active.lock().expect("lock").remove(&job_id);
+        if !self.keep_workspaces {
+            let _ = tokio::fs::remove_dir_all(self.job_dir(&job_id)).await;
+        }
+    }
+
+    /// Takes the job in `ci-jobs`: it must be this attempt on this runner. Returns the state's
+    /// revision, or `None` when the job moved on (superseded or final).
+    ///
+    /// The dispatcher writes `assigned` before it publishes the job, so the state this reads
+    /// already names this attempt; a state that names an older attempt means the dispatcher died
+    /// in between, and the job is not ours to run (the next dispatcher assigns it afresh).
+    async fn claim(&self, job: &JobMsg, seq: u64) -> Result<Option<u64>, StateError> {
+        let store = &self.streams.job_states;
+        let key = job.key();
+        for _ in 0..10 {
+            let Some(current) = job_state::read(store, &key).await? else {
+                return Ok(None);
+            };
+            let s = &current.state;
+            let ours = s.attempt == job.attempt && s.runner.as_deref() == Some(self.id.as_str());
+            if !ours || !matches!(s.phase, JobPhase::Assigned | JobPhase::Running) {
+                return Ok(None);
+            }
+            let mut next = s.clone();
+            next.phase = JobPhase::Running;
+            next.job_seq = Some(seq);
+            next.updated_at = messages::now();
+            match job_state::write(store, &key, &next, Some(current.revision)).await {
+                Ok(rev) => return Ok(Some(rev)),
+                Err(StateError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StateError::Conflict)
+    }
+
+    /// Every `heartbeat`: extend the job message's deadline and rewrite the job state (the
+    /// dispatcher's proof of life). A write that loses to another attempt stops the job.
+    async fn heartbeat(
+        self: Arc<Self>,
+        job: JobMsg,
+        msg: Arc<jetstream::Message>,
+        mut revision: u64,
+        stop: CancellationToken,
+        reason: Arc<Mutex<Option<Stop>>>,
+    ) {
+        let key = job.key();
+        let store = &self.streams.job_states;
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let _ = msg.ack_with(AckKind::Progress).await;
+            let current = match job_state::read(store, &key).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(job = %job.job_id(), error = %e, "heartbeat failed; the test goes on");
+                    continue;
+                }
+            };
+            let Some(current) = current.filter(|c| {
+                c.state.attempt == job.attempt
+                    && c.state.runner.as_deref() == Some(self.id.as_str())
+                    && c.state.phase != JobPhase::Final
+            }) else {
+                tracing::warn!(job = %job.job_id(), "the job was given to another attempt; stopping it");
+                reason.lock().expect("lock").get_or_insert(Stop::Superseded);
+                stop.cancel();
+                return;
+            };
+            if current.revision != revision {
+                tracing::debug!(job = %job.job_id(), "job state was rewritten by a dispatcher; following it");
+            }
+            let mut next = current.state.clone();
+            next.phase = JobPhase::Running;
+            next.updated_at = messages::now();
+            match job_state::write(store, &key, &next, Some(current.revision)).await {
+                Ok(rev) => revision = rev,
+                Err(e) => {
+                    tracing::debug!(job = %job.job_id(), error = %e, "heartbeat write lost a race; retrying next beat")
+                }
+            }
+        }
+    }
+
+    fn job_dir(&self, job_id: &str) -> PathBuf {
+        self.work_dir.join("jobs").join(job_id)
+    }
+
+    /// Checks out and runs the job; every failure becomes the result's status and reason.
+    async fn execute(&self, job: &JobMsg, stop: &CancellationToken) -> ResultMsg {
+        let started = OffsetDateTime::now_utc();
+        let clock = std::time::Instant::now();
+        let log_subject = self
+            .nats
+            .names
+            .logs_subject(&job.repo, &job.sha, job.run, job.attempt);
+        let mut result = ResultMsg {
+            v: VERSION,
+            repo: job.repo.clone(),
+            url: job.url.clone(),
+            branch: job.branch.clone(),
+            sha: job.sha.clone(),
+            run: job.run,
+            job_id: job.job_id(),
+            attempt: job.attempt,
+            runner: self.id.clone(),
+            status: Status::Error,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            started_at: started,
+            finished_at: started,
+            duration_ms: 0,
+            output_tail: String::new(),
+            log_subject: log_subject.clone(),
+            log_bytes: 0,
+            commit_seq: job.commit_seq,
+            author: job.author.clone(),
+            summary: job.summary.clone(),
+            tests: None,
+        };
+        match self.prepare(job).await {
+            Err(e) => {
+                result.reason = Some(format!("{e:#}"));
+                result.output_tail = format!("jetci: {e:#}\n");
+            }
+            Ok((spec, _)) => {
+                let mut sink = LogSink::start(&self.nats, log_subject, self.log_cap);
+                let outcome = exec::run(&spec, &mut |b: &[u8]| sink.write(b), stop).await;
+                sink.finish(Duration::from_secs(10)).await;
+                match outcome {
+                    Err(e) => {
+                        result.reason = Some(format!("cannot start `sh -c {}`: {e}", spec.command))
+                    }
+                    Ok(o) => {
+                        result.log_bytes = o.output_bytes;
+                        result.output_tail = String::from_utf8_lossy(&o.tail).into_owned();
+                        let (status, code, signal, reason) = verdict(o.ended, spec.timeout);
+                        result.status = status;
+                        result.exit_code = code;
+                        result.signal = signal;
+                        result.reason = reason;
+                    }
+                }
+            }
+        }
+        result.finished_at = OffsetDateTime::now_utc();
+        result.duration_ms = clock.elapsed().as_millis() as u64;
+        result
+    }
+
+    /// A fresh checkout of the job's commit, its config and its environment.
+    async fn prepare(&self, job: &JobMsg) -> anyhow::Result<(Spec, RepoConfig)> {
+        let dir = self.job_dir(&job.job_id());
+        let src = dir.join("src");
+        let home = dir.join("home");
+        let tmp = dir.join("tmp");
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        for d in [&src, &home, &tmp] {
+            tokio::fs::create_dir_all(d)
+                .await
+                .with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        let mirrors = self.work_dir.join("mirrors");
+        let lock = {
+            let mut map = self.mirrors.lock().expect("lock");
+            map.entry(Mirror::path_for(&job.url, &mirrors))
+                .or_default()
+                .clone()
+        };
+        let _guard = lock.lock().await;
+        let (url, sha, dest) = (job.url.clone(), job.sha.clone(), src.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), jetci::git::GitError> {
+            let mirror = Mirror::open(&url, &mirrors)?;
+            let oid = mirror.ensure_commit(&sha)?;
+            mirror.checkout(oid, &dest)
+        })
+        .await
+        .context("checkout task failed")??;
+        drop(_guard);
+
+        let config = match tokio::fs::read_to_string(src.join(FILE_NAME)).await {
+            Ok(text) => RepoConfig::parse(&text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RepoConfig::default(),
+            Err(e) => anyhow::bail!("cannot read {FILE_NAME}: {e}"),
+        };
+        let spec = Spec {
+            command: config
+                .command
+                .clone()
+                .unwrap_or_else(|| self.default_command.clone()),
+            dir: src,
+            env: self.job_env(job, &home, &tmp, &config),
+            timeout: config.timeout.unwrap_or(self.default_timeout),
+            grace: self.grace,
+        };
+        Ok((spec, config))
+    }
+
+    /// The job's environment: a short allow-list from the runner's own, a fresh HOME and TMPDIR,
+    /// the repository's `env`, and the job's identity as `JETCI_*`. The runner's NATS settings
+    /// and credentials never reach the test.
+    fn job_env(
+        &self,
+        job: &JobMsg,
+        home: &Path,
+        tmp: &Path,
+        config: &RepoConfig,
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = PASSED_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.pass_env.iter().cloned())
+            .filter_map(|k| std::env::var(&k).ok().map(|v| (k, v)))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+        }
+        env.push(("HOME".into(), home.display().to_string()));
+        env.push(("TMPDIR".into(), tmp.display().to_string()));
+        env.push(("CI".into(), "true".into()));
+        env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend([
+            ("JETCI_REPO".to_string(), job.repo.clone()),
+            ("JETCI_BRANCH".to_string(), job.branch.clone()),
+            ("JETCI_COMMIT".to_string(), job.sha.clone()),
+            ("JETCI_RUN".to_string(), job.run.to_string()),
+            ("JETCI_ATTEMPT".to_string(), job.attempt.to_string()),
+            ("JETCI_RUNNER".to_string(), self.id.clone()),
+        ]);
+        env
+    }
+
+    /// Publishes the verdict (kept on disk until NATS has it), marks the job final, and stops
+    /// the heartbeat only then, so the lease holds while the result is on its way.
+    async fn deliver(&self, result: &ResultMsg, heartbeat: tokio::task::JoinHandle<()>) {
+        let pending = self.pending_dir().join(format!("{}.json", result.job_id));
+        if let Err(e) = save(&pending, result).await {
+            tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
+        }
+        self.publish_until_stored(result).await;
+        heartbeat.abort();
+        self.mark_final(result).await;
+        let _ = tokio::fs::remove_file(&pending).await;
+    }
+
+    /// Publishes a result, retrying with backoff while NATS is unreachable (the test's work is
+    /// never thrown away because the network was down when it ended).
+    pub async fn publish_until_stored(&self, result: &ResultMsg) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match publish_final(&self.nats, result).await {
+                Ok(Published::Stored(seq)) => {
+                    tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
+                    return;
+                }
+                Ok(Published::AlreadyPublished) => {
+                    tracing::info!(job = %result.job_id, "a result for this run was already published; ours is not the verdict");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Writes `final` into `ci-jobs` if the job is still this attempt's.
+    pub async fn mark_final(&self, result: &ResultMsg) {
+        let store = &self.streams.job_states;
+        let key = result.key();
+        for _ in 0..20 {
+            match job_state::read(store, &key).await {
+                Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
+                Ok(cur) => {
+                    let mut next =
+                        cur.as_ref()
+                            .map(|c| c.state.clone())
+                            .unwrap_or_else(|| JobState {
+                                v: VERSION,
+                                repo: result.repo.clone(),
+                                branch: result.branch.clone(),
+                                sha: result.sha.clone(),
+                                run: result.run,
+                                phase: JobPhase::Final,
+                                attempt: result.attempt,
+                                runner: Some(result.runner.clone()),
+                                job_seq: None,
+                                labels: vec![],
+                                status: None,
+                                reason: None,
+                                updated_at: messages::now(),
+                            });
+                    next.phase = JobPhase::Final;
+                    next.status = Some(result.status);
+                    next.reason = result.reason.clone();
+                    next.updated_at = messages::now();
+                    match job_state::write(store, &key, &next, cur.map(|c| c.revision)).await {
+                        Ok(_) => return,
+                        Err(StateError::Conflict) => continue,
+                        Err(e) => {
+                            tracing::warn!(job = %result.job_id, error = %e, "cannot mark the job final yet")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job = %result.job_id, error = %e, "cannot read the job state")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn record_superseded(&self, result: &ResultMsg) {
+        tracing::warn!(job = %result.job_id, status = %result.status, "recording the result of a superseded attempt (not the verdict)");
+        if let Err(e) = publish_superseded(&self.nats, result).await {
+            tracing::warn!(job = %result.job_id, error = %e, "cannot record the superseded result");
+        }
+    }
+
+    /// Publishes results that were kept on disk by an earlier run of this runner (it stopped or
+    /// lost NATS before they were stored).
+    pub async fn deliver_pending(self: Arc<Self>) {
+        let Ok(mut dir) = tokio::fs::read_dir(self.pending_dir()).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = dir.next_entry().await {
+            let path = entry.path();
+            let result = match tokio::fs::read(&path)
+                .await
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(decode::<ResultMsg>(&b)?))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "dropping an unreadable kept result");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    continue;
+                }
+            };
+            tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
+            self.publish_until_stored(&result).await;
+            self.mark_final(&result).await;
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+}
+
+/// Maps how the command ended to the result's status, exit code, signal and reason.
+fn verdict(ended: Ended, timeout: Duration) -> (Status, Option<i32>, Option<i32>, Option<String>) {
+    match ended {
+        Ended::Exited(0) => (Status::Passed, Some(0), None, None),
+        Ended::Exited(code) => (Status::Failed, Some(code), None, None),
+        Ended::Signaled(sig) => (
+            Status::Failed,
+            None,
+            Some(sig),
+            Some(format!(
+                "the command was killed by signal {sig} ({})",
+                signal_name(sig)
+            )),
+        ),
+        Ended::TimedOut { signal } => (
+            Status::TimedOut,
+            None,
+            signal,
+            Some(format!(
+                "the command ran past its timeout of {}",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        Ended::Cancelled { signal } => (
+            Status::Cancelled,
+            None,
+            signal,
+            Some("the job was cancelled".into()),
+        ),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+async fn save(path: &Path, result: &ResultMsg) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, messages::encode(result)).await?;
+    tokio::fs::rename(&tmp, path).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let t = Duration::from_secs(90);
+        assert_eq!(verdict(Ended::Exited(0), t).0, Status::Passed);
+        assert_eq!(verdict(Ended::Exited(1), t).0, Status::Failed);
+        let (s, code, sig, reason) = verdict(Ended::Signaled(9), t);
+        assert_eq!((s, code, sig), (Status::Failed, None, Some(9)));
+        assert!(reason.unwrap().contains("SIGKILL"));
+        let (s, _, _, reason) = verdict(Ended::TimedOut { signal: Some(15) }, t);
+        assert_eq!(s, Status::TimedOut);
+        assert!(reason.unwrap().contains("1m 30s"));
+        assert_eq!(
+            verdict(Ended::Cancelled { signal: None }, t).0,
+            Status::Cancelled
+        );
+    }
+}
