@@ -299,3 +299,30 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commits_wait_for_a_runner_and_start_when_one_registers() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let (name, body) = passing_test();
+    let sha = repo.commit("a", &[(name, body)]);
+    let mut sys = System::start(&nats, &repo, 0);
+
+    // No runner: the commit is taken by nobody and waits in CI_COMMITS; no result appears.
+    wait_until("the commit to be published", || {
+        sys.observer.log().contains("published commit")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(stream_messages(&sys.url, "CI_RESULTS", ">")
+        .await
+        .is_empty());
+    assert_eq!(stream_messages(&sys.url, "CI_COMMITS", ">").await.len(), 1);
+
+    sys.runners
+        .push(spawn_runner(&sys.url, "late", sys._work.path()));
+    let all = assert_exactly(&sys.url, 1).await;
+    assert_eq!(all[0]["sha"], sha.as_str());
+    assert_eq!(all[0]["runner"], "late");
+    assert_eq!(all[0]["status"], "passed");
+}
