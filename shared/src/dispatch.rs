@@ -36,7 +36,7 @@ pub fn decide(
     match s.phase {
         JobPhase::Final => Decision::Done,
         JobPhase::Queued => Decision::Assign {
-            attempt: s.attempt.max(0) + 1,
+            attempt: s.attempt + 1,
         },
         JobPhase::Assigned | JobPhase::Running if age < lease => Decision::Adopt,
         JobPhase::Assigned | JobPhase::Running => {

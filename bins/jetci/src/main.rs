@@ -1,1 +1,191 @@
-fn main() {}
+//! `jetci`, the command line: `up` runs the whole system on one machine, `tail` follows results.
+//!
+//! Thin by design (STYLE.md): argument parsing here, the subcommands in their own modules
+//! (`up`, `results`), everything shared with the other processes in the `jetci` library crate.
+
+mod local_nats;
+mod procs;
+mod results;
+mod up;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use jetci::connect::ConnectArgs;
+use jetci::logging::LogArgs;
+use jetci::shutdown::Shutdown;
+
+const ABOUT: &str = "jetci: distributed CI on NATS JetStream. It watches git repositories, tests \
+every new commit on a pool of runners and publishes the results (more with --help)";
+
+const LONG_ABOUT: &str = "\
+jetci: distributed CI on NATS JetStream
+
+jetci is a distributed continuous-integration system. It watches git repositories, runs the \
+tests of every new commit on a pool of runners and publishes the results.
+
+Its processes talk only through NATS JetStream, so each can run many times, on any machine that \
+reaches the NATS server, and none keeps state a crash can lose:
+  jetci-observer    watches repositories and publishes each new commit
+  jetci-dispatcher  assigns each commit to a runner and reassigns it if the runner is lost
+  jetci-runner      checks the commit out, runs its tests and publishes the result
+
+This command starts all of them on one machine (`jetci up`) and follows the results (`jetci tail`).
+
+First try:
+  jetci up path/to/repo       then commit to that repository and watch the results arrive";
+
+const AFTER_HELP: &str = "\
+Examples:
+  jetci up ~/src/myproject                   everything here; results in test_results/<sha>
+  jetci up --runners 4 https://host/x.git    watch a remote repository with four runners
+  jetci tail                                 print new results as they arrive
+  jetci tail --all --write-dir test_results  every stored result, also written to files
+  jetci -s nats://ci.example:4222 tail --json | jq .status";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "jetci",
+    version,
+    about = ABOUT,
+    long_about = LONG_ABOUT,
+    after_help = AFTER_HELP,
+    propagate_version = true
+)]
+struct Cli {
+    #[command(flatten, next_help_heading = "NATS connection (any subcommand)")]
+    connect: ConnectArgs,
+    #[command(flatten, next_help_heading = "Logging (any subcommand)")]
+    log: LogArgs,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the whole system on this machine for a first try and print results as they arrive.
+    ///
+    /// Starts a NATS server (unless one answers at -s), an observer watching REPO, a dispatcher
+    /// and --runners runners. Each result is printed on one line and written to
+    /// test_results/<sha>; the processes' logs go to .jetci/logs/. Ctrl-C stops everything that
+    /// `jetci up` started.
+    Up(up::UpArgs),
+    /// Print test results as they arrive, one line each.
+    ///
+    /// Reads the results stream, so it works from any machine that reaches NATS. Without --all
+    /// only new results are shown; --json prints each result's JSON message instead.
+    Tail(TailArgs),
+}
+
+/// `jetci tail` flags.
+#[derive(clap::Args, Debug)]
+struct TailArgs {
+    /// Also write each result to DIR/<sha> (status, facts, then the output tail).
+    #[arg(long, value_name = "DIR")]
+    write_dir: Option<PathBuf>,
+    /// Start with every stored result instead of only new ones.
+    #[arg(long)]
+    all: bool,
+    /// Print each result as its JSON message, one per line.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    // The terminal is for results: unless RUST_LOG says otherwise, log warnings and errors only
+    // (the shared default is `info`). Set before any thread exists; `up` gives its children the
+    // usual default back.
+    let quiet_default = std::env::var_os("RUST_LOG").is_none();
+    if quiet_default {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    cli.log.init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => fail(anyhow::Error::from(e).context("cannot start the async runtime")),
+    };
+    if let Err(e) = runtime.block_on(run(cli, quiet_default)) {
+        fail(e);
+    }
+}
+
+/// Prints `jetci: error: <one line>` and exits 1.
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("jetci: error: {}", results::one_line(&format!("{e:#}")));
+    std::process::exit(1);
+}
+
+async fn run(cli: Cli, quiet_default: bool) -> Result<()> {
+    let shutdown = Shutdown::install().context("cannot install signal handlers")?;
+    match &cli.command {
+        Cmd::Up(args) => up::run(args, &cli.connect, &cli.log, quiet_default, &shutdown).await,
+        Cmd::Tail(args) => tokio::select! {
+            // Until the follow loop runs, nothing else listens for Ctrl-C.
+            _ = shutdown.token.cancelled() => Ok(()),
+            r = tail(args, &cli.connect, &shutdown) => r,
+        },
+    }
+}
+
+async fn tail(args: &TailArgs, connect: &ConnectArgs, shutdown: &Shutdown) -> Result<()> {
+    let nats = connect.connect("jetci-tail").await?;
+    let name = nats.names.results_stream();
+    // Only set up when the stream is missing, so a user allowed to read results but not to
+    // create streams can still tail.
+    let stream = match nats.js.get_stream(&name).await {
+        Ok(stream) => stream,
+        Err(_) => {
+            jetci::streams::setup(&nats)
+                .await
+                .context("cannot set up jetci's streams")?
+                .results
+        }
+    };
+    let opts = results::FollowOptions {
+        start: if args.all {
+            results::Start::All
+        } else {
+            results::Start::New
+        },
+        json: args.json,
+        write_dir: args.write_dir.clone(),
+    };
+    results::follow(&nats, &stream, &opts, &shutdown.token).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "jetci",
+            "tail",
+            "-s",
+            "nats://127.0.0.1:14333",
+            "--all",
+            "--prefix",
+            "t1",
+        ])
+        .unwrap();
+        assert_eq!(cli.connect.server, "nats://127.0.0.1:14333");
+        assert_eq!(cli.connect.prefix, "t1");
+        assert!(matches!(cli.command, Cmd::Tail(TailArgs { all: true, .. })));
+        let cli = Cli::try_parse_from(["jetci", "up", "--poll-interval", "250ms", "/x"]).unwrap();
+        let Cmd::Up(up) = cli.command else {
+            panic!("not up")
+        };
+        assert_eq!(up.poll_interval, std::time::Duration::from_millis(250));
+        assert_eq!(up.runners, 2);
+        assert!(Cli::try_parse_from(["jetci", "up", "--runners", "0", "/x"]).is_err());
+    }
+}

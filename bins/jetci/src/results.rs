@@ -1,0 +1,604 @@
+//! Following `CI_RESULTS`: the one-line format, the `test_results/<sha>` files and the follow
+//! loop that `jetci tail` and `jetci up` share.
+//!
+//! The loop reads with an ephemeral pull consumer (no acks, in memory, one replica) and remembers
+//! the stream sequence of the last message it handled. When anything goes wrong (a missed
+//! heartbeat, a pull error, the consumer lost in a NATS restart, a gap in the consumer sequence)
+//! it drops the consumer and creates a new one that starts right after that sequence, so each
+//! result is printed once and none is skipped. This is what async-nats' ordered consumer does,
+//! except that one restarts from the *first* message when it is recreated before delivering
+//! anything (0.51 `recreate_consumer_stream` maps sequence 0 to `DeliverPolicy::All`), which
+//! would replay a month of results into a `tail` that asked for new ones only. `CI_RESULTS` has
+//! limits retention, so an ephemeral consumer takes nothing away from anyone (JETSTREAM-NOTES
+//! 4). Errors are logged and the loop goes on (JETSTREAM-NOTES 0.5); a message that does not
+//! decode is reported with its subject and skipped, never fatal (DESIGN.md, invariant I5).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::{self, stream::Stream};
+use futures::StreamExt;
+use jetci::connect::Nats;
+use jetci::messages::{decode, ResultMsg};
+use jetci::shutdown::CancellationToken;
+
+/// Where following starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Start {
+    /// With the oldest stored result.
+    All,
+    /// With the first result stored after the consumer is created.
+    #[default]
+    New,
+    /// With the first result after this stream sequence (`jetci up` takes the stream's last
+    /// sequence before it starts any process, so not even the fastest result is missed).
+    After(u64),
+}
+
+/// What to follow and what to do with each result.
+#[derive(Clone, Debug, Default)]
+pub struct FollowOptions {
+    pub start: Start,
+    /// Print the raw JSON of each result instead of the one-line summary.
+    pub json: bool,
+    /// Also write `<dir>/<sha>` for each result.
+    pub write_dir: Option<PathBuf>,
+}
+
+/// How often the server sends an idle heartbeat on an open pull; two missed ones mean the
+/// consumer or the connection is gone, and the consumer is recreated.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long one pull request waits for messages before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// How long the server keeps the consumer of a `tail` that went away without deleting it.
+const INACTIVE: Duration = Duration::from_secs(60);
+
+/// Prints (and optionally writes) every result on `CI_RESULTS` until `stop` is cancelled or
+/// stdout is closed.
+///
+/// Errors: only when the first consumer cannot be created (no permission, no stream); later
+/// failures are logged and retried, because a tail should survive a NATS restart.
+pub async fn follow(
+    nats: &Nats,
+    results: &Stream,
+    opts: &FollowOptions,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let files = match &opts.write_dir {
+        Some(dir) => Some(ResultFiles::new(dir)?),
+        None => None,
+    };
+    // The stream sequence up to which everything has been handled (or skipped, for "new only");
+    // `None` until the first consumer exists.
+    let mut done: Option<u64> = match opts.start {
+        Start::After(seq) => Some(seq),
+        Start::All | Start::New => None,
+    };
+    let mut retry = Duration::from_millis(250);
+    let mut first = true;
+    loop {
+        let deliver_policy = match done {
+            Some(seq) => DeliverPolicy::ByStartSequence {
+                start_sequence: seq + 1,
+            },
+            None if opts.start == Start::All => DeliverPolicy::All,
+            None => DeliverPolicy::New,
+        };
+        let config = pull::Config {
+            filter_subject: nats.names.results_filter(),
+            deliver_policy,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: INACTIVE,
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        let consumer = match results.create_consumer(config).await {
+            Ok(c) => c,
+            Err(e) if first => {
+                return Err(e).with_context(|| {
+                    format!("cannot follow stream {}", nats.names.results_stream())
+                })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot recreate the results consumer; retrying");
+                if sleep_or_stop(retry, stop).await {
+                    return Ok(());
+                }
+                retry = (retry * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        first = false;
+        // "New only" starts after whatever the stream held when the consumer was created; from
+        // here on every restart resumes after the last sequence handled.
+        let start = consumer.cached_info().delivered.stream_sequence;
+        let mut last = *done.get_or_insert(start);
+        let outcome = read(&consumer, opts, files.as_ref(), &mut last, stop).await;
+        done = Some(last);
+        // Tidy up (the server would drop it after INACTIVE anyway); bounded, so a Ctrl-C while
+        // NATS is away still exits at once.
+        let name = &consumer.cached_info().name;
+        let _ = tokio::time::timeout(Duration::from_secs(1), results.delete_consumer(name)).await;
+        match outcome {
+            Read::Stop => return Ok(()),
+            Read::Broken(why) => {
+                tracing::warn!(error = %why, "results consumer failed; recreating it");
+                retry = Duration::from_millis(250);
+            }
+        }
+        if sleep_or_stop(retry, stop).await {
+            return Ok(());
+        }
+    }
+}
+
+/// Why [`read`] returned.
+enum Read {
+    /// Stop requested, or stdout closed.
+    Stop,
+    /// The consumer must be recreated.
+    Broken(String),
+}
+
+/// Reads one consumer until it fails, advancing `last` past every message handled.
+async fn read(
+    consumer: &jetstream::consumer::PullConsumer,
+    opts: &FollowOptions,
+    files: Option<&ResultFiles>,
+    last: &mut u64,
+    stop: &CancellationToken,
+) -> Read {
+    let messages = consumer
+        .stream()
+        .heartbeat(HEARTBEAT)
+        .expires(PULL_EXPIRES)
+        .messages()
+        .await;
+    let mut messages = match messages {
+        Ok(m) => m,
+        Err(e) => return Read::Broken(e.to_string()),
+    };
+    let mut expected = 1u64; // consumer sequences start at 1 on a new consumer
+    loop {
+        let next = tokio::select! {
+            _ = stop.cancelled() => return Read::Stop,
+            next = messages.next() => next,
+        };
+        let msg = match next {
+            Some(Ok(msg)) => msg,
+            Some(Err(e)) => return Read::Broken(e.to_string()),
+            None => return Read::Broken("the message stream ended".into()),
+        };
+        match msg.info() {
+            Ok(info) if info.consumer_sequence == expected => {
+                expected += 1;
+                *last = info.stream_sequence;
+            }
+            Ok(info) => {
+                return Read::Broken(format!(
+                    "gap in the consumer sequence (expected {expected}, got {})",
+                    info.consumer_sequence
+                ))
+            }
+            Err(e) => return Read::Broken(format!("message without JetStream metadata: {e}")),
+        }
+        if !show(&msg, opts, files) {
+            return Read::Stop; // stdout is gone (`jetci tail | head`)
+        }
+    }
+}
+
+/// Sleeps, or returns true at once when `stop` is cancelled.
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+/// Handles one message; false when stdout is closed.
+fn show(msg: &jetstream::Message, opts: &FollowOptions, files: Option<&ResultFiles>) -> bool {
+    let result = match decode::<ResultMsg>(&msg.payload) {
+        Ok(r) => r,
+        Err(e) => {
+            let seq = msg
+                .info()
+                .map(|i| format!(" (stream sequence {})", i.stream_sequence))
+                .unwrap_or_default();
+            eprintln!(
+                "jetci: warning: skipped a message on {}{seq} that is not a valid result: {}",
+                msg.subject,
+                one_line(&e.to_string())
+            );
+            return true;
+        }
+    };
+    if let Some(files) = files {
+        if let Err(e) = files.write(&result) {
+            eprintln!("jetci: warning: {}", one_line(&format!("{e:#}")));
+        }
+    }
+    let line = if opts.json {
+        json_line(&msg.payload)
+    } else {
+        result_line(&result)
+    };
+    match writeln!(std::io::stdout(), "{line}") {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => false,
+        Err(e) => {
+            eprintln!("jetci: warning: cannot write to stdout: {e}");
+            true
+        }
+    }
+}
+
+/// The payload as one line: as published (jetci publishes compact JSON), or re-serialized when
+/// someone published it pretty-printed.
+fn json_line(payload: &[u8]) -> String {
+    if !payload.contains(&b'\n') {
+        if let Ok(s) = std::str::from_utf8(payload) {
+            return s.to_string();
+        }
+    }
+    serde_json::from_slice::<serde_json::Value>(payload)
+        .map(|v| v.to_string())
+        .unwrap_or_else(|_| String::from_utf8_lossy(payload).replace('\n', " "))
+}
+
+/// One result as one line:
+/// `passed  myrepo  main  1a2b3c4d  run 1  attempt 1  runner r1  1.2s  "first line of summary"`.
+///
+/// A result that did not pass also shows its exit code or signal and its reason. Free text from
+/// the message (branch, runner, summary, reason) is cleaned of control characters so a hostile
+/// commit message cannot drive the terminal.
+pub fn result_line(r: &ResultMsg) -> String {
+    let mut line = format!(
+        "{}  {}  {}  {}  run {}  attempt {}  runner {}  {}",
+        r.status,
+        r.repo,
+        clean(&r.branch, 80),
+        short_sha(&r.sha),
+        r.run,
+        r.attempt,
+        if r.runner.is_empty() {
+            "-".to_string()
+        } else {
+            clean(&r.runner, 64)
+        },
+        format_duration(r.duration_ms),
+    );
+    if r.status != jetci::messages::Status::Passed {
+        if let Some(how) = exit_text(r) {
+            let _ = write!(line, "  {how}");
+        }
+        if let Some(reason) = r.reason.as_deref().filter(|s| !s.trim().is_empty()) {
+            let _ = write!(line, "  reason {:?}", clean(first_line(reason), 120));
+        }
+    }
+    let _ = write!(line, "  {:?}", clean(first_line(&r.summary), 72));
+    line
+}
+
+/// `exit 1`, `signal 9`, or nothing when the command never ran.
+fn exit_text(r: &ResultMsg) -> Option<String> {
+    match (r.exit_code, r.signal) {
+        (_, Some(sig)) => Some(format!("signal {sig}")),
+        (Some(code), None) => Some(format!("exit {code}")),
+        (None, None) => None,
+    }
+}
+
+/// The first 8 hex digits, as `git log --oneline` shows a commit (give or take).
+fn short_sha(sha: &str) -> &str {
+    sha.get(..8).unwrap_or(sha)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("")
+}
+
+/// Replaces control characters with `?` and cuts to `max` characters (marking the cut with `…`).
+fn clean(s: &str, max: usize) -> String {
+    let mut out: String = s
+        .chars()
+        .take(max)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > max {
+        out.push('…');
+    }
+    out
+}
+
+/// Any text on one line: runs of whitespace, newlines included, become one space.
+pub fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// A human duration: `0.3s`, `12.0s`, `2m05s`, `1h02m`.
+pub fn format_duration(ms: u64) -> String {
+    let secs = ms / 1000;
+    if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if secs < 3600 {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    } else {
+        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
+    }
+}
+
+/// The content of a `test_results/<sha>` file: one `key: value` line per fact, a blank line, then
+/// the output tail (the original "500 lines" CI wrote the test output to `test_results/<commit>`).
+pub fn result_file(r: &ResultMsg) -> String {
+    let exit = match (r.exit_code, r.signal) {
+        (_, Some(sig)) => format!("signal {sig}"),
+        (Some(code), None) => format!("exit code {code}"),
+        (None, None) => "-".to_string(),
+    };
+    let mut s = String::new();
+    let _ = writeln!(s, "status: {}", r.status);
+    let _ = writeln!(s, "repo: {}", r.repo);
+    let _ = writeln!(s, "branch: {}", clean(&r.branch, 200));
+    let _ = writeln!(s, "sha: {}", r.sha);
+    let _ = writeln!(s, "run: {}", r.run);
+    let _ = writeln!(s, "attempt: {}", r.attempt);
+    let runner = if r.runner.is_empty() { "-" } else { &r.runner };
+    let _ = writeln!(s, "runner: {}", clean(runner, 64));
+    let _ = writeln!(
+        s,
+        "duration: {} ({} ms)",
+        format_duration(r.duration_ms),
+        r.duration_ms
+    );
+    let _ = writeln!(s, "exit: {exit}");
+    let reason = r.reason.as_deref().map(first_line).unwrap_or("");
+    let _ = writeln!(
+        s,
+        "reason: {}",
+        if reason.is_empty() {
+            "-".to_string()
+        } else {
+            clean(reason, 400)
+        }
+    );
+    let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
+    s.push('\n');
+    s.push_str(&r.output_tail);
+    if !r.output_tail.is_empty() && !r.output_tail.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+/// Reads `repo` and `run` back from the head of a result file.
+fn file_repo_and_run(text: &str) -> (Option<&str>, Option<u32>) {
+    let mut repo = None;
+    let mut run = None;
+    for line in text.lines().take_while(|l| !l.is_empty()) {
+        if let Some(v) = line.strip_prefix("repo: ") {
+            repo = Some(v);
+        } else if let Some(v) = line.strip_prefix("run: ") {
+            run = v.trim().parse().ok();
+        }
+    }
+    (repo, run)
+}
+
+/// True when a result of `repo`/`run` should replace the file whose text is `existing`: the latest
+/// run of a commit wins, so replaying an old run (`--all`) never hides a newer one.
+fn replaces(existing: &str, repo: &str, run: u32) -> bool {
+    match file_repo_and_run(existing) {
+        (Some(r), Some(old)) if r == repo => run >= old,
+        _ => true,
+    }
+}
+
+/// Writes `<dir>/<sha>` files.
+pub struct ResultFiles {
+    dir: PathBuf,
+}
+
+impl ResultFiles {
+    /// Creates `dir` if needed.
+    ///
+    /// Errors: the directory cannot be created.
+    pub fn new(dir: &Path) -> Result<ResultFiles> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create results directory {}", dir.display()))?;
+        Ok(ResultFiles {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Writes the file for one result atomically (a temporary file in the same directory,
+    /// renamed over the old one), so a reader never sees half a file.
+    ///
+    /// Errors: the file cannot be written.
+    pub fn write(&self, r: &ResultMsg) -> Result<()> {
+        // `decode` checked that the sha is 40 hex digits, so it is a safe file name.
+        let path = self.dir.join(&r.sha);
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            if !replaces(&existing, &r.repo, r.run) {
+                return Ok(());
+            }
+        }
+        let context = || format!("cannot write {}", path.display());
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.dir)
+            .with_context(context)?;
+        tmp.write_all(result_file(r).as_bytes())
+            .with_context(context)?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            tmp.as_file()
+                .set_permissions(std::fs::Permissions::from_mode(0o644))
+                .with_context(context)?;
+        }
+        tmp.persist(&path)
+            .map_err(|e| e.error)
+            .with_context(context)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jetci::messages::{Status, VERSION};
+    use time::macros::datetime;
+
+    fn result() -> ResultMsg {
+        let sha = "1a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d".to_string();
+        ResultMsg {
+            v: VERSION,
+            repo: "myrepo".into(),
+            url: "/srv/myrepo".into(),
+            branch: "main".into(),
+            sha: sha.clone(),
+            run: 1,
+            job_id: format!("myrepo.{sha}.1.1"),
+            attempt: 1,
+            runner: "r1".into(),
+            status: Status::Passed,
+            exit_code: Some(0),
+            signal: None,
+            reason: None,
+            started_at: datetime!(2025-01-01 0:00 UTC),
+            finished_at: datetime!(2025-01-01 0:00:01.2 UTC),
+            duration_ms: 1234,
+            output_tail: "Ran 3 tests\n\nOK".into(),
+            log_subject: format!("ci.logs.myrepo.{sha}.1.1"),
+            log_bytes: 15,
+            commit_seq: 7,
+            author: "A <a@x>".into(),
+            summary: "first line of summary\n\nbody".into(),
+            tests: None,
+        }
+    }
+
+    #[test]
+    fn passed_line() {
+        assert_eq!(
+            result_line(&result()),
+            r#"passed  myrepo  main  1a2b3c4d  run 1  attempt 1  runner r1  1.2s  "first line of summary""#
+        );
+    }
+
+    #[test]
+    fn failed_and_error_lines_say_why() {
+        let mut r = result();
+        r.status = Status::Failed;
+        r.exit_code = Some(1);
+        assert!(
+            result_line(&r).contains("1.2s  exit 1  \"first"),
+            "{}",
+            result_line(&r)
+        );
+        r.status = Status::TimedOut;
+        r.exit_code = None;
+        r.signal = Some(9);
+        r.reason = Some("ran past its 10m timeout".into());
+        assert!(result_line(&r).starts_with("timed_out  "));
+        assert!(result_line(&r).contains("signal 9  reason \"ran past its 10m timeout\""));
+        r.status = Status::Error;
+        r.signal = None;
+        r.runner = String::new();
+        assert!(result_line(&r).contains("runner -  "));
+    }
+
+    #[test]
+    fn line_is_safe_for_a_terminal() {
+        let mut r = result();
+        r.branch = "feat/\x1b[31mred".into();
+        r.summary = "say \"hi\"\x07".into();
+        let line = result_line(&r);
+        assert!(!line.chars().any(|c| c.is_control()), "{line:?}");
+        assert!(line.contains("feat/?[31mred"));
+        assert!(line.ends_with(r#""say \"hi\"?""#), "{line}");
+        r.summary = "x".repeat(200);
+        assert!(result_line(&r).ends_with("…\""));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_duration(0), "0.0s");
+        assert_eq!(format_duration(1234), "1.2s");
+        assert_eq!(format_duration(59_949), "59.9s");
+        assert_eq!(format_duration(125_000), "2m05s");
+        assert_eq!(format_duration(3_720_000), "1h02m");
+    }
+
+    #[test]
+    fn file_content() {
+        let r = result();
+        let text = result_file(&r);
+        let expected = format!(
+            "status: passed\nrepo: myrepo\nbranch: main\nsha: {sha}\nrun: 1\nattempt: 1\n\
+             runner: r1\nduration: 1.2s (1234 ms)\nexit: exit code 0\nreason: -\n\
+             log: ci.logs.myrepo.{sha}.1.1 (15 bytes)\n\nRan 3 tests\n\nOK\n",
+            sha = r.sha
+        );
+        assert_eq!(text, expected);
+        let mut r = result();
+        r.status = Status::Error;
+        r.exit_code = None;
+        r.reason = Some("checkout failed: no such commit\nmore".into());
+        r.output_tail = String::new();
+        let text = result_file(&r);
+        assert!(text.contains("\nexit: -\nreason: checkout failed: no such commit\n"));
+        assert!(text.ends_with("bytes)\n\n"));
+    }
+
+    #[test]
+    fn latest_run_wins() {
+        let mut r = result();
+        r.run = 3;
+        let existing = result_file(&r);
+        assert_eq!(file_repo_and_run(&existing), (Some("myrepo"), Some(3)));
+        assert!(!replaces(&existing, "myrepo", 2));
+        assert!(replaces(&existing, "myrepo", 3));
+        assert!(replaces(&existing, "myrepo", 4));
+        assert!(replaces(&existing, "other", 1));
+        assert!(replaces("garbage", "myrepo", 1));
+        // A summary line in the output tail is not mistaken for the header.
+        r.output_tail = "run: 99\n".into();
+        assert_eq!(file_repo_and_run(&result_file(&r)).1, Some(3));
+    }
+
+    #[test]
+    fn files_are_written_atomically_and_latest_run_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ResultFiles::new(&dir.path().join("test_results")).unwrap();
+        let mut r = result();
+        r.run = 2;
+        files.write(&r).unwrap();
+        r.run = 1;
+        r.status = Status::Failed;
+        files.write(&r).unwrap();
+        let path = dir.path().join("test_results").join(&r.sha);
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(text.starts_with("status: passed\n"), "{text}");
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("test_results"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "no temporary files left: {names:?}");
+    }
+
+    #[test]
+    fn json_lines_stay_one_line() {
+        assert_eq!(json_line(br#"{"a":1}"#), r#"{"a":1}"#);
+        assert_eq!(json_line(b"{\n \"a\": 1\n}"), r#"{"a":1}"#);
+        assert_eq!(json_line(b"not\njson"), "not json");
+    }
+}
