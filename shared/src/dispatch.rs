@@ -17,6 +17,8 @@ pub enum Decision {
     Assign { attempt: u32 },
     /// Attempts are used up: publish a final `error` result.
     GiveUp { attempts: u32 },
+    /// A user cancelled the job and no live runner holds it: publish a final `cancelled` result.
+    Cancel,
 }
 
 /// Decides from the `ci-jobs` state and the age of its last write (the runner's last heartbeat,
@@ -33,12 +35,16 @@ pub fn decide(
     let Some(s) = state else {
         return Decision::Assign { attempt: 1 };
     };
+    let alive = age < lease;
     match s.phase {
         JobPhase::Final => Decision::Done,
+        // A live runner sees the cancel request in its next heartbeat and reports `cancelled`.
+        JobPhase::Assigned | JobPhase::Running if s.cancel.is_some() && alive => Decision::Adopt,
+        _ if s.cancel.is_some() => Decision::Cancel,
         JobPhase::Queued => Decision::Assign {
             attempt: s.attempt + 1,
         },
-        JobPhase::Assigned | JobPhase::Running if age < lease => Decision::Adopt,
+        JobPhase::Assigned | JobPhase::Running if alive => Decision::Adopt,
         JobPhase::Assigned | JobPhase::Running => {
             if s.attempt >= max_attempts {
                 Decision::GiveUp {
@@ -113,6 +119,7 @@ mod tests {
             labels: vec![],
             status: None,
             reason: None,
+            cancel: None,
             updated_at: now(),
         }
     }
@@ -150,6 +157,14 @@ mod tests {
             decide(Some(&state(JobPhase::Queued, 0)), stale, lease, 3),
             Decision::Assign { attempt: 1 }
         );
+        let mut cancelled = state(JobPhase::Running, 1);
+        cancelled.cancel = Some("by a user".into());
+        assert_eq!(decide(Some(&cancelled), fresh, lease, 3), Decision::Adopt);
+        assert_eq!(decide(Some(&cancelled), stale, lease, 3), Decision::Cancel);
+        cancelled.phase = JobPhase::Queued;
+        assert_eq!(decide(Some(&cancelled), fresh, lease, 3), Decision::Cancel);
+        cancelled.phase = JobPhase::Final;
+        assert_eq!(decide(Some(&cancelled), fresh, lease, 3), Decision::Done);
     }
 
     #[test]

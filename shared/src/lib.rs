@@ -9,6 +9,7 @@
 //! - [`results`]: first-writer-wins publishing of final results;
 //! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
+//! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
 
 pub mod connect;
@@ -22,3 +23,4 @@ pub mod results;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;
+pub mod test_report;

@@ -359,8 +359,74 @@ pub struct JobState {
     /// Why the job waits or failed.
     #[serde(default)]
     pub reason: Option<String>,
+    /// Set by `jetci cancel` (who asked, and when): the runner stops the command and reports
+    /// `cancelled`; a dispatcher gives a job that is not running a `cancelled` result.
+    #[serde(default)]
+    pub cancel: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+}
+
+impl JobState {
+    /// A fresh state for a commit that no dispatcher has assigned yet.
+    pub fn queued(commit: &CommitMsg) -> JobState {
+        JobState {
+            v: VERSION,
+            repo: commit.repo.clone(),
+            branch: commit.branch.clone(),
+            sha: commit.sha.clone(),
+            run: commit.run,
+            phase: JobPhase::Queued,
+            attempt: 0,
+            runner: None,
+            job_seq: None,
+            labels: commit.labels.clone(),
+            status: None,
+            reason: None,
+            cancel: None,
+            updated_at: now(),
+        }
+    }
+}
+
+impl ResultMsg {
+    /// A final result given without running the command (cancelled before it started, or given
+    /// up after lost runners): no runner, no output, zero duration.
+    pub fn without_run(
+        names: &crate::subjects::Names,
+        commit: &CommitMsg,
+        commit_seq: u64,
+        attempt: u32,
+        status: Status,
+        reason: String,
+    ) -> ResultMsg {
+        let at = now();
+        ResultMsg {
+            v: VERSION,
+            repo: commit.repo.clone(),
+            url: commit.url.clone(),
+            branch: commit.branch.clone(),
+            sha: commit.sha.clone(),
+            run: commit.run,
+            job_id: job_id(&commit.repo, &commit.sha, commit.run, attempt),
+            attempt,
+            runner: String::new(),
+            status,
+            exit_code: None,
+            signal: None,
+            reason: Some(reason),
+            started_at: at,
+            finished_at: at,
+            duration_ms: 0,
+            output_tail: String::new(),
+            log_subject: names.logs_subject(&commit.repo, &commit.sha, commit.run, attempt),
+            log_bytes: 0,
+            commit_seq,
+            author: commit.author.clone(),
+            summary: commit.summary.clone(),
+            tests: None,
+        }
+    }
 }
 
 impl Wire for JobState {

@@ -30,7 +30,6 @@ use jetci::messages::{
 };
 use jetci::results::{final_result, publish_final};
 use jetci::streams::{watch_bucket, Streams};
-use jetci::subjects::job_id;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -226,11 +225,12 @@ impl Dispatcher {
                 return;
             }
         };
+        let cancel_held = state.state.cancel.is_some() && self.held.contains_key(&key);
         match state.state.phase {
             JobPhase::Assigned | JobPhase::Running => {
                 if let Some(runner) = state.state.runner.clone() {
                     self.active.insert(
-                        key,
+                        key.clone(),
                         Active {
                             runner,
                             revision: state.revision,
@@ -251,6 +251,10 @@ impl Dispatcher {
             JobPhase::Queued => {
                 self.active.remove(&key);
             }
+        }
+        if cancel_held {
+            // A cancel request for a commit this dispatcher holds: a waiting job ends now.
+            self.advance(&key).await;
         }
     }
 
@@ -342,6 +346,21 @@ impl Dispatcher {
             }
             Decision::Assign { attempt } => self.assign(key, current, attempt).await,
             Decision::GiveUp { attempts } => self.give_up(key, current, attempts).await,
+            Decision::Cancel => {
+                let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
+                let who = current
+                    .as_ref()
+                    .and_then(|c| c.state.cancel.clone())
+                    .unwrap_or_default();
+                self.finish_without_run(
+                    key,
+                    current,
+                    attempt,
+                    Status::Cancelled,
+                    format!("cancelled {who}"),
+                )
+                .await;
+            }
         }
     }
 
@@ -468,58 +487,50 @@ impl Dispatcher {
 
     /// After `attempts` lost runners: the run's final result is `error`.
     async fn give_up(&mut self, key: &str, current: Option<Versioned>, attempts: u32) {
-        let Some(held) = self.held.get(key) else {
-            return;
-        };
-        let commit = held.commit.clone();
-        let previous = current.as_ref().map(|c| c.state.clone());
-        let runner = previous
+        let runner = current
             .as_ref()
-            .and_then(|s| s.runner.clone())
+            .and_then(|c| c.state.runner.clone())
             .unwrap_or_default();
         let reason = format!(
             "runner {runner} stopped heartbeating on attempt {attempts} of {}; giving up",
             self.settings.max_attempts
         );
-        let now = messages::now();
-        let result = ResultMsg {
-            v: VERSION,
-            repo: commit.repo.clone(),
-            url: commit.url.clone(),
-            branch: commit.branch.clone(),
-            sha: commit.sha.clone(),
-            run: commit.run,
-            job_id: job_id(&commit.repo, &commit.sha, commit.run, attempts),
-            attempt: attempts,
-            runner: String::new(),
-            status: Status::Error,
-            exit_code: None,
-            signal: None,
-            reason: Some(reason.clone()),
-            started_at: now,
-            finished_at: now,
-            duration_ms: 0,
-            output_tail: String::new(),
-            log_subject: self.nats.names.logs_subject(
-                &commit.repo,
-                &commit.sha,
-                commit.run,
-                attempts,
-            ),
-            log_bytes: 0,
-            commit_seq: held.seq,
-            author: commit.author.clone(),
-            summary: commit.summary.clone(),
-            tests: None,
+        self.finish_without_run(key, current, attempts, Status::Error, reason)
+            .await;
+    }
+
+    /// Gives the run a final result without a runner (given up, or cancelled while not
+    /// running): the result first, then the state, then the commit's ack, so a crash in between
+    /// leaves a result and never a closed commit without one (I1).
+    async fn finish_without_run(
+        &mut self,
+        key: &str,
+        current: Option<Versioned>,
+        attempt: u32,
+        status: Status,
+        reason: String,
+    ) {
+        let Some(held) = self.held.get(key) else {
+            return;
         };
+        let commit = held.commit.clone();
+        let result = ResultMsg::without_run(
+            &self.nats.names,
+            &commit,
+            held.seq,
+            attempt,
+            status,
+            reason.clone(),
+        );
         if let Err(e) = publish_final(&self.nats, &result).await {
-            tracing::warn!(%key, error = %e, "cannot publish the error result; trying again next beat");
+            tracing::warn!(%key, error = %e, "cannot publish the final result; trying again next beat");
             return;
         }
-        tracing::warn!(%key, %reason, "run given up");
+        tracing::warn!(%key, %status, %reason, "run finished without a runner");
+        let previous = current.as_ref().map(|c| c.state.clone());
         let mut state = state_for(&commit, previous.as_ref());
         state.phase = JobPhase::Final;
-        state.status = Some(Status::Error);
+        state.status = Some(status);
         state.reason = Some(reason);
         let _ = job_state::write(
             &self.streams.job_states,
@@ -671,21 +682,9 @@ impl Dispatcher {
 
 /// A job state for `commit`, carried over from `previous` where there is one.
 fn state_for(commit: &CommitMsg, previous: Option<&JobState>) -> JobState {
-    let mut s = previous.cloned().unwrap_or_else(|| JobState {
-        v: VERSION,
-        repo: commit.repo.clone(),
-        branch: commit.branch.clone(),
-        sha: commit.sha.clone(),
-        run: commit.run,
-        phase: JobPhase::Queued,
-        attempt: 0,
-        runner: None,
-        job_seq: None,
-        labels: commit.labels.clone(),
-        status: None,
-        reason: None,
-        updated_at: messages::now(),
-    });
+    let mut s = previous
+        .cloned()
+        .unwrap_or_else(|| JobState::queued(commit));
     s.updated_at = messages::now();
     s
 }

@@ -3,6 +3,7 @@
 //! Thin by design (STYLE.md): argument parsing here, the subcommands in their own modules
 //! (`up`, `results`), everything shared with the other processes in the `jetci` library crate.
 
+mod jobs;
 mod local_nats;
 mod procs;
 mod results;
@@ -42,6 +43,9 @@ Examples:
   jetci up --runners 4 https://host/x.git    watch a remote repository with four runners
   jetci tail                                 print new results as they arrive
   jetci tail --all --write-dir test_results  every stored result, also written to files
+  jetci logs myproject 1a2b3c4d -f           follow a job's output live
+  jetci cancel myproject 1a2b3c4d            stop a queued or running job
+  jetci rerun myproject 1a2b3c4d             test a commit again as a new run
   jetci -s nats://ci.example:4222 tail --json | jq .status";
 
 #[derive(Parser, Debug)]
@@ -76,6 +80,35 @@ enum Cmd {
     /// Reads the results stream, so it works from any machine that reaches NATS. Without --all
     /// only new results are shown; --json prints each result's JSON message instead.
     Tail(TailArgs),
+    /// Print a job's output (the latest run's); -f follows it live until the result.
+    Logs(LogsArgs),
+    /// Stop a queued or running job; its result is `cancelled`.
+    Cancel(jobs::CommitRef),
+    /// Test a commit again, as a new run with its own result.
+    Rerun(RerunArgs),
+}
+
+/// `jetci logs` flags.
+#[derive(clap::Args, Debug)]
+struct LogsArgs {
+    #[command(flatten)]
+    commit: jobs::CommitRef,
+    /// Attempt (default: the one that gave the result, or the current one).
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// Keep printing new output until the run has its result.
+    #[arg(short, long)]
+    follow: bool,
+}
+
+/// `jetci rerun` flags.
+#[derive(clap::Args, Debug)]
+struct RerunArgs {
+    #[command(flatten)]
+    commit: jobs::CommitRef,
+    /// Return once the run is queued instead of waiting for its result.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 /// `jetci tail` flags.
@@ -126,7 +159,41 @@ async fn run(cli: Cli, quiet_default: bool) -> Result<()> {
             _ = shutdown.token.cancelled() => Ok(()),
             r = tail(args, &cli.connect, &shutdown) => r,
         },
+        Cmd::Logs(args) => {
+            let (nats, streams) = connect(&cli.connect, "jetci-logs").await?;
+            let target = jobs::resolve(&nats, &streams, &args.commit).await?;
+            jobs::logs(
+                &nats,
+                &streams,
+                &target,
+                args.attempt,
+                args.follow,
+                &shutdown.token,
+            )
+            .await
+        }
+        Cmd::Cancel(commit) => {
+            let (nats, streams) = connect(&cli.connect, "jetci-cancel").await?;
+            let target = jobs::resolve(&nats, &streams, commit).await?;
+            jobs::cancel(&nats, &streams, &target).await
+        }
+        Cmd::Rerun(args) => {
+            let (nats, streams) = connect(&cli.connect, "jetci-rerun").await?;
+            let target = jobs::resolve(&nats, &streams, &args.commit).await?;
+            jobs::rerun(&nats, &streams, &target, !args.no_wait).await
+        }
     }
+}
+
+async fn connect(
+    connect: &ConnectArgs,
+    name: &str,
+) -> Result<(jetci::connect::Nats, jetci::streams::Streams)> {
+    let nats = connect.connect(name).await?;
+    let streams = jetci::streams::setup(&nats)
+        .await
+        .context("cannot set up jetci's streams")?;
+    Ok((nats, streams))
 }
 
 async fn tail(args: &TailArgs, connect: &ConnectArgs, shutdown: &Shutdown) -> Result<()> {

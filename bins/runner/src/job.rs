@@ -17,10 +17,13 @@ use async_nats::jetstream::{self, AckKind};
 use jetci::connect::Nats;
 use jetci::git::Mirror;
 use jetci::job_state::{self, StateError};
-use jetci::messages::{self, decode, JobMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
+use jetci::messages::{
+    self, decode, JobMsg, JobPhase, JobState, ResultMsg, Status, TestCounts, VERSION,
+};
 use jetci::repo_config::{RepoConfig, FILE_NAME};
 use jetci::results::{publish_final, publish_superseded, Published};
 use jetci::streams::Streams;
+use jetci::test_report::{read_junit, OutputScanner};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -69,6 +72,8 @@ enum Stop {
     Superseded,
     /// The runner is shutting down in a hurry: hand the job back (no result, no ack).
     HandBack,
+    /// A user cancelled it (`jetci cancel`): stop the command, report `cancelled`.
+    Cancel,
 }
 
 impl Runner {
@@ -175,7 +180,7 @@ impl Runner {
                 self.record_superseded(&result).await;
                 let _ = msg.double_ack().await;
             }
-            None => {
+            None | Some(Stop::Cancel) => {
                 self.deliver(&result, heartbeat).await;
                 let _ = msg.double_ack().await;
             }
@@ -219,7 +224,9 @@ impl Runner {
     }
 
     /// Every `heartbeat`: extend the job message's deadline and rewrite the job state (the
-    /// dispatcher's proof of life). A write that loses to another attempt stops the job.
+    /// dispatcher's proof of life). A state that names another attempt stops the job as
+    /// superseded; a cancel request stops the command. The task runs until the caller aborts it
+    /// after the result is out, so the lease holds while the result is on its way.
     async fn heartbeat(
         self: Arc<Self>,
         job: JobMsg,
@@ -233,10 +240,7 @@ impl Runner {
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => return,
-            }
+            tick.tick().await;
             let _ = msg.ack_with(AckKind::Progress).await;
             let current = match job_state::read(store, &key).await {
                 Ok(c) => c,
@@ -255,6 +259,13 @@ impl Runner {
                 stop.cancel();
                 return;
             };
+            if let Some(who) = &current.state.cancel {
+                if !stop.is_cancelled() {
+                    tracing::info!(job = %job.job_id(), who = %who, "job cancelled; stopping its command");
+                    reason.lock().expect("lock").get_or_insert(Stop::Cancel);
+                    stop.cancel();
+                }
+            }
             if current.revision != revision {
                 tracing::debug!(job = %job.job_id(), "job state was rewritten by a dispatcher; following it");
             }
@@ -312,10 +323,16 @@ impl Runner {
                 result.reason = Some(format!("{e:#}"));
                 result.output_tail = format!("jetci: {e:#}\n");
             }
-            Ok((spec, _)) => {
+            Ok((spec, config)) => {
                 let mut sink = LogSink::start(&self.nats, log_subject, self.log_cap);
-                let outcome = exec::run(&spec, &mut |b: &[u8]| sink.write(b), stop).await;
+                let mut scanner = OutputScanner::new();
+                let mut output = |b: &[u8]| {
+                    sink.write(b);
+                    scanner.feed(b);
+                };
+                let outcome = exec::run(&spec, &mut output, stop).await;
                 sink.finish(Duration::from_secs(10)).await;
+                result.tests = test_counts(&result.job_id, &spec.dir, &config.junit, scanner).await;
                 match outcome {
                     Err(e) => {
                         result.reason = Some(format!("cannot start `sh -c {}`: {e}", spec.command))
@@ -479,6 +496,7 @@ impl Runner {
                                 labels: vec![],
                                 status: None,
                                 reason: None,
+                                cancel: None,
                                 updated_at: messages::now(),
                             });
                     next.phase = JobPhase::Final;
@@ -534,6 +552,31 @@ impl Runner {
             let _ = tokio::fs::remove_file(&path).await;
         }
     }
+}
+
+/// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
+/// else the unittest or pytest summary found in the output. An unreadable report is logged and
+/// never changes the job's status.
+async fn test_counts(
+    job_id: &str,
+    checkout: &Path,
+    junit: &[String],
+    scanner: OutputScanner,
+) -> Option<TestCounts> {
+    if !junit.is_empty() {
+        let (dir, globs) = (checkout.to_path_buf(), junit.to_vec());
+        match tokio::task::spawn_blocking(move || read_junit(&dir, &globs)).await {
+            Ok(Ok(Some(counts))) => return Some(counts),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(job = %job_id, error = %e, "cannot read a JUnit report; counting from the output")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "JUnit reading failed; counting from the output")
+            }
+        }
+    }
+    scanner.finish()
 }
 
 /// Maps how the command ended to the result's status, exit code, signal and reason.

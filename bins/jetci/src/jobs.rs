@@ -1,0 +1,422 @@
+//! Commands on one commit's jobs: `jetci logs`, `jetci cancel`, `jetci rerun`.
+//!
+//! A commit is named by its repository (the observer's `--name`, or a path whose last component
+//! gives it) and its id (full, or a prefix unique among the commits jetci knows). Its runs are
+//! numbered from 1 with no gaps, so the latest run is found by probing `ci-jobs` and
+//! `CI_RESULTS` for run 1, 2, ... until neither knows one.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use futures::StreamExt;
+use jetci::connect::Nats;
+use jetci::job_state::{self, StateError};
+use jetci::messages::{
+    self, decode, encode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION,
+};
+use jetci::results::{final_result, publish_final, Published};
+use jetci::shutdown::CancellationToken;
+use jetci::streams::Streams;
+use jetci::subjects::{is_token, repo_slug, run_key};
+
+use crate::results::result_line;
+
+/// Which commit a command is about.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommitRef {
+    /// Repository name as jetci shows it (or the repository's path).
+    pub repo: String,
+    /// Commit id: full, or a prefix of at least 4 characters.
+    pub sha: String,
+    /// Run number (default: the latest).
+    #[arg(long)]
+    pub run: Option<u32>,
+}
+
+/// A resolved commit: repository slug, full id, run.
+pub struct Target {
+    pub repo: String,
+    pub sha: String,
+    pub run: u32,
+}
+
+impl Target {
+    fn key(&self) -> String {
+        run_key(&self.repo, &self.sha, self.run)
+    }
+}
+
+/// Resolves a [`CommitRef`]: the repository slug, the full commit id, and the run (latest when
+/// not given). Errors name what was not found.
+pub async fn resolve(nats: &Nats, streams: &Streams, r: &CommitRef) -> Result<Target> {
+    let repo = if is_token(&r.repo) {
+        r.repo.clone()
+    } else {
+        repo_slug(&r.repo)
+    };
+    let sha = full_sha(nats, streams, &repo, &r.sha.to_ascii_lowercase()).await?;
+    let run = match r.run {
+        Some(0) => bail!("--run starts at 1"),
+        Some(n) => n,
+        None => {
+            let latest = latest_run(nats, streams, &repo, &sha).await?;
+            if latest == 0 {
+                bail!("jetci has no job for commit {sha} of repository {repo} yet (names are as `jetci tail` shows them)");
+            }
+            latest
+        }
+    };
+    Ok(Target { repo, sha, run })
+}
+
+async fn full_sha(nats: &Nats, streams: &Streams, repo: &str, sha: &str) -> Result<String> {
+    if !sha.bytes().all(|b| b.is_ascii_hexdigit()) || sha.len() < 4 || sha.len() > 40 {
+        bail!("{sha:?} is not a commit id (4 to 40 hex digits)");
+    }
+    if sha.len() == 40 {
+        return Ok(sha.to_string());
+    }
+    let prefix = format!("{repo}.{sha}");
+    let mut keys = streams
+        .job_states
+        .keys()
+        .await
+        .context("cannot list jobs")?;
+    let mut found: Vec<String> = Vec::new();
+    while let Some(key) = keys.next().await {
+        let Ok(key) = key else { continue };
+        if let Some(rest) = key.strip_prefix(&prefix) {
+            let full = format!("{sha}{}", rest.split('.').next().unwrap_or(""));
+            if !found.contains(&full) {
+                found.push(full);
+            }
+        }
+    }
+    for c in queued_commits(nats, streams, repo).await {
+        if c.sha.starts_with(sha) && !found.contains(&c.sha) {
+            found.push(c.sha);
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => bail!("no commit of repository {repo} starts with {sha}"),
+        n => bail!("{sha} is ambiguous in repository {repo}: {n} commits start with it"),
+    }
+}
+
+/// The highest run number jetci knows for the commit, 0 if none: from job states and results,
+/// and from `CI_COMMITS` for runs no dispatcher has taken yet.
+async fn latest_run(nats: &Nats, streams: &Streams, repo: &str, sha: &str) -> Result<u32> {
+    let mut run = 0;
+    loop {
+        let next = run + 1;
+        let state = job_state::read(&streams.job_states, &run_key(repo, sha, next)).await?;
+        let result = final_result(nats, &streams.results, repo, sha, next).await?;
+        if state.is_none() && result.is_none() {
+            break;
+        }
+        run = next;
+    }
+    let queued = queued_commits(nats, streams, repo).await;
+    Ok(queued
+        .iter()
+        .filter(|c| c.sha == sha)
+        .map(|c| c.run)
+        .fold(run, u32::max))
+}
+
+/// `jetci logs`: prints a job's output; with `follow`, live until the run has its result.
+pub async fn logs(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    attempt: Option<u32>,
+    follow: bool,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let state = job_state::read(&streams.job_states, &t.key()).await?;
+    let result = final_result(nats, &streams.results, &t.repo, &t.sha, t.run).await?;
+    let attempt = attempt
+        .or_else(|| {
+            result
+                .as_ref()
+                .filter(|r| !r.runner.is_empty())
+                .map(|r| r.attempt)
+        })
+        .or_else(|| state.as_ref().map(|s| s.state.attempt).filter(|a| *a > 0))
+        .context("the job has not started yet: no log so far")?;
+    let subject = nats.names.logs_subject(&t.repo, &t.sha, t.run, attempt);
+    let config = pull::Config {
+        filter_subject: subject.clone(),
+        deliver_policy: DeliverPolicy::All,
+        ack_policy: AckPolicy::None,
+        inactive_threshold: Duration::from_secs(60),
+        memory_storage: true,
+        ..Default::default()
+    };
+    let consumer = streams
+        .logs
+        .create_consumer(config)
+        .await
+        .context("cannot read the logs stream")?;
+    let mut pending = consumer.cached_info().num_pending;
+    let mut out = std::io::stdout().lock();
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(64)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(10))
+        .messages()
+        .await
+        .context("cannot read the logs stream")?;
+    loop {
+        if pending == 0
+            && (!follow
+                || final_result(nats, &streams.results, &t.repo, &t.sha, t.run)
+                    .await?
+                    .is_some())
+        {
+            // Everything stored is printed; when following, the run is also over (the runner
+            // stores the log before it publishes the result).
+            break;
+        }
+        let next = tokio::select! {
+            _ = stop.cancelled() => break,
+            n = tokio::time::timeout(Duration::from_millis(500), messages.next()) => n,
+        };
+        match next {
+            Ok(Some(Ok(msg))) => {
+                out.write_all(&msg.payload)
+                    .context("cannot write to stdout")?;
+                out.flush().ok();
+                pending = msg.info().map(|i| i.pending).unwrap_or(0);
+            }
+            Ok(Some(Err(e))) => tracing::warn!(error = %e, "reading the log failed; going on"),
+            Ok(None) => break,
+            Err(_) => {} // nothing new for a moment: check whether the run is over
+        }
+    }
+    Ok(())
+}
+
+/// `jetci cancel`: stops a queued or running job; its result is `cancelled`.
+pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
+    let who = format!(
+        "by {} on {} at {}",
+        std::env::var("USER").unwrap_or_else(|_| "someone".into()),
+        hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        messages::now()
+    );
+    let key = t.key();
+    loop {
+        let current = job_state::read(&streams.job_states, &key).await?;
+        let phase = current.as_ref().map(|c| c.state.phase);
+        match phase {
+            Some(JobPhase::Final) => {
+                let status = current
+                    .and_then(|c| c.state.status)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                bail!(
+                    "nothing to cancel: run {} of {} already finished ({status})",
+                    t.run,
+                    t.sha
+                );
+            }
+            Some(JobPhase::Assigned) | Some(JobPhase::Running) => {
+                // The runner sees this in its next heartbeat and stops the command.
+                let c = current.expect("phase came from it");
+                let mut next = c.state.clone();
+                next.cancel = Some(who.clone());
+                next.updated_at = messages::now();
+                match job_state::write(&streams.job_states, &key, &next, Some(c.revision)).await {
+                    Ok(_) => break,
+                    Err(StateError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            None | Some(JobPhase::Queued) => {
+                // Not on a runner: the verdict can be given here. Result first (first writer
+                // wins), then the state; a dispatcher that holds or later takes the commit finds
+                // the result and closes it.
+                let commit = match find_commit(nats, streams, t).await? {
+                    Some(c) => c,
+                    None => match &current {
+                        Some(c) => commit_from_state(&c.state),
+                        None => bail!(
+                            "jetci has no job for run {} of {} in {}",
+                            t.run,
+                            t.sha,
+                            t.repo
+                        ),
+                    },
+                };
+                let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
+                let result = ResultMsg::without_run(
+                    &nats.names,
+                    &commit,
+                    0,
+                    attempt,
+                    Status::Cancelled,
+                    format!("cancelled {who}"),
+                );
+                if publish_final(nats, &result).await? == Published::AlreadyPublished {
+                    break;
+                }
+                let mut state = current
+                    .as_ref()
+                    .map(|c| c.state.clone())
+                    .unwrap_or_else(|| JobState::queued(&commit));
+                state.phase = JobPhase::Final;
+                state.status = Some(Status::Cancelled);
+                state.cancel = Some(who.clone());
+                state.updated_at = messages::now();
+                match job_state::write(
+                    &streams.job_states,
+                    &key,
+                    &state,
+                    current.map(|c| c.revision),
+                )
+                .await
+                {
+                    Ok(_) => break,
+                    // A dispatcher assigned it meanwhile: the runner must stop it too.
+                    Err(StateError::Conflict) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    println!(
+        "cancel requested for run {} of {} in {}",
+        t.run, t.sha, t.repo
+    );
+    let result = wait_result(nats, streams, t, Duration::from_secs(60)).await?;
+    println!("{}", result_line(&result));
+    Ok(())
+}
+
+/// `jetci rerun`: tests the commit again as a new run with its own result.
+pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Result<()> {
+    let last = final_result(nats, &streams.results, &t.repo, &t.sha, t.run)
+        .await?
+        .with_context(|| {
+            format!(
+                "run {} of {} has no result yet; rerun a finished run",
+                t.run, t.sha
+            )
+        })?;
+    let labels = job_state::read(&streams.job_states, &t.key())
+        .await?
+        .map(|s| s.state.labels)
+        .unwrap_or_default();
+    let latest = latest_run(nats, streams, &t.repo, &t.sha).await?;
+    let commit = CommitMsg {
+        v: VERSION,
+        repo: t.repo.clone(),
+        url: last.url.clone(),
+        branch: last.branch.clone(),
+        sha: t.sha.clone(),
+        run: latest + 1,
+        labels,
+        author: last.author.clone(),
+        summary: last.summary.clone(),
+        published_at: messages::now(),
+    };
+    let ack = nats
+        .js
+        .send_publish(
+            nats.names.commits_subject(&t.repo),
+            PublishMessage::build()
+                .payload(encode(&commit))
+                .message_id(commit.key()),
+        )
+        .await
+        .context("cannot queue the rerun")?
+        .await
+        .context("cannot queue the rerun")?;
+    if ack.duplicate {
+        bail!("run {} of {} is already queued", commit.run, t.sha);
+    }
+    println!("queued run {} of {} in {}", commit.run, t.sha, t.repo);
+    if wait {
+        let target = Target {
+            repo: t.repo.clone(),
+            sha: t.sha.clone(),
+            run: commit.run,
+        };
+        let result = wait_result(nats, streams, &target, Duration::from_secs(24 * 3600)).await?;
+        println!("{}", result_line(&result));
+    }
+    Ok(())
+}
+
+/// The commit message of the run, if it is still in `CI_COMMITS` (not yet closed).
+async fn find_commit(nats: &Nats, streams: &Streams, t: &Target) -> Result<Option<CommitMsg>> {
+    let queued = queued_commits(nats, streams, &t.repo).await;
+    Ok(queued
+        .into_iter()
+        .find(|c| c.sha == t.sha && c.run == t.run))
+}
+
+/// The repository's commits still in `CI_COMMITS` (waiting, or held by a dispatcher), read
+/// without a consumer so the work queue is not disturbed.
+async fn queued_commits(nats: &Nats, streams: &Streams, repo: &str) -> Vec<CommitMsg> {
+    let subject = nats.names.commits_subject(repo);
+    let mut found = Vec::new();
+    let mut seq = 1;
+    while let Ok(raw) = streams
+        .commits
+        .get_first_raw_message_by_subject(&subject, seq)
+        .await
+    {
+        seq = raw.sequence + 1;
+        if let Ok(c) = decode::<CommitMsg>(&raw.payload) {
+            found.push(c);
+        }
+    }
+    found
+}
+
+fn commit_from_state(s: &JobState) -> CommitMsg {
+    CommitMsg {
+        v: VERSION,
+        repo: s.repo.clone(),
+        url: String::new(),
+        branch: s.branch.clone(),
+        sha: s.sha.clone(),
+        run: s.run,
+        labels: s.labels.clone(),
+        author: String::new(),
+        summary: String::new(),
+        published_at: messages::now(),
+    }
+}
+
+async fn wait_result(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    bound: Duration,
+) -> Result<ResultMsg> {
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        if let Some(r) = final_result(nats, &streams.results, &t.repo, &t.sha, t.run).await? {
+            return Ok(r);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "no result for run {} of {} within {}",
+                t.run,
+                t.sha,
+                humantime::format_duration(bound)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
