@@ -4,7 +4,8 @@
 //! a bare mirror it fetches on every poll. The runner keeps one bare [`Mirror`] per repository,
 //! fetched only when a job's commit is missing, and checks each job's commit out of it into a
 //! fresh directory (libgit2's checkout `target_directory`), so a job costs one checkout, not a
-//! clone.
+//! clone. Submodules are checked out the same way, each from its own mirror beside the others
+//! ([`Mirror::checkout`]).
 
 use std::path::{Path, PathBuf};
 
@@ -225,28 +226,56 @@ fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> 
         opts.prune(git2::FetchPrune::On);
     }
     opts.download_tags(git2::AutotagOption::All);
-    remote
-        .fetch(
-            &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-            Some(&mut opts),
-            None,
-        )
-        .map_err(err(format!("cannot fetch {url}")))
+    let refspecs = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+    match remote.fetch(&refspecs, Some(&mut opts), None) {
+        // Another process updating the same refs holds their lock files for a moment: one retry
+        // (see [`Mirror`]'s "Concurrency"; within a process a mutex prevents this).
+        Err(e) if e.code() == git2::ErrorCode::Locked => {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            remote.fetch(&refspecs, Some(&mut opts), None)
+        }
+        other => other,
+    }
+    .map_err(err(format!("cannot fetch {url}")))
 }
 
+/// How deep submodules may nest (a submodule of a submodule is depth 2). Real projects stay far
+/// below this; the cap turns a pathological chain of repositories into an error, not a hang.
+pub const MAX_SUBMODULE_DEPTH: usize = 8;
+
 /// A runner's bare copy of one repository, fetched only when a job needs a commit it lacks.
+///
+/// Every mirror of a runner lives under one root, named by its URL ([`Mirror::path_for`]), so
+/// the mirror of a submodule is found the same way as any other and is shared by every
+/// superproject that uses it.
+///
+/// # Concurrency
+///
+/// The runner serializes the jobs of one *superproject* with its own async lock, but the same
+/// submodule can be needed by two jobs of different superprojects at once, and libgit2 fails a
+/// fetch whose ref lock files another fetch holds. So within a process every mirror path has one
+/// `std::sync::Mutex` ([`path_lock`]), held while the mirror is created and while it fetches;
+/// reading (checkout) needs no lock, because git objects are immutable and new packs appear
+/// atomically. Two *processes* sharing one mirror root is not a supported set-up (each runner has
+/// its own `--work-dir`), but a fetch that still meets a held lock file is retried once.
 pub struct Mirror {
     repo: Repository,
     url: String,
+    path: PathBuf,
+    root: PathBuf,
 }
 
 impl Mirror {
     /// Opens (or creates) the mirror of `url` under `root`.
     pub fn open(url: &str, root: &Path) -> Result<Mirror, GitError> {
         let path = Mirror::path_for(url, root);
+        let lock = path_lock(&path);
+        let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(Mirror {
             repo: open_or_init_bare(&path)?,
             url: url.to_string(),
+            path,
+            root: root.to_path_buf(),
         })
     }
 
@@ -264,7 +293,14 @@ impl Mirror {
         if self.repo.find_commit(oid).is_ok() {
             return Ok(oid);
         }
-        fetch_all(&self.repo, &self.url, false)?;
+        {
+            let lock = path_lock(&self.path);
+            let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Another job may have fetched it while this one waited for the lock.
+            if self.repo.find_commit(oid).is_err() {
+                fetch_all(&self.repo, &self.url, false)?;
+            }
+        }
         self.repo
             .find_commit(oid)
             .map(|c| c.id())
@@ -277,8 +313,33 @@ impl Mirror {
             })
     }
 
-    /// Writes the tree of commit `oid` into the empty directory `dest` (no `.git` inside).
+    /// Writes the tree of commit `oid` into the empty directory `dest` (no `.git` inside), then
+    /// the tree of every submodule into its path, recursively: each job sees what
+    /// `git clone --recurse-submodules` would give it.
+    ///
+    /// A submodule is a gitlink entry (a commit id) in the tree plus its `submodule.<name>.path`
+    /// and `.url` in the *same commit's* `.gitmodules`. Its URL is resolved like git does
+    /// ([`resolve_submodule_url`]: `./` and `../` are relative to this mirror's URL), its commit
+    /// is fetched into that URL's mirror under the same root when missing, and its tree is
+    /// checked out (again without `.git`) into `dest/<path>`.
+    ///
+    /// Errors: the commit cannot be read or written out; a gitlink has no `.gitmodules` entry;
+    /// a submodule cannot be fetched or lacks its commit; submodules nest deeper than
+    /// [`MAX_SUBMODULE_DEPTH`]. Every submodule error starts with `submodule <path> (<url>)`.
     pub fn checkout(&self, oid: Oid, dest: &Path) -> Result<(), GitError> {
+        let mut chain = vec![(self.path.clone(), oid)];
+        self.checkout_recursive(oid, dest, "", &mut chain)
+    }
+
+    /// [`Mirror::checkout`] for a commit at `prefix` (`""` for the job's own commit, `a/b/` for
+    /// a submodule at `a/b`), `chain` being the mirrors and commits being checked out above it.
+    fn checkout_recursive(
+        &self,
+        oid: Oid,
+        dest: &Path,
+        prefix: &str,
+        chain: &mut Vec<(PathBuf, Oid)>,
+    ) -> Result<(), GitError> {
         let commit = self
             .repo
             .find_commit(oid)
@@ -286,18 +347,263 @@ impl Mirror {
         let tree = commit
             .tree()
             .map_err(err(format!("cannot read the tree of {oid}")))?;
+        let links = gitlinks(&tree)?;
+        // libgit2 refuses to check out a tree with gitlinks from a bare repository ("cannot get
+        // submodules without a working tree"), so the superproject's part is checked out from a
+        // copy of the tree without them. The copy's trees are written into the mirror; they are
+        // small, and the same for every job of the commit.
+        let files = if links.is_empty() {
+            tree
+        } else {
+            let mut update = git2::build::TreeUpdateBuilder::new();
+            for (path, _) in &links {
+                update.remove(path.as_str());
+            }
+            update
+                .create_updated(&self.repo, &tree)
+                .and_then(|id| self.repo.find_tree(id))
+                .map_err(err(format!(
+                    "cannot strip the submodules from the tree of {oid}"
+                )))?
+        };
         let mut cb = CheckoutBuilder::new();
         cb.target_dir(dest)
             .force()
             .recreate_missing(true)
             .update_index(false);
         self.repo
-            .checkout_tree(tree.as_object(), Some(&mut cb))
+            .checkout_tree(files.as_object(), Some(&mut cb))
             .map_err(err(format!(
                 "cannot check out {oid} into {}",
                 dest.display()
-            )))
+            )))?;
+        if links.is_empty() {
+            return Ok(());
+        }
+        let modules = self.gitmodules(&files, oid)?;
+        for (path, sub_oid) in links {
+            let shown = format!("{prefix}{path}");
+            let Some(raw_url) = modules.get(&path) else {
+                return Err(GitError {
+                    context: format!("submodule {shown}"),
+                    message: format!(
+                        "commit {oid} has no entry with path = {path} in its .gitmodules, so the \
+                         submodule's URL is unknown"
+                    ),
+                });
+            };
+            let sub_err = |message: String| GitError {
+                context: format!("submodule {shown} ({raw_url})"),
+                message,
+            };
+            let url = resolve_submodule_url(&self.url, raw_url).ok_or_else(|| {
+                sub_err(format!(
+                    "cannot resolve the relative URL against the superproject's {}",
+                    self.url
+                ))
+            })?;
+            let sub_err = |e: GitError| GitError {
+                context: format!("submodule {shown} ({url})"),
+                message: e.to_string(),
+            };
+            if chain.len() > MAX_SUBMODULE_DEPTH {
+                return Err(sub_err(GitError {
+                    context: "too deep".into(),
+                    message: format!("submodules nest more than {MAX_SUBMODULE_DEPTH} levels"),
+                }));
+            }
+            let mirror = Mirror::open(&url, &self.root).map_err(sub_err)?;
+            // A commit cannot contain itself through gitlinks (its id would depend on itself),
+            // so this only guards against the impossible; the depth cap bounds the rest, such as
+            // a repository that holds an older commit of itself as a submodule.
+            if chain.contains(&(mirror.path.clone(), sub_oid)) {
+                return Err(sub_err(GitError {
+                    context: "cycle".into(),
+                    message: format!("commit {sub_oid} contains itself"),
+                }));
+            }
+            mirror
+                .ensure_commit(&sub_oid.to_string())
+                .map_err(sub_err)?;
+            let sub_dest = dest.join(&path);
+            std::fs::create_dir_all(&sub_dest).map_err(|e| GitError {
+                context: format!("submodule {shown} ({url})"),
+                message: format!("cannot create {}: {e}", sub_dest.display()),
+            })?;
+            chain.push((mirror.path.clone(), sub_oid));
+            // Errors from below already name their own full path and URL.
+            mirror.checkout_recursive(sub_oid, &sub_dest, &format!("{shown}/"), chain)?;
+            chain.pop();
+        }
+        Ok(())
     }
+
+    /// The submodules declared in the `.gitmodules` of `tree` (commit `oid`): path → URL as
+    /// written. No `.gitmodules` is an empty map.
+    ///
+    /// libgit2 parses config only from a file, so the blob is written to a uniquely named file
+    /// inside this mirror's own directory (which only this runner writes), read, and removed.
+    fn gitmodules(
+        &self,
+        tree: &git2::Tree<'_>,
+        oid: Oid,
+    ) -> Result<std::collections::HashMap<String, String>, GitError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+        let mut modules = std::collections::HashMap::new();
+        let Some(blob) = tree
+            .get_name(".gitmodules")
+            .and_then(|e| e.to_object(&self.repo).ok())
+            .and_then(|o| o.into_blob().ok())
+        else {
+            return Ok(modules);
+        };
+        let file = self.repo.path().join(format!(
+            "jetci-gitmodules-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let io_err = |e: std::io::Error| GitError {
+            context: format!("cannot read the .gitmodules of {oid}"),
+            message: e.to_string(),
+        };
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&file)
+            .map_err(io_err)?;
+        let _remove = RemoveOnDrop(&file);
+        std::io::Write::write_all(&mut f, blob.content()).map_err(io_err)?;
+        drop(f);
+
+        let ctx = format!("cannot parse the .gitmodules of {oid}");
+        let config = git2::Config::open(&file).map_err(err(ctx.clone()))?;
+        let mut paths = Vec::new();
+        let mut urls = std::collections::HashMap::new();
+        let mut entries = config
+            .entries(Some(r"^submodule\..*\.(path|url)$"))
+            .map_err(err(ctx.clone()))?;
+        while let Some(entry) = entries.next() {
+            let entry = entry.map_err(err(ctx.clone()))?;
+            let name = String::from_utf8_lossy(entry.name_bytes()).into_owned();
+            let value = String::from_utf8_lossy(entry.value_bytes()).into_owned();
+            if let Some(module) = name.strip_prefix("submodule.") {
+                if let Some(module) = module.strip_suffix(".path") {
+                    paths.push((module.to_string(), value));
+                } else if let Some(module) = module.strip_suffix(".url") {
+                    urls.insert(module.to_string(), value);
+                }
+            }
+        }
+        for (module, path) in paths {
+            if let Some(url) = urls.get(&module) {
+                modules.insert(path.trim_end_matches('/').to_string(), url.clone());
+            }
+        }
+        Ok(modules)
+    }
+}
+
+/// Removes a scratch file when dropped, whatever path the function leaves by.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// The process-wide lock of the mirror at `path` (see [`Mirror`]'s "Concurrency").
+fn path_lock(path: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
+    let mut map = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    map.entry(path.to_path_buf()).or_default().clone()
+}
+
+/// Every gitlink (submodule commit) in `tree`, recursively: `(path, commit id)`, paths with `/`.
+///
+/// A path component that could escape the checkout (`..`, `.`, `.git`, empty) is an error: the
+/// tree of a hostile repository must not make the runner write outside the job's directory.
+fn gitlinks(tree: &git2::Tree<'_>) -> Result<Vec<(String, Oid)>, GitError> {
+    let mut links = Vec::new();
+    let mut bad = None;
+    tree.walk(git2::TreeWalkMode::PreOrder, |dir, entry| {
+        if entry.kind() == Some(ObjectType::Commit) {
+            let path = format!("{dir}{}", String::from_utf8_lossy(entry.name_bytes()));
+            let unsafe_part = path
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.eq_ignore_ascii_case(".git"));
+            if unsafe_part {
+                bad = Some(path);
+                return git2::TreeWalkResult::Abort;
+            }
+            links.push((path, entry.id()));
+        }
+        git2::TreeWalkResult::Ok
+    })
+    .or_else(|e| {
+        // Aborting the walk on purpose reports a "user" error; `bad` says why.
+        if bad.is_some() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
+    .map_err(err("cannot list the submodules of a tree"))?;
+    if let Some(path) = bad {
+        return Err(GitError {
+            context: format!("submodule {path}"),
+            message: "the path is not a safe place for a checkout".into(),
+        });
+    }
+    Ok(links)
+}
+
+/// The URL of a submodule whose `.gitmodules` URL is `url`, in a superproject fetched from
+/// `superproject`: git's own rule (`git submodule init`).
+///
+/// Only a URL starting with `./` or `../` is relative; anything else is used as written. A
+/// relative URL is taken relative to the superproject's URL as a directory: each leading `../`
+/// removes the last `/`-separated component of that URL (for an scp-like `host:path` with no `/`
+/// left, the part after `:`), each `./` removes nothing, and the rest is appended. So with the
+/// superproject at `/srv/git/app` (or `https://host/org/app.git`), `../lib.git` is
+/// `/srv/git/lib.git` (`https://host/org/lib.git`) and `./sub` is `/srv/git/app/sub`. `None`
+/// when there are more `../` than components to remove.
+pub fn resolve_submodule_url(superproject: &str, url: &str) -> Option<String> {
+    if !(url.starts_with("./") || url.starts_with("../")) {
+        return Some(url.to_string());
+    }
+    let mut base = superproject
+        .strip_suffix('/')
+        .unwrap_or(superproject)
+        .to_string();
+    let mut rest = url;
+    let mut colon = false;
+    loop {
+        if let Some(r) = rest.strip_prefix("../") {
+            rest = r;
+            if let Some(i) = base.rfind('/') {
+                base.truncate(i);
+            } else if let Some(i) = base.rfind(':') {
+                base.truncate(i);
+                colon = true;
+            } else {
+                return None;
+            }
+        } else if let Some(r) = rest.strip_prefix("./") {
+            rest = r;
+        } else {
+            break;
+        }
+    }
+    let joined = format!("{base}{}{rest}", if colon { ":" } else { "/" });
+    Some(joined.strip_suffix('/').unwrap_or(&joined).to_string())
 }
 
 #[cfg(test)]
@@ -376,5 +682,199 @@ mod tests {
         m.checkout(oid, &dest).unwrap();
         assert_eq!(std::fs::read_to_string(dest.join("f.txt")).unwrap(), "4");
         assert!(m.ensure_commit(&"1".repeat(40)).is_err());
+    }
+
+    /// Commits, on `main` of the bare repository `dir/name.git` (created when missing), a tree
+    /// of `files` (nested paths allowed) and gitlinks `links`; returns the commit.
+    fn commit_with_links(
+        dir: &Path,
+        name: &str,
+        files: &[(&str, &str)],
+        links: &[(&str, Oid)],
+    ) -> Oid {
+        let path = dir.join(format!("{name}.git"));
+        let repo =
+            Repository::open_bare(&path).unwrap_or_else(|_| Repository::init_bare(&path).unwrap());
+        let empty = repo
+            .find_tree(repo.treebuilder(None).unwrap().write().unwrap())
+            .unwrap();
+        let mut update = git2::build::TreeUpdateBuilder::new();
+        for (file, content) in files {
+            let blob = repo.blob(content.as_bytes()).unwrap();
+            update.upsert(*file, blob, git2::FileMode::Blob);
+        }
+        for (link, oid) in links {
+            update.upsert(*link, *oid, git2::FileMode::Commit);
+        }
+        let tree = repo
+            .find_tree(update.create_updated(&repo, &empty).unwrap())
+            .unwrap();
+        let sig = git2::Signature::now("T", "t@x").unwrap();
+        let parent = repo
+            .find_reference("refs/heads/main")
+            .ok()
+            .and_then(|r| r.peel_to_commit().ok());
+        let parents: Vec<_> = parent.iter().collect();
+        repo.commit(Some("refs/heads/main"), &sig, &sig, name, &tree, &parents)
+            .unwrap()
+    }
+
+    fn url_of(dir: &Path, name: &str) -> String {
+        dir.join(format!("{name}.git"))
+            .to_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// `app` has `vendor/lib` (relative URL `../lib.git`), which has `deep` (`./../nested.git`).
+    fn app_with_nested_submodules(dir: &Path) -> Oid {
+        let nested = commit_with_links(dir, "nested", &[("n.txt", "nested")], &[]);
+        let gm = "[submodule \"deep\"]\n\tpath = deep\n\turl = ./../nested.git\n";
+        let lib = commit_with_links(
+            dir,
+            "lib",
+            &[("lib.txt", "lib"), (".gitmodules", gm)],
+            &[("deep", nested)],
+        );
+        let gm = "[submodule \"the.lib\"]\n\tpath = vendor/lib\n\turl = ../lib.git\n";
+        commit_with_links(
+            dir,
+            "app",
+            &[
+                ("a.txt", "app"),
+                ("vendor/other.txt", "o"),
+                (".gitmodules", gm),
+            ],
+            &[("vendor/lib", lib)],
+        )
+    }
+
+    fn checkout_error(dir: &Path, name: &str, oid: Oid) -> String {
+        let m = Mirror::open(&url_of(dir, name), &dir.join("mirrors")).unwrap();
+        m.ensure_commit(&oid.to_string()).unwrap();
+        let dest = dir.join(format!("job-{oid}"));
+        std::fs::create_dir(&dest).unwrap();
+        m.checkout(oid, &dest).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn checkout_writes_nested_submodules() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app_with_nested_submodules(dir.path());
+        let m = Mirror::open(&url_of(dir.path(), "app"), &dir.path().join("mirrors")).unwrap();
+        m.ensure_commit(&app.to_string()).unwrap();
+        let dest = dir.path().join("job");
+        std::fs::create_dir(&dest).unwrap();
+        m.checkout(app, &dest).unwrap();
+        let read = |p: &str| std::fs::read_to_string(dest.join(p)).unwrap();
+        assert_eq!(read("a.txt"), "app");
+        assert_eq!(read("vendor/other.txt"), "o");
+        assert_eq!(read("vendor/lib/lib.txt"), "lib");
+        assert_eq!(read("vendor/lib/deep/n.txt"), "nested");
+        assert!(!dest.join(".git").exists() && !dest.join("vendor/lib/.git").exists());
+        // Each submodule got its own mirror under the same root.
+        for name in ["lib", "nested"] {
+            assert!(
+                Mirror::path_for(&url_of(dir.path(), name), &dir.path().join("mirrors")).is_dir()
+            );
+        }
+    }
+
+    #[test]
+    fn concurrent_checkouts_share_submodule_mirrors() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = app_with_nested_submodules(dir.path());
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    let m = Mirror::open(&url_of(&dir, "app"), &dir.join("mirrors")).unwrap();
+                    m.ensure_commit(&app.to_string()).unwrap();
+                    let dest = dir.join(format!("job{i}"));
+                    std::fs::create_dir(&dest).unwrap();
+                    m.checkout(app, &dest).unwrap();
+                    assert!(dest.join("vendor/lib/deep/n.txt").is_file());
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn gitlink_without_gitmodules_entry_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = commit_with_links(dir.path(), "lib", &[("lib.txt", "lib")], &[]);
+        let app = commit_with_links(dir.path(), "app", &[("a.txt", "a")], &[("vendor/lib", lib)]);
+        let e = checkout_error(dir.path(), "app", app);
+        assert!(e.starts_with("submodule vendor/lib:"), "{e}");
+        assert!(e.contains(".gitmodules"), "{e}");
+    }
+
+    #[test]
+    fn unreachable_or_missing_submodule_commit_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let lib = commit_with_links(dir.path(), "lib", &[("lib.txt", "lib")], &[]);
+        let gm = "[submodule \"lib\"]\n\tpath = lib\n\turl = ../nowhere.git\n";
+        let app = commit_with_links(dir.path(), "app", &[(".gitmodules", gm)], &[("lib", lib)]);
+        let e = checkout_error(dir.path(), "app", app);
+        let nowhere = url_of(dir.path(), "nowhere");
+        assert!(
+            e.starts_with(&format!("submodule lib ({nowhere}): cannot fetch")),
+            "{e}"
+        );
+
+        // The URL exists but lacks the commit (say, it was force-pushed away).
+        let gm = "[submodule \"lib\"]\n\tpath = lib\n\turl = ../lib.git\n";
+        let other = commit_with_links(dir.path(), "other", &[("x", "x")], &[]);
+        let app = commit_with_links(dir.path(), "app", &[(".gitmodules", gm)], &[("lib", other)]);
+        let e = checkout_error(dir.path(), "app", app);
+        assert!(e.starts_with("submodule lib ("), "{e}");
+        assert!(e.contains(&format!("commit {other}")), "{e}");
+    }
+
+    #[test]
+    fn nesting_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let gm = "[submodule \"s\"]\n\tpath = s\n\turl = ../r{}.git\n";
+        let mut below = commit_with_links(dir.path(), "r20", &[("x", "x")], &[]);
+        for i in (0..20).rev() {
+            let gm = gm.replace("{}", &(i + 1).to_string());
+            below = commit_with_links(
+                dir.path(),
+                &format!("r{i}"),
+                &[(".gitmodules", &gm)],
+                &[("s", below)],
+            );
+        }
+        let e = checkout_error(dir.path(), "r0", below);
+        assert!(e.contains("more than 8 levels"), "{e}");
+        // Eight levels check out; the ninth is refused.
+        assert!(e.starts_with("submodule s/s/s/s/s/s/s/s/s ("), "{e}");
+        let eighth = dir.path().join(format!("job-{below}/s/s/s/s/s/s/s/s"));
+        assert!(eighth.join(".gitmodules").is_file());
+        assert!(!eighth.join("s/.gitmodules").exists());
+    }
+
+    #[test]
+    fn relative_submodule_urls_follow_git() {
+        let r = resolve_submodule_url;
+        assert_eq!(r("/srv/git/app", "../lib.git").unwrap(), "/srv/git/lib.git");
+        assert_eq!(
+            r("/srv/git/app/", "../lib.git").unwrap(),
+            "/srv/git/lib.git"
+        );
+        assert_eq!(r("/srv/git/app", "./sub").unwrap(), "/srv/git/app/sub");
+        assert_eq!(r("/srv/git/app", "./../../x/").unwrap(), "/srv/x");
+        assert_eq!(
+            r("https://host/org/app.git", "../lib.git").unwrap(),
+            "https://host/org/lib.git"
+        );
+        assert_eq!(r("git@host:org/app", "../lib").unwrap(), "git@host:org/lib");
+        assert_eq!(r("git@host:app", "../lib").unwrap(), "git@host:lib");
+        assert_eq!(r("/srv/app", "https://x/y.git").unwrap(), "https://x/y.git");
+        assert_eq!(r("/srv/app", "/abs/y").unwrap(), "/abs/y");
+        assert_eq!(r("app", "../../x"), None);
     }
 }

@@ -139,6 +139,16 @@ pub struct NatsServer {
     child: Option<Child>,
     /// Holds `store/` and `nats-server.log`; removed when the struct is dropped.
     dir: TempDir,
+    /// Set by [`NatsServer::start_with_config`]: the config file and the user that checks
+    /// readiness.
+    config: Option<ServerConfig>,
+}
+
+/// A config file of a [`NatsServer`] started with [`NatsServer::start_with_config`].
+struct ServerConfig {
+    path: PathBuf,
+    user: String,
+    password: String,
 }
 
 impl NatsServer {
@@ -147,15 +157,54 @@ impl NatsServer {
     /// Panics if `nats-server` is not on PATH (run `deploy/install-nats-server.sh`) or if the
     /// server does not become ready within 30 s.
     pub fn start() -> NatsServer {
+        Self::start_inner(None)
+    }
+
+    /// Starts a server with the configuration `conf` (the text of a nats-server config file,
+    /// e.g. `include_str!("../deploy/auth/nats-server.conf")`) on a free port on 127.0.0.1,
+    /// and returns once JetStream answers `user`/`password` (a user of that config allowed to
+    /// call `$JS.API.INFO`).
+    ///
+    /// The port comes from `-a 127.0.0.1 -p PORT`, which override the config's `listen`. Any line
+    /// setting `store_dir` is replaced by this server's own store directory (nats-server refuses
+    /// `-sd` beside a config that sets it), so the config must enable JetStream with a
+    /// `store_dir` line of its own. Otherwise like [`NatsServer::start`]; `restart` reuses the
+    /// config.
+    pub fn start_with_config(conf: &str, user: &str, password: &str) -> NatsServer {
+        Self::start_inner(Some((conf, user, password)))
+    }
+
+    fn start_inner(conf: Option<(&str, &str, &str)>) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("jetci-nats-")
             .tempdir()
             .expect("cannot create a temp dir for nats-server");
         fs::create_dir_all(dir.path().join("store")).expect("cannot create the store dir");
+        let config = conf.map(|(text, user, password)| {
+            let store = dir.path().join("store");
+            let text: String = text
+                .lines()
+                .map(|line| {
+                    if line.trim_start().starts_with("store_dir") {
+                        format!("  store_dir: {:?}\n", store.display().to_string())
+                    } else {
+                        format!("{line}\n")
+                    }
+                })
+                .collect();
+            let path = dir.path().join("nats-server.conf");
+            fs::write(&path, text).expect("cannot write nats-server.conf");
+            ServerConfig {
+                path,
+                user: user.to_string(),
+                password: password.to_string(),
+            }
+        });
         let mut server = NatsServer {
             port: 0,
             child: None,
             dir,
+            config,
         };
         // The free port is found by binding port 0 and closing it, so another process may grab
         // it before nats-server does; then the server exits at once and we try another port.
@@ -250,11 +299,24 @@ impl NatsServer {
             .open(self.log_path())
             .expect("cannot open nats-server.log");
         let log_err = log.try_clone().expect("cannot clone log file handle");
-        let mut child = Command::new(nats_server_binary())
-            .args(["-js", "-a", "127.0.0.1", "-p"])
-            .arg(self.port.to_string())
-            .arg("-sd")
-            .arg(self.store_dir())
+        let mut command = Command::new(nats_server_binary());
+        match &self.config {
+            None => command
+                .args(["-js", "-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string())
+                .arg("-sd")
+                .arg(self.store_dir()),
+            Some(config) => command
+                .arg("-c")
+                .arg(&config.path)
+                .args(["-a", "127.0.0.1", "-p"])
+                .arg(self.port.to_string()),
+        };
+        let auth = self
+            .config
+            .as_ref()
+            .map(|c| (c.user.clone(), c.password.clone()));
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -267,7 +329,7 @@ impl NatsServer {
                 return Err(format!("nats-server exited early with {status}"));
             }
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                && jetstream_ready(&self.url())
+                && jetstream_ready_as(&self.url(), auth.clone())
             {
                 self.child = Some(child);
                 return Ok(());
@@ -336,7 +398,7 @@ pub fn free_port() -> u16 {
 /// A server accepts TCP connections before JetStream has recovered its store, so the port alone
 /// does not mean ready. This runs on its own thread and runtime, so `NatsServer::start` works the
 /// same from a plain `#[test]` and from inside a `#[tokio::test]`.
-fn jetstream_ready(url: &str) -> bool {
+fn jetstream_ready_as(url: &str, auth: Option<(String, String)>) -> bool {
     let url = url.to_string();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -345,7 +407,11 @@ fn jetstream_ready(url: &str) -> bool {
             .expect("cannot build a tokio runtime");
         rt.block_on(async move {
             let attempt = async {
-                let client = async_nats::ConnectOptions::new()
+                let mut options = async_nats::ConnectOptions::new();
+                if let Some((user, password)) = auth {
+                    options = options.user_and_password(user, password);
+                }
+                let client = options
                     .connection_timeout(Duration::from_secs(2))
                     .connect(url.as_str())
                     .await

@@ -7,6 +7,7 @@ mod jobs;
 mod local_nats;
 mod procs;
 mod results;
+mod status;
 mod up;
 
 use std::path::PathBuf;
@@ -86,6 +87,20 @@ enum Cmd {
     Cancel(jobs::CommitRef),
     /// Test a commit again, as a new run with its own result.
     Rerun(RerunArgs),
+    /// Show the queue (and why each commit waits), the runners, the jobs in flight and the
+    /// streams' sizes.
+    Status(StatusArgs),
+}
+
+/// `jetci status` flags.
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// Print JSON, for scripts.
+    #[arg(long)]
+    json: bool,
+    /// The dispatchers' lease (--ack-wait): what counts as a live runner and the lease left.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    lease: std::time::Duration,
 }
 
 /// `jetci logs` flags.
@@ -176,6 +191,16 @@ async fn run(cli: Cli, quiet_default: bool) -> Result<()> {
             let (nats, streams) = connect(&cli.connect, "jetci-cancel").await?;
             let target = jobs::resolve(&nats, &streams, commit).await?;
             jobs::cancel(&nats, &streams, &target).await
+        }
+        Cmd::Status(args) => {
+            let (nats, streams) = connect(&cli.connect, "jetci-status").await?;
+            let v = status::gather(&nats, &streams, args.lease).await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                print!("{}", status::render(&v));
+            }
+            Ok(())
         }
         Cmd::Rerun(args) => {
             let (nats, streams) = connect(&cli.connect, "jetci-rerun").await?;

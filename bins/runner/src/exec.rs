@@ -7,6 +7,11 @@
 //! - On timeout or cancel: SIGTERM to the group, `grace` to exit, then SIGKILL.
 //! - A job ends when its command exits, even if a background child still holds the pipe open:
 //!   the group is killed then and the pipe is drained for at most [`DRAIN_AFTER_EXIT`].
+//! - A daemon that left the group (`setsid`, double fork) is still found: every process of the
+//!   job carries `JETCI_JOB_TOKEN=<unique>` in its environment, and when the job ends every
+//!   process whose `/proc/<pid>/environ` holds that entry is killed (the way Jenkins'
+//!   ProcessTreeKiller finds a build's daemons by `BUILD_ID`). Only a process that clears its own
+//!   environment escapes this.
 
 use std::collections::VecDeque;
 use std::io;
@@ -64,15 +69,27 @@ pub struct Outcome {
     pub tail: Vec<u8>,
 }
 
+/// Where a command's output goes, piece by piece as it arrives. `write` may take its time: while
+/// it waits the pipe is not read, so a test that prints faster than its log can be stored is
+/// slowed down instead of having its output thrown away.
+pub trait Output: Send {
+    fn write<'a>(
+        &'a mut self,
+        bytes: &'a [u8],
+    ) -> impl std::future::Future<Output = ()> + Send + 'a;
+}
+
 /// Runs `spec`, handing each piece of output to `sink` as it arrives.
 ///
 /// Errors: only when the command cannot be started (`sh` missing, directory gone); everything
 /// the command does is an [`Outcome`].
 pub async fn run(
     spec: &Spec,
-    sink: &mut (dyn FnMut(&[u8]) + Send),
+    sink: &mut impl Output,
     cancel: &CancellationToken,
 ) -> io::Result<Outcome> {
+    let token = job_token();
+    let marker = format!("{TOKEN_VAR}={token}");
     let (reader, writer) = io::pipe()?;
     let mut cmd = tokio::process::Command::new("sh");
     cmd.arg("-c")
@@ -80,6 +97,7 @@ pub async fn run(
         .current_dir(&spec.dir)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(TOKEN_VAR, &token)
         .stdin(Stdio::null())
         .stdout(Stdio::from(writer.try_clone()?))
         .stderr(Stdio::from(writer))
@@ -112,7 +130,7 @@ pub async fn run(
                 Ok(n) => {
                     total += n as u64;
                     tail.push(&buf[..n]);
-                    sink(&buf[..n]);
+                    sink.write(&buf[..n]).await;
                 }
             },
             exit = child.wait(), if status.is_none() => {
@@ -139,6 +157,13 @@ pub async fn run(
         }
     }
     let status = status.expect("the loop ends only after the command exited");
+    let escaped = kill_marked(&marker).await;
+    if escaped > 0 {
+        tracing::info!(
+            processes = escaped,
+            "killed processes the job left outside its group"
+        );
+    }
     let ended = match (stopped, status.code(), status.signal()) {
         (Some(stop), _, signal) => stop(signal),
         (None, Some(code), _) => Ended::Exited(code),
@@ -150,6 +175,63 @@ pub async fn run(
         output_bytes: total,
         tail: tail.into_vec(),
     })
+}
+
+/// The environment variable that marks every process of one job.
+pub const TOKEN_VAR: &str = "JETCI_JOB_TOKEN";
+
+/// A token no other job on this machine has: pid, time and a counter.
+fn job_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{}-{nanos}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// SIGKILLs every process whose environment holds `marker` (`NAME=value`), a few rounds in case
+/// one forks while being killed. Returns how many were killed.
+async fn kill_marked(marker: &str) -> usize {
+    let marker = marker.as_bytes().to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut killed = 0;
+        for _ in 0..5 {
+            let found = marked_pids(&marker);
+            if found.is_empty() {
+                break;
+            }
+            for pid in found {
+                if nix::sys::signal::kill(pid, Signal::SIGKILL).is_ok() {
+                    killed += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        killed
+    })
+    .await
+    .unwrap_or(0)
+}
+
+fn marked_pids(marker: &[u8]) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|entry| entry == marker))
+                .unwrap_or(false)
+        })
+        .map(Pid::from_raw)
+        .collect()
 }
 
 /// The last [`TAIL_BYTES`] of a byte stream.
@@ -182,12 +264,18 @@ mod tests {
         }
     }
 
+    struct Collect(Vec<u8>);
+
+    impl Output for Collect {
+        async fn write(&mut self, bytes: &[u8]) {
+            self.0.extend_from_slice(bytes);
+        }
+    }
+
     async fn run_collect(s: &Spec, cancel: &CancellationToken) -> (Outcome, Vec<u8>) {
-        let mut out = Vec::new();
-        let o = run(s, &mut |b: &[u8]| out.extend_from_slice(b), cancel)
-            .await
-            .unwrap();
-        (o, out)
+        let mut out = Collect(Vec::new());
+        let o = run(s, &mut out, cancel).await.unwrap();
+        (o, out.0)
     }
 
     #[tokio::test]
@@ -228,6 +316,38 @@ mod tests {
         .await;
         assert_eq!(o.ended, Ended::Exited(0));
         assert_eq!(out, b"done\n");
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_left_the_group_is_killed_when_the_job_ends() {
+        let never = CancellationToken::new();
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("daemon.pid");
+        // setsid puts the daemon in its own session and group, out of reach of killpg.
+        let command = format!(
+            "setsid sh -c 'echo $$ > {p}; exec sleep 1000' < /dev/null > /dev/null 2>&1 & \
+             while [ ! -s {p} ]; do sleep 0.05; done; echo started",
+            p = pidfile.display()
+        );
+        let (o, out) = run_collect(&spec(&command, Duration::from_secs(30)), &never).await;
+        assert_eq!((o.ended, out), (Ended::Exited(0), b"started\n".to_vec()));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "daemon {pid} survived its job"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     #[tokio::test]

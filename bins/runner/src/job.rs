@@ -173,7 +173,7 @@ impl Runner {
         match why {
             Some(Stop::HandBack) => {
                 heartbeat.abort();
-                tracing::info!(job = %job_id, "handed the job back: the dispatcher reassigns it after the lease");
+                self.hand_back(&job).await;
             }
             Some(Stop::Superseded) => {
                 heartbeat.abort();
@@ -324,15 +324,14 @@ impl Runner {
                 result.output_tail = format!("jetci: {e:#}\n");
             }
             Ok((spec, config)) => {
-                let mut sink = LogSink::start(&self.nats, log_subject, self.log_cap);
-                let mut scanner = OutputScanner::new();
-                let mut output = |b: &[u8]| {
-                    sink.write(b);
-                    scanner.feed(b);
+                let mut output = JobOutput {
+                    log: LogSink::start(&self.nats, log_subject, self.log_cap),
+                    scanner: OutputScanner::new(),
                 };
                 let outcome = exec::run(&spec, &mut output, stop).await;
-                sink.finish(Duration::from_secs(10)).await;
-                result.tests = test_counts(&result.job_id, &spec.dir, &config.junit, scanner).await;
+                output.log.finish(Duration::from_secs(10)).await;
+                result.tests =
+                    test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
                 match outcome {
                     Err(e) => {
                         result.reason = Some(format!("cannot start `sh -c {}`: {e}", spec.command))
@@ -519,6 +518,29 @@ impl Runner {
         }
     }
 
+    /// Gives the job back without a verdict: the state goes back to `queued` with no runner, so
+    /// the dispatcher holding the commit assigns the next attempt at its next beat instead of
+    /// waiting out the lease. If the write fails the lease does the same, only later.
+    async fn hand_back(&self, job: &JobMsg) {
+        let store = &self.streams.job_states;
+        let key = job.key();
+        if let Ok(Some(current)) = job_state::read(store, &key).await {
+            let s = &current.state;
+            if s.attempt == job.attempt
+                && s.runner.as_deref() == Some(self.id.as_str())
+                && s.phase != JobPhase::Final
+            {
+                let mut next = s.clone();
+                next.phase = JobPhase::Queued;
+                next.runner = None;
+                next.reason = Some(format!("handed back by runner {} (shutting down)", self.id));
+                next.updated_at = messages::now();
+                let _ = job_state::write(store, &key, &next, Some(current.revision)).await;
+            }
+        }
+        tracing::info!(job = %job.job_id(), "handed the job back; another runner takes it");
+    }
+
     async fn record_superseded(&self, result: &ResultMsg) {
         tracing::warn!(job = %result.job_id, status = %result.status, "recording the result of a superseded attempt (not the verdict)");
         if let Err(e) = publish_superseded(&self.nats, result).await {
@@ -577,6 +599,19 @@ async fn test_counts(
         }
     }
     scanner.finish()
+}
+
+/// A job's output goes to its log and to the test-count scanner.
+struct JobOutput {
+    log: LogSink,
+    scanner: OutputScanner,
+}
+
+impl exec::Output for JobOutput {
+    async fn write(&mut self, bytes: &[u8]) {
+        self.scanner.feed(bytes);
+        self.log.write(bytes).await;
+    }
 }
 
 /// Maps how the command ended to the result's status, exit code, signal and reason.

@@ -1,10 +1,12 @@
 //! Streaming a job's output to `CI_LOGS` while it runs, in bounded memory.
 //!
-//! The command's reader hands chunks to [`LogSink::write`], which never blocks the test: chunks
-//! go through a small bounded channel to a publisher task, and when NATS is slow or away the
-//! overflow is counted and dropped with a marker in the log, so neither the test nor the runner's
-//! memory waits on the network. The stored log is capped per job (`--log-cap`) with a
-//! truncation marker. Chunks are raw bytes: output that is not UTF-8 is carried as it is.
+//! The command's reader hands chunks to [`LogSink::write`], which puts them on a small bounded
+//! channel to a publisher task. While the publisher keeps up, a full channel makes `write` wait,
+//! and with it the reader and, through the pipe, the test: the first `--log-cap` bytes are stored
+//! whole, however fast the test prints. When NATS is away and the channel stays full for
+//! [`STALL`], output is dropped instead (counted, with a marker in the log) so a network outage
+//! never stalls the test. Either way the runner's memory stays bounded. Chunks are raw bytes:
+//! output that is not UTF-8 is carried as it is.
 
 use std::time::Duration;
 
@@ -13,10 +15,13 @@ use jetci::connect::Nats;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-/// Chunks waiting to be published, at most; with [`MAX_CHUNK`] this bounds a job's log memory.
+/// Chunks waiting to be published, at most; with the reader's 32 KiB reads this bounds a job's
+/// log memory to about 1 MiB.
 const QUEUE: usize = 32;
 /// The largest log message, in bytes.
 const MAX_CHUNK: usize = 64 * 1024;
+/// How long `write` waits for room before it decides NATS is away and starts dropping.
+const STALL: Duration = Duration::from_secs(2);
 
 /// The writing end, owned by the job.
 pub struct LogSink {
@@ -43,58 +48,54 @@ impl LogSink {
         }
     }
 
-    /// Hands one piece of output over; never waits.
-    pub fn write(&mut self, bytes: &[u8]) {
+    /// Hands one piece of output over, waiting for room while the publisher keeps up.
+    pub async fn write(&mut self, bytes: &[u8]) {
         if self.truncated {
             return;
         }
         let room = self.cap.saturating_sub(self.stored) as usize;
         if bytes.len() > room {
-            self.send(&bytes[..room]);
+            self.send(&bytes[..room]).await;
+            self.truncated = true;
             let marker = format!(
                 "\n[jetci: log truncated at {} bytes (--log-cap); the rest is not stored]\n",
                 self.cap
             );
-            self.truncated = true;
-            self.force(marker.into());
+            self.send_marker(marker).await;
             return;
         }
-        self.send(bytes);
+        self.send(bytes).await;
     }
 
-    fn send(&mut self, bytes: &[u8]) {
+    async fn send(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
+        let Some(tx) = &self.tx else { return };
         if self.dropped > 0 {
+            // Dropping since NATS stalled: resume only once there is room again.
             let marker = format!(
-                "\n[jetci: {} bytes of output lost: NATS was too slow or away]\n",
+                "\n[jetci: {} bytes of output lost: NATS was away]\n",
                 self.dropped
             );
-            if self.try_send(Bytes::from(marker)) {
-                self.dropped = 0;
+            if tx.try_send(Bytes::from(marker)).is_err() {
+                self.dropped += bytes.len() as u64;
+                return;
+            }
+            self.dropped = 0;
+        }
+        match tx.send_timeout(Bytes::copy_from_slice(bytes), STALL).await {
+            Ok(()) => self.stored += bytes.len() as u64,
+            Err(_) => {
+                tracing::warn!("log publishing stalled; dropping output until NATS keeps up");
+                self.dropped += bytes.len() as u64;
             }
         }
-        if self.try_send(Bytes::copy_from_slice(bytes)) {
-            self.stored += bytes.len() as u64;
-        } else {
-            self.dropped += bytes.len() as u64;
-        }
     }
 
-    fn try_send(&self, chunk: Bytes) -> bool {
-        self.tx
-            .as_ref()
-            .is_some_and(|tx| tx.try_send(chunk).is_ok())
-    }
-
-    /// Sends a marker, waiting briefly for room.
-    fn force(&mut self, chunk: Bytes) {
+    async fn send_marker(&mut self, marker: String) {
         if let Some(tx) = &self.tx {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(chunk)).await;
-            });
+            let _ = tx.send_timeout(Bytes::from(marker), STALL).await;
         }
     }
 

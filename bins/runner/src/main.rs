@@ -72,6 +72,10 @@ struct Args {
     /// Bytes of output stored per job in CI_LOGS; the rest is cut with a marker.
     #[arg(long, default_value_t = 10 * 1024 * 1024)]
     log_cap: u64,
+    /// On SIGTERM, how long to let running jobs finish before handing them back to another
+    /// runner (a second SIGTERM hands them back at once).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    drain_timeout: Duration,
     /// Keep each job's workspace after it ends (for debugging).
     #[arg(long)]
     keep_workspaces: bool,
@@ -147,6 +151,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::spawn(answer_probes(nats.clone(), id.clone()));
     tracing::info!(%id, work_dir = %work_dir.display(), jobs = args.jobs, labels = ?args.labels, "runner ready");
 
+    // Jobs are handed back on a second signal, or when draining takes longer than allowed.
+    let hurry = tokio_util::sync::CancellationToken::new();
+    {
+        let (again, hurry) = (shutdown.again.clone(), hurry.clone());
+        tokio::spawn(async move {
+            again.cancelled().await;
+            hurry.cancel();
+        });
+    }
+
     // The loop: one free slot → pull one job → handle it in its own task.
     let slots = Arc::new(Semaphore::new(args.jobs as usize));
     loop {
@@ -159,7 +173,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = shutdown.token.cancelled() => break,
         };
         if let Some(msg) = next {
-            let (runner, hurry) = (runner.clone(), shutdown.again.clone());
+            let (runner, hurry) = (runner.clone(), hurry.clone());
             tokio::spawn(async move {
                 runner.handle(msg, hurry).await;
                 drop(permit);
@@ -175,7 +189,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "waiting for running jobs to finish (signal again to hand them back)"
         );
     }
-    let _ = slots.acquire_many(args.jobs).await;
+    tokio::select! {
+        _ = slots.acquire_many(args.jobs) => {}
+        _ = tokio::time::sleep(args.drain_timeout) => {
+            tracing::warn!(drain_timeout = %humantime::format_duration(args.drain_timeout), "jobs still running after the drain timeout; handing them back");
+            hurry.cancel();
+            let _ = slots.acquire_many(args.jobs).await;
+        }
+    }
     presence.abort();
     let _ = streams.runners.delete(&id).await;
     let _ = nats.client.flush().await;

@@ -1,0 +1,318 @@
+//! The runner as users must be able to trust it: repo config, labels, timeouts that kill
+//! everything, daemons that do not outlive their job, bounded logs and memory, clean workspaces,
+//! a built environment.
+
+use std::time::{Duration, Instant};
+
+use jetci_e2e::{bin_path, stream_raw_messages, wait_results, GitRepo, NatsServer, Proc};
+use serde_json::Value;
+
+const BOUND: Duration = Duration::from_secs(120);
+
+struct Sys {
+    url: String,
+    procs: Vec<Proc>,
+    work: tempfile::TempDir,
+}
+
+impl Sys {
+    fn start(nats: &NatsServer, repo: &GitRepo) -> Sys {
+        let url = nats.url();
+        let path = repo.path().to_str().unwrap().to_string();
+        Sys {
+            procs: vec![
+                Proc::spawn(
+                    "jetci-observer",
+                    &[
+                        "-s",
+                        &url,
+                        "--poll-interval",
+                        "200ms",
+                        "--name",
+                        "app",
+                        &path,
+                    ],
+                    &[],
+                ),
+                Proc::spawn("jetci-dispatcher", &["-s", &url], &[]),
+            ],
+            url,
+            work: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn runner(&mut self, id: &str, extra: &[&str], env: &[(&str, &str)]) -> usize {
+        let dir = self.work.path().join(id);
+        let mut args = vec![
+            "-s",
+            &self.url,
+            "--id",
+            id,
+            "--work-dir",
+            dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        self.procs.push(Proc::spawn("jetci-runner", &args, env));
+        self.procs.len() - 1
+    }
+
+    async fn results(&self, n: usize) -> Vec<Value> {
+        wait_results(&self.url, "CI_RESULTS", "ci.results.>", n, BOUND).await
+    }
+}
+
+fn toml(command: &str, extra: &str) -> String {
+    format!("command = {command:?}\n{extra}")
+}
+
+/// Processes whose command line contains `needle` (a marker unique to one test).
+fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            let zombie = std::fs::read_to_string(entry.path().join("stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true);
+            if cmd.contains(needle) && !zombie {
+                found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    found
+}
+
+async fn none_left(marker: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_with(marker).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            processes_with(marker)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_waits_for_a_runner_with_its_labels() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let sha = repo.commit(
+        "gpu",
+        &[(".jetci.toml", &toml("echo on-gpu", "labels = [\"gpu\"]\n"))],
+    );
+    let mut sys = Sys::start(&nats, &repo);
+    sys.runner("plain", &[], &[]);
+
+    // `jetci status` says it waits, and for which labels.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let out = std::process::Command::new(bin_path("jetci"))
+            .args(["-s", &sys.url, "status", "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let queued: Vec<&Value> = v["queue"]["not_taken"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(v["queue"]["waiting_for_runner"].as_array().unwrap())
+            .filter(|c| c["sha"] == sha.as_str())
+            .collect();
+        if let Some(c) = queued.first() {
+            assert!(c["reason"].as_str().unwrap().contains("gpu"), "{v:#}");
+            assert_eq!(v["runners"][0]["id"], "plain", "{v:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never shown as waiting: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        stream_raw_messages(&sys.url, "CI_RESULTS", ">")
+            .await
+            .is_empty(),
+        "no runner has gpu yet"
+    );
+
+    sys.runner("gpu-1", &["--labels", "linux,gpu"], &[]);
+    let r = &sys.results(1).await[0];
+    assert_eq!(r["runner"], "gpu-1", "{r:#}");
+    assert_eq!(r["status"], "passed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let slow = "33.2101";
+    let daemon = "44.3201";
+    let a = repo.commit(
+        "forks and hangs",
+        &[(
+            ".jetci.toml",
+            &toml(
+                &format!("sleep {slow} & sleep {slow}"),
+                "timeout = \"1s\"\n",
+            ),
+        )],
+    );
+    let mut sys = Sys::start(&nats, &repo);
+    sys.runner("r0", &[], &[]);
+    let r = &sys.results(1).await[0];
+    assert_eq!(r["sha"], a.as_str());
+    assert_eq!(r["status"], "timed_out", "{r:#}");
+    assert_eq!(
+        r["signal"], 15,
+        "SIGTERM ended it within the grace period: {r:#}"
+    );
+    none_left(slow).await;
+
+    // A double-forked daemon in its own session, and a command that exits at once.
+    repo.commit(
+        "daemonizes",
+        &[(
+            ".jetci.toml",
+            &toml(
+                &format!(
+                    "setsid sh -c 'sleep {daemon}' < /dev/null > /dev/null 2>&1 & echo spawned"
+                ),
+                "",
+            ),
+        )],
+    );
+    let all = sys.results(2).await;
+    assert_eq!(all[1]["status"], "passed", "{:#}", all[1]);
+    none_left(daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    // 200 MiB of output, in lines.
+    repo.commit("floods", &[(".jetci.toml", &toml("yes 0123456789012345678901234567890123456789 | head -c 209715200; echo; echo the-end", ""))]);
+    let mut sys = Sys::start(&nats, &repo);
+    let i = sys.runner("r0", &[], &[]);
+    let pid = sys.procs[i].pid();
+
+    let mut peak_kib = 0u64;
+    let deadline = Instant::now() + BOUND;
+    while stream_raw_messages(&sys.url, "CI_RESULTS", ">")
+        .await
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "no result");
+        peak_kib = peak_kib.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = &sys.results(1).await[0];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert_eq!(
+        r["log_bytes"],
+        209_715_200u64 + 1 + 8,
+        "every byte was counted"
+    );
+    assert!(r["output_tail"].as_str().unwrap().ends_with("the-end\n"));
+    assert!(
+        peak_kib < 150 * 1024,
+        "runner RSS peaked at {peak_kib} KiB while the test printed 200 MiB"
+    );
+
+    let logs = stream_raw_messages(&sys.url, "CI_LOGS", ">").await;
+    let stored: usize = logs.iter().map(|m| m.payload.len()).sum();
+    let text = String::from_utf8_lossy(&logs.last().unwrap().payload).into_owned();
+    assert!(
+        stored <= 10 * 1024 * 1024 + 1024,
+        "stored {stored} bytes of log"
+    );
+    assert!(stored >= 10 * 1024 * 1024, "the cap is filled: {stored}");
+    assert!(
+        text.contains("log truncated"),
+        "the log ends with the marker: {text:?}"
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_job_starts_clean_with_a_built_environment() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    // Fails if an earlier build's files, or an earlier job's HOME, are visible; prints the
+    // environment so the test can check what reached it.
+    let check = "test ! -e build.out && test ! -e \"$HOME/.seen\" && echo built > build.out \
+                 && touch \"$HOME/.seen\" && echo changed >> tracked.txt && env | sort";
+    let a = repo.commit(
+        "one",
+        &[
+            (".jetci.toml", &toml(check, "[env]\nFROM_REPO = \"yes\"\n")),
+            ("tracked.txt", "v1\n"),
+        ],
+    );
+    let mut sys = Sys::start(&nats, &repo);
+    sys.runner(
+        "r0",
+        &[],
+        &[
+            ("SECRET_TOKEN", "hunter2"),
+            ("AWS_SECRET_ACCESS_KEY", "also-secret"),
+        ],
+    );
+    sys.results(1).await;
+    let b = repo.commit("two", &[("other.txt", "x")]);
+    let all = sys.results(2).await;
+    for (r, sha) in all.iter().zip([&a, &b]) {
+        assert_eq!(r["status"], "passed", "{r:#}");
+        let out = r["output_tail"].as_str().unwrap();
+        assert!(out.contains(&format!("JETCI_COMMIT={sha}")), "{out}");
+        assert!(
+            out.contains("JETCI_BRANCH=main") && out.contains("JETCI_REPO=app"),
+            "{out}"
+        );
+        assert!(
+            out.contains("JETCI_RUN=1") && out.contains("JETCI_ATTEMPT=1"),
+            "{out}"
+        );
+        assert!(out.contains("FROM_REPO=yes"), "{out}");
+        assert!(
+            !out.contains("hunter2") && !out.contains("also-secret") && !out.contains("NATS_"),
+            "{out}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalid_jetci_toml_is_the_commits_error_with_the_line() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    repo.commit(
+        "bad config",
+        &[(".jetci.toml", "command = \"true\"\ntimeout = 5\n")],
+    );
+    let mut sys = Sys::start(&nats, &repo);
+    sys.runner("r0", &[], &[]);
+    let r = &sys.results(1).await[0];
+    assert_eq!(r["status"], "error", "{r:#}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(".jetci.toml") && reason.contains("line 2"),
+        "{reason}"
+    );
+}

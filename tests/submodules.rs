@@ -1,0 +1,134 @@
+//! Workspaces with submodules: the runner checks every submodule (and theirs) out of its own
+//! mirrors, resolving relative URLs like git, and a submodule it cannot fetch makes the commit's
+//! result `error`, naming the submodule.
+
+use std::time::Duration;
+
+use jetci_e2e::{wait_results, GitRepo, NatsServer, Proc};
+use serde_json::Value;
+
+/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// Observer on `repo`, one dispatcher, one runner; dropped together at the end of the test.
+struct System {
+    _procs: Vec<Proc>,
+    _work: tempfile::TempDir,
+}
+
+fn start(nats: &NatsServer, repo: &GitRepo) -> System {
+    let url = nats.url();
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = repo.path().to_str().expect("utf-8 path").to_string();
+    let runner_dir = work.path().join("r0");
+    let procs = vec![
+        Proc::spawn(
+            "jetci-observer",
+            &[
+                "-s",
+                &url,
+                "--poll-interval",
+                "200ms",
+                "--name",
+                "app",
+                &path,
+            ],
+            &[],
+        ),
+        Proc::spawn("jetci-dispatcher", &["-s", &url], &[]),
+        Proc::spawn(
+            "jetci-runner",
+            &[
+                "-s",
+                &url,
+                "--id",
+                "r0",
+                "--work-dir",
+                runner_dir.to_str().expect("utf-8 path"),
+            ],
+            &[],
+        ),
+    ];
+    System {
+        _procs: procs,
+        _work: work,
+    }
+}
+
+/// `git submodule add <url> <path>` in `repo`. Git >= 2.38 refuses local (`file`) submodules
+/// unless told otherwise; the setting is given to this command only.
+fn submodule_add(repo: &GitRepo, url: &str, path: &str) {
+    repo.run_git(&[
+        "-c",
+        "protocol.file.allow=always",
+        "submodule",
+        "add",
+        "-q",
+        url,
+        path,
+    ]);
+}
+
+/// `../<directory name of other>`: a sibling repository, relative to `repo` (which has no
+/// remote, so git and jetci both resolve it against the repository's own path).
+fn sibling(other: &GitRepo) -> String {
+    let name = other.path().file_name().expect("repo dir name");
+    format!("../{}", name.to_str().expect("utf-8 name"))
+}
+
+async fn only_result(nats: &NatsServer) -> Value {
+    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    results.into_iter().next().expect("one result")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn submodules_and_their_submodules_are_checked_out() {
+    let nats = NatsServer::start();
+    let nested = GitRepo::new();
+    nested.commit("nested", &[("n.txt", "nested")]);
+    let lib = GitRepo::new();
+    lib.commit("lib", &[("lib.txt", "lib")]);
+    submodule_add(&lib, &sibling(&nested), "nested");
+    lib.commit("add nested", &[]);
+    let app = GitRepo::new();
+    app.commit("app", &[("a.txt", "a")]);
+    submodule_add(&app, &sibling(&lib), "sub");
+    let sha = app.commit(
+        "add sub",
+        &[(
+            ".jetci.toml",
+            "command = \"test -f sub/lib.txt && test -f sub/nested/n.txt && test -f a.txt\"\n",
+        )],
+    );
+
+    let _sys = start(&nats, &app);
+    let r = only_result(&nats).await;
+    assert_eq!(r["sha"], sha.as_str(), "{r:#}");
+    assert_eq!(r["status"], "passed", "{r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submodule_that_cannot_be_fetched_is_an_error_naming_it() {
+    let nats = NatsServer::start();
+    let lib = GitRepo::new();
+    lib.commit("lib", &[("lib.txt", "lib")]);
+    let app = GitRepo::new();
+    app.commit("app", &[("a.txt", "a")]);
+    submodule_add(&app, &sibling(&lib), "sub");
+    let missing = "/nonexistent/jetci-missing.git";
+    app.run_git(&["config", "-f", ".gitmodules", "submodule.sub.url", missing]);
+    let sha = app.commit(
+        "point sub nowhere",
+        &[(".jetci.toml", "command = \"true\"\n")],
+    );
+
+    let _sys = start(&nats, &app);
+    let r = only_result(&nats).await;
+    assert_eq!(r["sha"], sha.as_str(), "{r:#}");
+    assert_eq!(r["status"], "error", "{r:#}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("submodule sub ({missing})")),
+        "the reason should name the submodule and its URL: {r:#}"
+    );
+}
