@@ -170,3 +170,121 @@ async fn a_result_finished_during_a_nats_outage_is_published_when_nats_returns()
         .unwrap()
         .contains("finished-offline"));
 }
+
+/// Waits until job `key` runs as `attempt`; returns its runner.
+async fn wait_attempt(url: &str, key: &str, attempt: u64) -> String {
+    let js = jetci_e2e::js(url).await;
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Ok(kv) = js.get_key_value("ci-jobs").await {
+            if let Ok(Some(value)) = kv.get(key).await {
+                let v: Value = serde_json::from_slice(&value).expect("job state is JSON");
+                if v["phase"] == "running" && v["attempt"] == attempt {
+                    return v["runner"].as_str().expect("runner").to_string();
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {key} never ran as attempt {attempt}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_runners_late_result_is_fenced() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let work = tempfile::tempdir().expect("tempdir");
+    let (repo, sha) = repo_running("sleep 5; echo attempt-$JETCI_ATTEMPT");
+    let _observer = observer(&url, &repo);
+    let _dispatcher = dispatcher(&url);
+    let runners = [
+        runner(&url, "r0", work.path()),
+        runner(&url, "r1", work.path()),
+    ];
+    let key = format!("app.{sha}.1");
+
+    // A silent partition: the runner stops answering but its connection stays open.
+    let holder = wait_running(&url, &key).await;
+    let stopped = &runners[if holder == "r0" { 0 } else { 1 }];
+    stopped.signal(nix::sys::signal::Signal::SIGSTOP);
+    let second = wait_attempt(&url, &key, 2).await;
+    assert_ne!(second, holder);
+    // It comes back while attempt 2 runs (its own test went on and ended meanwhile).
+    stopped.signal(nix::sys::signal::Signal::SIGCONT);
+
+    let r = the_one_result(&url).await;
+    assert_eq!(
+        r["attempt"], 2,
+        "the verdict is the current attempt's: {r:#}"
+    );
+    assert_eq!(r["runner"], second.as_str());
+    assert!(
+        r["output_tail"].as_str().unwrap().contains("attempt-2"),
+        "{r:#}"
+    );
+    // The late attempt 1 is kept for the record, apart from the verdicts.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let fenced = stream_messages(&url, "CI_RESULTS", "ci.superseded.>").await;
+        if let Some((_, late)) = fenced.first() {
+            assert_eq!(late["attempt"], 1, "{late:#}");
+            assert_eq!(late["runner"], holder.as_str());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the late result was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_checkout_that_keeps_failing_is_retried_then_reported_as_error() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let work = tempfile::tempdir().expect("tempdir");
+    let _dispatcher = dispatcher(&url);
+    let _runners = [
+        runner(&url, "r0", work.path()),
+        runner(&url, "r1", work.path()),
+    ];
+    // Valid in shape, nonsense in content: a repository that does not exist.
+    let client = async_nats::connect(url.as_str()).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    // Until a process has created the streams, the publish has nowhere to go.
+    let sha = "0123456789abcdef0123456789abcdef01234567";
+    let body = serde_json::json!({
+        "v": 1, "repo": "ghost", "url": "/nonexistent/ghost.git", "branch": "main", "sha": sha,
+        "run": 1, "published_at": "2026-11-30T00:00:00Z",
+    });
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let sent = js
+            .send_publish(
+                "ci.commits.ghost",
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(body.to_string().into())
+                    .message_id(format!("ghost.{sha}.1")),
+            )
+            .await;
+        if let Ok(ack) = sent {
+            if ack.await.is_ok() {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "cannot publish the commit");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let r = the_one_result(&url).await;
+    assert_eq!(r["status"], "error", "{r:#}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("attempt 3 of 3") && reason.contains("checkout failed"),
+        "{reason}"
+    );
+}

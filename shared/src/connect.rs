@@ -53,6 +53,10 @@ pub struct ConnectArgs {
     /// CA certificate to verify the server with; implies TLS.
     #[arg(long, env = "NATS_CA", global = true)]
     pub tlsca: Option<PathBuf>,
+    /// Prefix of reply subjects (default `_INBOX`). Give each user its own (e.g.
+    /// `_INBOX_runner-build-1`) so a user allowed to read its replies cannot read others'.
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
+    pub inbox_prefix: Option<String>,
     /// Prefix of every subject, stream and bucket, so installations can share an account.
     #[arg(long, env = "JETCI_PREFIX", default_value = "ci", global = true)]
     pub prefix: String,
@@ -89,11 +93,19 @@ pub struct Nats {
     pub js: jetstream::Context,
     pub names: Names,
     pub replicas: usize,
+    /// Counts (re)connections. After an outage every heartbeat is old, for no fault of the
+    /// runners; a dispatcher uses this to restart its lease clocks instead of reassigning
+    /// healthy jobs (I3).
+    pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
 impl ConnectArgs {
     /// Builds the async-nats options from the flags.
-    async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
+    async fn options(
+        &self,
+        name: &str,
+        connections: tokio::sync::watch::Sender<u64>,
+    ) -> Result<async_nats::ConnectOptions, ConnectError> {
         let mut opts = match &self.creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
                 .await
@@ -110,6 +122,9 @@ impl ConnectArgs {
                     "--user and --password go together".into(),
                 ))
             }
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix.clone());
         }
         if let Some(t) = &self.token {
             opts = opts.token(t.clone());
@@ -137,18 +152,26 @@ impl ConnectArgs {
             opts = opts.add_root_certificates(ca.clone()).require_tls(true);
         }
         let who = name.to_string();
+        let connections = std::sync::Arc::new(connections);
         Ok(opts
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let who = who.clone();
+                let connections = connections.clone();
                 async move {
                     match event {
                         async_nats::Event::Connected => {
+                            connections.send_modify(|n| *n += 1);
                             tracing::info!(process = %who, "connected to NATS")
                         }
                         async_nats::Event::Disconnected => {
                             tracing::warn!(process = %who, "lost NATS; reconnecting with backoff")
+                        }
+                        // A permissions violation means this user may not do what this process
+                        // needs: a configuration error, not noise.
+                        async_nats::Event::ServerError(e) => {
+                            tracing::error!(process = %who, error = %e, "the NATS server refused a request")
                         }
                         other => tracing::info!(process = %who, event = %other, "NATS event"),
                     }
@@ -167,12 +190,24 @@ impl ConnectArgs {
                 "--replicas must be between 1 and 5".into(),
             ));
         }
-        let opts = self.options(name).await?;
+        let (connected, connections) = tokio::sync::watch::channel(0);
+        let opts = self.options(name, connected).await?;
         let urls: Vec<String> = self
             .server
             .split(',')
             .map(|s| s.trim().to_string())
             .collect();
+        // async-nats 0.51 ignores `user:password@` in a URL; a silent anonymous login would only
+        // show up later as a refused request, so say it now.
+        let has_userinfo = |u: &String| {
+            let rest = u.split_once("://").map(|(_, r)| r).unwrap_or(u);
+            rest.split('/').next().unwrap_or("").contains('@')
+        };
+        if urls.iter().any(has_userinfo) {
+            return Err(ConnectError::BadFlag(
+                "credentials in the server URL are not used; pass --user/--password or --token instead".into(),
+            ));
+        }
         let url = self.server.clone();
         let client =
             opts.connect(urls.as_slice())
@@ -188,6 +223,7 @@ impl ConnectArgs {
             js,
             names,
             replicas: self.replicas,
+            connections,
         })
     }
 }

@@ -41,6 +41,10 @@ pub fn decide(
         // A live runner sees the cancel request in its next heartbeat and reports `cancelled`.
         JobPhase::Assigned | JobPhase::Running if s.cancel.is_some() && alive => Decision::Adopt,
         _ if s.cancel.is_some() => Decision::Cancel,
+        // Handed back by its runner (a failed checkout, a shutdown) after the last attempt.
+        JobPhase::Queued if s.attempt >= max_attempts => Decision::GiveUp {
+            attempts: s.attempt,
+        },
         JobPhase::Queued => Decision::Assign {
             attempt: s.attempt + 1,
         },
@@ -156,6 +160,14 @@ mod tests {
         assert_eq!(
             decide(Some(&state(JobPhase::Queued, 0)), stale, lease, 3),
             Decision::Assign { attempt: 1 }
+        );
+        assert_eq!(
+            decide(Some(&state(JobPhase::Queued, 2)), fresh, lease, 3),
+            Decision::Assign { attempt: 3 }
+        );
+        assert_eq!(
+            decide(Some(&state(JobPhase::Queued, 3)), fresh, lease, 3),
+            Decision::GiveUp { attempts: 3 }
         );
         let mut cancelled = state(JobPhase::Running, 1);
         cancelled.cancel = Some("by a user".into());

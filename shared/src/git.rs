@@ -153,6 +153,12 @@ impl Watched {
             .collect()
     }
 
+    /// True when the repository holds commit `oid` (a mark can point at a commit that a
+    /// force-push and a garbage collection removed).
+    pub fn has_commit(&self, oid: Oid) -> bool {
+        self.repo.find_commit(oid).is_ok()
+    }
+
     /// True when `ancestor` is `commit` or one of its ancestors.
     pub fn is_ancestor(&self, ancestor: Oid, commit: Oid) -> bool {
         ancestor == commit
@@ -218,6 +224,12 @@ fn open_or_init_bare(path: &Path) -> Result<Repository, GitError> {
 
 /// Fetches every branch and tag of `url` into `repo`'s own `refs/heads` and `refs/tags`.
 fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> {
+    if !is_url(url) && !Path::new(url).exists() {
+        return Err(GitError {
+            context: format!("cannot fetch {url}"),
+            message: "no such repository (the path does not exist on this machine)".into(),
+        });
+    }
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(err(format!("cannot fetch {url}")))?;

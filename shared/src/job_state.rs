@@ -29,7 +29,12 @@ pub enum StateError {
     Conflict,
     /// The stored value does not decode.
     #[error("job state of {key} does not decode: {reason}")]
-    Bad { key: String, reason: String },
+    Bad {
+        key: String,
+        reason: String,
+        /// The entry's revision, so the caller can overwrite it with compare-and-set.
+        revision: u64,
+    },
     /// NATS did not answer.
     #[error("cannot reach the job state bucket: {0}")]
     Server(String),
@@ -49,6 +54,7 @@ pub fn from_entry(entry: &kv::Entry) -> Result<Option<Versioned>, StateError> {
     let state: JobState = decode(&entry.value).map_err(|e| StateError::Bad {
         key: entry.key.clone(),
         reason: e.to_string(),
+        revision: entry.revision,
     })?;
     Ok(Some(Versioned {
         state,

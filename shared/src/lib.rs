@@ -6,6 +6,7 @@
 //! - [`streams`]: idempotent stream and bucket set-up;
 //! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
+//! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
 //! - [`results`]: first-writer-wins publishing of final results;
 //! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
@@ -14,6 +15,7 @@
 
 pub mod connect;
 pub mod dispatch;
+pub mod follow;
 pub mod git;
 pub mod job_state;
 pub mod logging;

@@ -84,6 +84,17 @@ pub fn encode<T: Wire>(msg: &T) -> bytes::Bytes {
         .into()
 }
 
+/// A branch name as git allows it: not empty, no control characters (git's
+/// `check-ref-format` rules), so it can go into a job's environment and a log line.
+fn check_branch(branch: &str) -> Result<(), MessageError> {
+    if branch.is_empty() || branch.chars().any(char::is_control) {
+        return Err(MessageError::Invalid(format!(
+            "branch {branch:?} is empty or holds control characters"
+        )));
+    }
+    Ok(())
+}
+
 fn check_run(run: u32) -> Result<(), MessageError> {
     if run == 0 {
         return Err(MessageError::Invalid("run must be at least 1".into()));
@@ -146,7 +157,7 @@ impl Wire for CommitMsg {
         if self.url.is_empty() {
             return Err(MessageError::Invalid("url is empty".into()));
         }
-        Ok(())
+        check_branch(&self.branch)
     }
 }
 
@@ -198,7 +209,7 @@ impl Wire for JobMsg {
         if self.attempt == 0 {
             return Err(MessageError::Invalid("attempt must be at least 1".into()));
         }
-        Ok(())
+        check_branch(&self.branch)
     }
 }
 
@@ -475,11 +486,71 @@ pub struct BranchMark {
     pub sha: String,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// In the `<repo>._seen` entry only: the URL or path the name belongs to, so a second
+    /// repository under the same name is refused instead of sharing its marks and results.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 impl Wire for BranchMark {
     fn version(&self) -> u32 {
         self.v
+    }
+}
+
+/// A hint that refs of `repo` moved, sent by `jetci notify` (from a git `post-receive` hook) as a
+/// core-NATS request on `ci.notify.<repo>`: the observer of `repo` polls at once and answers with
+/// a [`NotifyReply`]. Never stored and never needed for correctness: the observer's next poll finds
+/// the same commits, and its marks keep a notify from publishing one twice (DESIGN.md, I1). The
+/// ref fields are what the hook read from git, for the observer's log only.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyMsg {
+    pub v: u32,
+    /// Repository slug, as in the subject.
+    pub repo: String,
+    /// The ref that moved, such as `refs/heads/main`.
+    #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    /// Its old commit id (all zeros for a new ref).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<String>,
+    /// Its new commit id (all zeros for a deleted ref).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<String>,
+}
+
+impl Wire for NotifyMsg {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_token("repo", &self.repo)?;
+        Ok(())
+    }
+}
+
+/// The observer's answer to a [`NotifyMsg`], sent once the poll that started after the notify
+/// arrived has published (or failed).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyReply {
+    pub v: u32,
+    pub repo: String,
+    /// Commits that poll published (0: nothing was new).
+    pub published: u32,
+    /// Why the poll failed, when it did; the observer retries at its next poll.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Wire for NotifyReply {
+    fn version(&self) -> u32 {
+        self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_token("repo", &self.repo)?;
+        Ok(())
     }
 }
 
@@ -543,6 +614,12 @@ mod tests {
             Err(MessageError::Invalid(_))
         ));
         let mut v = serde_json::to_value(commit()).unwrap();
+        v["branch"] = "a\nb".into();
+        assert!(matches!(
+            decode::<CommitMsg>(v.to_string().as_bytes()),
+            Err(MessageError::Invalid(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
         v["run"] = 0.into();
         assert!(decode::<CommitMsg>(v.to_string().as_bytes()).is_err());
         let big = vec![b' '; MAX_MESSAGE_BYTES + 1];
@@ -555,6 +632,36 @@ mod tests {
             decode::<CommitMsg>(no_v),
             Err(MessageError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn notify_messages_round_trip_with_optional_fields() {
+        let full = NotifyMsg {
+            v: VERSION,
+            repo: "app".into(),
+            git_ref: Some("refs/heads/feature/ä.b".into()),
+            old: Some("0".repeat(40)),
+            new: Some("a".repeat(40)),
+        };
+        let bytes = encode(&full);
+        assert!(std::str::from_utf8(&bytes)
+            .unwrap()
+            .contains(r#""ref":"refs/heads/"#));
+        assert_eq!(decode::<NotifyMsg>(&bytes).unwrap(), full);
+        let bare: NotifyMsg = decode(br#"{"v":1,"repo":"app"}"#).unwrap();
+        assert_eq!(bare.git_ref, None);
+        assert_eq!(&encode(&bare)[..], br#"{"v":1,"repo":"app"}"#);
+        assert!(decode::<NotifyMsg>(br#"{"v":1,"repo":"a.b"}"#).is_err());
+        assert!(decode::<NotifyMsg>(br#"{"v":1,"repo":"app","x":1}"#).is_err());
+
+        let reply = NotifyReply {
+            v: VERSION,
+            repo: "app".into(),
+            published: 2,
+            error: None,
+        };
+        assert_eq!(decode::<NotifyReply>(&encode(&reply)).unwrap(), reply);
+        assert!(decode::<NotifyReply>(br#"{"v":1,"repo":"app","published":-1}"#).is_err());
     }
 
     #[test]

@@ -76,6 +76,9 @@ impl RepoConfig {
                 ))
             })?),
         };
+        if timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError("timeout must be longer than zero".into()));
+        }
         if let Some(c) = &raw.command {
             if c.trim().is_empty() {
                 return Err(ConfigError("command is empty".into()));
@@ -131,6 +134,7 @@ mod tests {
         let e = RepoConfig::parse("timeout = \"soon\"\n").unwrap_err();
         assert!(e.to_string().contains("soon"), "{e}");
         assert!(RepoConfig::parse("labels = [\"a b\"]").is_err());
+        assert!(RepoConfig::parse("timeout = \"0s\"").is_err());
         assert!(RepoConfig::parse("command = \"  \"").is_err());
         assert!(RepoConfig::parse("command = ").is_err());
     }

@@ -186,6 +186,14 @@ impl Names {
         format!("{}.control.{runner}", self.prefix)
     }
 
+    /// `ci.notify.<repo>`: core-NATS requests (never stored) that tell the observer of `repo` to
+    /// poll now, sent by `jetci notify` from a git `post-receive` hook. Losing one costs only
+    /// latency: the observer's poll still finds the commit, and its marks keep a notify from
+    /// publishing anything twice.
+    pub fn notify_subject(&self, repo: &str) -> String {
+        format!("{}.notify.{repo}", self.prefix)
+    }
+
     /// KV bucket `ci-observer`: last head seen per `<repo>.<branch-hash>`.
     pub fn observer_bucket(&self) -> String {
         format!("{}-observer", self.prefix)
@@ -229,6 +237,18 @@ mod tests {
             format!("ci.logs.app.{sha}.2.3")
         );
         assert_eq!(n.jobs_bucket(), "ci-jobs");
+    }
+
+    #[test]
+    fn notify_subject_is_per_repo_and_prefixed() {
+        assert_eq!(Names::default().notify_subject("app"), "ci.notify.app");
+        let n = Names::new("t1").unwrap();
+        assert_eq!(
+            n.notify_subject(&repo_slug("/srv/git/app.git")),
+            "t1.notify.app"
+        );
+        // Not under `ci.commits.>` or any stream's subjects: a notify is never stored.
+        assert!(!n.notify_subject("app").starts_with("t1.commits."));
     }
 
     #[test]

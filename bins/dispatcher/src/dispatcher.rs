@@ -34,6 +34,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// How often held jobs are checked for late heartbeats (in memory, cheap); commits are extended
+/// only every lease/3.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+
 /// Tunables from the command line.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -80,6 +84,11 @@ pub struct Dispatcher {
     held: HashMap<String, Held>,
     picks: HashMap<String, u64>,
     pick_count: u64,
+    /// When held commits were last extended.
+    extended: Instant,
+    /// When the connection to NATS last came back: no heartbeat can be older than that for a
+    /// runner's fault, so ages count from it at most.
+    reconnected: Instant,
 }
 
 /// What a liveness probe found.
@@ -132,6 +141,8 @@ impl Dispatcher {
             held: HashMap::new(),
             picks: HashMap::new(),
             pick_count: 0,
+            extended: Instant::now(),
+            reconnected: Instant::now(),
         })
     }
 
@@ -147,9 +158,10 @@ impl Dispatcher {
         let (got_tx, mut got_rx) = mpsc::channel::<Option<Message>>(1);
         tokio::spawn(pull_commits(self.consumer.clone(), want_rx, got_tx));
         let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
-        let mut tick = tokio::time::interval(self.beat());
+        let mut tick = tokio::time::interval(CHECK_EVERY.min(self.beat()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pulling = false;
+        let mut connections = self.nats.connections.clone();
         tracing::info!(lease = ?self.settings.lease, max_attempts = self.settings.max_attempts, "dispatcher ready");
 
         loop {
@@ -164,6 +176,7 @@ impl Dispatcher {
                     }
                 }
                 Some(p) = probe_rx.recv() => self.on_probe(p).await,
+                Ok(()) = connections.changed() => self.on_reconnect(),
                 _ = tick.tick() => self.on_tick(&probe_tx).await,
             }
             // Pull a commit only when a runner could start it now: the queue stays in the
@@ -189,7 +202,7 @@ impl Dispatcher {
         }
         match decode::<RunnerInfo>(&e.value) {
             Ok(info) => {
-                let written = Instant::now() - job_state::age_of(e.created);
+                let written = self.since(job_state::age_of(e.created));
                 let new = !self.runners.contains_key(&e.key);
                 if new {
                     tracing::info!(runner = %info.id, labels = ?info.labels, capacity = info.capacity, "runner joined");
@@ -234,7 +247,7 @@ impl Dispatcher {
                         Active {
                             runner,
                             revision: state.revision,
-                            written: Instant::now() - state.age,
+                            written: self.since(state.age),
                         },
                     );
                 }
@@ -311,16 +324,31 @@ impl Dispatcher {
     async fn advance(&mut self, key: &str) {
         let current = match job_state::read(&self.streams.job_states, key).await {
             Ok(c) => c,
-            Err(StateError::Bad { reason, .. }) => {
+            Err(StateError::Bad {
+                reason, revision, ..
+            }) => {
+                // Replace it (compare-and-set on its revision), then decide on the fresh state.
                 tracing::warn!(%key, %reason, "job state does not parse; starting the run afresh");
-                None
+                if let Some(held) = self.held.get(key) {
+                    let fresh = JobState::queued(&held.commit);
+                    match job_state::write(&self.streams.job_states, key, &fresh, Some(revision))
+                        .await
+                    {
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(%key, error = %e, "cannot replace the job state"),
+                    }
+                }
+                return;
             }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "cannot read job state; trying again next beat");
                 return;
             }
         };
-        let mut age = current.as_ref().map(|c| c.age).unwrap_or_default();
+        let mut age = current
+            .as_ref()
+            .map(|c| c.age.min(self.reconnected.elapsed()))
+            .unwrap_or_default();
         if let Some(runner) = current.as_ref().and_then(|c| c.state.runner.as_deref()) {
             if !self.runner_alive(runner) && self.gone.contains_key(runner) {
                 // The probe found its connection gone: no need to wait out the lease.
@@ -470,7 +498,7 @@ impl Dispatcher {
         .await;
         match sent {
             Ok(ack) => {
-                tracing::info!(%key, %runner, attempt, branch = %commit.branch, "job assigned");
+                tracing::info!(%key, %runner, attempt, branch = ?commit.branch, "job assigned");
                 // Remember where the job message is, so it can be deleted if the runner is lost
                 // before taking it. The runner may have written first; then it recorded it.
                 state.job_seq = Some(ack.sequence);
@@ -487,12 +515,17 @@ impl Dispatcher {
 
     /// After `attempts` lost runners: the run's final result is `error`.
     async fn give_up(&mut self, key: &str, current: Option<Versioned>, attempts: u32) {
-        let runner = current
-            .as_ref()
-            .and_then(|c| c.state.runner.clone())
-            .unwrap_or_default();
+        let state = current.as_ref().map(|c| &c.state);
+        let why = match (
+            state.and_then(|s| s.reason.clone()),
+            state.and_then(|s| s.runner.clone()),
+        ) {
+            (Some(reason), _) => reason,
+            (None, Some(runner)) => format!("runner {runner} stopped heartbeating"),
+            (None, None) => "the runner was lost".to_string(),
+        };
         let reason = format!(
-            "runner {runner} stopped heartbeating on attempt {attempts} of {}; giving up",
+            "attempt {attempts} of {} failed: {why}; giving up",
             self.settings.max_attempts
         );
         self.finish_without_run(key, current, attempts, Status::Error, reason)
@@ -564,11 +597,14 @@ impl Dispatcher {
         }
     }
 
-    /// Every lease/3: extend held commits, probe late runners, move stale jobs, retry waiting
+    /// Every 250 ms: extend held commits (each lease/3), probe late runners, move stale jobs, retry waiting
     /// commits.
     async fn on_tick(&mut self, probes: &mpsc::Sender<ProbeResult>) {
-        for held in self.held.values() {
-            let _ = held.msg.ack_with(AckKind::Progress).await;
+        if self.extended.elapsed() >= self.beat() {
+            self.extended = Instant::now();
+            for held in self.held.values() {
+                let _ = held.msg.ack_with(AckKind::Progress).await;
+            }
         }
         let beat = self.beat();
         let mut recheck = Vec::new();
@@ -584,7 +620,9 @@ impl Dispatcher {
             let age = active.written.elapsed();
             if age >= self.settings.lease {
                 recheck.push(key.clone());
-            } else if age > beat + beat / 2 && held.probed != Some(active.revision) {
+            } else if age > beat + beat / 4 && held.probed != Some(active.revision) {
+                // A heartbeat is late: one probe, answered "no responders" at once if the
+                // runner's connection is gone.
                 held.probed = Some(active.revision);
                 tokio::spawn(probe(
                     self.nats.clone(),
@@ -604,8 +642,34 @@ impl Dispatcher {
         }
     }
 
+    /// Back from an outage: every job and runner gets a full lease from now to show it is alive.
+    fn on_reconnect(&mut self) {
+        let now = Instant::now();
+        tracing::info!(
+            jobs = self.active.len(),
+            "connected to NATS; lease clocks restart"
+        );
+        self.reconnected = now;
+        for a in self.active.values_mut() {
+            a.written = a.written.max(now);
+        }
+        for p in self.runners.values_mut() {
+            p.written = p.written.max(now);
+        }
+        for h in self.held.values_mut() {
+            h.probed = None;
+        }
+        self.gone.clear();
+    }
+
+    /// The time a state or presence written `age` ago counts as, after an outage.
+    fn since(&self, age: Duration) -> Instant {
+        (Instant::now() - age).max(self.reconnected)
+    }
+
     async fn on_probe(&mut self, p: ProbeResult) {
-        if !p.gone {
+        // Right after a reconnect the runners are reconnecting too: their silence proves nothing.
+        if !p.gone || self.reconnected.elapsed() < self.settings.lease {
             return;
         }
         let Some(presence) = self.runners.get(&p.runner) else {

@@ -5,6 +5,7 @@
 
 mod jobs;
 mod local_nats;
+mod notify;
 mod procs;
 mod results;
 mod status;
@@ -90,6 +91,13 @@ enum Cmd {
     /// Show the queue (and why each commit waits), the runners, the jobs in flight and the
     /// streams' sizes.
     Status(StatusArgs),
+    /// Tell REPO's observer to poll now (run by the git post-receive hook, deploy/hooks).
+    ///
+    /// Sends a request on ci.notify.<repo> and waits for the observer's answer, which comes when
+    /// the commits of the push are published. Exits 0 also when no observer answers (a warning
+    /// says so): the observer's poll publishes the commits anyway. Non-zero only when NATS
+    /// cannot be reached.
+    Notify(notify::NotifyArgs),
 }
 
 /// `jetci status` flags.
@@ -202,6 +210,7 @@ async fn run(cli: Cli, quiet_default: bool) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Notify(args) => notify::run(args, &cli.connect).await,
         Cmd::Rerun(args) => {
             let (nats, streams) = connect(&cli.connect, "jetci-rerun").await?;
             let target = jobs::resolve(&nats, &streams, &args.commit).await?;

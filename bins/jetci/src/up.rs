@@ -153,7 +153,11 @@ async fn run_system(
         common.command(&bins.dispatcher),
         logs.join("dispatcher.log"),
     )?);
-    let host = procs::hostname();
+    // Runner ids carry a tag of the store directory, so two `jetci up` on one NATS server (two
+    // checkouts, two repositories) do not fight over the same runner ids.
+    let store_abs = std::fs::canonicalize(&args.store).unwrap_or_else(|_| args.store.clone());
+    let tag = &jetci::git::text_hash(&store_abs.to_string_lossy())[..4];
+    let host = format!("{}-{tag}", procs::host_slug(&procs::hostname()));
     let mut runner_ids = Vec::new();
     for i in 1..=usize::from(args.runners) {
         let id = procs::runner_id(&host, i);

@@ -6,9 +6,14 @@
 //! then move the branch's mark ([`marks`], [`poll`]). A failed poll (git error, NATS down) is
 //! logged and tried again on the next tick; nothing it did not finish is marked, so a restart or
 //! an outage loses no commit and publishes none twice (DESIGN.md, invariants I1 and I4).
+//!
+//! Between ticks it also listens on `ci.notify.<repo>`: a git hook's `jetci notify` makes it poll
+//! at once and answers when that poll has published ([`notify`]). The poll stays the safety net
+//! for every notify that is lost.
 
 mod commit;
 mod marks;
+mod notify;
 mod plan;
 mod poll;
 
@@ -28,6 +33,7 @@ use jetci::subjects::{check_token, repo_slug};
 use tracing::info;
 
 use crate::marks::Marks;
+use crate::notify::Notices;
 use crate::poll::{Observer, Trouble};
 
 const LONG_ABOUT: &str = "\
@@ -47,6 +53,10 @@ one branch is not published again for another; a force-push publishes the rewrit
 REPO is a local path (the repository itself, bare or not, is read on every poll) or a git URL,
 which is mirrored under --mirror-dir and fetched on every poll. Runners fetch commits from the
 same path or URL, so give a path they can read too.
+
+It also polls at once when asked on ci.notify.<name>: with deploy/hooks/post-receive installed in
+the repository, each push runs `jetci notify <name>`, which returns once the push's commits are
+published. The poll interval can then be long (e.g. 1m): it only catches a lost notify.
 
 Run one observer per repository. Example:
   jetci-observer -s nats://ci.example:4222 --branches 'release/*' /srv/git/app.git";
@@ -112,7 +122,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Connects, then polls until SIGINT or SIGTERM.
+/// Connects, then polls until SIGINT or SIGTERM: every `--poll-interval` after the last poll
+/// ended, and at once when notified.
 async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<()> {
     let shutdown = Shutdown::install().context("cannot install the signal handlers")?;
     let nats = args
@@ -120,7 +131,7 @@ async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<(
         .connect(&format!("jetci-observer {repo}"))
         .await?;
     let streams = jetci::streams::setup(&nats).await?;
-    let mut marks = Marks::load(streams.marks, &repo).await?;
+    let mut marks = Marks::load(streams.marks, &repo, &watched.url).await?;
     info!(
         repo,
         url = watched.url,
@@ -137,13 +148,20 @@ async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<(
         nats,
     };
 
+    let mut notices = Notices::subscribe(&observer.nats, &observer.repo).await?;
     let mut trouble = Trouble::default();
     while !shutdown.token.is_cancelled() {
-        let outcome = observer.poll(&mut marks, &shutdown.token).await;
-        trouble.note(outcome, args.poll_interval);
+        // The notifies heard so far arrived before this poll starts, so it answers them.
+        let answering = notices.take();
+        let polled = observer.poll(&mut marks, &shutdown.token).await;
+        notices
+            .answer(answering, polled.published, &polled.outcome)
+            .await;
+        trouble.note(polled.outcome, args.poll_interval);
         tokio::select! {
             _ = shutdown.token.cancelled() => {}
             _ = tokio::time::sleep(args.poll_interval) => {}
+            () = notices.heard() => {}
         }
     }
     info!("stopped");

@@ -35,6 +35,7 @@ pub fn polled_key(repo: &str) -> String {
 pub struct Marks {
     kv: kv::Store,
     repo: String,
+    url: String,
     heads: BTreeMap<String, Oid>,
     ever_polled: bool,
 }
@@ -42,7 +43,10 @@ pub struct Marks {
 impl Marks {
     /// Reads every mark of `repo` from the bucket. A value that cannot be read is logged and
     /// ignored: its branch is then treated as new.
-    pub async fn load(kv: kv::Store, repo: &str) -> anyhow::Result<Marks> {
+    ///
+    /// Errors: the name `repo` already belongs to another repository than `url` (two
+    /// repositories whose paths end alike): they would share marks, subjects and results.
+    pub async fn load(kv: kv::Store, repo: &str, url: &str) -> anyhow::Result<Marks> {
         let what = || format!("cannot read the marks of {repo} from the observer bucket");
         let prefix = format!("{repo}.");
         let keys: Vec<String> = kv
@@ -55,12 +59,25 @@ impl Marks {
         let mut marks = Marks {
             kv,
             repo: repo.to_string(),
+            url: url.to_string(),
             heads: BTreeMap::new(),
             ever_polled: false,
         };
         for key in keys.into_iter().filter(|k| k.starts_with(&prefix)) {
             if key == polled_key(repo) {
                 marks.ever_polled = true;
+                let owner = marks
+                    .kv
+                    .get(&key)
+                    .await
+                    .with_context(what)?
+                    .and_then(|v| decode::<BranchMark>(&v).ok())
+                    .and_then(|m| m.url);
+                if let Some(owner) = owner.filter(|o| o != url) {
+                    anyhow::bail!(
+                        "the name {repo:?} is already used for the repository at {owner}; give this one another --name"
+                    );
+                }
                 continue;
             }
             let Some(value) = marks.kv.get(&key).await.with_context(what)? else {
@@ -110,7 +127,8 @@ impl Marks {
     /// Records that a poll completed; writes once, then does nothing.
     pub async fn record_polled(&mut self) -> anyhow::Result<()> {
         if !self.ever_polled {
-            let seen = mark(&self.repo, "", "");
+            let mut seen = mark(&self.repo, "", "");
+            seen.url = Some(self.url.clone());
             self.kv
                 .put(polled_key(&self.repo), encode(&seen))
                 .await
@@ -128,6 +146,7 @@ fn mark(repo: &str, branch: &str, sha: &str) -> BranchMark {
         branch: branch.to_string(),
         sha: sha.to_string(),
         updated_at: now(),
+        url: None,
     }
 }
 

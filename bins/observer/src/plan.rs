@@ -87,7 +87,14 @@ pub fn plan(
         if mark == Some(*head) {
             continue;
         }
-        let new = if !ever_polled && mark.is_none() {
+        // A mark whose commit is gone (force-push, then garbage collection): what was tested
+        // is unknown, so this branch starts over like a first sight instead of flooding the
+        // runners with its whole history.
+        let lost = mark.is_some_and(|m| !watched.has_commit(m));
+        if lost {
+            tracing::warn!(branch = ?name, "the branch's last seen commit is gone from the repository; testing only its head");
+        }
+        let new = if (!ever_polled && mark.is_none()) || lost {
             // First sight: the head only, once per distinct head.
             if seen.contains(head) {
                 vec![]
@@ -319,6 +326,19 @@ mod tests {
         r.set("alpha", z[1]);
         let steps = poll(&w, &mut marks, true);
         assert_eq!(published(&steps), vec![("zeta", z[0]), ("zeta", z[1])]);
+    }
+
+    #[test]
+    fn a_mark_whose_commit_is_gone_tests_only_the_head() {
+        let mut r = Repo::new();
+        let history = r.commits("main", None, 5);
+        let w = r.watched();
+        // As after a force-push and a garbage collection: the mark names a commit the
+        // repository no longer has.
+        let gone = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
+        let mut marks = BTreeMap::from([("main".to_string(), gone)]);
+        let steps = poll(&w, &mut marks, true);
+        assert_eq!(published(&steps), vec![("main", history[4])]);
     }
 
     #[test]

@@ -45,13 +45,28 @@ struct Work {
     failed: Vec<(String, GitError)>,
 }
 
+/// What one poll did: the commits it published, and whether it finished.
+pub struct Polled {
+    /// Commits acknowledged by the stream in this poll (duplicates it dropped included).
+    pub published: u32,
+    /// `Err` when the poll stopped early; the next poll picks up where it stopped.
+    pub outcome: anyhow::Result<()>,
+}
+
 impl Observer {
-    /// One poll: read git, then publish and mark step by step. Returns at the first NATS error,
+    /// One poll: read git, then publish and mark step by step. Stops at the first NATS error,
     /// leaving the remaining steps to the next poll; stops between steps on shutdown.
-    pub async fn poll(
+    pub async fn poll(&self, marks: &mut Marks, shutdown: &CancellationToken) -> Polled {
+        let mut published = 0;
+        let outcome = self.poll_counting(marks, shutdown, &mut published).await;
+        Polled { published, outcome }
+    }
+
+    async fn poll_counting(
         &self,
         marks: &mut Marks,
         shutdown: &CancellationToken,
+        published: &mut u32,
     ) -> anyhow::Result<()> {
         let work = tokio::select! {
             work = self.read_git(marks) => work?,
@@ -63,6 +78,7 @@ impl Observer {
             }
             if let Some(msg) = msg {
                 self.publish(msg).await?;
+                *published += 1;
             }
             marks.set(&step.branch, step.commit).await?;
         }

@@ -44,6 +44,9 @@ pub struct Spec {
     pub timeout: Duration,
     /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// Who runs it: the start of every job token, so a restarted runner can find what a killed
+    /// one left running ([`kill_orphans`]).
+    pub owner: String,
 }
 
 /// How the command ended.
@@ -88,7 +91,7 @@ pub async fn run(
     sink: &mut impl Output,
     cancel: &CancellationToken,
 ) -> io::Result<Outcome> {
-    let token = job_token();
+    let token = job_token(&spec.owner);
     let marker = format!("{TOKEN_VAR}={token}");
     let (reader, writer) = io::pipe()?;
     let mut cmd = tokio::process::Command::new("sh");
@@ -157,7 +160,7 @@ pub async fn run(
         }
     }
     let status = status.expect("the loop ends only after the command exited");
-    let escaped = kill_marked(&marker).await;
+    let escaped = kill_marked(marker.into_bytes(), true).await;
     if escaped > 0 {
         tracing::info!(
             processes = escaped,
@@ -180,8 +183,15 @@ pub async fn run(
 /// The environment variable that marks every process of one job.
 pub const TOKEN_VAR: &str = "JETCI_JOB_TOKEN";
 
-/// A token no other job on this machine has: pid, time and a counter.
-fn job_token() -> String {
+/// Kills what jobs of `owner` left running when the runner that ran them was killed (SIGKILL
+/// gives a runner no chance to stop its jobs): every process whose job token starts with
+/// `owner`. Returns how many.
+pub async fn kill_orphans(owner: &str) -> usize {
+    kill_marked(format!("{TOKEN_VAR}={owner}-").into_bytes(), false).await
+}
+
+/// A token no other job on this machine has: owner, pid, time and a counter.
+fn job_token(owner: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = std::time::SystemTime::now()
@@ -189,20 +199,20 @@ fn job_token() -> String {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     format!(
-        "{}-{nanos}-{}",
+        "{owner}-{}-{nanos}-{}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
 }
 
-/// SIGKILLs every process whose environment holds `marker` (`NAME=value`), a few rounds in case
-/// one forks while being killed. Returns how many were killed.
-async fn kill_marked(marker: &str) -> usize {
-    let marker = marker.as_bytes().to_vec();
+/// SIGKILLs every process whose environment holds `marker` (`NAME=value`; with `exact` false,
+/// any entry starting with it), a few rounds in case one forks while being killed. Returns how
+/// many were killed.
+async fn kill_marked(marker: Vec<u8>, exact: bool) -> usize {
     tokio::task::spawn_blocking(move || {
         let mut killed = 0;
         for _ in 0..5 {
-            let found = marked_pids(&marker);
+            let found = marked_pids(&marker, exact);
             if found.is_empty() {
                 break;
             }
@@ -219,7 +229,7 @@ async fn kill_marked(marker: &str) -> usize {
     .unwrap_or(0)
 }
 
-fn marked_pids(marker: &[u8]) -> Vec<Pid> {
+fn marked_pids(marker: &[u8], exact: bool) -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -227,7 +237,15 @@ fn marked_pids(marker: &[u8]) -> Vec<Pid> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
-                .map(|env| env.split(|b| *b == 0).any(|entry| entry == marker))
+                .map(|env| {
+                    env.split(|b| *b == 0).any(|e| {
+                        if exact {
+                            e == marker
+                        } else {
+                            e.starts_with(marker)
+                        }
+                    })
+                })
                 .unwrap_or(false)
         })
         .map(Pid::from_raw)
@@ -261,6 +279,7 @@ mod tests {
             env: vec![("PATH".into(), std::env::var("PATH").unwrap_or_default())],
             timeout,
             grace: Duration::from_millis(500),
+            owner: "test".into(),
         }
     }
 

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use async_nats::jetstream::{self, AckKind};
 use jetci::connect::Nats;
 use jetci::git::Mirror;
@@ -107,6 +106,12 @@ impl Runner {
         }
     }
 
+    /// This runner's mark on its jobs' processes: a hash of its work dir, stable across restarts.
+    pub fn owner(&self) -> String {
+        let dir = std::fs::canonicalize(&self.work_dir).unwrap_or_else(|_| self.work_dir.clone());
+        format!("runner{}", jetci::git::text_hash(&dir.to_string_lossy()))
+    }
+
     pub fn pending_dir(&self) -> PathBuf {
         self.work_dir.join("pending")
     }
@@ -141,7 +146,7 @@ impl Runner {
                 return;
             }
         };
-        tracing::info!(job = %job_id, branch = %job.branch, "running job");
+        tracing::info!(job = %job_id, branch = ?job.branch, "running job");
         self.active.lock().expect("lock").insert(job_id.clone());
 
         let msg = Arc::new(msg);
@@ -168,20 +173,34 @@ impl Runner {
             });
         }
 
-        let result = self.execute(&job, &stop).await;
+        let verdict = self.execute(&job, &stop).await;
         let why = *stop_reason.lock().expect("lock");
-        match why {
-            Some(Stop::HandBack) => {
+        match (why, verdict) {
+            (Some(Stop::HandBack), _) => {
                 heartbeat.abort();
-                self.hand_back(&job).await;
+                let reason = format!("handed back by runner {} (shutting down)", self.id);
+                self.hand_back(&job, reason).await;
             }
-            Some(Stop::Superseded) => {
+            (Some(Stop::Superseded), verdict) => {
                 heartbeat.abort();
-                self.record_superseded(&result).await;
+                if let Verdict::Done(result) = verdict {
+                    self.record_superseded(&result).await;
+                }
                 let _ = msg.double_ack().await;
             }
-            None | Some(Stop::Cancel) => {
-                self.deliver(&result, heartbeat).await;
+            (None | Some(Stop::Cancel), Verdict::Retry(reason)) => {
+                // Not the test's fault (the checkout failed): another attempt, maybe elsewhere.
+                heartbeat.abort();
+                self.hand_back(&job, reason).await;
+                let _ = msg.double_ack().await;
+            }
+            (None | Some(Stop::Cancel), Verdict::Done(result)) => {
+                if self.fence(&job).await {
+                    self.deliver(&result, heartbeat).await;
+                } else {
+                    heartbeat.abort();
+                    self.record_superseded(&result).await;
+                }
                 let _ = msg.double_ack().await;
             }
         }
@@ -285,8 +304,42 @@ impl Runner {
         self.work_dir.join("jobs").join(job_id)
     }
 
-    /// Checks out and runs the job; every failure becomes the result's status and reason.
-    async fn execute(&self, job: &JobMsg, stop: &CancellationToken) -> ResultMsg {
+    /// The fence before a verdict: renews the job's state with compare-and-set, which succeeds
+    /// only while the state still names this attempt. After it, no dispatcher reassigns the job
+    /// for a whole lease, so the result published next cannot race a newer attempt's (a runner
+    /// that was stopped or cut off past its lease finds itself superseded here). `true` also when
+    /// NATS cannot be reached: then no dispatcher can reassign either, and the result waits on
+    /// disk.
+    async fn fence(&self, job: &JobMsg) -> bool {
+        let store = &self.streams.job_states;
+        let key = job.key();
+        for _ in 0..5 {
+            let current = match job_state::read(store, &key).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return false,
+                Err(_) => return true,
+            };
+            let s = &current.state;
+            if s.attempt != job.attempt
+                || s.runner.as_deref() != Some(self.id.as_str())
+                || s.phase == JobPhase::Final
+            {
+                return false;
+            }
+            let mut next = s.clone();
+            next.updated_at = messages::now();
+            match job_state::write(store, &key, &next, Some(current.revision)).await {
+                Ok(_) => return true,
+                Err(StateError::Conflict) => continue,
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+
+    /// Checks out and runs the job. A failure of the test or of its configuration becomes the
+    /// result's status and reason; a failed checkout asks for another attempt.
+    async fn execute(&self, job: &JobMsg, stop: &CancellationToken) -> Verdict {
         let started = OffsetDateTime::now_utc();
         let clock = std::time::Instant::now();
         let log_subject = self
@@ -319,9 +372,13 @@ impl Runner {
             tests: None,
         };
         match self.prepare(job).await {
-            Err(e) => {
-                result.reason = Some(format!("{e:#}"));
-                result.output_tail = format!("jetci: {e:#}\n");
+            Err(Prepare::Retry(reason)) => {
+                tracing::warn!(job = %job.job_id(), %reason, "cannot prepare the job; handing it back for another attempt");
+                return Verdict::Retry(reason);
+            }
+            Err(Prepare::Fail(reason)) => {
+                result.output_tail = format!("jetci: {reason}\n");
+                result.reason = Some(reason);
             }
             Ok((spec, config)) => {
                 let mut output = JobOutput {
@@ -329,6 +386,9 @@ impl Runner {
                     scanner: OutputScanner::new(),
                 };
                 let outcome = exec::run(&spec, &mut output, stop).await;
+                // The command's time, not the log upload's (slow while NATS recovers).
+                result.finished_at = OffsetDateTime::now_utc();
+                result.duration_ms = clock.elapsed().as_millis() as u64;
                 output.log.finish(Duration::from_secs(10)).await;
                 result.tests =
                     test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
@@ -348,22 +408,33 @@ impl Runner {
                 }
             }
         }
-        result.finished_at = OffsetDateTime::now_utc();
-        result.duration_ms = clock.elapsed().as_millis() as u64;
-        result
+        if result.duration_ms == 0 {
+            result.finished_at = OffsetDateTime::now_utc();
+            result.duration_ms = clock.elapsed().as_millis() as u64;
+        }
+        Verdict::Done(result)
     }
 
     /// A fresh checkout of the job's commit, its config and its environment.
-    async fn prepare(&self, job: &JobMsg) -> anyhow::Result<(Spec, RepoConfig)> {
+    ///
+    /// Errors: [`Prepare::Retry`] when the workspace or the checkout fails (the network, the
+    /// disk, a repository that moved: worth another attempt, maybe on another runner);
+    /// [`Prepare::Fail`] when the commit's own `.jetci.toml` is wrong (every attempt would fail
+    /// the same way).
+    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, RepoConfig), Prepare> {
         let dir = self.job_dir(&job.job_id());
         let src = dir.join("src");
         let home = dir.join("home");
         let tmp = dir.join("tmp");
         let _ = tokio::fs::remove_dir_all(&dir).await;
         for d in [&src, &home, &tmp] {
-            tokio::fs::create_dir_all(d)
-                .await
-                .with_context(|| format!("cannot create {}", d.display()))?;
+            tokio::fs::create_dir_all(d).await.map_err(|e| {
+                Prepare::Retry(format!(
+                    "cannot create {} on runner {}: {e}",
+                    d.display(),
+                    self.id
+                ))
+            })?;
         }
         let mirrors = self.work_dir.join("mirrors");
         let lock = {
@@ -374,19 +445,43 @@ impl Runner {
         };
         let _guard = lock.lock().await;
         let (url, sha, dest) = (job.url.clone(), job.sha.clone(), src.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), jetci::git::GitError> {
+        let checkout = tokio::task::spawn_blocking(move || -> Result<(), jetci::git::GitError> {
             let mirror = Mirror::open(&url, &mirrors)?;
             let oid = mirror.ensure_commit(&sha)?;
             mirror.checkout(oid, &dest)
         })
-        .await
-        .context("checkout task failed")??;
+        .await;
         drop(_guard);
+        match checkout {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                return Err(Prepare::Retry(format!(
+                    "checkout failed on runner {}: {e}",
+                    self.id
+                )))
+            }
+            Err(e) => {
+                return Err(Prepare::Retry(format!(
+                    "checkout task failed on runner {}: {e}",
+                    self.id
+                )))
+            }
+        }
 
-        let config = match tokio::fs::read_to_string(src.join(FILE_NAME)).await {
-            Ok(text) => RepoConfig::parse(&text)?,
+        // Read only a regular file: a symlink could point outside the checkout.
+        let config_path = src.join(FILE_NAME);
+        if tokio::fs::symlink_metadata(&config_path)
+            .await
+            .is_ok_and(|m| !m.file_type().is_file())
+        {
+            return Err(Prepare::Fail(format!(
+                "{FILE_NAME} must be a regular file (not a symlink or a directory)"
+            )));
+        }
+        let config = match tokio::fs::read_to_string(&config_path).await {
+            Ok(text) => RepoConfig::parse(&text).map_err(|e| Prepare::Fail(e.to_string()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RepoConfig::default(),
-            Err(e) => anyhow::bail!("cannot read {FILE_NAME}: {e}"),
+            Err(e) => return Err(Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"))),
         };
         let spec = Spec {
             command: config
@@ -397,6 +492,7 @@ impl Runner {
             env: self.job_env(job, &home, &tmp, &config),
             timeout: config.timeout.unwrap_or(self.default_timeout),
             grace: self.grace,
+            owner: self.owner(),
         };
         Ok((spec, config))
     }
@@ -518,10 +614,11 @@ impl Runner {
         }
     }
 
-    /// Gives the job back without a verdict: the state goes back to `queued` with no runner, so
-    /// the dispatcher holding the commit assigns the next attempt at its next beat instead of
-    /// waiting out the lease. If the write fails the lease does the same, only later.
-    async fn hand_back(&self, job: &JobMsg) {
+    /// Gives the job back without a verdict: the state goes back to `queued` with no runner and
+    /// the reason, so the dispatcher holding the commit assigns the next attempt at its next beat
+    /// instead of waiting out the lease (and gives up with that reason after its last attempt).
+    /// If the write fails the lease does the same, only later.
+    async fn hand_back(&self, job: &JobMsg, reason: String) {
         let store = &self.streams.job_states;
         let key = job.key();
         if let Ok(Some(current)) = job_state::read(store, &key).await {
@@ -533,7 +630,7 @@ impl Runner {
                 let mut next = s.clone();
                 next.phase = JobPhase::Queued;
                 next.runner = None;
-                next.reason = Some(format!("handed back by runner {} (shutting down)", self.id));
+                next.reason = Some(reason);
                 next.updated_at = messages::now();
                 let _ = job_state::write(store, &key, &next, Some(current.revision)).await;
             }
@@ -599,6 +696,22 @@ async fn test_counts(
         }
     }
     scanner.finish()
+}
+
+/// What running a job came to.
+enum Verdict {
+    /// A result, whatever its status.
+    Done(ResultMsg),
+    /// No verdict: the job should be tried again (why).
+    Retry(String),
+}
+
+/// Why a job could not be prepared.
+enum Prepare {
+    /// Worth another attempt.
+    Retry(String),
+    /// The commit's own fault: the result is `error` with this reason.
+    Fail(String),
 }
 
 /// A job's output goes to its log and to the test-count scanner.

@@ -141,6 +141,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.keep_workspaces,
         args.pass_env.clone(),
     ));
+    let orphans = exec::kill_orphans(&runner.owner()).await;
+    if orphans > 0 {
+        tracing::warn!(
+            processes = orphans,
+            "killed test processes left by an earlier run of this runner"
+        );
+    }
     tokio::spawn(runner.clone().deliver_pending());
     let presence = tokio::spawn(register(
         runner.clone(),

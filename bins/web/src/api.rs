@@ -1,0 +1,173 @@
+//! The JSON API (documented in README.md, "jetci-web"). Results are served as published on
+//! `CI_RESULTS`, with their stream sequence added as `seq`; times are RFC 3339 UTC.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use jetci::messages::JobPhase;
+use jetci::subjects::{check_sha, is_token};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use time::OffsetDateTime;
+
+use crate::server::App;
+use crate::view::{age, Job, Stored};
+
+/// Results returned when `limit` is not given.
+const DEFAULT_LIMIT: usize = 100;
+
+fn result_json(s: &Arc<Stored>) -> Value {
+    let mut v = serde_json::to_value(&s.result).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("seq".into(), s.seq.into());
+        if s.superseded {
+            map.insert("superseded".into(), true.into());
+        }
+    }
+    v
+}
+
+fn job_json(j: &Job, now: OffsetDateTime) -> Value {
+    let mut v = serde_json::to_value(&j.state).unwrap_or(Value::Null);
+    if let Value::Object(map) = &mut v {
+        map.insert("key".into(), j.key.clone().into());
+        map.insert(
+            "age_ms".into(),
+            (age(now, j.written).as_millis() as u64).into(),
+        );
+    }
+    v
+}
+
+fn bad_request(message: &str) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+#[derive(Deserialize)]
+pub struct ResultsQuery {
+    repo: Option<String>,
+    branch: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/results?repo=&branch=&limit=`: final results, newest first.
+pub async fn results(State(app): State<App>, Query(q): Query<ResultsQuery>) -> Response {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(app.max_results);
+    let list = app
+        .shared
+        .read(|v| v.recent(q.repo.as_deref(), q.branch.as_deref(), limit));
+    Json(list.iter().map(result_json).collect::<Vec<_>>()).into_response()
+}
+
+/// `GET /api/repos`: each repository with its branches' latest verdict.
+pub async fn repos(State(app): State<App>) -> Response {
+    let list = app.shared.read(|v| {
+        v.repo_names()
+            .into_iter()
+            .map(|repo| {
+                let branches: Vec<Value> = v
+                    .branches(&repo)
+                    .iter()
+                    .map(|b| {
+                        let r = &b.latest.result;
+                        json!({
+                            "branch": b.name,
+                            "status": r.status,
+                            "sha": r.sha,
+                            "run": r.run,
+                            "summary": r.summary,
+                            "finished_at": r.finished_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                            "commits": b.commits,
+                        })
+                    })
+                    .collect();
+                json!({ "repo": repo, "branches": branches })
+            })
+            .collect::<Vec<_>>()
+    });
+    Json(list).into_response()
+}
+
+/// `GET /api/commit/{repo}/{sha}`: every run's result, superseded attempts, unfinished jobs.
+pub async fn commit(State(app): State<App>, Path((repo, sha)): Path<(String, String)>) -> Response {
+    if !is_token(&repo) || check_sha(&sha).is_err() {
+        return bad_request("give a repository name and a full 40-digit commit id");
+    }
+    let now = OffsetDateTime::now_utc();
+    let view = app.shared.read(|v| v.commit(&repo, &sha));
+    let code = if view.is_empty() {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::OK
+    };
+    let body = json!({
+        "repo": repo,
+        "sha": sha,
+        "results": view.finals.iter().map(result_json).collect::<Vec<_>>(),
+        "superseded": view.superseded.iter().map(result_json).collect::<Vec<_>>(),
+        "jobs": view.jobs.iter().map(|j| job_json(j, now)).collect::<Vec<_>>(),
+    });
+    (code, Json(body)).into_response()
+}
+
+/// `GET /api/runners`: live runners with their heartbeat age.
+pub async fn runners(State(app): State<App>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let list = app
+        .shared
+        .write(|v| v.runners(now, jetci::streams::RUNNERS_KV_MAX_AGE));
+    let body: Vec<Value> = list
+        .iter()
+        .map(|r| {
+            let i = &r.info;
+            json!({
+                "id": i.id,
+                "host": i.host,
+                "labels": i.labels,
+                "capacity": i.capacity,
+                "busy": i.jobs.len(),
+                "jobs": i.jobs,
+                "accepting": i.accepting,
+                "started_at": i.started_at.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                "heartbeat_age_ms": age(now, r.written).as_millis() as u64,
+            })
+        })
+        .collect();
+    Json(body).into_response()
+}
+
+/// `GET /api/queue`: jobs waiting for a runner, oldest first, with their reason and labels.
+pub async fn queue(State(app): State<App>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let jobs = app.shared.read(|v| v.jobs(true));
+    Json(jobs.iter().map(|j| job_json(j, now)).collect::<Vec<_>>()).into_response()
+}
+
+/// `GET /api/jobs`: every unfinished job (queued, assigned, running).
+pub async fn jobs(State(app): State<App>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let jobs = app.shared.read(|v| v.jobs(false));
+    let list: Vec<Value> = jobs
+        .iter()
+        .filter(|j| j.state.phase != JobPhase::Final)
+        .map(|j| job_json(j, now))
+        .collect();
+    Json(list).into_response()
+}
+
+/// `GET /healthz`: whether the view is rebuilt, and how far it has read.
+pub async fn health(State(app): State<App>) -> Response {
+    let body = app.shared.read(|v| {
+        json!({
+            "ok": true,
+            "caught_up": v.caught_up,
+            "last_seq": v.last_seq,
+            "results": v.len(),
+            "skipped": v.skipped,
+        })
+    });
+    Json(body).into_response()
+}

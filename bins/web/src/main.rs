@@ -1,0 +1,88 @@
+//! `jetci-web`: the reporting process. A dashboard, per-commit pages with logs, the runners and
+//! the queue, a JSON API, live updates and status badges, all served from an in-memory view that
+//! it rebuilds from the streams at every start (DESIGN.md: it owns no state).
+//!
+//! `feed.rs` keeps the view current (results stream, jobs and runners buckets), `view.rs` is the
+//! view, `server.rs` the routes and pages, `api.rs` the JSON, `live.rs` the server-sent events.
+
+mod api;
+mod badge;
+mod feed;
+mod live;
+mod pages;
+mod server;
+mod view;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use jetci::connect::ConnectArgs;
+use jetci::logging::LogArgs;
+use jetci::shutdown::Shutdown;
+
+/// jetci's web interface: dashboard, commit pages with live logs, runners and queue, a JSON API
+/// and SVG status badges.
+///
+/// It follows CI_RESULTS from its newest --max-results results and watches the ci-jobs and
+/// ci-runners buckets; it keeps no database, so a restarted jetci-web shows the same view
+/// rebuilt from the streams. Pages need no JavaScript; with it, they update within a second of
+/// a result.
+///
+/// Example: jetci-web -s nats://ci.example:4222 --listen 0.0.0.0:8080
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(flatten)]
+    log: LogArgs,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "JETCI_WEB_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Results kept in memory (the newest; older ones are evicted).
+    #[arg(long, default_value_t = 10_000)]
+    max_results: usize,
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    args.log.init();
+    if let Err(e) = run(args).await {
+        eprintln!("jetci-web: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(args.max_results >= 1, "--max-results must be at least 1");
+    let shutdown = Shutdown::install()?;
+    let nats = args.connect.connect("jetci-web").await?;
+    let streams = jetci::streams::setup(&nats).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let shared = feed::Shared::new(args.max_results);
+    let stop = shutdown.token.clone();
+    feed::start(&nats, &streams, &shared, args.max_results, &stop).await;
+    let app = server::App {
+        shared,
+        nats,
+        logs: streams.logs.clone(),
+        max_results: args.max_results,
+        stop: stop.clone(),
+    };
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    tracing::info!(%addr, "serving http://{addr}/");
+    let serve = axum::serve(listener, server::router(app))
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    tokio::select! {
+        r = serve => r.context("the HTTP server failed")?,
+        // Open connections get a moment to finish after the stop; then we go anyway.
+        _ = async { stop.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {}
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! The HTTP side: routes, the HTML pages, badges and static files.
+//!
+//! Handlers only read the in-memory view (under a short read lock) and, for a commit page, the
+//! job's log from `CI_LOGS`. Every response carries a strict Content-Security-Policy (scripts and
+//! styles from this origin only, no inline script) and `nosniff`, a second line of defence
+//! behind the escaping of every value from a repository.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use jetci::connect::Nats;
+use jetci::shutdown::CancellationToken;
+use jetci::subjects::{check_sha, is_token};
+use maud::Markup;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::feed::Shared;
+use crate::pages::{self, Log};
+use crate::{api, badge, live};
+
+/// Bytes of one log shown in a page; longer logs link to `/log/…`.
+const PAGE_LOG_BYTES: usize = 2 * 1024 * 1024;
+/// Bytes of one log served raw by `/log/…`.
+const RAW_LOG_BYTES: usize = 64 * 1024 * 1024;
+/// How long reading one log may take.
+const LOG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Commits shown per branch on a repository page.
+const COMMITS_PER_BRANCH: usize = 50;
+/// Results on the dashboard.
+const DASHBOARD_RESULTS: usize = 50;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct App {
+    pub shared: Shared,
+    pub nats: Nats,
+    pub logs: async_nats::jetstream::stream::Stream,
+    pub max_results: usize,
+    /// Cancelled at shutdown, so open event streams end.
+    pub stop: CancellationToken,
+}
+
+/// The whole router.
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/", get(dashboard))
+        .route("/repo/{repo}", get(repo_page))
+        .route("/repo/{repo}/commit/{sha}", get(commit_page))
+        .route("/runners", get(runners_page))
+        .route("/log/{repo}/{sha}/{run}/{attempt}", get(raw_log))
+        .route("/badge/{file}", get(badge_repo))
+        .route("/badge/{repo}/{*branch}", get(badge_branch))
+        .route("/static/style.css", get(style))
+        .route("/static/live.js", get(script))
+        .route("/events", get(live::changes))
+        .route("/events/log/{repo}/{sha}/{run}/{attempt}", get(live::log))
+        .route("/healthz", get(api::health))
+        .route("/api/results", get(api::results))
+        .route("/api/repos", get(api::repos))
+        .route("/api/commit/{repo}/{sha}", get(api::commit))
+        .route("/api/runners", get(api::runners))
+        .route("/api/queue", get(api::queue))
+        .route("/api/jobs", get(api::jobs))
+        .fallback(not_found)
+        .layer(middleware::from_fn(security_headers))
+        .with_state(app)
+}
+
+async fn security_headers(req: Request, next: Next) -> Response {
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
+             connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    res
+}
+
+fn page(markup: Markup) -> Response {
+    (
+        [(header::CACHE_CONTROL, "no-cache")],
+        Html(markup.into_string()),
+    )
+        .into_response()
+}
+
+fn error(code: StatusCode, title: &str, message: &str) -> Response {
+    (code, Html(pages::error_page(title, message).into_string())).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "Not found", "There is no such page.")
+}
+
+async fn dashboard(State(app): State<App>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let (repos, jobs, recent) = app.shared.read(|v| {
+        let repos: Vec<_> = v
+            .repo_names()
+            .into_iter()
+            .map(|r| {
+                let b = v.branches(&r);
+                (r, b)
+            })
+            .collect();
+        (
+            repos,
+            v.jobs(false),
+            v.recent(None, None, DASHBOARD_RESULTS),
+        )
+    });
+    page(pages::dashboard(&repos, &jobs, &recent, now))
+}
+
+#[derive(Deserialize)]
+pub struct BranchQuery {
+    pub branch: Option<String>,
+}
+
+async fn repo_page(
+    State(app): State<App>,
+    Path(repo): Path<String>,
+    Query(q): Query<BranchQuery>,
+) -> Response {
+    if !is_token(&repo) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Bad repository name",
+            "Repository names hold only letters, digits, '-' and '_'.",
+        );
+    }
+    let now = OffsetDateTime::now_utc();
+    let selected = q.branch.as_deref();
+    let (branches, jobs) = app.shared.read(|v| {
+        let branches: Vec<_> = v
+            .branches(&repo)
+            .into_iter()
+            .filter(|b| selected.is_none_or(|s| b.name == s))
+            .map(|b| {
+                let commits = v.branch_commits(&repo, &b.name, COMMITS_PER_BRANCH);
+                (b, commits)
+            })
+            .collect();
+        let jobs: Vec<_> = v
+            .jobs(false)
+            .into_iter()
+            .filter(|j| j.state.repo == repo && selected.is_none_or(|s| j.state.branch == s))
+            .collect();
+        (branches, jobs)
+    });
+    page(pages::repo_page(&repo, &branches, selected, &jobs, now))
+}
+
+async fn commit_page(
+    State(app): State<App>,
+    Path((repo, sha)): Path<(String, String)>,
+) -> Response {
+    if !is_token(&repo) || check_sha(&sha).is_err() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "Bad commit",
+            "Give a repository name and a full 40-digit commit id.",
+        );
+    }
+    let now = OffsetDateTime::now_utc();
+    let view = app.shared.read(|v| v.commit(&repo, &sha));
+    let mut logs = Vec::new();
+    for s in &view.finals {
+        let r = &s.result;
+        let subject = app
+            .nats
+            .names
+            .logs_subject(&r.repo, &r.sha, r.run, r.attempt);
+        logs.push(match read_log(&app, &subject, PAGE_LOG_BYTES).await {
+            Ok((text, cut)) => Log::Text(text, cut),
+            Err(e) => Log::Unavailable(e),
+        });
+    }
+    let code = if view.is_empty() {
+        StatusCode::NOT_FOUND
+    } else {
+        StatusCode::OK
+    };
+    (
+        code,
+        page(pages::commit_page(&repo, &sha, &view, &logs, now)),
+    )
+        .into_response()
+}
+
+/// A job's stored output, lossily decoded, at most `max` bytes; true when cut.
+async fn read_log(app: &App, subject: &str, max: usize) -> Result<(String, bool), String> {
+    let (chunks, cut) = jetci::follow::read_stored(&app.logs, subject, max, LOG_TIMEOUT).await?;
+    let mut bytes = Vec::new();
+    for c in chunks {
+        bytes.extend_from_slice(&c.payload);
+    }
+    Ok((String::from_utf8_lossy(&bytes).into_owned(), cut))
+}
+
+async fn raw_log(
+    State(app): State<App>,
+    Path((repo, sha, run, attempt)): Path<(String, String, u32, u32)>,
+) -> Response {
+    if !is_token(&repo) || check_sha(&sha).is_err() || run == 0 || attempt == 0 {
+        return (StatusCode::BAD_REQUEST, "bad job name\n").into_response();
+    }
+    let subject = app.nats.names.logs_subject(&repo, &sha, run, attempt);
+    match read_log(&app, &subject, RAW_LOG_BYTES).await {
+        Ok((text, cut)) => {
+            let mut text = text;
+            if cut {
+                text.push_str("\n[jetci-web: log cut at 64 MiB]\n");
+            }
+            ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+        }
+        Err(e) => (
+            StatusCode::BAD_GATEWAY,
+            format!("cannot read the log: {e}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn runners_page(State(app): State<App>) -> Response {
+    let now = OffsetDateTime::now_utc();
+    let (runners, jobs) = app.shared.write(|v| {
+        (
+            v.runners(now, jetci::streams::RUNNERS_KV_MAX_AGE),
+            v.jobs(false),
+        )
+    });
+    let (queued, active): (Vec<_>, Vec<_>) = jobs
+        .into_iter()
+        .partition(|j| j.state.phase == jetci::messages::JobPhase::Queued);
+    page(pages::runners_page(&runners, &queued, &active, now))
+}
+
+fn badge_response(app: &App, repo: &str, branch: Option<&str>) -> Response {
+    let status = if is_token(repo) {
+        app.shared.read(|v| v.badge_status(repo, branch))
+    } else {
+        None
+    };
+    let what = match branch {
+        Some(b) => format!("{repo} {b}"),
+        None => repo.to_string(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache, max-age=0"),
+        ],
+        badge::svg(&what, status),
+    )
+        .into_response()
+}
+
+/// `/badge/{repo}.svg` and `/badge/{repo}.svg?branch=…`.
+async fn badge_repo(
+    State(app): State<App>,
+    Path(file): Path<String>,
+    Query(q): Query<BranchQuery>,
+) -> Response {
+    let Some(repo) = file.strip_suffix(".svg") else {
+        return not_found().await;
+    };
+    badge_response(&app, repo, q.branch.as_deref())
+}
+
+/// `/badge/{repo}/{branch}.svg`; the branch may hold `/`.
+async fn badge_branch(
+    State(app): State<App>,
+    Path((repo, branch)): Path<(String, String)>,
+) -> Response {
+    let Some(branch) = branch.strip_suffix(".svg") else {
+        return not_found().await;
+    };
+    badge_response(&app, &repo, Some(branch))
+}
+
+async fn style() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        pages::STYLE,
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        pages::LIVE_JS,
+    )
+        .into_response()
+}

@@ -1,0 +1,348 @@
+//! jetci under `deploy/auth/nats-server.conf`: one NATS user per role, each allowed only what its
+//! process does. The real observer, dispatcher and runner run with their own role's
+//! `--user/--password` and test a commit end to end; then a client holding the runner's
+//! credentials is refused everything outside its role (publishing a commit, reading another
+//! runner's jobs), and the server says so.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::pull, stream::Stream};
+use futures::StreamExt;
+use jetci_e2e::{passing_test, GitRepo, NatsServer, Proc};
+use tokio::sync::mpsc;
+
+/// The deployment's configuration itself, so the test checks what operators run.
+const CONF: &str = include_str!("../deploy/auth/nats-server.conf");
+
+/// The placeholder passwords of that configuration.
+const ADMIN: (&str, &str) = ("admin", "change-me-admin");
+const OBSERVER: (&str, &str) = ("observer", "change-me-observer");
+const DISPATCHER: (&str, &str) = ("dispatcher", "change-me-dispatcher");
+const RUNNER: (&str, &str) = ("runner-build-1", "change-me-runner-build-1");
+const VIEWER: (&str, &str) = ("viewer", "change-me-viewer");
+const NOTIFIER: (&str, &str) = ("notifier", "change-me-notifier");
+
+/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
+const BOUND: Duration = Duration::from_secs(120);
+
+/// How long a refused subscription is watched for a message that must not arrive.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// Every stream and bucket `jetci::streams::setup` makes (default prefix).
+const STREAMS: [&str; 7] = [
+    "CI_COMMITS",
+    "CI_JOBS",
+    "CI_RESULTS",
+    "CI_LOGS",
+    "KV_ci-observer",
+    "KV_ci-jobs",
+    "KV_ci-runners",
+];
+
+/// Spawns a jetci binary as `who`, with the connection flags every binary takes.
+fn spawn_as(bin: &str, url: &str, who: (&str, &str), args: &[&str]) -> Proc {
+    let mut all = vec!["-s", url, "--user", who.0, "--password", who.1];
+    all.extend_from_slice(args);
+    Proc::spawn(bin, &all, &[])
+}
+
+/// A client connected as `who`, with the server's asynchronous errors (permission violations
+/// arrive as `-ERR`, reported by async-nats as `Event::ServerError`) forwarded to a channel.
+async fn connect_as(
+    url: &str,
+    who: (&str, &str),
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(who.0.into(), who.1.into())
+        .connection_timeout(Duration::from_secs(5))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url} as {}: {e}", who.0));
+    (client, rx)
+}
+
+/// Waits for a server error containing `needle` (case-insensitive); panics with what came
+/// instead after [`BOUND`].
+async fn expect_server_error(errors: &mut mpsc::UnboundedReceiver<String>, needle: &str) {
+    let needle = needle.to_lowercase();
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(BOUND, async {
+        while let Some(e) = errors.recv().await {
+            if e.to_lowercase().contains(&needle) {
+                return true;
+            }
+            seen.push(e);
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    assert!(
+        found,
+        "expected a server error containing {needle:?}; got {seen:?}"
+    );
+}
+
+/// Waits until every stream and bucket exists (read as admin).
+async fn wait_streams(js: &jetstream::Context) {
+    let deadline = Instant::now() + BOUND;
+    for name in STREAMS {
+        while js.get_stream(name).await.is_err() {
+            assert!(Instant::now() < deadline, "stream {name} was never created");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Waits for the final result on `subject` in `CI_RESULTS` and returns it as JSON.
+async fn wait_result(results: &Stream, subject: &str) -> serde_json::Value {
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Ok(raw) = results.get_last_raw_message_by_subject(subject).await {
+            return serde_json::from_slice(&raw.payload).expect("a result is JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no result on {subject} within {BOUND:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The server log's lines that report a permission violation.
+fn violations(nats: &NatsServer) -> Vec<String> {
+    std::fs::read_to_string(nats.log_path())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Violation"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outside_its_role() {
+    let nats = NatsServer::start_with_config(CONF, ADMIN.0, ADMIN.1);
+    let url = nats.url();
+    let (admin, _admin_errors) = connect_as(&url, ADMIN).await;
+    let admin_js = jetstream::new(admin.clone());
+
+    // Anonymous clients are turned away: the configuration has no open door.
+    let anonymous = tokio::time::timeout(BOUND, async_nats::connect(url.as_str()))
+        .await
+        .expect("an anonymous connect neither failed nor succeeded");
+    assert!(anonymous.is_err(), "an anonymous client was let in");
+
+    // Admin creates the streams and buckets once (the roles may only look them up).
+    let mut admin_tail = spawn_as("jetci", &url, ADMIN, &["tail"]);
+    wait_streams(&admin_js).await;
+    assert!(admin_tail.stop().success(), "{}", admin_tail.log());
+
+    // Every role with its own credentials; the viewer follows the results.
+    let repo = GitRepo::new();
+    let (ok_name, ok_body) = passing_test();
+    let sha = repo.commit("passing", &[(ok_name, ok_body)]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let work_dir = work.path().join("build-1");
+    let viewer = spawn_as("jetci", &url, VIEWER, &["tail", "--all"]);
+    let repo_path = repo.path().to_str().expect("utf-8 path").to_string();
+    let mut observer = spawn_as(
+        "jetci-observer",
+        &url,
+        OBSERVER,
+        &["--poll-interval", "200ms", "--name", "app", &repo_path],
+    );
+    let _dispatcher = spawn_as("jetci-dispatcher", &url, DISPATCHER, &[]);
+    let runner = spawn_as(
+        "jetci-runner",
+        &url,
+        RUNNER,
+        &[
+            "--id",
+            "build-1",
+            "--work-dir",
+            work_dir.to_str().expect("utf-8 path"),
+        ],
+    );
+
+    let results = admin_js.get_stream("CI_RESULTS").await.expect("CI_RESULTS");
+    let result = wait_result(&results, &format!("ci.results.app.{sha}.1")).await;
+    assert_eq!(result["status"], "passed", "{result:#}");
+    assert_eq!(result["runner"], "build-1", "{result:#}");
+    // The runner's output reached CI_LOGS under its permissions.
+    let logs = admin_js.get_stream("CI_LOGS").await.expect("CI_LOGS");
+    assert!(
+        logs.get_last_raw_message_by_subject(&format!("ci.logs.app.{sha}.1.1"))
+            .await
+            .is_ok(),
+        "no log stored for the job"
+    );
+    assert!(
+        viewer
+            .wait_for_log_async(&format!("passed  app  main  {}", &sha[..8]), BOUND)
+            .await,
+        "the viewer's `jetci tail` did not print the result:\n{}",
+        viewer.log()
+    );
+    // The git hook's `jetci notify`, as notifier, is answered by the observer.
+    let second = repo.commit("second", &[("a.txt", "1")]);
+    let mut notify = spawn_as("jetci", &url, NOTIFIER, &["notify", "app"]);
+    let status = notify
+        .wait_exit(BOUND)
+        .expect("jetci notify did not return");
+    assert!(
+        status.success()
+            && notify.log().contains("jetci: app: ")
+            && !notify.log().contains("warning"),
+        "jetci notify was not answered: {status}\n{}",
+        notify.log()
+    );
+    let result = wait_result(&results, &format!("ci.results.app.{second}.1")).await;
+    assert_eq!(result["status"], "passed", "{result:#}");
+
+    // The roles did all of that without touching anything outside their permissions.
+    assert_eq!(
+        violations(&nats),
+        Vec::<String>::new(),
+        "a role needed more than the configuration allows"
+    );
+    assert!(
+        runner.log().contains("runner ready"),
+        "runner log:\n{}",
+        runner.log()
+    );
+    assert!(observer.stop().success(), "{}", observer.log());
+
+    // Now a client with the runner's credentials, outside the runner's role.
+    let (intruder, mut errors) = connect_as(&url, RUNNER).await;
+    let intruder_js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(3))
+        .build(intruder.clone());
+
+    // 1. It cannot publish a commit: the server refuses the message, so JetStream never acks it
+    //    and CI_COMMITS stores nothing.
+    let mut commits = admin_js.get_stream("CI_COMMITS").await.expect("CI_COMMITS");
+    let before = commits.info().await.expect("info").state.last_sequence;
+    let forged = serde_json::json!({"v": 1, "repo": "app", "sha": "f".repeat(40), "forged": true});
+    let published = async {
+        intruder_js
+            .publish("ci.commits.app", forged.to_string().into())
+            .await?
+            .await
+            .map_err(async_nats::Error::from)
+    };
+    let published = tokio::time::timeout(BOUND, published)
+        .await
+        .expect("the refused publish neither failed nor timed out");
+    assert!(
+        published.is_err(),
+        "a runner published a commit: {published:?}"
+    );
+    expect_server_error(
+        &mut errors,
+        "Permissions Violation for Publish to \"ci.commits.app\"",
+    )
+    .await;
+    let after = commits.info().await.expect("info").state.last_sequence;
+    assert_eq!(
+        before, after,
+        "CI_COMMITS stored the runner's forged commit"
+    );
+
+    // 2. It cannot read another runner's jobs, neither by subscribing to the subject ...
+    let mut snoop = intruder
+        .subscribe("ci.jobs.other")
+        .await
+        .expect("subscribe is sent");
+    intruder.flush().await.expect("flush");
+    expect_server_error(
+        &mut errors,
+        "Permissions Violation for Subscription to \"ci.jobs.other\"",
+    )
+    .await;
+    // ... a job published there reaches an allowed subscriber (admin) but not the runner.
+    let mut control = admin.subscribe("ci.jobs.other").await.expect("subscribe");
+    admin.flush().await.expect("flush");
+    admin_js
+        .publish("ci.jobs.other", "{\"v\":1,\"job\":\"for other\"}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let seen = tokio::time::timeout(BOUND, control.next()).await;
+    assert!(
+        matches!(seen, Ok(Some(_))),
+        "admin's subscription got nothing: the check below would prove nothing"
+    );
+    match tokio::time::timeout(QUIET, snoop.next()).await {
+        Err(_) | Ok(None) => {}
+        Ok(Some(msg)) => panic!("the runner read another runner's job: {msg:?}"),
+    }
+
+    // ... nor through JetStream: a consumer on the other runner's subject is refused, whatever
+    //     its name.
+    let jobs = intruder_js
+        .get_stream("CI_JOBS")
+        .await
+        .expect("CI_JOBS info is allowed");
+    for name in ["runner-other", "runner-build-1"] {
+        let created = jobs
+            .create_consumer(pull::Config {
+                durable_name: Some(name.to_string()),
+                filter_subject: "ci.jobs.other".to_string(),
+                ..Default::default()
+            })
+            .await;
+        assert!(
+            created.is_err(),
+            "the runner made consumer {name} on ci.jobs.other"
+        );
+        expect_server_error(
+            &mut errors,
+            &format!("Permissions Violation for Publish to \"$JS.API.CONSUMER.CREATE.CI_JOBS.{name}.ci.jobs.other\""),
+        )
+        .await;
+    }
+    let admin_jobs = admin_js.get_stream("CI_JOBS").await.expect("CI_JOBS");
+    let mut names = admin_jobs.consumer_names();
+    let mut found = Vec::new();
+    while let Some(name) = names.next().await {
+        let name = name.expect("consumer name");
+        let info = admin_jobs
+            .consumer_info(&name)
+            .await
+            .expect("consumer info");
+        found.push((name, info.config.filter_subject.clone()));
+    }
+    assert!(
+        found.iter().all(|(_, filter)| filter != "ci.jobs.other"),
+        "a consumer reads ci.jobs.other: {found:?}"
+    );
+    // The other runner's job is still waiting for it.
+    assert!(
+        admin_jobs
+            .get_last_raw_message_by_subject("ci.jobs.other")
+            .await
+            .is_ok(),
+        "the other runner's job is gone"
+    );
+
+    // The server log names the refusals, for the operator.
+    let logged = violations(&nats);
+    for subject in ["ci.commits.app", "ci.jobs.other"] {
+        assert!(
+            logged
+                .iter()
+                .any(|l| l.contains(RUNNER.0) && l.contains(subject)),
+            "the server log does not report the refusal on {subject}: {logged:#?}"
+        );
+    }
+}
