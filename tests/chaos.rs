@@ -81,7 +81,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     let work = tempfile::tempdir().unwrap();
     let repo = Arc::new(GitRepo::new());
     let toml = ".jetci.toml";
-    let command = "command = \"sleep 0.1; exit $(cat status)\"\n";
+    let command = "command = \"sleep 0.4; exit $(cat status)\"\n";
     let first = repo.commit("first", &[(toml, command), ("status", "0")]);
     for b in &BRANCHES[1..] {
         repo.run_git(&["branch", b]);
@@ -233,7 +233,10 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
                     || line.contains("was already published")
                     || line.contains("superseded attempt");
                 if let (true, Some(job)) = (ended, field(line, "job=")) {
-                    let key = job.rsplitn(2, '.').nth(1).unwrap_or(&job).to_string();
+                    let key = job
+                        .rsplit_once('.')
+                        .map_or(job.as_str(), |x| x.0)
+                        .to_string();
                     *finished.entry(key).or_default() += 1;
                 }
             }

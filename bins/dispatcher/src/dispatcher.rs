@@ -57,7 +57,6 @@ struct Presence {
 /// A job that is assigned or running, as seen in `ci-jobs`.
 struct Active {
     runner: String,
-    revision: u64,
     written: Instant,
 }
 
@@ -68,8 +67,6 @@ struct Held {
     seq: u64,
     /// Why it waits for a runner, while it does.
     waiting: Option<String>,
-    /// The job-state revision a liveness probe was sent for (one probe per heartbeat gap).
-    probed: Option<u64>,
 }
 
 pub struct Dispatcher {
@@ -86,6 +83,8 @@ pub struct Dispatcher {
     pick_count: u64,
     /// When held commits were last extended.
     extended: Instant,
+    /// When each runner was last probed.
+    probed: HashMap<String, Instant>,
     /// When the connection to NATS last came back: no heartbeat can be older than that for a
     /// runner's fault, so ages count from it at most.
     reconnected: Instant,
@@ -142,6 +141,7 @@ impl Dispatcher {
             picks: HashMap::new(),
             pick_count: 0,
             extended: Instant::now(),
+            probed: HashMap::new(),
             reconnected: Instant::now(),
         })
     }
@@ -246,7 +246,6 @@ impl Dispatcher {
                         key.clone(),
                         Active {
                             runner,
-                            revision: state.revision,
                             written: self.since(state.age),
                         },
                     );
@@ -314,7 +313,6 @@ impl Dispatcher {
                 commit,
                 seq,
                 waiting: None,
-                probed: None,
             },
         );
         self.advance(&key).await;
@@ -459,7 +457,6 @@ impl Dispatcher {
             key.to_string(),
             Active {
                 runner: runner.clone(),
-                revision: rev,
                 written: Instant::now(),
             },
         );
@@ -467,7 +464,6 @@ impl Dispatcher {
         self.picks.insert(runner.clone(), self.pick_count);
         if let Some(held) = self.held.get_mut(key) {
             held.waiting = None;
-            held.probed = None;
         }
 
         let job = JobMsg {
@@ -620,15 +616,22 @@ impl Dispatcher {
             let age = active.written.elapsed();
             if age >= self.settings.lease {
                 recheck.push(key.clone());
-            } else if age > beat + beat / 4 && held.probed != Some(active.revision) {
-                // A heartbeat is late: one probe, answered "no responders" at once if the
-                // runner's connection is gone.
-                held.probed = Some(active.revision);
-                tokio::spawn(probe(
-                    self.nats.clone(),
-                    active.runner.clone(),
-                    probes.clone(),
-                ));
+            } else if age > beat / 2 {
+                // The next heartbeat is due: probe the runner (at most every CHECK_EVERY); NATS
+                // answers "no responders" at once if the runner's connection is gone, so a
+                // crashed runner's job moves well before its lease ends.
+                let due = self
+                    .probed
+                    .get(&active.runner)
+                    .is_none_or(|at| at.elapsed() >= CHECK_EVERY);
+                if due {
+                    self.probed.insert(active.runner.clone(), Instant::now());
+                    tokio::spawn(probe(
+                        self.nats.clone(),
+                        active.runner.clone(),
+                        probes.clone(),
+                    ));
+                }
             }
         }
         // Forget runners that stopped refreshing long ago.
@@ -655,9 +658,6 @@ impl Dispatcher {
         }
         for p in self.runners.values_mut() {
             p.written = p.written.max(now);
-        }
-        for h in self.held.values_mut() {
-            h.probed = None;
         }
         self.gone.clear();
     }

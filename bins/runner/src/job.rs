@@ -412,7 +412,7 @@ impl Runner {
             result.finished_at = OffsetDateTime::now_utc();
             result.duration_ms = clock.elapsed().as_millis() as u64;
         }
-        Verdict::Done(result)
+        Verdict::Done(Box::new(result))
     }
 
     /// A fresh checkout of the job's commit, its config and its environment.
@@ -701,7 +701,7 @@ async fn test_counts(
 /// What running a job came to.
 enum Verdict {
     /// A result, whatever its status.
-    Done(ResultMsg),
+    Done(Box<ResultMsg>),
     /// No verdict: the job should be tried again (why).
     Retry(String),
 }
