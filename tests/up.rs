@@ -14,6 +14,8 @@ fn jetci_up_runs_everything_and_stops_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let url = format!("nats://127.0.0.1:{port}");
+    let web_port = free_port();
+    let web = format!("127.0.0.1:{web_port}");
     let store = dir.path().join(".jetci");
     let results_dir = dir.path().join("test_results");
     let repo = GitRepo::new();
@@ -34,6 +36,8 @@ fn jetci_up_runs_everything_and_stops_everything() {
             store.to_str().unwrap(),
             "--results-dir",
             results_dir.to_str().unwrap(),
+            "--web",
+            &web,
             repo.path().to_str().unwrap(),
         ],
         &[],
@@ -47,6 +51,9 @@ fn jetci_up_runs_everything_and_stops_everything() {
         TcpStream::connect(("127.0.0.1", port)).is_ok(),
         "jetci up started a nats-server on {url}"
     );
+    assert!(up.log().contains(&format!("dashboard http://{web}/")), "{}", up.log());
+    let page = http_get(&web, "/api/repos");
+    assert!(page.contains(&repo_name(&repo)), "the dashboard knows the repository: {page}");
 
     let (bad_name, bad_body) = failing_test();
     let second = repo.commit("breaks", &[(bad_name, bad_body)]);
@@ -73,10 +80,12 @@ fn jetci_up_runs_everything_and_stops_everything() {
     let status = up.wait_exit(BOUND).expect("jetci up exits after Ctrl-C");
     assert!(status.success(), "{status:?}\n{}", up.log());
     let deadline = Instant::now() + BOUND;
-    while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+    while TcpStream::connect(("127.0.0.1", port)).is_ok()
+        || TcpStream::connect(("127.0.0.1", web_port)).is_ok()
+    {
         assert!(
             Instant::now() < deadline,
-            "the nats-server it started is still running"
+            "the nats-server or the dashboard it started is still running"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -84,4 +93,26 @@ fn jetci_up_runs_everything_and_stops_everything() {
 
 fn repo_name(repo: &GitRepo) -> String {
     jetci::subjects::repo_slug(repo.path().to_str().unwrap())
+}
+
+/// A plain HTTP/1.0 GET, retried until the answer is a 200 that names something (the dashboard
+/// rebuilds its view from the streams right after it starts); returns the whole response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let deadline = Instant::now() + BOUND;
+    loop {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let mut out = String::new();
+            let ok = s.read_to_string(&mut out).is_ok()
+                && out.starts_with("HTTP/1.")
+                && out.contains(" 200 ")
+                && !out.ends_with("[]");
+            if ok {
+                return out;
+            }
+        }
+        assert!(Instant::now() < deadline, "no useful answer from {addr}{path}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

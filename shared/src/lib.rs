@@ -11,6 +11,7 @@
 //! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
 //! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
+//! - [`metrics`]: `--metrics-addr` and the Prometheus metric names;
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
 
 pub mod connect;
@@ -19,6 +20,7 @@ pub mod follow;
 pub mod git;
 pub mod job_state;
 pub mod logging;
+pub mod metrics;
 pub mod messages;
 pub mod repo_config;
 pub mod results;

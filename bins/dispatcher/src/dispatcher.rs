@@ -24,6 +24,7 @@ use futures::StreamExt;
 use jetci::connect::Nats;
 use jetci::dispatch::{decide, nobody_has_labels, pick_runner, Candidate, Decision};
 use jetci::job_state::{self, StateError, Versioned};
+use jetci::metrics::names as m;
 use jetci::messages::{
     self, decode, encode, CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status,
     VERSION,
@@ -253,6 +254,10 @@ impl Dispatcher {
             }
             JobPhase::Final => {
                 let freed = self.active.remove(&key).is_some();
+                if freed || self.held.contains_key(&key) {
+                    let status = state.state.status.map(|s| s.as_str()).unwrap_or("unknown");
+                    metrics::counter!(m::RESULTS, "status" => status).increment(1);
+                }
                 if let Some(held) = self.held.remove(&key) {
                     self.close(&key, held).await;
                 }
@@ -272,6 +277,7 @@ impl Dispatcher {
 
     /// A new (or redelivered) commit message.
     async fn take_commit(&mut self, msg: Message) {
+        metrics::counter!(m::COMMITS_RECEIVED).increment(1);
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let commit: CommitMsg = match decode(&msg.payload) {
             Ok(c) => c,
@@ -495,6 +501,10 @@ impl Dispatcher {
         match sent {
             Ok(ack) => {
                 tracing::info!(%key, %runner, attempt, branch = ?commit.branch, "job assigned");
+                metrics::counter!(m::JOBS_ASSIGNED).increment(1);
+                if attempt > 1 {
+                    metrics::counter!(m::JOBS_REASSIGNED).increment(1);
+                }
                 // Remember where the job message is, so it can be deleted if the runner is lost
                 // before taking it. The runner may have written first; then it recorded it.
                 state.job_seq = Some(ack.sequence);
@@ -601,6 +611,7 @@ impl Dispatcher {
             for held in self.held.values() {
                 let _ = held.msg.ack_with(AckKind::Progress).await;
             }
+            self.record_gauges().await;
         }
         let beat = self.beat();
         let mut recheck = Vec::new();
@@ -643,6 +654,18 @@ impl Dispatcher {
             }
             self.advance(&key).await;
         }
+    }
+
+    /// Queue depth, jobs in flight and the oldest heartbeat, for `--metrics-addr`.
+    async fn record_gauges(&mut self) {
+        let not_taken = match self.consumer.info().await {
+            Ok(info) => info.num_pending,
+            Err(_) => 0,
+        };
+        metrics::gauge!(m::QUEUE_DEPTH).set((not_taken + u64::from(self.waiting())) as f64);
+        metrics::gauge!(m::JOBS_IN_FLIGHT).set(self.active.len() as f64);
+        let oldest = self.active.values().map(|a| a.written.elapsed()).max().unwrap_or_default();
+        metrics::gauge!(m::HEARTBEAT_AGE).set(oldest.as_secs_f64());
     }
 
     /// Back from an outage: every job and runner gets a full lease from now to show it is alive.

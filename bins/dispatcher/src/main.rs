@@ -31,6 +31,8 @@ struct Args {
     connect: ConnectArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    metrics: jetci::metrics::MetricsArgs,
     /// The lease: a job whose runner has not heartbeaten for this long goes to another runner,
     /// and a commit whose dispatcher died goes to another dispatcher after it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
@@ -57,6 +59,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.ack_wait >= Duration::from_millis(300),
         "--ack-wait must be at least 300ms"
     );
+    args.metrics.install()?;
     let shutdown = Shutdown::install()?;
     let nats = args.connect.connect("jetci-dispatcher").await?;
     let streams = jetci::streams::setup(&nats).await?;

@@ -37,6 +37,9 @@ pub struct UpArgs {
     /// Where to write one `<sha>` file per result.
     #[arg(long, value_name = "DIR", default_value = "test_results")]
     pub results_dir: PathBuf,
+    /// Where the web dashboard (jetci-web) listens; `off` starts none.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+    pub web: String,
     /// The git repository to watch: a local path or a URL.
     #[arg(value_name = "REPO")]
     pub repo: String,
@@ -47,6 +50,8 @@ struct Binaries {
     observer: PathBuf,
     dispatcher: PathBuf,
     runner: PathBuf,
+    /// Optional: without it `jetci up` runs without a dashboard.
+    web: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -55,6 +60,7 @@ impl Binaries {
             observer: procs::find_sibling("jetci-observer")?,
             dispatcher: procs::find_sibling("jetci-dispatcher")?,
             runner: procs::find_sibling("jetci-runner")?,
+            web: procs::find_sibling("jetci-web").ok(),
         })
     }
 }
@@ -153,6 +159,18 @@ async fn run_system(
         common.command(&bins.dispatcher),
         logs.join("dispatcher.log"),
     )?);
+    if args.web != "off" {
+        match &bins.web {
+            Some(web) => {
+                let mut cmd = common.command(web);
+                cmd.arg("--listen").arg(&args.web);
+                children.push(Proc::spawn("web", cmd, logs.join("web.log"))?);
+            }
+            None => eprintln!(
+                "jetci: warning: jetci-web not found next to jetci; running without the dashboard"
+            ),
+        }
+    }
     // Runner ids carry a tag of the store directory, so two `jetci up` on one NATS server (two
     // checkouts, two repositories) do not fight over the same runner ids.
     let store_abs = std::fs::canonicalize(&args.store).unwrap_or_else(|_| args.store.clone());
@@ -269,6 +287,9 @@ fn print_banner(
         runner_ids.len(),
         runner_ids.join(", ")
     );
+    if args.web != "off" {
+        println!("  dashboard http://{}/", args.web);
+    }
     println!("  logs      {}/ ({})", logs.display(), log_names.join(", "));
     println!(
         "  results   printed below and written to {}/<sha>",

@@ -551,6 +551,9 @@ impl Runner {
         loop {
             match publish_final(&self.nats, result).await {
                 Ok(Published::Stored(seq)) => {
+                    use jetci::metrics::names as m;
+                    metrics::counter!(m::RESULTS, "status" => result.status.as_str()).increment(1);
+                    metrics::histogram!(m::JOB_DURATION).record(result.duration_ms as f64 / 1000.0);
                     tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
                     return;
                 }

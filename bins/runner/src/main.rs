@@ -43,6 +43,8 @@ struct Args {
     connect: ConnectArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    metrics: jetci::metrics::MetricsArgs,
     /// This runner's id: letters, digits, '-' and '_' (default: the host name).
     #[arg(long, env = "JETCI_RUNNER_ID")]
     id: Option<String>,
@@ -123,6 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Workspaces of a previous life are garbage; kept results are not.
     let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
 
+    args.metrics.install()?;
     let shutdown = Shutdown::install()?;
     let nats = args.connect.connect(&format!("jetci-runner {id}")).await?;
     let streams = streams::setup(&nats).await?;
@@ -327,6 +330,7 @@ async fn register(
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
     let mut tick = tokio::time::interval(runner.heartbeat);
+    let mut last_beat = std::time::Instant::now();
     loop {
         tick.tick().await;
         let info = RunnerInfo {
@@ -346,14 +350,12 @@ async fn register(
             started_at: started,
             updated_at: messages::now(),
         };
-        if let Err(e) = runner
-            .streams
-            .runners
-            .put(&runner.id, messages::encode(&info))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot refresh runner presence; retrying");
+        metrics::gauge!(jetci::metrics::names::JOBS_IN_FLIGHT).set(info.jobs.len() as f64);
+        match runner.streams.runners.put(&runner.id, messages::encode(&info)).await {
+            Ok(_) => last_beat = std::time::Instant::now(),
+            Err(e) => tracing::warn!(error = %e, "cannot refresh runner presence; retrying"),
         }
+        metrics::gauge!(jetci::metrics::names::HEARTBEAT_AGE).set(last_beat.elapsed().as_secs_f64());
     }
 }
 
