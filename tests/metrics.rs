@@ -19,16 +19,26 @@ fn scrape(addr: &str) -> HashMap<String, f64> {
             let _ = write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
             let mut out = String::new();
             if s.read_to_string(&mut out).is_ok() && out.contains(" 200 ") {
-                break out.split_once("\r\n\r\n").map(|x| x.1.to_string()).unwrap_or_default();
+                break out
+                    .split_once("\r\n\r\n")
+                    .map(|x| x.1.to_string())
+                    .unwrap_or_default();
             }
         }
         assert!(Instant::now() < deadline, "no metrics at {addr}");
         std::thread::sleep(Duration::from_millis(200));
     };
     let mut samples = HashMap::new();
-    for line in body.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line:?}"));
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number in {line:?}"));
+    for line in body
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not a sample: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
         samples.insert(name.to_string(), value);
     }
     samples
@@ -42,15 +52,43 @@ async fn metrics_count_what_happened() {
     let repo = GitRepo::new();
     let (ok_name, ok_body) = passing_test();
     repo.commit("first", &[(ok_name, ok_body)]);
-    let (d_addr, r_addr) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+    let (d_addr, r_addr) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
     let path = repo.path().to_str().unwrap().to_string();
     let dir = work.path().join("r0");
     let _procs = [
-        Proc::spawn("jetci-observer", &["-s", &url, "--poll-interval", "200ms", "--name", "app", &path], &[]),
-        Proc::spawn("jetci-dispatcher", &["-s", &url, "--metrics-addr", &d_addr], &[]),
+        Proc::spawn(
+            "jetci-observer",
+            &[
+                "-s",
+                &url,
+                "--poll-interval",
+                "200ms",
+                "--name",
+                "app",
+                &path,
+            ],
+            &[],
+        ),
+        Proc::spawn(
+            "jetci-dispatcher",
+            &["-s", &url, "--metrics-addr", &d_addr],
+            &[],
+        ),
         Proc::spawn(
             "jetci-runner",
-            &["-s", &url, "--id", "r0", "--work-dir", dir.to_str().unwrap(), "--metrics-addr", &r_addr],
+            &[
+                "-s",
+                &url,
+                "--id",
+                "r0",
+                "--work-dir",
+                dir.to_str().unwrap(),
+                "--metrics-addr",
+                &r_addr,
+            ],
             &[],
         ),
     ];
@@ -67,13 +105,19 @@ async fn metrics_count_what_happened() {
         if d.get("jetci_results_total{status=\"failed\"}") == Some(&2.0) {
             break d;
         }
-        assert!(Instant::now() < deadline, "dispatcher metrics never counted the results: {d:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "dispatcher metrics never counted the results: {d:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(d["jetci_commits_received_total"], 3.0, "{d:#?}");
     assert_eq!(d["jetci_jobs_assigned_total"], 3.0, "{d:#?}");
     assert_eq!(d["jetci_results_total{status=\"passed\"}"], 1.0, "{d:#?}");
-    assert!(!d.contains_key("jetci_jobs_reassigned_total"), "nothing was reassigned: {d:#?}");
+    assert!(
+        !d.contains_key("jetci_jobs_reassigned_total"),
+        "nothing was reassigned: {d:#?}"
+    );
 
     let r = scrape(&r_addr);
     assert_eq!(r["jetci_results_total{status=\"passed\"}"], 1.0, "{r:#?}");

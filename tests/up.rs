@@ -51,9 +51,16 @@ fn jetci_up_runs_everything_and_stops_everything() {
         TcpStream::connect(("127.0.0.1", port)).is_ok(),
         "jetci up started a nats-server on {url}"
     );
-    assert!(up.log().contains(&format!("dashboard http://{web}/")), "{}", up.log());
+    assert!(
+        up.log().contains(&format!("dashboard http://{web}/")),
+        "{}",
+        up.log()
+    );
     let page = http_get(&web, "/api/repos");
-    assert!(page.contains(&repo_name(&repo)), "the dashboard knows the repository: {page}");
+    assert!(
+        page.contains(&repo_name(&repo)),
+        "the dashboard knows the repository: {page}"
+    );
 
     let (bad_name, bad_body) = failing_test();
     let second = repo.commit("breaks", &[(bad_name, bad_body)]);
@@ -112,7 +119,10 @@ fn http_get(addr: &str, path: &str) -> String {
                 return out;
             }
         }
-        assert!(Instant::now() < deadline, "no useful answer from {addr}{path}");
+        assert!(
+            Instant::now() < deadline,
+            "no useful answer from {addr}{path}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -24,11 +24,11 @@ use futures::StreamExt;
 use jetci::connect::Nats;
 use jetci::dispatch::{decide, nobody_has_labels, pick_runner, Candidate, Decision};
 use jetci::job_state::{self, StateError, Versioned};
-use jetci::metrics::names as m;
 use jetci::messages::{
     self, decode, encode, CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status,
     VERSION,
 };
+use jetci::metrics::names as m;
 use jetci::results::{final_result, publish_final};
 use jetci::streams::{watch_bucket, Streams};
 use tokio::sync::mpsc;
@@ -88,7 +88,7 @@ pub struct Dispatcher {
     probed: HashMap<String, Instant>,
     /// When the connection to NATS last came back: no heartbeat can be older than that for a
     /// runner's fault, so ages count from it at most.
-    reconnected: Instant,
+    reconnected: Option<Instant>,
 }
 
 /// What a liveness probe found.
@@ -143,7 +143,7 @@ impl Dispatcher {
             pick_count: 0,
             extended: Instant::now(),
             probed: HashMap::new(),
-            reconnected: Instant::now(),
+            reconnected: None,
         })
     }
 
@@ -177,12 +177,17 @@ impl Dispatcher {
                     }
                 }
                 Some(p) = probe_rx.recv() => self.on_probe(p).await,
-                Ok(()) = connections.changed() => self.on_reconnect(),
+                // The first connection is not a comeback; every later one is.
+                Ok(()) = connections.changed() => if *connections.borrow_and_update() > 1 {
+                    self.on_reconnect()
+                },
                 _ = tick.tick() => self.on_tick(&probe_tx).await,
             }
-            // Pull a commit only when a runner could start it now: the queue stays in the
-            // stream (in order, visible as the consumer's pending count) instead of here.
-            if !pulling && self.free_slots() > self.waiting() {
+            // Pull a commit only when a runner could start it now, or soon: one commit per
+            // runner slot is held ready, so a slot that frees is filled without a round trip to
+            // the stream. The rest of the queue stays in the stream (in order, visible as the
+            // consumer's pending count).
+            if !pulling && self.free_slots() + self.capacity() > self.waiting() {
                 pulling = want_tx.try_send(()).is_ok();
             }
         }
@@ -293,6 +298,9 @@ impl Dispatcher {
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         }
+        // A commit delivered for the first time cannot have a result yet, short of a re-published
+        // commit (whose job state says final anyway): the check is for redeliveries.
+        let redelivered = held_before(&msg);
         match final_result(
             &self.nats,
             &self.streams.results,
@@ -302,6 +310,7 @@ impl Dispatcher {
         )
         .await
         {
+            _ if !redelivered => {}
             Ok(Some(_)) => {
                 tracing::debug!(%key, "commit already has its result");
                 let _ = msg.double_ack().await;
@@ -351,7 +360,10 @@ impl Dispatcher {
         };
         let mut age = current
             .as_ref()
-            .map(|c| c.age.min(self.reconnected.elapsed()))
+            .map(|c| match self.reconnected {
+                Some(at) => c.age.min(at.elapsed()),
+                None => c.age,
+            })
             .unwrap_or_default();
         if let Some(runner) = current.as_ref().and_then(|c| c.state.runner.as_deref()) {
             if !self.runner_alive(runner) && self.gone.contains_key(runner) {
@@ -664,7 +676,12 @@ impl Dispatcher {
         };
         metrics::gauge!(m::QUEUE_DEPTH).set((not_taken + u64::from(self.waiting())) as f64);
         metrics::gauge!(m::JOBS_IN_FLIGHT).set(self.active.len() as f64);
-        let oldest = self.active.values().map(|a| a.written.elapsed()).max().unwrap_or_default();
+        let oldest = self
+            .active
+            .values()
+            .map(|a| a.written.elapsed())
+            .max()
+            .unwrap_or_default();
         metrics::gauge!(m::HEARTBEAT_AGE).set(oldest.as_secs_f64());
     }
 
@@ -675,7 +692,7 @@ impl Dispatcher {
             jobs = self.active.len(),
             "connected to NATS; lease clocks restart"
         );
-        self.reconnected = now;
+        self.reconnected = Some(now);
         for a in self.active.values_mut() {
             a.written = a.written.max(now);
         }
@@ -687,12 +704,20 @@ impl Dispatcher {
 
     /// The time a state or presence written `age` ago counts as, after an outage.
     fn since(&self, age: Duration) -> Instant {
-        (Instant::now() - age).max(self.reconnected)
+        let written = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        match self.reconnected {
+            Some(at) => written.max(at),
+            None => written,
+        }
     }
 
     async fn on_probe(&mut self, p: ProbeResult) {
         // Right after a reconnect the runners are reconnecting too: their silence proves nothing.
-        if !p.gone || self.reconnected.elapsed() < self.settings.lease {
+        if !p.gone
+            || self
+                .reconnected
+                .is_some_and(|at| at.elapsed() < self.settings.lease)
+        {
             return;
         }
         let Some(presence) = self.runners.get(&p.runner) else {
@@ -762,9 +787,23 @@ impl Dispatcher {
             .sum()
     }
 
+    /// Slots of all available runners, busy or not.
+    fn capacity(&self) -> u32 {
+        self.candidates()
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| c.capacity)
+            .sum()
+    }
+
     fn waiting(&self) -> u32 {
         self.held.values().filter(|h| h.waiting.is_some()).count() as u32
     }
+}
+
+/// True when JetStream delivered the message before (to this or another dispatcher).
+fn held_before(msg: &Message) -> bool {
+    msg.info().map(|i| i.delivered > 1).unwrap_or(true)
 }
 
 /// A job state for `commit`, carried over from `previous` where there is one.

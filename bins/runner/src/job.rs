@@ -256,7 +256,9 @@ impl Runner {
     ) {
         let key = job.key();
         let store = &self.streams.job_states;
-        let mut tick = tokio::time::interval(self.heartbeat);
+        // The claim was the first beat.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

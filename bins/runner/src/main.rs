@@ -351,11 +351,17 @@ async fn register(
             updated_at: messages::now(),
         };
         metrics::gauge!(jetci::metrics::names::JOBS_IN_FLIGHT).set(info.jobs.len() as f64);
-        match runner.streams.runners.put(&runner.id, messages::encode(&info)).await {
+        match runner
+            .streams
+            .runners
+            .put(&runner.id, messages::encode(&info))
+            .await
+        {
             Ok(_) => last_beat = std::time::Instant::now(),
             Err(e) => tracing::warn!(error = %e, "cannot refresh runner presence; retrying"),
         }
-        metrics::gauge!(jetci::metrics::names::HEARTBEAT_AGE).set(last_beat.elapsed().as_secs_f64());
+        metrics::gauge!(jetci::metrics::names::HEARTBEAT_AGE)
+            .set(last_beat.elapsed().as_secs_f64());
     }
 }
 

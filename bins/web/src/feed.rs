@@ -19,6 +19,7 @@ use jetci::streams::Streams;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 
+use crate::report::Reporter;
 use crate::view::View;
 
 /// A change of the view, as sent to browsers on `/events` (JSON).
@@ -76,12 +77,14 @@ impl Shared {
     }
 }
 
-/// Starts the three feeding tasks; they end when `stop` is cancelled.
+/// Starts the three feeding tasks; they end when `stop` is cancelled. Every new final result
+/// also goes to `reporter` (result files, notifications).
 pub async fn start(
     nats: &Nats,
     streams: &Streams,
     shared: &Shared,
     max_results: usize,
+    reporter: Reporter,
     stop: &CancellationToken,
 ) {
     let start = start_of(streams, max_results).await;
@@ -94,7 +97,7 @@ pub async fn start(
         tx,
         stop.clone(),
     ));
-    tokio::spawn(apply_results(nats.clone(), shared.clone(), rx));
+    tokio::spawn(apply_results(nats.clone(), shared.clone(), rx, reporter));
 
     let jobs = jetci::streams::watch_bucket(streams.job_states.clone(), "ci-jobs");
     tokio::spawn(apply_jobs(shared.clone(), jobs, stop.clone()));
@@ -123,7 +126,12 @@ async fn start_of(streams: &Streams, max_results: usize) -> Start {
     }
 }
 
-async fn apply_results(nats: Nats, shared: Shared, mut rx: mpsc::Receiver<Event>) {
+async fn apply_results(
+    nats: Nats,
+    shared: Shared,
+    mut rx: mpsc::Receiver<Event>,
+    mut reporter: Reporter,
+) {
     let finals = format!("{}.results.", nats.names.prefix());
     let superseded = format!("{}.superseded.", nats.names.prefix());
     while let Some(event) = rx.recv().await {
@@ -131,6 +139,7 @@ async fn apply_results(nats: Nats, shared: Shared, mut rx: mpsc::Receiver<Event>
             Event::CaughtUp => {
                 let n = shared.write(|v| {
                     v.caught_up = true;
+                    reporter.caught_up(v);
                     v.len()
                 });
                 tracing::info!(results = n, "view rebuilt from the results stream");
@@ -164,11 +173,18 @@ async fn apply_results(nats: Nats, shared: Shared, mut rx: mpsc::Receiver<Event>
             run: result.run,
             status: result.status.to_string(),
         };
-        if shared
-            .write(|v| v.add_result(msg.seq, is_superseded, result))
-            .is_some()
-        {
+        // The branch's newest verdict is read under the same lock, so it is the state this very
+        // result left the branch in.
+        let added = shared.write(|v| {
+            let stored = v.add_result(msg.seq, is_superseded, result)?;
+            let head = v.branch_head(&stored.result.repo, &stored.result.branch);
+            Some((stored, head))
+        });
+        if let Some((stored, head)) = added {
             shared.announce(change);
+            if !is_superseded {
+                reporter.result(stored, head).await;
+            }
         }
     }
 }

@@ -4,13 +4,21 @@
 //!
 //! `feed.rs` keeps the view current (results stream, jobs and runners buckets), `view.rs` is the
 //! view, `server.rs` the routes and pages, `api.rs` the JSON, `live.rs` the server-sent events.
+//! `report.rs` takes each new result further: `transitions.rs` decides when a branch broke or was
+//! fixed, `notify.rs` sends the webhook and the email, `result_files.rs` writes
+//! `test_results/<sha>`; `config.rs` holds their flags and config file.
 
 mod api;
 mod badge;
+mod config;
 mod feed;
 mod live;
+mod notify;
 mod pages;
+mod report;
+mod result_files;
 mod server;
+mod transitions;
 mod view;
 
 use std::net::SocketAddr;
@@ -30,6 +38,10 @@ use jetci::shutdown::Shutdown;
 /// rebuilt from the streams. Pages need no JavaScript; with it, they update within a second of
 /// a result.
 ///
+/// When a branch goes from passing to failing or back, it POSTs JSON to each --webhook-url and
+/// mails --mail-to through --smtp-url, once per change and never for the history it reads at
+/// start.
+///
 /// Example: jetci-web -s nats://ci.example:4222 --listen 0.0.0.0:8080
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
@@ -44,6 +56,8 @@ struct Args {
     /// Results kept in memory (the newest; older ones are evicted).
     #[arg(long, default_value_t = 10_000)]
     max_results: usize,
+    #[command(flatten)]
+    report: config::ReportArgs,
 }
 
 #[tokio::main]
@@ -58,7 +72,14 @@ async fn main() {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_results >= 1, "--max-results must be at least 1");
+    let settings = args.report.settings(args.listen)?;
     let shutdown = Shutdown::install()?;
+    let notifier = notify::Notifier::start(&settings.notify, &shutdown.token)?;
+    let files = match &settings.results_dir {
+        Some(dir) => Some(result_files::ResultFiles::start(dir)?),
+        None => None,
+    };
+    let reporter = report::Reporter::new(notifier, files, settings.base_url);
     let nats = args.connect.connect("jetci-web").await?;
     let streams = jetci::streams::setup(&nats).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -66,7 +87,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let shared = feed::Shared::new(args.max_results);
     let stop = shutdown.token.clone();
-    feed::start(&nats, &streams, &shared, args.max_results, &stop).await;
+    feed::start(&nats, &streams, &shared, args.max_results, reporter, &stop).await;
     let app = server::App {
         shared,
         nats,

@@ -151,8 +151,9 @@ pub fn tests_text(t: Option<&TestCounts>) -> String {
     match t {
         None => "-".into(),
         Some(t) => {
+            let noun = if t.tests == 1 { "test" } else { "tests" };
             let mut s = format!(
-                "{} tests: {} passed, {} failed",
+                "{} {noun}: {} passed, {} failed",
                 t.tests, t.passed, t.failed
             );
             if t.skipped > 0 {
@@ -754,5 +755,11 @@ mod tests {
         assert_eq!(clean_output("a\x1b[1;31mb\x1b[0m\x07c\r\n"), "abc\n");
         assert_eq!(when(OffsetDateTime::UNIX_EPOCH), "1970-01-01 00:00:00 UTC");
         assert_eq!(tests_text(None), "-");
+        let one = TestCounts {
+            tests: 1,
+            passed: 1,
+            ..Default::default()
+        };
+        assert_eq!(tests_text(Some(&one)), "1 test: 1 passed, 0 failed");
     }
 }

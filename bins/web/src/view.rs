@@ -322,6 +322,24 @@ impl View {
         view
     }
 
+    /// The verdict of the newest commit (by history) of `branch` in `repo`: the branch's state.
+    pub fn branch_head(&self, repo: &str, branch: &str) -> Option<Arc<Stored>> {
+        let (_, sha) = self.repos.get(repo)?.get(branch)?.order.last()?;
+        self.verdict(repo, sha)
+    }
+
+    /// Every branch of every repository with the verdict of its newest commit.
+    pub fn heads(&self) -> Vec<Arc<Stored>> {
+        self.repos
+            .iter()
+            .flat_map(|(repo, branches)| {
+                branches
+                    .keys()
+                    .filter_map(move |branch| self.branch_head(repo, branch))
+            })
+            .collect()
+    }
+
     /// The status a badge shows: the verdict of `branch`'s newest commit; without a branch, that
     /// of `main`, else `master`, else the repository's newest final result.
     pub fn badge_status(&self, repo: &str, branch: Option<&str>) -> Option<Status> {

@@ -1,0 +1,455 @@
+//! The world a benchmark runs in: a nats-server with its own store, the real jetci binaries as
+//! processes, git repositories made with the git CLI, a listener that timestamps every result, and
+//! readings of /proc.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tempfile::TempDir;
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot bind 127.0.0.1:0")
+}
+
+/// The directory of this executable: the product binaries of the same build are beside it.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    exe.parent().expect("exe dir").to_path_buf()
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+// -------------------------------------------------------------------------------------------
+// nats-server
+// -------------------------------------------------------------------------------------------
+
+/// `nats-server -js` on a free port with a temp store; killed on drop.
+pub struct Server {
+    pub port: u16,
+    pub proc: Proc,
+    _dir: TempDir,
+}
+
+impl Server {
+    pub fn start(rt: &tokio::runtime::Runtime) -> Result<Server> {
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new()
+                .prefix("jetci-bench-nats-")
+                .tempdir()?;
+            let port = free_port();
+            let store = dir.path().join("store");
+            fs::create_dir_all(&store)?;
+            let proc = Proc::spawn_program(
+                Path::new("nats-server"),
+                &[
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-sd",
+                    store.to_str().unwrap(),
+                ],
+                dir.path(),
+                "nats-server",
+            )?;
+            let url = format!("nats://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    let ok = rt.block_on(async {
+                        let Ok(c) = async_nats::connect(&url).await else {
+                            return false;
+                        };
+                        match c.request("$JS.API.INFO", "".into()).await {
+                            Ok(m) => !String::from_utf8_lossy(&m.payload).contains("\"error\""),
+                            Err(_) => false,
+                        }
+                    });
+                    if ok {
+                        return Ok(Server {
+                            port,
+                            proc,
+                            _dir: dir,
+                        });
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        bail!("nats-server did not start (is it on PATH? deploy/install-nats-server.sh)")
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+// -------------------------------------------------------------------------------------------
+// Processes
+// -------------------------------------------------------------------------------------------
+
+/// A spawned process, output to a log file, SIGKILLed on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// A jetci binary from beside this executable, logging into `dir`.
+    pub fn spawn(name: &str, args: &[&str], dir: &Path) -> Result<Proc> {
+        Proc::spawn_program(&bin(name), args, dir, name)
+    }
+
+    pub fn spawn_program(program: &Path, args: &[&str], dir: &Path, label: &str) -> Result<Proc> {
+        let log = dir.join(format!("{label}-{}.log", free_port()));
+        let out = File::create(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(program)
+            .args(args)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot spawn {}", program.display()))?;
+        Ok(Proc {
+            name: label.to_string(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, s: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), s);
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Fields of /proc/PID/stat after the command name.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = clock_ticks();
+    stat_fields(pid)
+        .map(|f| {
+            let u: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            let s: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+            (u + s) / ticks
+        })
+        .unwrap_or(0.0)
+}
+
+fn clock_ticks() -> f64 {
+    static T: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// A `Vm*` field of /proc/PID/status in KiB (VmRSS, VmHWM).
+pub fn vm_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(&format!("{field}:")))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+// -------------------------------------------------------------------------------------------
+// git
+// -------------------------------------------------------------------------------------------
+
+/// A git repository in a temp dir, changed with the git CLI.
+pub struct Repo {
+    dir: TempDir,
+}
+
+impl Repo {
+    pub fn new(files: &[(&str, &str)]) -> Result<Repo> {
+        let dir = tempfile::Builder::new()
+            .prefix("jetci-bench-repo-")
+            .tempdir()?;
+        let r = Repo { dir };
+        r.git(&["init", "-q", "-b", "main"])?;
+        r.git(&["config", "user.name", "jetci bench"])?;
+        r.git(&["config", "user.email", "bench@jetci.invalid"])?;
+        r.git(&["config", "commit.gpgsign", "false"])?;
+        r.git(&["config", "gc.auto", "0"])?;
+        for (name, body) in files {
+            fs::write(r.path().join(name), body)?;
+        }
+        r.git(&["add", "-A"])?;
+        r.git(&["commit", "-q", "--allow-empty", "-m", "initial"])?;
+        Ok(r)
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path_str(&self) -> String {
+        self.path().to_str().expect("utf-8 temp path").to_string()
+    }
+
+    pub fn git(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(self.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "git {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// One empty commit on the checked-out branch (git commit), returning its sha.
+    pub fn commit(&self, msg: &str) -> Result<String> {
+        self.git(&["commit", "-q", "--allow-empty", "-m", msg])?;
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    pub fn head(&self) -> Result<String> {
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    /// `n` empty commits on top of `branch` with git fast-import (fast: 50,000 in a second or
+    /// two), then the shas oldest first.
+    pub fn fast_commits(&self, branch: &str, n: usize) -> Result<Vec<String>> {
+        let parent = self.git(&["rev-parse", branch])?;
+        let mut stream = String::with_capacity(n * 160);
+        let t = 1_700_000_000u64;
+        for i in 0..n {
+            let msg = format!("bulk {i}\n");
+            stream.push_str(&format!(
+                "commit refs/heads/{branch}\nmark :{m}\ncommitter bench <b@x> {ts} +0000\ndata {len}\n{msg}",
+                m = i + 1,
+                ts = t + i as u64,
+                len = msg.len()
+            ));
+            if i == 0 {
+                stream.push_str(&format!("from {parent}\n"));
+            }
+            stream.push('\n');
+        }
+        let mut child = Command::new("git")
+            .args(["fast-import", "--quiet", "--force"])
+            .current_dir(self.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(stream.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("git fast-import failed");
+        }
+        // Keep the work tree's index in step with the moved branch (same tree, empty commits).
+        let list = self.git(&["rev-list", "--reverse", &format!("{parent}..{branch}")])?;
+        Ok(list.lines().map(str::to_string).collect())
+    }
+}
+
+/// The floor: check the commit out with git2 into a fresh directory and run `sh -c CMD` there.
+pub fn floor_once(repo: &Path, sha: &str, cmd: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let dest = tempfile::Builder::new()
+        .prefix("jetci-bench-floor-")
+        .tempdir()?;
+    let r = git2::Repository::open(repo)?;
+    let commit = r.find_commit(git2::Oid::from_str(sha)?)?;
+    let tree = commit.tree()?;
+    let mut cb = git2::build::CheckoutBuilder::new();
+    cb.target_dir(dest.path())
+        .force()
+        .recreate_missing(true)
+        .update_index(false);
+    r.checkout_tree(tree.as_object(), Some(&mut cb))?;
+    let st = Command::new("sh")
+        .args(["-c", cmd])
+        .current_dir(dest.path())
+        .status()?;
+    if !st.success() {
+        bail!("floor command failed");
+    }
+    Ok(t0.elapsed())
+}
+
+// -------------------------------------------------------------------------------------------
+// Results, timestamped on arrival
+// -------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    pub at: Instant,
+    pub repo: String,
+    pub sha: String,
+    pub status: String,
+}
+
+/// Subscribes to `ci.results.>` with core NATS on its own thread and runtime, so arrival times
+/// are taken at once even while the main thread runs git.
+pub struct Listener {
+    state: Arc<(Mutex<Vec<Arrival>>, Condvar)>,
+}
+
+impl Listener {
+    pub fn start(url: &str) -> Result<Listener> {
+        let state: Arc<(Mutex<Vec<Arrival>>, Condvar)> = Arc::default();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (st, url) = (state.clone(), url.to_string());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let client = match async_nats::connect(&url).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let mut sub = match client.subscribe("ci.results.>").await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = client.flush().await;
+                let _ = ready_tx.send(Ok(()));
+                while let Some(m) = sub.next().await {
+                    let at = Instant::now();
+                    let v: serde_json::Value =
+                        serde_json::from_slice(&m.payload).unwrap_or_default();
+                    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                    let a = Arrival {
+                        at,
+                        repo: s("repo"),
+                        sha: s("sha"),
+                        status: s("status"),
+                    };
+                    let (lock, cv) = &*st;
+                    lock.lock().unwrap().push(a);
+                    cv.notify_all();
+                }
+            });
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .context("listener did not start")?
+            .map_err(anyhow::Error::msg)?;
+        Ok(Listener { state })
+    }
+
+    /// Waits for the result of `sha`; its arrival.
+    pub fn wait_sha(&self, sha: &str, timeout: Duration) -> Result<Arrival> {
+        self.wait(timeout, |all| all.iter().find(|a| a.sha == sha).cloned())
+            .with_context(|| format!("no result for {sha} within {timeout:?}"))
+    }
+
+    /// Waits until `n` results of `repo` arrived; the n-th arrival.
+    pub fn wait_count(&self, repo: &str, n: usize, timeout: Duration) -> Result<Arrival> {
+        self.wait(timeout, |all| {
+            all.iter().filter(|a| a.repo == repo).nth(n - 1).cloned()
+        })
+        .with_context(|| {
+            format!(
+                "fewer than {n} results of {repo} within {timeout:?} (got {})",
+                self.count(repo)
+            )
+        })
+    }
+
+    pub fn count(&self, repo: &str) -> usize {
+        self.state
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.repo == repo)
+            .count()
+    }
+
+    pub fn all(&self) -> Vec<Arrival> {
+        self.state.0.lock().unwrap().clone()
+    }
+
+    fn wait<T>(&self, timeout: Duration, f: impl Fn(&[Arrival]) -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.state;
+        let mut guard = lock.lock().unwrap();
+        loop {
+            if let Some(x) = f(&guard) {
+                return Some(x);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            guard = cv.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+}

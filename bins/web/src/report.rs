@@ -1,0 +1,64 @@
+//! What happens to each final result besides the view: its `test_results/<sha>` file
+//! (`--results-dir`) and, when it flips its branch, a notification.
+//!
+//! The results feed calls [`Reporter::caught_up`] once, when the view is rebuilt from the stream,
+//! and [`Reporter::result`] for every new final result. Before the catch-up results are history:
+//! they get their files but never a notification; at the catch-up each branch's state is seeded
+//! from the view, and only later results can flip it (`transitions.rs`).
+
+use std::sync::Arc;
+
+use crate::notify::{Notification, Notifier};
+use crate::result_files::ResultFiles;
+use crate::transitions::Transitions;
+use crate::view::{Stored, View};
+
+/// The reporting state of the results feed (owned by its task).
+pub struct Reporter {
+    notifier: Notifier,
+    files: Option<ResultFiles>,
+    /// Where links in notifications point (e.g. `https://ci.example.com`).
+    base_url: String,
+    transitions: Transitions,
+    caught_up: bool,
+}
+
+impl Reporter {
+    pub fn new(notifier: Notifier, files: Option<ResultFiles>, base_url: String) -> Reporter {
+        Reporter {
+            notifier,
+            files,
+            base_url,
+            transitions: Transitions::default(),
+            caught_up: false,
+        }
+    }
+
+    /// The view is rebuilt: seed every branch's state from it.
+    pub fn caught_up(&mut self, view: &View) {
+        for head in view.heads() {
+            let r = &head.result;
+            self.transitions.seed(&r.repo, &r.branch, r.status);
+        }
+        self.caught_up = true;
+    }
+
+    /// A new final result, and the verdict of its branch's newest commit after it was added.
+    pub async fn result(&mut self, stored: Arc<Stored>, head: Option<Arc<Stored>>) {
+        if self.caught_up {
+            if let Some(head) = head {
+                let h = &head.result;
+                if let Some(kind) = self
+                    .transitions
+                    .observe(&h.repo, &h.branch, &h.sha, h.status)
+                {
+                    self.notifier
+                        .send(Notification::new(kind, h, &self.base_url));
+                }
+            }
+        }
+        if let Some(files) = &self.files {
+            files.write(stored).await;
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! Smoke run of the benchmark harness (`jetci-bench --quick`), so it cannot rot: a tiny version of
+//! every benchmark against a real nats-server and the real binaries, and a table with the L row.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use jetci_e2e::bin_path;
+
+#[test]
+fn quick_benchmark_writes_the_table() {
+    let bench = bin_path("jetci-bench");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("BENCHMARKS.md");
+    let started = Instant::now();
+    let output = Command::new(&bench)
+        .args(["--quick", "--out"])
+        .arg(&out)
+        .output()
+        .expect("cannot run jetci-bench");
+    assert!(
+        output.status.success(),
+        "jetci-bench --quick failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "jetci-bench --quick took {:?}",
+        started.elapsed()
+    );
+    let table = std::fs::read_to_string(&out).expect("BENCHMARKS.md was not written");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        table.contains("| median | p95 | floor |"),
+        "no table:\n{table}"
+    );
+    let l_row = table
+        .lines()
+        .find(|l| l.starts_with("| L | commit → result") && l.contains("notify"))
+        .unwrap_or_else(|| panic!("no L row:\n{table}\n{stderr}"));
+    assert!(
+        l_row.contains(" ms"),
+        "the L row has no figure: {l_row}\n{stderr}"
+    );
+    assert!(
+        !l_row.contains("not measured"),
+        "L was not measured: {l_row}\n{stderr}"
+    );
+    assert!(table.contains("cores"), "no core count:\n{table}");
+}

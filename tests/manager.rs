@@ -1,0 +1,225 @@
+//! End-to-end test of `jetci-manager`: a real nats-server, observer and dispatcher, and a
+//! manager that owns every runner. A burst of slow commits makes it scale from `--min` to
+//! `--max`; the queue drains with exactly one result per commit; the runners stop back down to
+//! `--min` after the idle timeout; a killed runner is replaced; SIGTERM drains and exits cleanly.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use jetci_e2e::{stream_messages, wait_results, GitRepo, NatsServer, Proc};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// Generous bound for each step; the test waits on events, never for a fixed time.
+const BOUND: Duration = Duration::from_secs(90);
+
+/// Pids of the `jetci-runner` processes whose parent is `parent`, from `/proc/*/stat`.
+fn runner_children(parent: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        // A zombie (state Z) has exited; the manager has not reaped it yet.
+        let state = stat[close + 1..].split_whitespace().next();
+        if comm == "jetci-runner" && ppid == Some(parent) && state != Some("Z") {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    pids
+}
+
+/// Polls `check` every 100 ms until it is true; panics after `bound` with `what` and the log.
+async fn wait_until(what: &str, manager: &Proc, bound: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + bound;
+    while !check() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for {what}; manager log:\n{}",
+            manager.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let repo = GitRepo::new();
+    let first = repo.commit("first", &[(".jetci.toml", "command = \"sleep 2\"\n")]);
+    let work = tempfile::tempdir().expect("tempdir");
+    let path = repo.path().to_str().expect("utf-8 path").to_string();
+    let _observer = Proc::spawn(
+        "jetci-observer",
+        &[
+            "-s",
+            &url,
+            "--poll-interval",
+            "200ms",
+            "--name",
+            "app",
+            &path,
+        ],
+        &[],
+    );
+    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
+    let mut manager = Proc::spawn(
+        "jetci-manager",
+        &[
+            "-s",
+            &url,
+            "--name",
+            "m",
+            "--min",
+            "1",
+            "--max",
+            "3",
+            "--idle-timeout",
+            "3s",
+            "--interval",
+            "250ms",
+            "--work-root",
+            work.path().to_str().expect("utf-8 path"),
+            "--",
+            "--heartbeat",
+            "1s",
+        ],
+        &[],
+    );
+    let pid = manager.pid();
+
+    // --min 1: one runner, and the observer's first sight of the repository tests the head.
+    wait_until("the first runner", &manager, BOUND, || {
+        runner_children(pid).len() == 1
+    })
+    .await;
+    let initial = wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    assert_eq!(initial[0]["sha"], first.as_str());
+
+    // A burst of 30 slow commits: the manager scales to --max, never beyond.
+    let mut shas = vec![first];
+    for i in 0..30 {
+        shas.push(repo.commit(&format!("c{i}"), &[]));
+    }
+    let mut most = 0;
+    wait_until("3 runners", &manager, BOUND, || {
+        most = most.max(runner_children(pid).len());
+        most >= 3
+    })
+    .await;
+    assert!(
+        manager.log().contains("scaling up"),
+        "no decision logged:\n{}",
+        manager.log()
+    );
+
+    // The queue drains while the pool stays at --max at most.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        most = most.max(runner_children(pid).len());
+        let done = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
+        if done.len() >= shas.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} results after {BOUND:?}; manager log:\n{}",
+            done.len(),
+            shas.len(),
+            manager.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        most, 3,
+        "the manager ran {most} runners at once, --max is 3"
+    );
+
+    // Idle for --idle-timeout: back down to --min.
+    wait_until("the pool to shrink to 1", &manager, BOUND, || {
+        runner_children(pid).len() == 1
+    })
+    .await;
+    let log = manager.log();
+    let decision = log
+        .lines()
+        .find(|l| l.contains("scaling down"))
+        .unwrap_or_else(|| panic!("no scale-down decision logged:\n{log}"));
+    for number in ["pending=", "waiting=", "busy=", "running=", "idle="] {
+        assert!(decision.contains(number), "{decision}");
+    }
+
+    // Exactly one result per commit (the scale-down took over the idle timeout, time enough for
+    // a duplicate to show), spread over all three runners.
+    let results = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
+    let mut per_sha: HashMap<String, usize> = HashMap::new();
+    let mut runners = HashSet::new();
+    for (_, r) in &results {
+        *per_sha
+            .entry(r["sha"].as_str().expect("sha").to_string())
+            .or_default() += 1;
+        runners.insert(r["runner"].as_str().unwrap_or("").to_string());
+        assert_eq!(r["status"], "passed", "{r:#}");
+    }
+    assert_eq!(results.len(), shas.len(), "{results:#?}");
+    for sha in &shas {
+        assert_eq!(per_sha.get(sha), Some(&1), "commit {sha}: {results:#?}");
+    }
+    let expected: HashSet<String> = ["m-1", "m-2", "m-3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(runners, expected);
+
+    // A killed runner is replaced, and the replacement takes work.
+    let victim = runner_children(pid)[0];
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill the runner");
+    wait_until("a replacement runner", &manager, BOUND, || {
+        let now = runner_children(pid);
+        now.len() == 1 && now[0] != victim
+    })
+    .await;
+    assert!(
+        manager.log().contains("exited unexpectedly"),
+        "{}",
+        manager.log()
+    );
+    let last = repo.commit("after the crash", &[]);
+    let all = wait_results(&url, "CI_RESULTS", "ci.results.>", shas.len() + 1, BOUND).await;
+    assert!(all.iter().any(|r| r["sha"] == last.as_str()), "{all:#?}");
+
+    // SIGTERM drains: the runner exits, then the manager, cleanly.
+    let replacement = runner_children(pid);
+    let status = manager.stop();
+    assert!(
+        status.success(),
+        "manager exited with {status}:\n{}",
+        manager.log()
+    );
+    for p in replacement {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists()
+                || std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .map(|s| s.contains(") Z "))
+                    .unwrap_or(true),
+            "runner {p} outlived its manager"
+        );
+    }
+}
