@@ -8,6 +8,7 @@
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
 //! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
 //! - [`results`]: first-writer-wins publishing of final results;
+//! - [`result_file`]: the `test_results/<sha>` files;
 //! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
 //! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
@@ -23,6 +24,7 @@ pub mod logging;
 pub mod messages;
 pub mod metrics;
 pub mod repo_config;
+pub mod result_file;
 pub mod results;
 pub mod scaling;
 pub mod shutdown;

@@ -24,6 +24,8 @@ use async_nats::jetstream::{self, stream::Stream};
 use futures::StreamExt;
 use jetci::connect::Nats;
 use jetci::messages::{decode, ResultMsg};
+pub use jetci::result_file::format_duration;
+use jetci::result_file::{clean, first_line};
 use jetci::shutdown::CancellationToken;
 
 /// Where following starts.
@@ -299,107 +301,9 @@ fn short_sha(sha: &str) -> &str {
     sha.get(..8).unwrap_or(sha)
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-}
-
-/// Replaces control characters with `?` and cuts to `max` characters (marking the cut with `…`).
-fn clean(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > max {
-        out.push('…');
-    }
-    out
-}
-
 /// Any text on one line: runs of whitespace, newlines included, become one space.
 pub fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// A human duration: `0.3s`, `12.0s`, `2m05s`, `1h02m`.
-pub fn format_duration(ms: u64) -> String {
-    let secs = ms / 1000;
-    if ms < 60_000 {
-        format!("{:.1}s", ms as f64 / 1000.0)
-    } else if secs < 3600 {
-        format!("{}m{:02}s", secs / 60, secs % 60)
-    } else {
-        format!("{}h{:02}m", secs / 3600, (secs % 3600) / 60)
-    }
-}
-
-/// The content of a `test_results/<sha>` file: one `key: value` line per fact, a blank line, then
-/// the output tail (the original "500 lines" CI wrote the test output to `test_results/<commit>`).
-pub fn result_file(r: &ResultMsg) -> String {
-    let exit = match (r.exit_code, r.signal) {
-        (_, Some(sig)) => format!("signal {sig}"),
-        (Some(code), None) => format!("exit code {code}"),
-        (None, None) => "-".to_string(),
-    };
-    let mut s = String::new();
-    let _ = writeln!(s, "status: {}", r.status);
-    let _ = writeln!(s, "repo: {}", r.repo);
-    let _ = writeln!(s, "branch: {}", clean(&r.branch, 200));
-    let _ = writeln!(s, "sha: {}", r.sha);
-    let _ = writeln!(s, "run: {}", r.run);
-    let _ = writeln!(s, "attempt: {}", r.attempt);
-    let runner = if r.runner.is_empty() { "-" } else { &r.runner };
-    let _ = writeln!(s, "runner: {}", clean(runner, 64));
-    let _ = writeln!(
-        s,
-        "duration: {} ({} ms)",
-        format_duration(r.duration_ms),
-        r.duration_ms
-    );
-    let _ = writeln!(s, "exit: {exit}");
-    let reason = r.reason.as_deref().map(first_line).unwrap_or("");
-    let _ = writeln!(
-        s,
-        "reason: {}",
-        if reason.is_empty() {
-            "-".to_string()
-        } else {
-            clean(reason, 400)
-        }
-    );
-    let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
-    s.push('\n');
-    s.push_str(&r.output_tail);
-    if !r.output_tail.is_empty() && !r.output_tail.ends_with('\n') {
-        s.push('\n');
-    }
-    s
-}
-
-/// Reads `repo` and `run` back from the head of a result file.
-fn file_repo_and_run(text: &str) -> (Option<&str>, Option<u32>) {
-    let mut repo = None;
-    let mut run = None;
-    for line in text.lines().take_while(|l| !l.is_empty()) {
-        if let Some(v) = line.strip_prefix("repo: ") {
-            repo = Some(v);
-        } else if let Some(v) = line.strip_prefix("run: ") {
-            run = v.trim().parse().ok();
-        }
-    }
-    (repo, run)
-}
-
-/// True when a result of `repo`/`run` should replace the file whose text is `existing`: the latest
-/// run of a commit wins, so replaying an old run (`--all`) never hides a newer one.
-fn replaces(existing: &str, repo: &str, run: u32) -> bool {
-    match file_repo_and_run(existing) {
-        (Some(r), Some(old)) if r == repo => run >= old,
-        _ => true,
-    }
 }
 
 /// Writes `<dir>/<sha>` files.
@@ -424,29 +328,8 @@ impl ResultFiles {
     ///
     /// Errors: the file cannot be written.
     pub fn write(&self, r: &ResultMsg) -> Result<()> {
-        // `decode` checked that the sha is 40 hex digits, so it is a safe file name.
-        let path = self.dir.join(&r.sha);
-        if let Ok(existing) = std::fs::read_to_string(&path) {
-            if !replaces(&existing, &r.repo, r.run) {
-                return Ok(());
-            }
-        }
-        let context = || format!("cannot write {}", path.display());
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(&self.dir)
-            .with_context(context)?;
-        tmp.write_all(result_file(r).as_bytes())
-            .with_context(context)?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            tmp.as_file()
-                .set_permissions(std::fs::Permissions::from_mode(0o644))
-                .with_context(context)?;
-        }
-        tmp.persist(&path)
-            .map_err(|e| e.error)
-            .with_context(context)?;
+        jetci::result_file::write(&self.dir, r)
+            .with_context(|| format!("cannot write {}", self.dir.join(&r.sha).display()))?;
         Ok(())
     }
 }
@@ -455,6 +338,7 @@ impl ResultFiles {
 mod tests {
     use super::*;
     use jetci::messages::{Status, VERSION};
+    use jetci::result_file::render as result_file;
     use time::macros::datetime;
 
     fn result() -> ResultMsg {
@@ -557,22 +441,6 @@ mod tests {
         let text = result_file(&r);
         assert!(text.contains("\nexit: -\nreason: checkout failed: no such commit\n"));
         assert!(text.ends_with("bytes)\n\n"));
-    }
-
-    #[test]
-    fn latest_run_wins() {
-        let mut r = result();
-        r.run = 3;
-        let existing = result_file(&r);
-        assert_eq!(file_repo_and_run(&existing), (Some("myrepo"), Some(3)));
-        assert!(!replaces(&existing, "myrepo", 2));
-        assert!(replaces(&existing, "myrepo", 3));
-        assert!(replaces(&existing, "myrepo", 4));
-        assert!(replaces(&existing, "other", 1));
-        assert!(replaces("garbage", "myrepo", 1));
-        // A summary line in the output tail is not mistaken for the header.
-        r.output_tail = "run: 99\n".into();
-        assert_eq!(file_repo_and_run(&result_file(&r)).1, Some(3));
     }
 
     #[test]

@@ -11,9 +11,7 @@
 //! Writing happens on a thread of its own fed by a bounded channel: a slow disk holds up the
 //! results feed only when the channel is full, and never an async worker thread.
 
-use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -61,114 +59,9 @@ impl ResultFiles {
 
 /// Writes `dir/<sha>` for `r` unless a newer run's file is there or nothing would change.
 fn write(dir: &Path, r: &ResultMsg) -> anyhow::Result<()> {
-    // `decode` checked that the sha is 40 hex digits, so it is a safe file name.
-    let path: PathBuf = dir.join(&r.sha);
-    let text = result_file(r);
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        if existing == text || !replaces(&existing, &r.repo, r.run) {
-            return Ok(());
-        }
-    }
-    let context = || format!("cannot write {}", path.display());
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(dir)
-        .with_context(context)?;
-    tmp.write_all(text.as_bytes()).with_context(context)?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .with_context(context)?;
-    }
-    tmp.persist(&path)
-        .map_err(|e| e.error)
-        .with_context(context)?;
+    jetci::result_file::write(dir, r)
+        .with_context(|| format!("cannot write {}", dir.join(&r.sha).display()))?;
     Ok(())
-}
-
-/// The content of a `test_results/<sha>` file (the same as bins/jetci's `result_file`).
-pub fn result_file(r: &ResultMsg) -> String {
-    let exit = match (r.exit_code, r.signal) {
-        (_, Some(sig)) => format!("signal {sig}"),
-        (Some(code), None) => format!("exit code {code}"),
-        (None, None) => "-".to_string(),
-    };
-    let mut s = String::new();
-    let _ = writeln!(s, "status: {}", r.status);
-    let _ = writeln!(s, "repo: {}", r.repo);
-    let _ = writeln!(s, "branch: {}", clean(&r.branch, 200));
-    let _ = writeln!(s, "sha: {}", r.sha);
-    let _ = writeln!(s, "run: {}", r.run);
-    let _ = writeln!(s, "attempt: {}", r.attempt);
-    let runner = if r.runner.is_empty() { "-" } else { &r.runner };
-    let _ = writeln!(s, "runner: {}", clean(runner, 64));
-    let _ = writeln!(
-        s,
-        "duration: {} ({} ms)",
-        crate::pages::duration_ms(r.duration_ms),
-        r.duration_ms
-    );
-    let _ = writeln!(s, "exit: {exit}");
-    let reason = r.reason.as_deref().map(first_line).unwrap_or("");
-    let _ = writeln!(
-        s,
-        "reason: {}",
-        if reason.is_empty() {
-            "-".to_string()
-        } else {
-            clean(reason, 400)
-        }
-    );
-    let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
-    s.push('\n');
-    s.push_str(&r.output_tail);
-    if !r.output_tail.is_empty() && !r.output_tail.ends_with('\n') {
-        s.push('\n');
-    }
-    s
-}
-
-/// Reads `repo` and `run` back from the head of a result file.
-fn file_repo_and_run(text: &str) -> (Option<&str>, Option<u32>) {
-    let mut repo = None;
-    let mut run = None;
-    for line in text.lines().take_while(|l| !l.is_empty()) {
-        if let Some(v) = line.strip_prefix("repo: ") {
-            repo = Some(v);
-        } else if let Some(v) = line.strip_prefix("run: ") {
-            run = v.trim().parse().ok();
-        }
-    }
-    (repo, run)
-}
-
-/// True when a result of `repo`/`run` should replace the file whose text is `existing`.
-fn replaces(existing: &str, repo: &str, run: u32) -> bool {
-    match file_repo_and_run(existing) {
-        (Some(r), Some(old)) if r == repo => run >= old,
-        _ => true,
-    }
-}
-
-fn first_line(s: &str) -> &str {
-    s.lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("")
-}
-
-/// Replaces control characters with `?` and cuts to `max` characters (marking the cut with `…`).
-fn clean(s: &str, max: usize) -> String {
-    let mut out: String = s
-        .chars()
-        .take(max)
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect();
-    if s.chars().count() > max {
-        out.push('…');
-    }
-    out
 }
 
 #[cfg(test)]
@@ -176,6 +69,7 @@ mod tests {
     use super::*;
     use crate::view::tests::result;
     use jetci::messages::Status;
+    use jetci::result_file::render as result_file;
 
     #[test]
     fn content_matches_jetci_up() {
