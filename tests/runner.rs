@@ -316,3 +316,63 @@ async fn an_invalid_jetci_toml_is_the_commits_error_with_the_line() {
         "{reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn junit_counts_and_a_shared_cache_dir() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let script = r#"mkdir -p out
+cat > out/junit.xml <<'XML'
+<testsuites><testsuite name="m">
+  <testcase classname="m" name="ok"/>
+  <testcase classname="m" name="bad"><failure message="1 != 2"/></testcase>
+  <testcase classname="m" name="later"><skipped/></testcase>
+</testsuite></testsuites>
+XML
+echo hit >> "$JETCI_CACHE_DIR/hits"
+echo "cache hits: $(wc -l < "$JETCI_CACHE_DIR/hits")"
+"#;
+    repo.commit(
+        "junit",
+        &[
+            ("ci.sh", script),
+            (
+                ".jetci.toml",
+                &toml("sh ci.sh", "junit = [\"out/*.xml\"]\n"),
+            ),
+        ],
+    );
+    let mut sys = Sys::start(&nats, &repo);
+    let cache = sys.work.path().join("cache");
+    sys.runner("r0", &["--cache-dir", cache.to_str().unwrap()], &[]);
+    let r = &sys.results(1).await[0];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    let t = &r["tests"];
+    assert_eq!(
+        (t["tests"].as_u64(), t["passed"].as_u64()),
+        (Some(3), Some(1)),
+        "{r:#}"
+    );
+    assert_eq!(
+        (t["failed"].as_u64(), t["skipped"].as_u64()),
+        (Some(1), Some(1)),
+        "{r:#}"
+    );
+    assert_eq!(t["failures"][0], "m.bad", "{r:#}");
+    assert!(
+        r["output_tail"].as_str().unwrap().contains("cache hits: 1"),
+        "{r:#}"
+    );
+
+    // The next job sees the cache (and only the cache) of the one before.
+    repo.commit("again", &[("x.txt", "x")]);
+    let all = sys.results(2).await;
+    assert!(
+        all[1]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("cache hits: 2"),
+        "{:#}",
+        all[1]
+    );
+}

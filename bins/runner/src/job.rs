@@ -58,6 +58,9 @@ pub struct Runner {
     pub log_cap: u64,
     pub keep_workspaces: bool,
     pub pass_env: Vec<String>,
+    /// A directory shared by every job (`--cache-dir`), exposed as `JETCI_CACHE_DIR`; the only
+    /// thing one job may leave for the next.
+    pub cache_dir: Option<PathBuf>,
     /// Job ids running now (reported in `ci-runners`).
     pub active: Mutex<BTreeSet<String>>,
     /// One lock per mirror: jobs of one repository fetch one at a time.
@@ -101,6 +104,7 @@ impl Runner {
             log_cap,
             keep_workspaces,
             pass_env,
+            cache_dir: None,
             active: Mutex::new(BTreeSet::new()),
             mirrors: Mutex::new(HashMap::new()),
         }
@@ -521,6 +525,9 @@ impl Runner {
         env.push(("HOME".into(), home.display().to_string()));
         env.push(("TMPDIR".into(), tmp.display().to_string()));
         env.push(("CI".into(), "true".into()));
+        if let Some(cache) = &self.cache_dir {
+            env.push(("JETCI_CACHE_DIR".into(), cache.display().to_string()));
+        }
         env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend([
             ("JETCI_REPO".to_string(), job.repo.clone()),

@@ -81,6 +81,10 @@ struct Args {
     /// Keep each job's workspace after it ends (for debugging).
     #[arg(long)]
     keep_workspaces: bool,
+    /// A directory shared by all jobs (dependency caches and the like), given to them as
+    /// JETCI_CACHE_DIR. Without it nothing survives from one job to the next.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
     /// More environment variables to pass from the runner to jobs (by name, repeatable).
     #[arg(long = "pass-env", value_name = "NAME")]
     pass_env: Vec<String>,
@@ -132,7 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ensure_id_free(&streams, &id, args.lease).await?;
     let consumer = job_consumer(&nats, &streams, &id, args.lease, args.jobs).await?;
 
-    let runner = Arc::new(Runner::new(
+    let mut runner = Runner::new(
         nats.clone(),
         streams.clone(),
         id.clone(),
@@ -143,7 +147,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.log_cap,
         args.keep_workspaces,
         args.pass_env.clone(),
-    ));
+    );
+    if let Some(dir) = &args.cache_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
+        runner.cache_dir = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()));
+    }
+    let runner = Arc::new(runner);
     let orphans = exec::kill_orphans(&runner.owner()).await;
     if orphans > 0 {
         tracing::warn!(
