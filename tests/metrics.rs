@@ -52,6 +52,8 @@ async fn metrics_count_what_happened() {
     let repo = GitRepo::new();
     let (ok_name, ok_body) = passing_test();
     repo.commit("first", &[(ok_name, ok_body)]);
+    let w_addr = format!("127.0.0.1:{}", free_port());
+    let w_listen = format!("127.0.0.1:{}", free_port());
     let (d_addr, r_addr) = (
         format!("127.0.0.1:{}", free_port()),
         format!("127.0.0.1:{}", free_port()),
@@ -75,6 +77,11 @@ async fn metrics_count_what_happened() {
         Proc::spawn(
             "jetci-dispatcher",
             &["-s", &url, "--metrics-addr", &d_addr],
+            &[],
+        ),
+        Proc::spawn(
+            "jetci-web",
+            &["-s", &url, "--listen", &w_listen, "--metrics-addr", &w_addr],
             &[],
         ),
         Proc::spawn(
@@ -124,4 +131,19 @@ async fn metrics_count_what_happened() {
     assert_eq!(r["jetci_results_total{status=\"failed\"}"], 2.0, "{r:#?}");
     assert_eq!(r["jetci_job_duration_seconds_count"], 3.0, "{r:#?}");
     assert!(r.contains_key("jetci_heartbeat_age_seconds"), "{r:#?}");
+
+    // The dashboard counts the results it shows.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let w = scrape(&w_addr);
+        if w.get("jetci_results_total{status=\"failed\"}") == Some(&2.0) {
+            assert_eq!(w["jetci_results_total{status=\"passed\"}"], 1.0, "{w:#?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web metrics never counted the results: {w:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

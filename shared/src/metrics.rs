@@ -26,6 +26,12 @@ pub mod names {
     pub const JOBS_IN_FLIGHT: &str = "jetci_jobs_in_flight";
     /// Histogram: seconds from a job's start to its result (runner).
     pub const JOB_DURATION: &str = "jetci_job_duration_seconds";
+    /// Gauge: runner processes a manager runs.
+    pub const MANAGER_RUNNERS: &str = "jetci_manager_runners";
+    /// Counter: runner processes a manager started (scaling up, or replacing a crashed one).
+    pub const MANAGER_STARTED: &str = "jetci_manager_runners_started_total";
+    /// Counter: idle runner processes a manager stopped.
+    pub const MANAGER_STOPPED: &str = "jetci_manager_runners_stopped_total";
     /// Gauge: age in seconds of the oldest heartbeat among jobs in flight (dispatcher), or of
     /// this runner's last successful heartbeat write (runner).
     pub const HEARTBEAT_AGE: &str = "jetci_heartbeat_age_seconds";

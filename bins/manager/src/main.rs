@@ -58,6 +58,8 @@ struct Args {
     connect: ConnectArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    metrics: jetci::metrics::MetricsArgs,
     /// Runners kept even when nothing waits (0 is allowed).
     #[arg(long, value_name = "N")]
     min: u32,
@@ -135,6 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         capacity: jobs_flag(&args.runner_args)?,
     };
 
+    args.metrics.install()?;
     let shutdown = Shutdown::install()?;
     let nats = args
         .connect
@@ -194,6 +197,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 /// "why nothing changes" (say, the pool reaching --max).
 fn log_decision(plan: &Plan, last_reason: &mut &'static str) {
     let n = &plan.numbers;
+    {
+        use jetci::metrics::names as m;
+        metrics::gauge!(m::QUEUE_DEPTH).set((n.pending + n.waiting) as f64);
+        metrics::gauge!(m::JOBS_IN_FLIGHT).set(n.busy as f64);
+        metrics::gauge!(m::MANAGER_RUNNERS).set(n.running as f64);
+        metrics::counter!(m::MANAGER_STARTED).increment(plan.start as u64);
+        metrics::counter!(m::MANAGER_STOPPED).increment(plan.stop.len() as u64);
+    }
     if plan.start > 0 {
         tracing::info!(
             pending = n.pending,

@@ -183,6 +183,8 @@ async fn apply_results(
         if let Some((stored, head)) = added {
             shared.announce(change);
             if !is_superseded {
+                let status = stored.result.status.as_str();
+                metrics::counter!(jetci::metrics::names::RESULTS, "status" => status).increment(1);
                 reporter.result(stored, head).await;
             }
         }

@@ -50,6 +50,8 @@ struct Args {
     connect: ConnectArgs,
     #[command(flatten)]
     log: LogArgs,
+    #[command(flatten)]
+    metrics: jetci::metrics::MetricsArgs,
     /// Address to serve HTTP on.
     #[arg(long, env = "JETCI_WEB_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -73,6 +75,7 @@ async fn main() {
 async fn run(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_results >= 1, "--max-results must be at least 1");
     let settings = args.report.settings(args.listen)?;
+    args.metrics.install()?;
     let shutdown = Shutdown::install()?;
     let notifier = notify::Notifier::start(&settings.notify, &shutdown.token)?;
     let files = match &settings.results_dir {
