@@ -508,6 +508,11 @@ impl GitRepo {
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_TERMINAL_PROMPT", "0")
+            // The repository's identity, not one from the environment (CI exports one).
+            .env_remove("GIT_AUTHOR_NAME")
+            .env_remove("GIT_AUTHOR_EMAIL")
+            .env_remove("GIT_COMMITTER_NAME")
+            .env_remove("GIT_COMMITTER_EMAIL")
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run git (is it installed?): {e}"));
