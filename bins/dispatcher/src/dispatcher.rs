@@ -68,6 +68,13 @@ struct Held {
     seq: u64,
     /// Why it waits for a runner, while it does.
     waiting: Option<String>,
+    /// The job's state as this dispatcher last wrote or watched it go by, with its revision.
+    /// While the commit waits, the next assignment compare-and-sets on it without reading the
+    /// key first; a conflict drops it and the key is read again.
+    known: Option<(JobState, u64)>,
+    /// Where the current attempt's job message is in `CI_JOBS` (the runner also records it in
+    /// the job state when it claims the job), so a lost attempt's message can be deleted.
+    job_seq: Option<u64>,
 }
 
 pub struct Dispatcher {
@@ -244,6 +251,15 @@ impl Dispatcher {
                 return;
             }
         };
+        if let Some(held) = self.held.get_mut(&key) {
+            if held
+                .known
+                .as_ref()
+                .is_none_or(|(_, rev)| *rev < state.revision)
+            {
+                held.known = Some((state.state.clone(), state.revision));
+            }
+        }
         let cancel_held = state.state.cancel.is_some() && self.held.contains_key(&key);
         match state.state.phase {
             JobPhase::Assigned | JobPhase::Running => {
@@ -328,6 +344,8 @@ impl Dispatcher {
                 commit,
                 seq,
                 waiting: None,
+                known: None,
+                job_seq: None,
             },
         );
         self.advance(&key).await;
@@ -335,7 +353,21 @@ impl Dispatcher {
 
     /// Reads the job's state and acts on it: close, adopt, assign, or give up.
     async fn advance(&mut self, key: &str) {
-        let current = match job_state::read(&self.streams.job_states, key).await {
+        let known = self
+            .held
+            .get(key)
+            .filter(|h| h.waiting.is_some())
+            .and_then(|h| h.known.clone())
+            .filter(|(s, _)| s.phase == JobPhase::Queued && s.cancel.is_none());
+        let read = match known {
+            Some((state, revision)) => Ok(Some(Versioned {
+                state,
+                revision,
+                age: Duration::ZERO,
+            })),
+            None => job_state::read(&self.streams.job_states, key).await,
+        };
+        let current = match read {
             Ok(c) => c,
             Err(StateError::Bad {
                 reason, revision, ..
@@ -439,11 +471,19 @@ impl Dispatcher {
                 state.attempt = attempt - 1;
                 state.runner = None;
                 state.reason = Some(reason);
-                if job_state::write(&self.streams.job_states, key, &state, revision)
-                    .await
-                    .is_ok()
-                {
-                    self.delete_stale_job(previous.as_ref()).await;
+                match job_state::write(&self.streams.job_states, key, &state, revision).await {
+                    Ok(rev) => {
+                        let stale = self.stale_job_seq(key, previous.as_ref());
+                        if let Some(held) = self.held.get_mut(key) {
+                            held.known = Some((state, rev));
+                        }
+                        self.delete_stale_job(stale).await;
+                    }
+                    Err(_) => {
+                        if let Some(held) = self.held.get_mut(key) {
+                            held.known = None;
+                        }
+                    }
                 }
             }
             return;
@@ -459,8 +499,14 @@ impl Dispatcher {
         state.job_seq = None;
         state.reason = None;
         // Claim the attempt first: of two dispatchers racing here, one write fails.
-        let rev = match job_state::write(&self.streams.job_states, key, &state, revision).await {
-            Ok(rev) => rev,
+        let written = job_state::write(&self.streams.job_states, key, &state, revision).await;
+        if written.is_err() {
+            if let Some(held) = self.held.get_mut(key) {
+                held.known = None;
+            }
+        }
+        match written {
+            Ok(_) => {}
             Err(StateError::Conflict) => {
                 tracing::debug!(%key, "another dispatcher moved the job first; re-reading");
                 return;
@@ -469,8 +515,9 @@ impl Dispatcher {
                 tracing::warn!(%key, error = %e, "cannot record the assignment; trying again next beat");
                 return;
             }
-        };
-        self.delete_stale_job(previous.as_ref()).await;
+        }
+        let stale = self.stale_job_seq(key, previous.as_ref());
+        self.delete_stale_job(stale).await;
         self.active.insert(
             key.to_string(),
             Active {
@@ -518,10 +565,10 @@ impl Dispatcher {
                     metrics::counter!(m::JOBS_REASSIGNED).increment(1);
                 }
                 // Remember where the job message is, so it can be deleted if the runner is lost
-                // before taking it. The runner may have written first; then it recorded it.
-                state.job_seq = Some(ack.sequence);
-                state.updated_at = messages::now();
-                let _ = job_state::write(&self.streams.job_states, key, &state, Some(rev)).await;
+                // before taking it (the runner records it in the state when it claims the job).
+                if let Some(held) = self.held.get_mut(key) {
+                    held.job_seq = Some(ack.sequence);
+                }
             }
             Err(e) => {
                 // The state says `assigned`; with no heartbeat it goes stale after the lease and
@@ -590,29 +637,42 @@ impl Dispatcher {
             current.as_ref().map(|c| c.revision),
         )
         .await;
-        self.delete_stale_job(previous.as_ref()).await;
+        let stale = self.stale_job_seq(key, previous.as_ref());
+        self.delete_stale_job(stale).await;
         self.active.remove(key);
         if let Some(held) = self.held.remove(key) {
             self.close(key, held).await;
         }
     }
 
+    /// Where the previous attempt's job message is: recorded in its state by the runner that
+    /// claimed it, or remembered by this dispatcher from publishing it.
+    fn stale_job_seq(&self, key: &str, previous: Option<&JobState>) -> Option<u64> {
+        previous
+            .and_then(|s| s.job_seq)
+            .or_else(|| self.held.get(key).and_then(|h| h.job_seq))
+    }
+
     /// Removes a lost attempt's job message from its runner's subject, so a runner that comes
     /// back does not find it (it would see itself superseded anyway).
-    async fn delete_stale_job(&self, previous: Option<&JobState>) {
-        if let Some(seq) = previous.and_then(|s| s.job_seq) {
+    async fn delete_stale_job(&self, seq: Option<u64>) {
+        if let Some(seq) = seq {
             let _ = self.streams.jobs.delete_message(seq).await;
         }
     }
 
-    /// The run has its final result: ack the commit for good.
+    /// The run has its final result: ack the commit for good. The ack waits for the server's
+    /// confirmation in its own task, so the next assignment does not wait for it.
     async fn close(&self, key: &str, held: Held) {
-        match held.msg.double_ack().await {
-            Ok(()) => tracing::info!(%key, "commit done"),
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "cannot ack the commit; it comes back and is closed then")
+        let key = key.to_string();
+        tokio::spawn(async move {
+            match held.msg.double_ack().await {
+                Ok(()) => tracing::info!(%key, "commit done"),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "cannot ack the commit; it comes back and is closed then")
+                }
             }
-        }
+        });
     }
 
     /// Every 250 ms: extend held commits (each lease/3), probe late runners, move stale jobs, retry waiting

@@ -94,7 +94,9 @@ pub async fn run(
     let token = job_token(&spec.owner);
     let marker = format!("{TOKEN_VAR}={token}");
     let (reader, writer) = io::pipe()?;
-    let mut cmd = tokio::process::Command::new("sh");
+    // An absolute path: with a relative one and PATH in the environment, std cannot use
+    // posix_spawn (vfork) and forks the whole runner, page tables and all.
+    let mut cmd = tokio::process::Command::new(SHELL);
     cmd.arg("-c")
         .arg(&spec.command)
         .current_dir(&spec.dir)
@@ -107,6 +109,7 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
+    let started = std::time::Instant::now();
     // The parent's copies of the pipe's write end must close, or the reader never sees EOF.
     drop(cmd);
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
@@ -160,7 +163,14 @@ pub async fn run(
         }
     }
     let status = status.expect("the loop ends only after the command exited");
-    let escaped = kill_marked(marker.into_bytes(), true).await;
+    // Every process of the job was created after its shell, so only newer pids are looked at,
+    // unless the pid counter may have wrapped around meanwhile (a long job; a counter now
+    // below the shell's pid).
+    let newer_than = match pgid.as_raw() {
+        pid if pid > 0 && started.elapsed() < FULL_SWEEP_AFTER => Some(pid),
+        _ => None,
+    };
+    let escaped = kill_marked(marker.into_bytes(), true, newer_than).await;
     if escaped > 0 {
         tracing::info!(
             processes = escaped,
@@ -187,8 +197,15 @@ pub const TOKEN_VAR: &str = "JETCI_JOB_TOKEN";
 /// gives a runner no chance to stop its jobs): every process whose job token starts with
 /// `owner`. Returns how many.
 pub async fn kill_orphans(owner: &str) -> usize {
-    kill_marked(format!("{TOKEN_VAR}={owner}-").into_bytes(), false).await
+    kill_marked(format!("{TOKEN_VAR}={owner}-").into_bytes(), false, None).await
 }
+
+/// The shell that runs a job's command.
+const SHELL: &str = "/bin/sh";
+
+/// After a job this long, its sweep looks at every process, not only those with pids above its
+/// shell's: Linux hands out pids in increasing order but wraps around at `pid_max`.
+const FULL_SWEEP_AFTER: Duration = Duration::from_secs(10);
 
 /// A token no other job on this machine has: owner, pid, time and a counter.
 fn job_token(owner: &str) -> String {
@@ -206,13 +223,16 @@ fn job_token(owner: &str) -> String {
 }
 
 /// SIGKILLs every process whose environment holds `marker` (`NAME=value`; with `exact` false,
-/// any entry starting with it), a few rounds in case one forks while being killed. Returns how
-/// many were killed.
-async fn kill_marked(marker: Vec<u8>, exact: bool) -> usize {
+/// any entry starting with it), a few rounds in case one forks while being killed. With
+/// `newer_than`, only pids above it are read, as long as the kernel's last pid
+/// (`/proc/sys/kernel/ns_last_pid`) is above it too (no wrap-around). Returns how many were
+/// killed.
+async fn kill_marked(marker: Vec<u8>, exact: bool, newer_than: Option<i32>) -> usize {
     tokio::task::spawn_blocking(move || {
+        let newer_than = newer_than.filter(|&pid| last_pid().is_some_and(|last| last >= pid));
         let mut killed = 0;
         for _ in 0..5 {
-            let found = marked_pids(&marker, exact);
+            let found = marked_pids(&marker, exact, newer_than.unwrap_or(0));
             if found.is_empty() {
                 break;
             }
@@ -229,12 +249,23 @@ async fn kill_marked(marker: Vec<u8>, exact: bool) -> usize {
     .unwrap_or(0)
 }
 
-fn marked_pids(marker: &[u8], exact: bool) -> Vec<Pid> {
+/// The last pid the kernel handed out in this pid namespace.
+fn last_pid() -> Option<i32> {
+    std::fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Pids above `above` whose environment holds `marker`.
+fn marked_pids(marker: &[u8], exact: bool, above: i32) -> Vec<Pid> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid > above)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
                 .map(|env| {

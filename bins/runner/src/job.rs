@@ -67,6 +67,29 @@ pub struct Runner {
     mirrors: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// The last job state this runner wrote for a job, and the revision the write got.
+///
+/// Renewals (heartbeat, fence, final) compare-and-set on this revision without reading the key
+/// first: one round trip each. Any other writer (a dispatcher reassigning, `jetci cancel`) moves
+/// the revision, so the write fails with a conflict and the renewal reads the key and decides
+/// again; no write ever lands on a state this runner has not seen.
+#[derive(Debug, Clone)]
+struct Written {
+    state: JobState,
+    revision: u64,
+}
+
+/// What the fence before a verdict found.
+enum Fence {
+    /// The job is still this attempt's; the state as renewed.
+    Held(Written),
+    /// NATS cannot be reached: no dispatcher can reassign the job either, so the verdict goes out
+    /// (kept on disk until NATS is back).
+    Unreachable,
+    /// Another attempt owns the job, or it is final.
+    Lost,
+}
+
 /// Why a running job was stopped before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stop {
@@ -137,8 +160,8 @@ impl Runner {
             return;
         }
         let job_id = job.job_id();
-        let revision = match self.claim(&job, seq).await {
-            Ok(Some(rev)) => rev,
+        let claimed = match self.claim(&job, seq).await {
+            Ok(Some(written)) => written,
             Ok(None) => {
                 tracing::info!(job = %job_id, "job was superseded or is already final; skipping it");
                 let _ = msg.double_ack().await;
@@ -156,10 +179,11 @@ impl Runner {
         let msg = Arc::new(msg);
         let stop = CancellationToken::new();
         let stop_reason = Arc::new(Mutex::new(None::<Stop>));
+        let written = Arc::new(Mutex::new(claimed));
         let heartbeat = tokio::spawn(self.clone().heartbeat(
             job.clone(),
             msg.clone(),
-            revision,
+            written.clone(),
             stop.clone(),
             stop_reason.clone(),
         ));
@@ -199,20 +223,46 @@ impl Runner {
                 let _ = msg.double_ack().await;
             }
             (None | Some(Stop::Cancel), Verdict::Done(result)) => {
-                if self.fence(&job).await {
-                    self.deliver(&result, heartbeat).await;
-                } else {
-                    heartbeat.abort();
-                    self.record_superseded(&result).await;
+                match self.fence(&job, &written).await {
+                    Fence::Held(fenced) => self.deliver(&result, Some(fenced), heartbeat).await,
+                    Fence::Unreachable => self.deliver(&result, None, heartbeat).await,
+                    Fence::Lost => {
+                        heartbeat.abort();
+                        self.record_superseded(&result).await;
+                    }
                 }
-                let _ = msg.double_ack().await;
+                // The job state says final already: a lost ack only brings the message back,
+                // and its claim then skips it. A plain ack goes out before this connection's
+                // next pull, so the server frees the slot first (JETSTREAM-NOTES 5.1).
+                let _ = msg.ack().await;
             }
         }
         stop.cancel();
         self.active.lock().expect("lock").remove(&job_id);
         if !self.keep_workspaces {
-            let _ = tokio::fs::remove_dir_all(self.job_dir(&job_id)).await;
+            self.remove_workspace(&job_id).await;
         }
+    }
+
+    /// Moves the job's workspace aside (one rename) and deletes it in the background, so the
+    /// slot is free for the next job at once.
+    async fn remove_workspace(&self, job_id: &str) {
+        let dir = self.job_dir(job_id);
+        let trash = self.work_dir.join("trash").join(format!(
+            "{job_id}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        let _ = tokio::fs::create_dir_all(self.work_dir.join("trash")).await;
+        let doomed = match tokio::fs::rename(&dir, &trash).await {
+            Ok(()) => trash,
+            Err(_) => dir,
+        };
+        tokio::spawn(async move {
+            let _ = tokio::fs::remove_dir_all(doomed).await;
+        });
     }
 
     /// Takes the job in `ci-jobs`: it must be this attempt on this runner. Returns the state's
@@ -221,7 +271,7 @@ impl Runner {
     /// The dispatcher writes `assigned` before it publishes the job, so the state this reads
     /// already names this attempt; a state that names an older attempt means the dispatcher died
     /// in between, and the job is not ours to run (the next dispatcher assigns it afresh).
-    async fn claim(&self, job: &JobMsg, seq: u64) -> Result<Option<u64>, StateError> {
+    async fn claim(&self, job: &JobMsg, seq: u64) -> Result<Option<Written>, StateError> {
         let store = &self.streams.job_states;
         let key = job.key();
         for _ in 0..10 {
@@ -238,7 +288,12 @@ impl Runner {
             next.job_seq = Some(seq);
             next.updated_at = messages::now();
             match job_state::write(store, &key, &next, Some(current.revision)).await {
-                Ok(rev) => return Ok(Some(rev)),
+                Ok(revision) => {
+                    return Ok(Some(Written {
+                        state: next,
+                        revision,
+                    }))
+                }
                 Err(StateError::Conflict) => continue,
                 Err(e) => return Err(e),
             }
@@ -246,7 +301,54 @@ impl Runner {
         Err(StateError::Conflict)
     }
 
-    /// Every `heartbeat`: extend the job message's deadline and rewrite the job state (the
+    /// Renews the job's state (a new `updated_at`, and `change` applied) with compare-and-set on
+    /// the revision this runner last wrote; on a conflict, reads the key and renews what is there
+    /// while it is still this attempt's. Returns what was written, [`Fence::Lost`] when the job
+    /// moved on, [`Fence::Unreachable`] when NATS cannot be reached.
+    async fn renew(
+        &self,
+        job: &JobMsg,
+        written: &Mutex<Written>,
+        change: impl Fn(&mut JobState),
+    ) -> Fence {
+        let store = &self.streams.job_states;
+        let key = job.key();
+        let known = written.lock().expect("lock").clone();
+        let mut base = (known.state, known.revision);
+        for _ in 0..5 {
+            let mut next = base.0.clone();
+            change(&mut next);
+            next.updated_at = messages::now();
+            match job_state::write(store, &key, &next, Some(base.1)).await {
+                Ok(revision) => {
+                    let fresh = Written {
+                        state: next,
+                        revision,
+                    };
+                    *written.lock().expect("lock") = fresh.clone();
+                    return Fence::Held(fresh);
+                }
+                Err(StateError::Conflict) => {}
+                Err(_) => return Fence::Unreachable,
+            }
+            let current = match job_state::read(store, &key).await {
+                Ok(Some(c)) => c,
+                Ok(None) => return Fence::Lost,
+                Err(_) => return Fence::Unreachable,
+            };
+            let s = &current.state;
+            if s.attempt != job.attempt
+                || s.runner.as_deref() != Some(self.id.as_str())
+                || s.phase == JobPhase::Final
+            {
+                return Fence::Lost;
+            }
+            base = (current.state, current.revision);
+        }
+        Fence::Lost
+    }
+
+    /// Every `heartbeat`: extend the job message's deadline and renew the job state (the
     /// dispatcher's proof of life). A state that names another attempt stops the job as
     /// superseded; a cancel request stops the command. The task runs until the caller aborts it
     /// after the result is out, so the lease holds while the result is on its way.
@@ -254,12 +356,10 @@ impl Runner {
         self: Arc<Self>,
         job: JobMsg,
         msg: Arc<jetstream::Message>,
-        mut revision: u64,
+        written: Arc<Mutex<Written>>,
         stop: CancellationToken,
         reason: Arc<Mutex<Option<Stop>>>,
     ) {
-        let key = job.key();
-        let store = &self.streams.job_states;
         // The claim was the first beat.
         let mut tick =
             tokio::time::interval_at(tokio::time::Instant::now() + self.heartbeat, self.heartbeat);
@@ -267,40 +367,27 @@ impl Runner {
         loop {
             tick.tick().await;
             let _ = msg.ack_with(AckKind::Progress).await;
-            let current = match job_state::read(store, &key).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(job = %job.job_id(), error = %e, "heartbeat failed; the test goes on");
-                    continue;
+            match self
+                .renew(&job, &written, |s| s.phase = JobPhase::Running)
+                .await
+            {
+                Fence::Held(w) => {
+                    if let Some(who) = &w.state.cancel {
+                        if !stop.is_cancelled() {
+                            tracing::info!(job = %job.job_id(), who = %who, "job cancelled; stopping its command");
+                            reason.lock().expect("lock").get_or_insert(Stop::Cancel);
+                            stop.cancel();
+                        }
+                    }
                 }
-            };
-            let Some(current) = current.filter(|c| {
-                c.state.attempt == job.attempt
-                    && c.state.runner.as_deref() == Some(self.id.as_str())
-                    && c.state.phase != JobPhase::Final
-            }) else {
-                tracing::warn!(job = %job.job_id(), "the job was given to another attempt; stopping it");
-                reason.lock().expect("lock").get_or_insert(Stop::Superseded);
-                stop.cancel();
-                return;
-            };
-            if let Some(who) = &current.state.cancel {
-                if !stop.is_cancelled() {
-                    tracing::info!(job = %job.job_id(), who = %who, "job cancelled; stopping its command");
-                    reason.lock().expect("lock").get_or_insert(Stop::Cancel);
+                Fence::Unreachable => {
+                    tracing::warn!(job = %job.job_id(), "heartbeat failed (NATS unreachable); the test goes on");
+                }
+                Fence::Lost => {
+                    tracing::warn!(job = %job.job_id(), "the job was given to another attempt; stopping it");
+                    reason.lock().expect("lock").get_or_insert(Stop::Superseded);
                     stop.cancel();
-                }
-            }
-            if current.revision != revision {
-                tracing::debug!(job = %job.job_id(), "job state was rewritten by a dispatcher; following it");
-            }
-            let mut next = current.state.clone();
-            next.phase = JobPhase::Running;
-            next.updated_at = messages::now();
-            match job_state::write(store, &key, &next, Some(current.revision)).await {
-                Ok(rev) => revision = rev,
-                Err(e) => {
-                    tracing::debug!(job = %job.job_id(), error = %e, "heartbeat write lost a race; retrying next beat")
+                    return;
                 }
             }
         }
@@ -313,34 +400,9 @@ impl Runner {
     /// The fence before a verdict: renews the job's state with compare-and-set, which succeeds
     /// only while the state still names this attempt. After it, no dispatcher reassigns the job
     /// for a whole lease, so the result published next cannot race a newer attempt's (a runner
-    /// that was stopped or cut off past its lease finds itself superseded here). `true` also when
-    /// NATS cannot be reached: then no dispatcher can reassign either, and the result waits on
-    /// disk.
-    async fn fence(&self, job: &JobMsg) -> bool {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        for _ in 0..5 {
-            let current = match job_state::read(store, &key).await {
-                Ok(Some(c)) => c,
-                Ok(None) => return false,
-                Err(_) => return true,
-            };
-            let s = &current.state;
-            if s.attempt != job.attempt
-                || s.runner.as_deref() != Some(self.id.as_str())
-                || s.phase == JobPhase::Final
-            {
-                return false;
-            }
-            let mut next = s.clone();
-            next.updated_at = messages::now();
-            match job_state::write(store, &key, &next, Some(current.revision)).await {
-                Ok(_) => return true,
-                Err(StateError::Conflict) => continue,
-                Err(_) => return true,
-            }
-        }
-        false
+    /// that was stopped or cut off past its lease finds itself superseded here).
+    async fn fence(&self, job: &JobMsg, written: &Mutex<Written>) -> Fence {
+        self.renew(job, written, |_| {}).await
     }
 
     /// Checks out and runs the job. A failure of the test or of its configuration becomes the
@@ -540,17 +602,48 @@ impl Runner {
         env
     }
 
-    /// Publishes the verdict (kept on disk until NATS has it), marks the job final, and stops
-    /// the heartbeat only then, so the lease holds while the result is on its way.
-    async fn deliver(&self, result: &ResultMsg, heartbeat: tokio::task::JoinHandle<()>) {
-        let pending = self.pending_dir().join(format!("{}.json", result.job_id));
-        if let Err(e) = save(&pending, result).await {
-            tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
+    /// Publishes the verdict, marks the job final, and stops the heartbeat only then, so the
+    /// lease holds while the result is on its way. A result NATS does not take at once (an
+    /// outage) is kept on disk until it does, and published again by a restarted runner.
+    async fn deliver(
+        &self,
+        result: &ResultMsg,
+        fenced: Option<Written>,
+        heartbeat: tokio::task::JoinHandle<()>,
+    ) {
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        let stored = connected && self.publish_once(result).await.is_ok();
+        if !stored {
+            let pending = self.pending_dir().join(format!("{}.json", result.job_id));
+            if let Err(e) = save(&pending, result).await {
+                tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
+            }
+            self.publish_until_stored(result).await;
+            heartbeat.abort();
+            self.mark_final(result, None).await;
+            let _ = tokio::fs::remove_file(&pending).await;
+            return;
         }
-        self.publish_until_stored(result).await;
         heartbeat.abort();
-        self.mark_final(result).await;
-        let _ = tokio::fs::remove_file(&pending).await;
+        self.mark_final(result, fenced).await;
+    }
+
+    /// One attempt to publish a result; `Ok` when CI_RESULTS holds a result for the run (this
+    /// one, or an earlier one that is the verdict).
+    async fn publish_once(&self, result: &ResultMsg) -> Result<(), jetci::results::PublishError> {
+        match publish_final(&self.nats, result).await? {
+            Published::Stored(seq) => {
+                use jetci::metrics::names as m;
+                metrics::counter!(m::RESULTS, "status" => result.status.as_str()).increment(1);
+                metrics::histogram!(m::JOB_DURATION).record(result.duration_ms as f64 / 1000.0);
+                tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
+            }
+            Published::AlreadyPublished => {
+                tracing::info!(job = %result.job_id, "a result for this run was already published; ours is not the verdict");
+            }
+        }
+        Ok(())
     }
 
     /// Publishes a result, retrying with backoff while NATS is unreachable (the test's work is
@@ -558,18 +651,8 @@ impl Runner {
     pub async fn publish_until_stored(&self, result: &ResultMsg) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match publish_final(&self.nats, result).await {
-                Ok(Published::Stored(seq)) => {
-                    use jetci::metrics::names as m;
-                    metrics::counter!(m::RESULTS, "status" => result.status.as_str()).increment(1);
-                    metrics::histogram!(m::JOB_DURATION).record(result.duration_ms as f64 / 1000.0);
-                    tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
-                    return;
-                }
-                Ok(Published::AlreadyPublished) => {
-                    tracing::info!(job = %result.job_id, "a result for this run was already published; ours is not the verdict");
-                    return;
-                }
+            match self.publish_once(result).await {
+                Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
                 }
@@ -579,10 +662,26 @@ impl Runner {
         }
     }
 
-    /// Writes `final` into `ci-jobs` if the job is still this attempt's.
-    pub async fn mark_final(&self, result: &ResultMsg) {
+    /// Writes `final` into `ci-jobs` if the job is still this attempt's: one compare-and-set on
+    /// the revision of the fence (`fenced`), else read and write until it holds.
+    async fn mark_final(&self, result: &ResultMsg, fenced: Option<Written>) {
         let store = &self.streams.job_states;
         let key = result.key();
+        let finish = |state: &mut JobState| {
+            state.phase = JobPhase::Final;
+            state.status = Some(result.status);
+            state.reason = result.reason.clone();
+            state.updated_at = messages::now();
+        };
+        if let Some(mut known) = fenced {
+            finish(&mut known.state);
+            if job_state::write(store, &key, &known.state, Some(known.revision))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
         for _ in 0..20 {
             match job_state::read(store, &key).await {
                 Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
@@ -606,10 +705,7 @@ impl Runner {
                                 cancel: None,
                                 updated_at: messages::now(),
                             });
-                    next.phase = JobPhase::Final;
-                    next.status = Some(result.status);
-                    next.reason = result.reason.clone();
-                    next.updated_at = messages::now();
+                    finish(&mut next);
                     match job_state::write(store, &key, &next, cur.map(|c| c.revision)).await {
                         Ok(_) => return,
                         Err(StateError::Conflict) => continue,
@@ -679,7 +775,7 @@ impl Runner {
             };
             tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
             self.publish_until_stored(&result).await;
-            self.mark_final(&result).await;
+            self.mark_final(&result, None).await;
             let _ = tokio::fs::remove_file(&path).await;
         }
     }

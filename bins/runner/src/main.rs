@@ -128,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
     // Workspaces of a previous life are garbage; kept results are not.
     let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
+    let _ = std::fs::remove_dir_all(work_dir.join("trash"));
 
     args.metrics.install()?;
     let shutdown = Shutdown::install()?;
