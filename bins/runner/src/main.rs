@@ -182,24 +182,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
-    // The loop: one free slot → pull one job → handle it in its own task.
+    // The loop: pull one job → wait for a free slot → handle it in its own task. The pull is
+    // outstanding while every slot is busy, but the server delivers nothing until a job is acked
+    // (`max_ack_pending` is the number of slots), so the next job arrives the moment the last
+    // one's ack does, without a pull round trip, and never waits in this process.
     let slots = Arc::new(Semaphore::new(args.jobs as usize));
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
-            _ = shutdown.token.cancelled() => break,
-        };
         let next = tokio::select! {
             m = next_job(&consumer) => m,
             _ = shutdown.token.cancelled() => break,
         };
-        if let Some(msg) = next {
-            let (runner, hurry) = (runner.clone(), hurry.clone());
-            tokio::spawn(async move {
-                runner.handle(msg, hurry).await;
-                drop(permit);
-            });
-        }
+        let Some(msg) = next else {
+            continue;
+        };
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.token.cancelled() => {
+                // Not started: back to the stream for this runner's next life or, after the
+                // lease, another runner.
+                let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                break;
+            }
+        };
+        let (runner, hurry) = (runner.clone(), hurry.clone());
+        tokio::spawn(async move {
+            runner.handle(msg, hurry).await;
+            drop(permit);
+        });
     }
 
     // Drain: finish running jobs (a second signal hands them back), then leave.
