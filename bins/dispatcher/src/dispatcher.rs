@@ -75,6 +75,10 @@ struct Held {
     /// Where the current attempt's job message is in `CI_JOBS` (the runner also records it in
     /// the job state when it claims the job), so a lost attempt's message can be deleted.
     job_seq: Option<u64>,
+    /// Delivered for the first time and not looked at yet: its job state almost surely does not
+    /// exist, so the first write creates it without a read (a create fails if it does exist, and
+    /// then the state is read).
+    fresh: bool,
 }
 
 pub struct Dispatcher {
@@ -346,6 +350,7 @@ impl Dispatcher {
                 waiting: None,
                 known: None,
                 job_seq: None,
+                fresh: !redelivered,
             },
         );
         self.advance(&key).await;
@@ -353,6 +358,10 @@ impl Dispatcher {
 
     /// Reads the job's state and acts on it: close, adopt, assign, or give up.
     async fn advance(&mut self, key: &str) {
+        let fresh = self
+            .held
+            .get_mut(key)
+            .is_some_and(|h| std::mem::take(&mut h.fresh));
         let known = self
             .held
             .get(key)
@@ -360,6 +369,7 @@ impl Dispatcher {
             .and_then(|h| h.known.clone())
             .filter(|(s, _)| s.phase == JobPhase::Queued && s.cancel.is_none());
         let read = match known {
+            _ if fresh => Ok(None),
             Some((state, revision)) => Ok(Some(Versioned {
                 state,
                 revision,
@@ -420,7 +430,14 @@ impl Dispatcher {
                     held.waiting = None;
                 }
             }
-            Decision::Assign { attempt } => self.assign(key, current, attempt).await,
+            Decision::Assign { attempt } => {
+                let conflicted = self.assign(key, current, attempt).await;
+                if conflicted && fresh {
+                    // The state existed after all (a commit published again, a cancel request
+                    // written early): decide again on what is there.
+                    Box::pin(self.advance(key)).await;
+                }
+            }
             Decision::GiveUp { attempts } => self.give_up(key, current, attempts).await,
             Decision::Cancel => {
                 let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
@@ -440,10 +457,11 @@ impl Dispatcher {
         }
     }
 
-    /// Starts `attempt` on a free runner, or leaves the commit waiting with the reason.
-    async fn assign(&mut self, key: &str, current: Option<Versioned>, attempt: u32) {
+    /// Starts `attempt` on a free runner, or leaves the commit waiting with the reason. Returns
+    /// true when the job state changed underneath (a compare-and-set conflict).
+    async fn assign(&mut self, key: &str, current: Option<Versioned>, attempt: u32) -> bool {
         let Some(held) = self.held.get(key) else {
-            return;
+            return false;
         };
         let labels = held.commit.labels.clone();
         let candidates: Vec<Candidate> = self.candidates();
@@ -479,14 +497,16 @@ impl Dispatcher {
                         }
                         self.delete_stale_job(stale).await;
                     }
-                    Err(_) => {
+                    Err(e) => {
                         if let Some(held) = self.held.get_mut(key) {
                             held.known = None;
+                            held.waiting = None;
                         }
+                        return matches!(e, StateError::Conflict);
                     }
                 }
             }
-            return;
+            return false;
         };
 
         let held = self.held.get(key).expect("held");
@@ -509,11 +529,11 @@ impl Dispatcher {
             Ok(_) => {}
             Err(StateError::Conflict) => {
                 tracing::debug!(%key, "another dispatcher moved the job first; re-reading");
-                return;
+                return true;
             }
             Err(e) => {
                 tracing::warn!(%key, error = %e, "cannot record the assignment; trying again next beat");
-                return;
+                return false;
             }
         }
         let stale = self.stale_job_seq(key, previous.as_ref());
@@ -576,6 +596,7 @@ impl Dispatcher {
                 tracing::warn!(%key, %runner, error = %e, "cannot publish the job; it is retried after the lease");
             }
         }
+        false
     }
 
     /// After `attempts` lost runners: the run's final result is `error`.
