@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream::Stream};
 use futures::StreamExt;
-use jetci_e2e::{passing_test, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    passing_test, spawn_dispatcher, spawn_observer, spawn_runner, GitRepo, NatsServer, Proc,
+};
 use tokio::sync::mpsc;
 
 /// The deployment's configuration itself, so the test checks what operators run.
@@ -39,11 +41,15 @@ const STREAMS: [&str; 7] = [
     "KV_ci-runners",
 ];
 
-/// Spawns a jetci binary as `who`, with the connection flags every binary takes.
-fn spawn_as(bin: &str, url: &str, who: (&str, &str), args: &[&str]) -> Proc {
-    let mut all = vec!["-s", url, "--user", who.0, "--password", who.1];
-    all.extend_from_slice(args);
-    Proc::spawn(bin, &all, &[])
+/// The flags that make any jetci binary connect as `who`.
+fn login<'a>(who: (&'a str, &'a str)) -> [&'a str; 4] {
+    ["--user", who.0, "--password", who.1]
+}
+
+/// Runs the `jetci` command line as `who`.
+fn jetci_as(url: &str, who: (&str, &str), args: &[&str]) -> Proc {
+    let all = [&["-s", url][..], &login(who), args].concat();
+    Proc::spawn("jetci", &all, &[])
 }
 
 /// A client connected as `who`, with the server's asynchronous errors (permission violations
@@ -142,7 +148,7 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
     assert!(anonymous.is_err(), "an anonymous client was let in");
 
     // Admin creates the streams and buckets once (the roles may only look them up).
-    let mut admin_tail = spawn_as("jetci", &url, ADMIN, &["tail"]);
+    let mut admin_tail = jetci_as(&url, ADMIN, &["tail"]);
     wait_streams(&admin_js).await;
     assert!(admin_tail.stop().success(), "{}", admin_tail.log());
 
@@ -151,27 +157,10 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
     let (ok_name, ok_body) = passing_test();
     let sha = repo.commit("passing", &[(ok_name, ok_body)]);
     let work = tempfile::tempdir().expect("tempdir");
-    let work_dir = work.path().join("build-1");
-    let viewer = spawn_as("jetci", &url, VIEWER, &["tail", "--all"]);
-    let repo_path = repo.path().to_str().expect("utf-8 path").to_string();
-    let mut observer = spawn_as(
-        "jetci-observer",
-        &url,
-        OBSERVER,
-        &["--poll-interval", "200ms", "--name", "app", &repo_path],
-    );
-    let _dispatcher = spawn_as("jetci-dispatcher", &url, DISPATCHER, &[]);
-    let runner = spawn_as(
-        "jetci-runner",
-        &url,
-        RUNNER,
-        &[
-            "--id",
-            "build-1",
-            "--work-dir",
-            work_dir.to_str().expect("utf-8 path"),
-        ],
-    );
+    let viewer = jetci_as(&url, VIEWER, &["tail", "--all"]);
+    let mut observer = spawn_observer(&url, &repo, &login(OBSERVER));
+    let _dispatcher = spawn_dispatcher(&url, &login(DISPATCHER));
+    let runner = spawn_runner(&url, "build-1", work.path(), &login(RUNNER));
 
     let results = admin_js.get_stream("CI_RESULTS").await.expect("CI_RESULTS");
     let result = wait_result(&results, &format!("ci.results.app.{sha}.1")).await;
@@ -194,7 +183,7 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
     );
     // The git hook's `jetci notify`, as notifier, is answered by the observer.
     let second = repo.commit("second", &[("a.txt", "1")]);
-    let mut notify = spawn_as("jetci", &url, NOTIFIER, &["notify", "app"]);
+    let mut notify = jetci_as(&url, NOTIFIER, &["notify", "app"]);
     let status = notify
         .wait_exit(BOUND)
         .expect("jetci notify did not return");

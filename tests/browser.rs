@@ -16,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use jetci_e2e::{failing_test, free_port, passing_test, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    failing_test, free_addr, free_port, passing_test, spawn_web, wait_results, GitRepo, NatsServer,
+    Proc, System,
+};
 use serde_json::{json, Value};
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -147,48 +150,16 @@ async fn the_dashboard_shows_a_new_result_live() {
     let repo = GitRepo::new();
     let (ok_name, ok_body) = passing_test();
     let first = repo.commit("first", &[(ok_name, ok_body)]);
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    let _observer = Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            &url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-    let runner_dir = work.path().join("r1");
-    let _runner = Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            &url,
-            "--id",
-            "r1",
-            "--work-dir",
-            runner_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let port = free_port();
-    let web = Proc::spawn(
-        "jetci-web",
-        &["-s", &url, "--listen", &format!("127.0.0.1:{port}")],
-        &[],
-    );
+    let sys = System::start(&nats, &repo, &["r1"]);
+    let addr = free_addr();
+    let web = spawn_web(&url, &addr, &[]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
 
     let (_driver, driver_port) = start_chromedriver(&driver_binary).await;
-    let client = browser(driver_port, &work.path().join("chromium-profile")).await;
+    let client = browser(driver_port, &sys.work.path().join("chromium-profile")).await;
 
     // The dashboard shows the first commit (reloading until jetci-web has it).
-    let dashboard = format!("http://127.0.0.1:{port}/");
+    let dashboard = format!("http://{addr}/");
     let deadline = Instant::now() + BOUND;
     loop {
         client.goto(&dashboard).await.expect("open the dashboard");

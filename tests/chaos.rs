@@ -10,7 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{stream_messages, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    spawn_dispatcher, spawn_observer, spawn_runner, stream_messages, wait_results, GitRepo,
+    NatsServer, Proc,
+};
 use serde_json::Value;
 
 const COMMITS: usize = 200;
@@ -89,39 +92,25 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
 
     let mut slots: Vec<Slot> = Vec::new();
     {
-        let (u, path) = (url.clone(), repo.path().to_str().unwrap().to_string());
+        let (u, repo) = (url.clone(), repo.clone());
         slots.push(Slot::new(
             "observer",
-            Box::new(move || {
-                Proc::spawn(
-                    "jetci-observer",
-                    &["-s", &u, "--poll-interval", "200ms", "--name", "app", &path],
-                    &[],
-                )
-            }),
+            Box::new(move || spawn_observer(&u, &repo, &[])),
         ));
     }
     for d in 0..2 {
         let u = url.clone();
         slots.push(Slot::new(
             &format!("dispatcher-{d}"),
-            Box::new(move || {
-                Proc::spawn("jetci-dispatcher", &["-s", &u, "--max-attempts", "5"], &[])
-            }),
+            Box::new(move || spawn_dispatcher(&u, &["--max-attempts", "5"])),
         ));
     }
     for r in 0..3 {
-        let (u, dir) = (url.clone(), work.path().join(format!("r{r}")));
+        let (u, work) = (url.clone(), work.path().to_path_buf());
         let id = format!("r{r}");
         slots.push(Slot::new(
             &id.clone(),
-            Box::new(move || {
-                Proc::spawn(
-                    "jetci-runner",
-                    &["-s", &u, "--id", &id, "--work-dir", dir.to_str().unwrap()],
-                    &[],
-                )
-            }),
+            Box::new(move || spawn_runner(&u, &id, &work, &[])),
         ));
     }
     wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;

@@ -4,47 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{stream_messages, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    spawn_dispatcher, spawn_runner, stream_messages, wait_job, wait_job_phase, wait_results,
+    GitRepo, NatsServer, Proc, System,
+};
 use serde_json::Value;
 
 const BOUND: Duration = Duration::from_secs(120);
-
-fn observer(url: &str, repo: &GitRepo) -> Proc {
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    )
-}
-
-fn runner(url: &str, id: &str, work: &std::path::Path) -> Proc {
-    let dir = work.join(id);
-    Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            url,
-            "--id",
-            id,
-            "--work-dir",
-            dir.to_str().expect("utf-8 path"),
-        ],
-        &[],
-    )
-}
-
-fn dispatcher(url: &str) -> Proc {
-    Proc::spawn("jetci-dispatcher", &["-s", url], &[])
-}
 
 /// A repository whose one commit runs `command`.
 fn repo_running(command: &str) -> (GitRepo, String) {
@@ -54,26 +20,8 @@ fn repo_running(command: &str) -> (GitRepo, String) {
     (repo, sha)
 }
 
-/// Waits until job `key` is running; returns its runner.
-async fn wait_running(url: &str, key: &str) -> String {
-    let js = jetci_e2e::js(url).await;
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(kv) = js.get_key_value("ci-jobs").await {
-            if let Ok(Some(value)) = kv.get(key).await {
-                let v: Value = serde_json::from_slice(&value).expect("job state is JSON");
-                if v["phase"] == "running" {
-                    return v["runner"].as_str().expect("runner").to_string();
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "job {key} never ran");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Times the test command started, counted from every runner's log.
-fn executions(runners: &[&Proc]) -> usize {
+fn executions(runners: &[Proc]) -> usize {
     runners
         .iter()
         .map(|r| r.log().matches("running job").count())
@@ -93,16 +41,12 @@ async fn the_one_result(url: &str) -> Value {
 async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
     let (repo, sha) = repo_running("sleep 6; echo adopted");
-    let _observer = observer(&url, &repo);
-    let mut first = dispatcher(&url);
-    let r0 = runner(&url, "r0", work.path());
-    let r1 = runner(&url, "r1", work.path());
+    let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
 
-    let holder = wait_running(&url, &format!("app.{sha}.1")).await;
-    first.kill();
-    let _second = dispatcher(&url);
+    let holder = wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
+    sys.dispatcher.kill();
+    let _second = spawn_dispatcher(&url, &[]);
 
     let r = the_one_result(&url).await;
     assert_eq!(r["status"], "passed", "{r:#}");
@@ -111,7 +55,7 @@ async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
         "the running job was adopted, not restarted: {r:#}"
     );
     assert_eq!(r["runner"], holder.as_str());
-    assert_eq!(executions(&[&r0, &r1]), 1, "the test ran once");
+    assert_eq!(executions(&sys.runners), 1, "the test ran once");
     // The commit is closed: nothing is left in the work queue.
     let deadline = Instant::now() + BOUND;
     while !stream_messages(&url, "CI_COMMITS", ">").await.is_empty() {
@@ -124,14 +68,10 @@ async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
 async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
     let (repo, sha) = repo_running("sleep 6; echo survived");
-    let _observer = observer(&url, &repo);
-    let _dispatcher = dispatcher(&url);
-    let r0 = runner(&url, "r0", work.path());
-    let r1 = runner(&url, "r1", work.path());
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
 
-    wait_running(&url, &format!("app.{sha}.1")).await;
+    wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
     nats.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.restart();
@@ -139,20 +79,18 @@ async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     let r = the_one_result(&url).await;
     assert_eq!(r["status"], "passed", "{r:#}");
     assert!(r["output_tail"].as_str().unwrap().contains("survived"));
-    assert_eq!(executions(&[&r0, &r1]), 1, "the test ran once: {r:#}");
+    assert_eq!(executions(&sys.runners), 1, "the test ran once: {r:#}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_result_finished_during_a_nats_outage_is_published_when_nats_returns() {
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
     let (repo, sha) = repo_running("sleep 2; echo finished-offline");
-    let _observer = observer(&url, &repo);
-    let _dispatcher = dispatcher(&url);
-    let r0 = runner(&url, "r0", work.path());
+    let sys = System::start(&nats, &repo, &["r0"]);
+    let r0 = &sys.runners[0];
 
-    wait_running(&url, &format!("app.{sha}.1")).await;
+    wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
     nats.kill();
     // The test ends while the server is down; the runner keeps the result.
     assert!(
@@ -171,46 +109,23 @@ async fn a_result_finished_during_a_nats_outage_is_published_when_nats_returns()
         .contains("finished-offline"));
 }
 
-/// Waits until job `key` runs as `attempt`; returns its runner.
-async fn wait_attempt(url: &str, key: &str, attempt: u64) -> String {
-    let js = jetci_e2e::js(url).await;
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(kv) = js.get_key_value("ci-jobs").await {
-            if let Ok(Some(value)) = kv.get(key).await {
-                let v: Value = serde_json::from_slice(&value).expect("job state is JSON");
-                if v["phase"] == "running" && v["attempt"] == attempt {
-                    return v["runner"].as_str().expect("runner").to_string();
-                }
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "job {key} never ran as attempt {attempt}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_partitioned_runners_late_result_is_fenced() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
     let (repo, sha) = repo_running("sleep 5; echo attempt-$JETCI_ATTEMPT");
-    let _observer = observer(&url, &repo);
-    let _dispatcher = dispatcher(&url);
-    let runners = [
-        runner(&url, "r0", work.path()),
-        runner(&url, "r1", work.path()),
-    ];
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
     let key = format!("app.{sha}.1");
 
     // A silent partition: the runner stops answering but its connection stays open.
-    let holder = wait_running(&url, &key).await;
-    let stopped = &runners[if holder == "r0" { 0 } else { 1 }];
+    let holder = wait_job_phase(&url, &key, "running", BOUND).await;
+    let stopped = &sys.runners[if holder == "r0" { 0 } else { 1 }];
     stopped.signal(nix::sys::signal::Signal::SIGSTOP);
-    let second = wait_attempt(&url, &key, 2).await;
+    let state = wait_job(&url, &key, "running as attempt 2", BOUND, |v| {
+        v["phase"] == "running" && v["attempt"] == 2
+    })
+    .await;
+    let second = state["runner"].as_str().expect("runner").to_string();
     assert_ne!(second, holder);
     // It comes back while attempt 2 runs (its own test went on and ended meanwhile).
     stopped.signal(nix::sys::signal::Signal::SIGCONT);
@@ -247,10 +162,10 @@ async fn a_checkout_that_keeps_failing_is_retried_then_reported_as_error() {
     let nats = NatsServer::start();
     let url = nats.url();
     let work = tempfile::tempdir().expect("tempdir");
-    let _dispatcher = dispatcher(&url);
+    let _dispatcher = spawn_dispatcher(&url, &[]);
     let _runners = [
-        runner(&url, "r0", work.path()),
-        runner(&url, "r1", work.path()),
+        spawn_runner(&url, "r0", work.path(), &[]),
+        spawn_runner(&url, "r1", work.path(), &[]),
     ];
     // Valid in shape, nonsense in content: a repository that does not exist.
     let client = async_nats::connect(url.as_str()).await.expect("connect");

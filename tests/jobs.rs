@@ -3,55 +3,11 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{bin_path, stream_messages, wait_results, GitRepo, NatsServer, Proc};
-use serde_json::Value;
+use jetci_e2e::{
+    bin_path, stream_messages, wait_job_phase, wait_results, GitRepo, NatsServer, System,
+};
 
 const BOUND: Duration = Duration::from_secs(120);
-
-struct Sys {
-    url: String,
-    _procs: Vec<Proc>,
-    work: tempfile::TempDir,
-}
-
-fn start(nats: &NatsServer, repo: &GitRepo, runners: usize) -> Sys {
-    let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().unwrap().to_string();
-    let mut procs = vec![
-        Proc::spawn(
-            "jetci-observer",
-            &[
-                "-s",
-                &url,
-                "--poll-interval",
-                "200ms",
-                "--name",
-                "app",
-                &path,
-            ],
-            &[],
-        ),
-        Proc::spawn("jetci-dispatcher", &["-s", &url], &[]),
-    ];
-    for i in 0..runners {
-        procs.push(runner(&url, &format!("r{i}"), work.path()));
-    }
-    Sys {
-        url,
-        _procs: procs,
-        work,
-    }
-}
-
-fn runner(url: &str, id: &str, work: &std::path::Path) -> Proc {
-    let dir = work.join(id);
-    Proc::spawn(
-        "jetci-runner",
-        &["-s", url, "--id", id, "--work-dir", dir.to_str().unwrap()],
-        &[],
-    )
-}
 
 /// Runs the `jetci` CLI to completion; returns (success, stdout, stderr).
 fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
@@ -65,23 +21,6 @@ fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
         out.stdout,
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-async fn job_phase(url: &str, key: &str, phase: &str) {
-    let js = jetci_e2e::js(url).await;
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(kv) = js.get_key_value("ci-jobs").await {
-            if let Ok(Some(v)) = kv.get(key).await {
-                let v: Value = serde_json::from_slice(&v).unwrap();
-                if v["phase"] == phase {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "{key} never reached {phase}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Processes whose command line contains `needle`.
@@ -111,8 +50,8 @@ async fn cancel_stops_a_running_job_and_everything_it_started() {
             &format!("command = \"sleep {marker} & sleep {marker}\"\n"),
         )],
     );
-    let sys = start(&nats, &repo, 1);
-    job_phase(&sys.url, &format!("app.{sha}.1"), "running").await;
+    let sys = System::start(&nats, &repo, &["r0"]);
+    wait_job_phase(&sys.url, &format!("app.{sha}.1"), "running", BOUND).await;
     let deadline = Instant::now() + BOUND;
     while processes_with(marker).len() < 2 {
         assert!(Instant::now() < deadline, "the test command never started");
@@ -146,7 +85,7 @@ async fn cancel_of_a_queued_job_gives_it_a_cancelled_result_without_a_runner() {
     let nats = NatsServer::start();
     let repo = GitRepo::new();
     let sha = repo.commit("a", &[("a.txt", "a")]);
-    let sys = start(&nats, &repo, 0);
+    let mut sys = System::start(&nats, &repo, &[]);
     let deadline = Instant::now() + BOUND;
     while stream_messages(&sys.url, "CI_COMMITS", ">")
         .await
@@ -162,7 +101,7 @@ async fn cancel_of_a_queued_job_gives_it_a_cancelled_result_without_a_runner() {
     assert_eq!(r["runner"], "");
 
     // A runner that arrives later does not run it, and the commit is closed.
-    let _late = runner(&sys.url, "late", sys.work.path());
+    sys.add_runner("late", &[], &[]);
     let deadline = Instant::now() + BOUND;
     while !stream_messages(&sys.url, "CI_COMMITS", ">")
         .await
@@ -188,7 +127,7 @@ async fn rerun_makes_a_new_run_and_logs_print_the_output() {
             "command = \"echo line-one; printf 'raw \\\\377 byte\\\\n'; echo run=$JETCI_RUN\"\n",
         )],
     );
-    let sys = start(&nats, &repo, 1);
+    let sys = System::start(&nats, &repo, &["r0"]);
     wait_results(&sys.url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
 
     let (ok, stdout, stderr) = jetci(&sys.url, &["logs", "app", &sha]);

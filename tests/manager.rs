@@ -2,13 +2,23 @@
 //! manager that owns every runner. A burst of slow commits makes it scale from `--min` to
 //! `--max`; the queue drains with exactly one result per commit; the runners stop back down to
 //! `--min` after the idle timeout; a killed runner is replaced; SIGTERM drains and exits cleanly.
+//! All along, the manager's `/metrics` (`--metrics-addr`) is valid Prometheus text whose numbers
+//! match what happened: runners running, started and stopped, the queue and the busy slots.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{stream_messages, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::prom::{self, Samples};
+use jetci_e2e::{free_addr, stream_messages, wait_results, GitRepo, NatsServer, Proc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+
+/// The manager's metrics (see `jetci::metrics::names`).
+const RUNNERS: &str = "jetci_manager_runners";
+const STARTED: &str = "jetci_manager_runners_started_total";
+const STOPPED: &str = "jetci_manager_runners_stopped_total";
+const QUEUE: &str = "jetci_queue_depth";
+const BUSY: &str = "jetci_jobs_in_flight";
 
 /// Generous bound for each step; the test waits on events, never for a fixed time.
 const BOUND: Duration = Duration::from_secs(90);
@@ -45,6 +55,45 @@ fn runner_children(parent: u32) -> Vec<u32> {
     pids
 }
 
+/// How many of the manager's own log lines (not its runners', which it forwards prefixed with
+/// `[<id>]`) contain `needle`.
+fn manager_lines(manager: &Proc, needle: &str) -> usize {
+    manager
+        .log()
+        .lines()
+        .filter(|l| !l.starts_with('[') && l.contains(needle))
+        .count()
+}
+
+/// One value of a scrape; 0 for a series the manager has not written yet.
+fn value(m: &Samples, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
+}
+
+/// Scrapes `addr` until `check` holds; panics after `bound` with `what`, the last scrape and the
+/// manager's log. Returns the scrape that passed.
+async fn wait_metrics(
+    what: &str,
+    addr: &str,
+    manager: &Proc,
+    bound: Duration,
+    mut check: impl FnMut(&Samples) -> bool,
+) -> Samples {
+    let deadline = Instant::now() + bound;
+    loop {
+        let m = prom::scrape(addr);
+        if check(&m) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {bound:?} waiting for metrics with {what}; last scrape: {m:#?}\nmanager log:\n{}",
+            manager.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Polls `check` every 100 ms until it is true; panics after `bound` with `what` and the log.
 async fn wait_until(what: &str, manager: &Proc, bound: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + bound;
@@ -66,6 +115,7 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     let first = repo.commit("first", &[(".jetci.toml", "command = \"sleep 2\"\n")]);
     let work = tempfile::tempdir().expect("tempdir");
     let path = repo.path().to_str().expect("utf-8 path").to_string();
+    let metrics = free_addr();
     let _observer = Proc::spawn(
         "jetci-observer",
         &[
@@ -95,6 +145,8 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
             "3s",
             "--interval",
             "250ms",
+            "--metrics-addr",
+            &metrics,
             "--work-root",
             work.path().to_str().expect("utf-8 path"),
             "--",
@@ -112,6 +164,14 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     .await;
     let initial = wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
     assert_eq!(initial[0]["sha"], first.as_str());
+    wait_metrics(
+        "one runner started and running",
+        &metrics,
+        &manager,
+        BOUND,
+        |m| value(m, RUNNERS) == 1.0 && value(m, STARTED) == 1.0 && value(m, STOPPED) == 0.0,
+    )
+    .await;
 
     // A burst of 30 slow commits: the manager scales to --max, never beyond.
     let mut shas = vec![first];
@@ -130,10 +190,15 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
         manager.log()
     );
 
-    // The queue drains while the pool stays at --max at most.
+    // The queue drains while the pool stays at --max at most; the metrics say so too.
     let deadline = Instant::now() + BOUND;
+    let (mut most_metric, mut most_queue, mut most_busy) = (0.0f64, 0.0f64, 0.0f64);
     loop {
         most = most.max(runner_children(pid).len());
+        let m = prom::scrape(&metrics);
+        most_metric = most_metric.max(value(&m, RUNNERS));
+        most_queue = most_queue.max(value(&m, QUEUE));
+        most_busy = most_busy.max(value(&m, BUSY));
         let done = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
         if done.len() >= shas.len() {
             break;
@@ -151,6 +216,14 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
         most, 3,
         "the manager ran {most} runners at once, --max is 3"
     );
+    // The gauges are written at each decision: they saw the pool at --max, the 30 commits
+    // waiting, and busy slots, but never more than the three runners have.
+    assert_eq!(most_metric, 3.0, "{RUNNERS} peaked at {most_metric}");
+    assert!(most_queue > 0.0, "{QUEUE} never showed the burst");
+    assert!(
+        most_busy > 0.0 && most_busy <= 3.0,
+        "{BUSY} peaked at {most_busy}"
+    );
 
     // Idle for --idle-timeout: back down to --min.
     wait_until("the pool to shrink to 1", &manager, BOUND, || {
@@ -165,6 +238,24 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     for number in ["pending=", "waiting=", "busy=", "running=", "idle="] {
         assert!(decision.contains(number), "{decision}");
     }
+    // Settled: one runner, nothing waits or runs, and the counters match the manager's own
+    // account of each start and stop (reaped stops are logged a tick after the exit).
+    let settled = wait_metrics("the pool back at --min", &metrics, &manager, BOUND, |m| {
+        value(m, RUNNERS) == 1.0
+            && value(m, QUEUE) == 0.0
+            && value(m, BUSY) == 0.0
+            && value(m, STARTED) == manager_lines(&manager, "runner started") as f64
+            && value(m, STOPPED) == manager_lines(&manager, "runner stopped") as f64
+    })
+    .await;
+    let started = value(&settled, STARTED);
+    assert!(started >= 3.0, "{settled:#?}");
+    assert!(value(&settled, STOPPED) >= 2.0, "{settled:#?}");
+    assert_eq!(
+        started - value(&settled, STOPPED),
+        1.0,
+        "no runner has crashed yet, so every start but the running one was a stop: {settled:#?}"
+    );
 
     // Exactly one result per commit (the scale-down took over the idle timeout, time enough for
     // a duplicate to show), spread over all three runners.
@@ -201,6 +292,13 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
         "{}",
         manager.log()
     );
+    // The replacement counts as a start (not a stop): one runner still runs.
+    wait_metrics("the replacement counted", &metrics, &manager, BOUND, |m| {
+        value(m, STARTED) == started + 1.0
+            && value(m, STOPPED) == value(&settled, STOPPED)
+            && value(m, RUNNERS) == 1.0
+    })
+    .await;
     let last = repo.commit("after the crash", &[]);
     let all = wait_results(&url, "CI_RESULTS", "ci.results.>", shas.len() + 1, BOUND).await;
     assert!(all.iter().any(|r| r["sha"] == last.as_str()), "{all:#?}");

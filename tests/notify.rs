@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use jetci_e2e::{bin_path, passing_test, stream_messages, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    bin_path, passing_test, spawn_dispatcher, spawn_observer_at, spawn_runner, stream_messages,
+    wait_results, GitRepo, NatsServer,
+};
 use serde_json::Value;
 
 /// Generous bound for anything the system does; tests wait on events, never sleep for a result.
@@ -127,25 +130,9 @@ async fn a_push_is_tested_at_once_through_the_hook_and_only_once() {
     // The observer's first poll, at start, publishes the head; after that it would not poll
     // again for 10 minutes.
     let work = tempfile::tempdir().expect("tempdir");
-    let runner_dir = work.path().join("r0");
-    let observer = Proc::spawn(
-        "jetci-observer",
-        &["-s", &url, "--poll-interval", "10m", &bare_path],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-    let _runner = Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            &url,
-            "--id",
-            "r0",
-            "--work-dir",
-            runner_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let observer = spawn_observer_at(&url, &bare.path(), &["--poll-interval", "10m"]);
+    let _dispatcher = spawn_dispatcher(&url, &[]);
+    let _runner = spawn_runner(&url, "r0", work.path(), &[]);
     let initial = results(&url, 1).await;
     assert_eq!(initial[0]["sha"], first.as_str(), "{:#}", initial[0]);
     assert_eq!(initial[0]["repo"], "app");

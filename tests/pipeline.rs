@@ -5,73 +5,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use jetci_e2e::{
-    failing_test, passing_test, stream_messages, wait_results, GitRepo, NatsServer, Proc,
+    failing_test, passing_test, spawn_observer, stream_messages, wait_job_phase, wait_results,
+    GitRepo, NatsServer, System,
 };
 use serde_json::Value;
 
 /// Generous bound for anything the system does; tests wait on events, never sleep for a result.
 const BOUND: Duration = Duration::from_secs(120);
-
-/// The processes of one jetci installation on one test server.
-struct System {
-    url: String,
-    observer: Proc,
-    _dispatcher: Proc,
-    runners: Vec<Proc>,
-    _work: tempfile::TempDir,
-}
-
-impl System {
-    fn start(nats: &NatsServer, repo: &GitRepo, runners: usize) -> System {
-        let url = nats.url();
-        let work = tempfile::tempdir().expect("tempdir");
-        let observer = spawn_observer(&url, repo);
-        let dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-        let runners = (0..runners)
-            .map(|i| spawn_runner(&url, &format!("r{i}"), work.path()))
-            .collect();
-        System {
-            url,
-            observer,
-            _dispatcher: dispatcher,
-            runners,
-            _work: work,
-        }
-    }
-}
-
-fn spawn_observer(url: &str, repo: &GitRepo) -> Proc {
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    )
-}
-
-fn spawn_runner(url: &str, id: &str, work: &std::path::Path) -> Proc {
-    let dir = work.join(id);
-    Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            url,
-            "--id",
-            id,
-            "--work-dir",
-            dir.to_str().expect("utf-8 path"),
-        ],
-        &[],
-    )
-}
 
 async fn results(url: &str, count: usize) -> Vec<Value> {
     wait_results(url, "CI_RESULTS", "ci.results.>", count, BOUND).await
@@ -107,7 +47,7 @@ async fn every_new_commit_is_tested_once_with_its_branch_and_status() {
     let repo = GitRepo::new();
     let (ok_name, ok_body) = passing_test();
     let first = repo.commit("first", &[(ok_name, ok_body)]);
-    let sys = System::start(&nats, &repo, 2);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
 
     // A repository the observer has never seen: only the head is tested.
     let initial = results(&sys.url, 1).await;
@@ -162,13 +102,13 @@ async fn a_restarted_observer_neither_misses_nor_repeats_a_commit() {
     let repo = GitRepo::new();
     let (name, body) = passing_test();
     let a = repo.commit("a", &[(name, body)]);
-    let mut sys = System::start(&nats, &repo, 1);
+    let mut sys = System::start(&nats, &repo, &["r0"]);
     results(&sys.url, 1).await;
 
     sys.observer.kill();
     let b = repo.commit("b", &[("b.txt", "b")]);
     let c = repo.commit("c", &[("c.txt", "c")]);
-    sys.observer = spawn_observer(&sys.url, &repo);
+    sys.observer = spawn_observer(&sys.url, &repo, &[]);
 
     let all = assert_exactly(&sys.url, 3).await;
     let map = by_sha(&all);
@@ -181,7 +121,7 @@ async fn a_restarted_observer_neither_misses_nor_repeats_a_commit() {
     }
     // A second restart with nothing new publishes nothing.
     sys.observer.kill();
-    sys.observer = spawn_observer(&sys.url, &repo);
+    sys.observer = spawn_observer(&sys.url, &repo, &[]);
     assert!(
         sys.observer.wait_for_log("observing", BOUND),
         "{}",
@@ -198,11 +138,11 @@ async fn a_killed_runners_job_finishes_on_another_runner_with_one_result() {
         "slow",
         &[(".jetci.toml", "command = \"sleep 4; echo slow-done\"\n")],
     );
-    let mut sys = System::start(&nats, &repo, 2);
+    let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
 
     // Find the runner that runs the job, from the job's state, and kill it mid-test.
     let key = format!("app.{sha}.1");
-    let holder = wait_job_phase(&sys.url, &key, "running").await;
+    let holder = wait_job_phase(&sys.url, &key, "running", BOUND).await;
     let index: usize = holder
         .trim_start_matches('r')
         .parse()
@@ -228,7 +168,7 @@ async fn malformed_messages_are_terminated_and_nothing_stops() {
     let repo = GitRepo::new();
     let (name, body) = passing_test();
     repo.commit("a", &[(name, body)]);
-    let sys = System::start(&nats, &repo, 1);
+    let sys = System::start(&nats, &repo, &["r0"]);
     results(&sys.url, 1).await;
 
     let client = async_nats::connect(sys.url.as_str())
@@ -249,7 +189,7 @@ async fn malformed_messages_are_terminated_and_nothing_stops() {
             .expect("stored");
     }
     // The processes say why they dropped each one, and the work queues are empty again.
-    let dispatcher_log = || sys._dispatcher.log();
+    let dispatcher_log = || sys.dispatcher.log();
     let runner_log = || sys.runners[0].log();
     wait_until("3 terminated commits", || {
         dispatcher_log().matches("terminating a commit").count() >= 3
@@ -274,24 +214,6 @@ async fn malformed_messages_are_terminated_and_nothing_stops() {
     );
 }
 
-/// Waits until the job `key` is in `phase` in `ci-jobs`; returns its runner.
-async fn wait_job_phase(url: &str, key: &str, phase: &str) -> String {
-    let js = jetci_e2e::js(url).await;
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(kv) = js.get_key_value("ci-jobs").await {
-            if let Ok(Some(value)) = kv.get(key).await {
-                let v: Value = serde_json::from_slice(&value).expect("job state is JSON");
-                if v["phase"] == phase {
-                    return v["runner"].as_str().expect("runner").to_string();
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "job {key} never reached {phase}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + BOUND;
     while !check() {
@@ -306,7 +228,7 @@ async fn commits_wait_for_a_runner_and_start_when_one_registers() {
     let repo = GitRepo::new();
     let (name, body) = passing_test();
     let sha = repo.commit("a", &[(name, body)]);
-    let mut sys = System::start(&nats, &repo, 0);
+    let mut sys = System::start(&nats, &repo, &[]);
 
     // No runner: the commit is taken by nobody and waits in CI_COMMITS; no result appears.
     wait_until("the commit to be published", || {
@@ -319,8 +241,7 @@ async fn commits_wait_for_a_runner_and_start_when_one_registers() {
         .is_empty());
     assert_eq!(stream_messages(&sys.url, "CI_COMMITS", ">").await.len(), 1);
 
-    sys.runners
-        .push(spawn_runner(&sys.url, "late", sys._work.path()));
+    sys.add_runner("late", &[], &[]);
     let all = assert_exactly(&sys.url, 1).await;
     assert_eq!(all[0]["sha"], sha.as_str());
     assert_eq!(all[0]["runner"], "late");

@@ -4,61 +4,14 @@
 
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{bin_path, stream_raw_messages, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{bin_path, stream_raw_messages, wait_results, GitRepo, NatsServer, System};
 use serde_json::Value;
 
 const BOUND: Duration = Duration::from_secs(120);
 
-struct Sys {
-    url: String,
-    procs: Vec<Proc>,
-    work: tempfile::TempDir,
-}
-
-impl Sys {
-    fn start(nats: &NatsServer, repo: &GitRepo) -> Sys {
-        let url = nats.url();
-        let path = repo.path().to_str().unwrap().to_string();
-        Sys {
-            procs: vec![
-                Proc::spawn(
-                    "jetci-observer",
-                    &[
-                        "-s",
-                        &url,
-                        "--poll-interval",
-                        "200ms",
-                        "--name",
-                        "app",
-                        &path,
-                    ],
-                    &[],
-                ),
-                Proc::spawn("jetci-dispatcher", &["-s", &url], &[]),
-            ],
-            url,
-            work: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn runner(&mut self, id: &str, extra: &[&str], env: &[(&str, &str)]) -> usize {
-        let dir = self.work.path().join(id);
-        let mut args = vec![
-            "-s",
-            &self.url,
-            "--id",
-            id,
-            "--work-dir",
-            dir.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        self.procs.push(Proc::spawn("jetci-runner", &args, env));
-        self.procs.len() - 1
-    }
-
-    async fn results(&self, n: usize) -> Vec<Value> {
-        wait_results(&self.url, "CI_RESULTS", "ci.results.>", n, BOUND).await
-    }
+/// Waits for the first `n` results of the system.
+async fn results(sys: &System, n: usize) -> Vec<Value> {
+    wait_results(&sys.url, "CI_RESULTS", "ci.results.>", n, BOUND).await
 }
 
 fn toml(command: &str, extra: &str) -> String {
@@ -102,8 +55,8 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
         "gpu",
         &[(".jetci.toml", &toml("echo on-gpu", "labels = [\"gpu\"]\n"))],
     );
-    let mut sys = Sys::start(&nats, &repo);
-    sys.runner("plain", &[], &[]);
+    let mut sys = System::start(&nats, &repo, &[]);
+    sys.add_runner("plain", &[], &[]);
 
     // `jetci status` says it waits, and for which labels.
     let deadline = Instant::now() + BOUND;
@@ -141,8 +94,8 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
         "no runner has gpu yet"
     );
 
-    sys.runner("gpu-1", &["--labels", "linux,gpu"], &[]);
-    let r = &sys.results(1).await[0];
+    sys.add_runner("gpu-1", &["--labels", "linux,gpu"], &[]);
+    let r = &results(&sys, 1).await[0];
     assert_eq!(r["runner"], "gpu-1", "{r:#}");
     assert_eq!(r["status"], "passed");
 }
@@ -163,9 +116,9 @@ async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() 
             ),
         )],
     );
-    let mut sys = Sys::start(&nats, &repo);
-    sys.runner("r0", &[], &[]);
-    let r = &sys.results(1).await[0];
+    let mut sys = System::start(&nats, &repo, &[]);
+    sys.add_runner("r0", &[], &[]);
+    let r = &results(&sys, 1).await[0];
     assert_eq!(r["sha"], a.as_str());
     assert_eq!(r["status"], "timed_out", "{r:#}");
     assert_eq!(
@@ -187,7 +140,7 @@ async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() 
             ),
         )],
     );
-    let all = sys.results(2).await;
+    let all = results(&sys, 2).await;
     assert_eq!(all[1]["status"], "passed", "{:#}", all[1]);
     none_left(daemon).await;
 }
@@ -198,9 +151,8 @@ async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
     let repo = GitRepo::new();
     // 200 MiB of output, in lines.
     repo.commit("floods", &[(".jetci.toml", &toml("yes 0123456789012345678901234567890123456789 | head -c 209715200; echo; echo the-end", ""))]);
-    let mut sys = Sys::start(&nats, &repo);
-    let i = sys.runner("r0", &[], &[]);
-    let pid = sys.procs[i].pid();
+    let mut sys = System::start(&nats, &repo, &[]);
+    let pid = sys.add_runner("r0", &[], &[]).pid();
 
     let mut peak_kib = 0u64;
     let deadline = Instant::now() + BOUND;
@@ -212,7 +164,7 @@ async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
         peak_kib = peak_kib.max(rss_kib(pid));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = &sys.results(1).await[0];
+    let r = &results(&sys, 1).await[0];
     assert_eq!(r["status"], "passed", "{r:#}");
     assert_eq!(
         r["log_bytes"],
@@ -266,8 +218,8 @@ async fn every_job_starts_clean_with_a_built_environment() {
             ("tracked.txt", "v1\n"),
         ],
     );
-    let mut sys = Sys::start(&nats, &repo);
-    sys.runner(
+    let mut sys = System::start(&nats, &repo, &[]);
+    sys.add_runner(
         "r0",
         &[],
         &[
@@ -275,9 +227,9 @@ async fn every_job_starts_clean_with_a_built_environment() {
             ("AWS_SECRET_ACCESS_KEY", "also-secret"),
         ],
     );
-    sys.results(1).await;
+    results(&sys, 1).await;
     let b = repo.commit("two", &[("other.txt", "x")]);
-    let all = sys.results(2).await;
+    let all = results(&sys, 2).await;
     for (r, sha) in all.iter().zip([&a, &b]) {
         assert_eq!(r["status"], "passed", "{r:#}");
         let out = r["output_tail"].as_str().unwrap();
@@ -306,9 +258,9 @@ async fn an_invalid_jetci_toml_is_the_commits_error_with_the_line() {
         "bad config",
         &[(".jetci.toml", "command = \"true\"\ntimeout = 5\n")],
     );
-    let mut sys = Sys::start(&nats, &repo);
-    sys.runner("r0", &[], &[]);
-    let r = &sys.results(1).await[0];
+    let mut sys = System::start(&nats, &repo, &[]);
+    sys.add_runner("r0", &[], &[]);
+    let r = &results(&sys, 1).await[0];
     assert_eq!(r["status"], "error", "{r:#}");
     let reason = r["reason"].as_str().unwrap();
     assert!(
@@ -342,10 +294,10 @@ echo "cache hits: $(wc -l < "$JETCI_CACHE_DIR/hits")"
             ),
         ],
     );
-    let mut sys = Sys::start(&nats, &repo);
+    let mut sys = System::start(&nats, &repo, &[]);
     let cache = sys.work.path().join("cache");
-    sys.runner("r0", &["--cache-dir", cache.to_str().unwrap()], &[]);
-    let r = &sys.results(1).await[0];
+    sys.add_runner("r0", &["--cache-dir", cache.to_str().unwrap()], &[]);
+    let r = &results(&sys, 1).await[0];
     assert_eq!(r["status"], "passed", "{r:#}");
     let t = &r["tests"];
     assert_eq!(
@@ -366,7 +318,7 @@ echo "cache hits: $(wc -l < "$JETCI_CACHE_DIR/hits")"
 
     // The next job sees the cache (and only the cache) of the one before.
     repo.commit("again", &[("x.txt", "x")]);
-    let all = sys.results(2).await;
+    let all = results(&sys, 2).await;
     assert!(
         all[1]["output_tail"]
             .as_str()

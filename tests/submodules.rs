@@ -4,56 +4,11 @@
 
 use std::time::Duration;
 
-use jetci_e2e::{wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{wait_results, GitRepo, NatsServer, System};
 use serde_json::Value;
 
 /// Generous bound for anything the system does; tests wait on events, never sleep for a result.
 const BOUND: Duration = Duration::from_secs(120);
-
-/// Observer on `repo`, one dispatcher, one runner; dropped together at the end of the test.
-struct System {
-    _procs: Vec<Proc>,
-    _work: tempfile::TempDir,
-}
-
-fn start(nats: &NatsServer, repo: &GitRepo) -> System {
-    let url = nats.url();
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    let runner_dir = work.path().join("r0");
-    let procs = vec![
-        Proc::spawn(
-            "jetci-observer",
-            &[
-                "-s",
-                &url,
-                "--poll-interval",
-                "200ms",
-                "--name",
-                "app",
-                &path,
-            ],
-            &[],
-        ),
-        Proc::spawn("jetci-dispatcher", &["-s", &url], &[]),
-        Proc::spawn(
-            "jetci-runner",
-            &[
-                "-s",
-                &url,
-                "--id",
-                "r0",
-                "--work-dir",
-                runner_dir.to_str().expect("utf-8 path"),
-            ],
-            &[],
-        ),
-    ];
-    System {
-        _procs: procs,
-        _work: work,
-    }
-}
 
 /// `git submodule add <url> <path>` in `repo`. Git >= 2.38 refuses local (`file`) submodules
 /// unless told otherwise; the setting is given to this command only.
@@ -101,7 +56,7 @@ async fn submodules_and_their_submodules_are_checked_out() {
         )],
     );
 
-    let _sys = start(&nats, &app);
+    let _sys = System::start(&nats, &app, &["r0"]);
     let r = only_result(&nats).await;
     assert_eq!(r["sha"], sha.as_str(), "{r:#}");
     assert_eq!(r["status"], "passed", "{r:#}");
@@ -122,7 +77,7 @@ async fn a_submodule_that_cannot_be_fetched_is_an_error_naming_it() {
         &[(".jetci.toml", "command = \"true\"\n")],
     );
 
-    let _sys = start(&nats, &app);
+    let _sys = System::start(&nats, &app, &["r0"]);
     let r = only_result(&nats).await;
     assert_eq!(r["sha"], sha.as_str(), "{r:#}");
     assert_eq!(r["status"], "error", "{r:#}");

@@ -4,7 +4,7 @@
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{failing_test, free_port, passing_test, GitRepo, Proc};
+use jetci_e2e::{failing_test, free_port, passing_test, wait_http, GitRepo, Proc};
 use nix::sys::signal::Signal;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -56,7 +56,9 @@ fn jetci_up_runs_everything_and_stops_everything() {
         "{}",
         up.log()
     );
-    let page = http_get(&web, "/api/repos");
+    // The dashboard rebuilds its view from the streams right after it starts: wait until it
+    // names something.
+    let page = wait_http(&web, "/api/repos", BOUND, |r| !r.body.ends_with("[]")).body;
     assert!(
         page.contains(&repo_name(&repo)),
         "the dashboard knows the repository: {page}"
@@ -100,29 +102,4 @@ fn jetci_up_runs_everything_and_stops_everything() {
 
 fn repo_name(repo: &GitRepo) -> String {
     jetci::subjects::repo_slug(repo.path().to_str().unwrap())
-}
-
-/// A plain HTTP/1.0 GET, retried until the answer is a 200 that names something (the dashboard
-/// rebuilds its view from the streams right after it starts); returns the whole response.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(mut s) = TcpStream::connect(addr) {
-            let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-            let mut out = String::new();
-            let ok = s.read_to_string(&mut out).is_ok()
-                && out.starts_with("HTTP/1.")
-                && out.contains(" 200 ")
-                && !out.ends_with("[]");
-            if ok {
-                return out;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no useful answer from {addr}{path}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

@@ -2,93 +2,29 @@
 //! nats-server; assertions over HTTP on the JSON API, the escaping of the pages, the badges, the
 //! live events, and the view rebuilt from the stream after a restart.
 //!
-//! HTTP is spoken by hand (HTTP/1.0 over a `TcpStream`, so the server closes the connection and
-//! sends no chunked encoding): the test needs GET only, and this keeps an HTTP client out of the
-//! build.
+//! HTTP is spoken by hand (`jetci_e2e::http`); the live events are read line by line here.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use jetci_e2e::{failing_test, free_port, passing_test, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    failing_test, free_addr, http_get, passing_test, spawn_web, wait_http, wait_results, GitRepo,
+    NatsServer, Response, System,
+};
 use serde_json::Value;
 
 /// Generous bound for anything the system does; the test waits on events, never sleeps for one.
 const BOUND: Duration = Duration::from_secs(120);
 
-/// A response: status code, headers (lowercased names) and body.
-struct Response {
-    code: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+/// `GET path` on `addr`; panics when nothing answers.
+fn get(addr: &str, path: &str) -> Response {
+    http_get(addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}"))
 }
 
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-/// `GET path` on 127.0.0.1:port; `Err` when nothing answers.
-fn get(port: u16, path: &str) -> Result<Response, String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no header end in {text:?}"))?;
-    let mut lines = head.lines();
-    let code = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("bad status line in {head:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Ok(Response {
-        code,
-        headers,
-        body: body.to_string(),
-    })
-}
-
-/// Polls `GET path` until `done` holds for a 200 response, and returns it; panics after BOUND
-/// with the last response.
-async fn wait_get(port: u16, path: &str, done: impl Fn(&Response) -> bool) -> Response {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let last = match get(port, path) {
-            Ok(r) if r.code == 200 && done(&r) => return r,
-            Ok(r) => format!("{} {}", r.code, r.body),
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting on GET {path}; last: {last}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn spawn_web(url: &str, port: u16) -> Proc {
-    Proc::spawn(
-        "jetci-web",
-        &["-s", url, "--listen", &format!("127.0.0.1:{port}")],
-        &[],
-    )
+/// Waits until `GET path` is a 200 for which `done` holds; see [`wait_http`].
+fn wait_get(addr: &str, path: &str, done: impl Fn(&Response) -> bool) -> Response {
+    wait_http(addr, path, BOUND, done)
 }
 
 /// Percent-encodes a query value.
@@ -121,6 +57,27 @@ fn fingerprint(results: &Value) -> Vec<(u64, String, String, String)> {
         .collect()
 }
 
+/// Reads `GET path` as server-sent events until a `data:` line contains `needle`; the lines
+/// read. Runs on its own thread (blocking reads), bounded by BOUND.
+fn sse_until(addr: &str, path: &str, needle: &'static str) -> std::thread::JoinHandle<Vec<String>> {
+    let (addr, path) = (addr.to_string(), path.to_string());
+    std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut seen = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            let found = line.starts_with("data:") && line.contains(needle);
+            seen.push(line);
+            if found {
+                break;
+            }
+        }
+        seen
+    })
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     let nats = NatsServer::start();
@@ -129,61 +86,19 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     let (ok_name, ok_body) = passing_test();
     let first = repo.commit("first", &[(ok_name, ok_body)]);
 
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    let _observer = Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            &url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-    let runner_dir = work.path().join("r1");
-    let _runner = Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            &url,
-            "--id",
-            "r1",
-            "--work-dir",
-            runner_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let port = free_port();
-    let mut web = spawn_web(&url, port);
+    let _sys = System::start(&nats, &repo, &["r1"]);
+    let addr = free_addr();
+    let mut web = spawn_web(&url, &addr, &[]);
 
     // The first commit passes, and the API shows it.
     wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
-    wait_get(port, "/api/results", |r| {
+    wait_get(&addr, "/api/results", |r| {
         r.json().as_array().is_some_and(|a| a.len() == 1)
-    })
-    .await;
+    });
 
     // Follow /events from here on: the next result must be announced.
-    let events_port = port;
-    let events = std::thread::spawn(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", events_port)).expect("connect /events");
-        s.set_read_timeout(Some(BOUND)).unwrap();
-        write!(s, "GET /events HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut seen = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            if line.starts_with("data:") && line.contains(r#""kind":"result""#) {
-                seen.push(line);
-                return seen;
-            }
-        }
-        seen
-    });
+    let announcement = r#""kind":"result""#;
+    let events = sse_until(&addr, "/events", announcement);
     // Give the event stream a moment to be subscribed before the result can arrive; a missed
     // event would fail the test, not hang it.
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -198,12 +113,16 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
 
     let all = wait_results(&url, "CI_RESULTS", "ci.results.>", 3, BOUND).await;
     let announced = events.join().expect("events thread");
-    assert!(!announced.is_empty(), "no result announced on /events");
+    assert!(
+        announced
+            .last()
+            .is_some_and(|l| l.starts_with("data:") && l.contains(announcement)),
+        "no result announced on /events: {announced:?}"
+    );
 
-    let results = wait_get(port, "/api/results", |r| {
+    let results = wait_get(&addr, "/api/results", |r| {
         r.json().as_array().is_some_and(|a| a.len() == 3)
     })
-    .await
     .json();
     let by_sha = |sha: &str| {
         results
@@ -221,19 +140,15 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     assert_eq!(by_sha(&fixed)["branch"], branch);
 
     // Filters.
-    let main_only = get(port, "/api/results?repo=app&branch=main&limit=10")
-        .unwrap()
-        .json();
+    let main_only = get(&addr, "/api/results?repo=app&branch=main&limit=10").json();
     assert_eq!(main_only.as_array().unwrap().len(), 2, "{main_only:#}");
-    let limited = get(port, "/api/results?limit=1").unwrap().json();
+    let limited = get(&addr, "/api/results?limit=1").json();
     assert_eq!(limited.as_array().unwrap().len(), 1);
-    let on_branch = get(port, &format!("/api/results?branch={}", enc(branch)))
-        .unwrap()
-        .json();
+    let on_branch = get(&addr, &format!("/api/results?branch={}", enc(branch))).json();
     assert_eq!(on_branch[0]["sha"], fixed.as_str(), "{on_branch:#}");
 
     // Repositories: main's newest commit failed, the branch passed.
-    let repos = get(port, "/api/repos").unwrap().json();
+    let repos = get(&addr, "/api/repos").json();
     let branches = repos[0]["branches"].as_array().expect("branches").clone();
     assert_eq!(repos[0]["repo"], "app", "{repos:#}");
     let status_of = |b: &str| {
@@ -247,16 +162,14 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     assert_eq!(status_of(branch), "passed");
 
     // The commit as JSON, and an unknown one.
-    let commit = get(port, &format!("/api/commit/app/{failing}")).unwrap();
-    assert_eq!(commit.code, 200);
+    let commit = get(&addr, &format!("/api/commit/app/{failing}"));
+    assert_eq!(commit.status, 200);
     assert_eq!(commit.json()["results"][0]["status"], "failed");
     assert_eq!(
-        get(port, &format!("/api/commit/app/{}", "0".repeat(40)))
-            .unwrap()
-            .code,
+        get(&addr, &format!("/api/commit/app/{}", "0".repeat(40))).status,
         404
     );
-    assert_eq!(get(port, "/api/commit/app/HEAD").unwrap().code, 400);
+    assert_eq!(get(&addr, "/api/commit/app/HEAD").status, 400);
 
     // Pages escape everything from the repository and never contain it raw.
     let pages = [
@@ -268,8 +181,8 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
         "/runners".to_string(),
     ];
     for p in &pages {
-        let r = get(port, p).unwrap();
-        assert_eq!(r.code, 200, "GET {p}: {}", r.body);
+        let r = get(&addr, p);
+        assert_eq!(r.status, 200, "GET {p}: {}", r.body);
         assert!(
             r.header("content-type")
                 .is_some_and(|c| c.starts_with("text/html")),
@@ -295,29 +208,26 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
         }
     }
     // The failing commit's page has the output and the full log from CI_LOGS.
-    let page = get(port, &format!("/repo/app/commit/{failing}"))
-        .unwrap()
-        .body;
+    let page = get(&addr, &format!("/repo/app/commit/{failing}")).body;
     assert!(page.contains("FAILED"), "{page}");
     assert!(page.contains("test_fails"), "{page}");
-    let raw = get(port, &format!("/log/app/{failing}/1/1")).unwrap();
-    assert_eq!(raw.code, 200);
+    let raw = get(&addr, &format!("/log/app/{failing}/1/1"));
+    assert_eq!(raw.status, 200);
     assert!(raw.body.contains("FAILED"), "{}", raw.body);
     // The runners page shows the runner.
-    let runners = wait_get(port, "/api/runners", |r| {
+    let runners = wait_get(&addr, "/api/runners", |r| {
         r.json()
             .as_array()
             .is_some_and(|a| a.iter().any(|x| x["id"] == "r1"))
     })
-    .await
     .json();
     assert!(runners[0]["heartbeat_age_ms"].is_u64(), "{runners:#}");
-    assert!(get(port, "/runners").unwrap().body.contains("r1"));
-    assert!(get(port, "/api/queue").unwrap().json().is_array());
+    assert!(get(&addr, "/runners").body.contains("r1"));
+    assert!(get(&addr, "/api/queue").json().is_array());
 
     // Badges.
-    let badge = get(port, "/badge/app.svg").unwrap();
-    assert_eq!(badge.code, 200);
+    let badge = get(&addr, "/badge/app.svg");
+    assert_eq!(badge.status, 200);
     assert!(badge
         .header("content-type")
         .is_some_and(|c| c.starts_with("image/svg+xml")));
@@ -326,58 +236,33 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
         "{}",
         badge.body
     );
-    let badge = get(port, &format!("/badge/app.svg?branch={}", enc(branch))).unwrap();
+    let badge = get(&addr, &format!("/badge/app.svg?branch={}", enc(branch)));
     assert!(badge.body.contains("passing"), "{}", badge.body);
     assert!(!badge.body.contains("<script>"), "{}", badge.body);
-    let badge = get(port, "/badge/app/main.svg").unwrap();
+    let badge = get(&addr, "/badge/app/main.svg");
     assert!(badge.body.contains("failing"), "{}", badge.body);
     let badge = get(
-        port,
+        &addr,
         &format!(
             "/badge/app/{}.svg",
             branch.replace('<', "%3C").replace('>', "%3E")
         ),
-    )
-    .unwrap();
+    );
     assert!(badge.body.contains("passing"), "{}", badge.body);
-    let badge = get(port, "/badge/nope.svg").unwrap();
+    let badge = get(&addr, "/badge/nope.svg");
     assert!(badge.body.contains("unknown"), "{}", badge.body);
 
     // A restarted jetci-web shows the same view, rebuilt from the stream.
-    let before = fingerprint(&get(port, "/api/results").unwrap().json());
-    let repos_before = get(port, "/api/repos").unwrap().json();
+    let before = fingerprint(&get(&addr, "/api/results").json());
+    let repos_before = get(&addr, "/api/repos").json();
     web.kill();
-    let port2 = free_port();
-    let web2 = spawn_web(&url, port2);
-    wait_get(port2, "/healthz", |r| r.json()["caught_up"] == true).await;
-    let after = fingerprint(&get(port2, "/api/results").unwrap().json());
+    let addr2 = free_addr();
+    let web2 = spawn_web(&url, &addr2, &[]);
+    wait_get(&addr2, "/healthz", |r| r.json()["caught_up"] == true);
+    let after = fingerprint(&get(&addr2, "/api/results").json());
     assert_eq!(before, after);
-    assert_eq!(repos_before, get(port2, "/api/repos").unwrap().json());
+    assert_eq!(repos_before, get(&addr2, "/api/repos").json());
     drop(web2);
-}
-
-/// Reads `GET path` as server-sent events until a `data:` line contains `needle`; the lines
-/// read. Runs on its own thread (blocking reads), bounded by BOUND.
-fn sse_until(
-    port: u16,
-    path: String,
-    needle: &'static str,
-) -> std::thread::JoinHandle<Vec<String>> {
-    std::thread::spawn(move || {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        s.set_read_timeout(Some(BOUND)).unwrap();
-        write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-        let mut seen = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            let found = line.starts_with("data:") && line.contains(needle);
-            seen.push(line);
-            if found {
-                break;
-            }
-        }
-        seen
-    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -388,37 +273,9 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
     let (ok_name, ok_body) = passing_test();
     repo.commit("first", &[(ok_name, ok_body)]);
 
-    let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    let _observer = Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            &url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-    let runner_dir = work.path().join("r1");
-    let _runner = Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            &url,
-            "--id",
-            "r1",
-            "--work-dir",
-            runner_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let port = free_port();
-    let web = spawn_web(&url, port);
+    let _sys = System::start(&nats, &repo, &["r1"]);
+    let addr = free_addr();
+    let web = spawn_web(&url, &addr, &[]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
 
     // A message that is not a result is logged and skipped, and the view goes on.
@@ -431,21 +288,19 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
     .expect("publish")
     .await
     .expect("ack");
-    wait_get(port, "/healthz", |r| r.json()["skipped"] == 1).await;
-    wait_get(port, "/api/results", |r| {
+    wait_get(&addr, "/healthz", |r| r.json()["skipped"] == 1);
+    wait_get(&addr, "/api/results", |r| {
         r.json().as_array().is_some_and(|a| a.len() == 1)
-    })
-    .await;
+    });
 
     // NATS restarts; the next result still reaches the view.
     nats.restart();
     let second = repo.commit("second", &[("b.txt", "b")]);
-    wait_get(port, "/api/results", |r| {
+    wait_get(&addr, "/api/results", |r| {
         r.json()
             .as_array()
             .is_some_and(|a| a.iter().any(|x| x["sha"] == second.as_str()))
-    })
-    .await;
+    });
 
     // A slow job's output streams live to its commit page's log events.
     let slow = repo.commit(
@@ -455,7 +310,7 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
             "command = \"echo hello-live; sleep 3; echo done\"\n",
         )],
     );
-    let log = sse_until(port, format!("/events/log/app/{slow}/1/1"), "hello-live");
+    let log = sse_until(&addr, &format!("/events/log/app/{slow}/1/1"), "hello-live");
     let lines = log.join().expect("log thread");
     assert!(
         lines.iter().any(|l| l.starts_with("id:")),
@@ -466,10 +321,9 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
         "{lines:?}\n{}",
         web.log()
     );
-    wait_get(port, &format!("/api/commit/app/{slow}"), |r| {
+    wait_get(&addr, &format!("/api/commit/app/{slow}"), |r| {
         r.json()["results"][0]["status"] == "passed"
-    })
-    .await;
+    });
     assert!(
         web.log().contains("skipped a result that does not decode"),
         "{}",

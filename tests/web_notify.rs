@@ -11,7 +11,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{failing_test, free_port, passing_test, wait_results, GitRepo, NatsServer, Proc};
+use jetci_e2e::{
+    failing_test, free_addr, passing_test, spawn_web, wait_http, wait_results, GitRepo, NatsServer,
+    Proc, System,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
@@ -202,60 +205,24 @@ async fn wait_count(inbox: &Inbox, n: usize, what: &str, web: &Proc) {
     }
 }
 
-/// `GET path` on 127.0.0.1:port as JSON (HTTP/1.0, so the body ends with the connection).
-async fn get_json(port: u16, path: &str) -> Option<Value> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
-    }
-    serde_json::from_str(body).ok()
-}
-
-/// Waits until jetci-web on `port` says its view is rebuilt and holds the result of `sha`.
-async fn wait_web_has(port: u16, sha: &str, web: &Proc) {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let caught_up = get_json(port, "/healthz")
-            .await
-            .is_some_and(|h| h["caught_up"] == true);
-        let has = get_json(port, "/api/results?limit=1000")
-            .await
-            .and_then(|r| r.as_array().cloned())
-            .is_some_and(|a| a.iter().any(|r| r["sha"] == sha));
-        if caught_up && has {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "jetci-web never showed {sha}:\n{}",
-            web.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+/// Waits until jetci-web at `addr` says its view is rebuilt and holds the result of `sha`.
+fn wait_web_has(addr: &str, sha: &str) {
+    wait_http(addr, "/healthz", BOUND, |r| r.json()["caught_up"] == true);
+    wait_http(addr, "/api/results?limit=1000", BOUND, |r| {
+        r.json()
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["sha"] == sha))
+    });
 }
 
 const BASE_URL: &str = "http://ci.example.test:8080";
 
-fn spawn_web(url: &str, port: u16, hook_port: u16, smtp_port: u16, results_dir: &str) -> Proc {
-    Proc::spawn(
-        "jetci-web",
+/// jetci-web at `addr`, notifying the test's receivers and writing result files.
+fn notifying_web(url: &str, addr: &str, hook_port: u16, smtp_port: u16, results_dir: &str) -> Proc {
+    spawn_web(
+        url,
+        addr,
         &[
-            "-s",
-            url,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
             "--webhook-url",
             &format!("http://127.0.0.1:{hook_port}/hook"),
             "--smtp-url",
@@ -269,7 +236,6 @@ fn spawn_web(url: &str, port: u16, hook_port: u16, smtp_port: u16, results_dir: 
             "--results-dir",
             results_dir,
         ],
-        &[],
     )
 }
 
@@ -284,40 +250,12 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     let (bad_name, bad_body) = failing_test();
     let first = repo.commit("first", &[(ok_name, ok_body)]);
 
-    let work = tempfile::tempdir().expect("tempdir");
-    let results_dir = work.path().join("test_results");
+    let sys = System::start(&nats, &repo, &["r1"]);
+    let results_dir = sys.work.path().join("test_results");
     let results_dir = results_dir.to_str().expect("utf-8 path").to_string();
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
-    let _observer = Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            &url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
-    let runner_dir = work.path().join("r1");
-    let _runner = Proc::spawn(
-        "jetci-runner",
-        &[
-            "-s",
-            &url,
-            "--id",
-            "r1",
-            "--work-dir",
-            runner_dir.to_str().unwrap(),
-        ],
-        &[],
-    );
-    let port = free_port();
-    let mut web = spawn_web(&url, port, hook_port, smtp_port, &results_dir);
-    wait_web_has(port, &first, &web).await;
+    let addr = free_addr();
+    let mut web = notifying_web(&url, &addr, hook_port, smtp_port, &results_dir);
+    wait_web_has(&addr, &first);
 
     // pass → fail: exactly one webhook and one mail, saying it broke and naming the test.
     let broke = repo.commit("make it fail", &[(bad_name, bad_body)]);
@@ -368,7 +306,7 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     // second message, before the fix.
     let still = repo.commit("still failing", &[("notes.txt", "x")]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 3, BOUND).await;
-    wait_web_has(port, &still, &web).await;
+    wait_web_has(&addr, &still);
     let fixed = repo.commit("fix it", &[(bad_name, ok_body)]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 4, BOUND).await;
     wait_count(&hooks, 2, "webhooks", &web).await;
@@ -388,7 +326,7 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     // A commit that keeps it green: nothing.
     let green = repo.commit("still green", &[("notes.txt", "y")]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 5, BOUND).await;
-    wait_web_has(port, &green, &web).await;
+    wait_web_has(&addr, &green);
     tokio::time::sleep(QUIET).await;
     assert_eq!(count(&hooks), 2, "{:#?}", snapshot(&hooks));
     assert_eq!(count(&mails), 2, "{:#?}", snapshot(&mails));
@@ -396,12 +334,12 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     // A restarted jetci-web rebuilds its view from the stream and notifies nothing for it, nor
     // for a later result that changes nothing.
     web.kill();
-    let port2 = free_port();
-    let web2 = spawn_web(&url, port2, hook_port, smtp_port, &results_dir);
-    wait_web_has(port2, &green, &web2).await;
+    let addr2 = free_addr();
+    let web2 = notifying_web(&url, &addr2, hook_port, smtp_port, &results_dir);
+    wait_web_has(&addr2, &green);
     let again = repo.commit("green again", &[("notes.txt", "z")]);
     wait_results(&url, "CI_RESULTS", "ci.results.>", 6, BOUND).await;
-    wait_web_has(port2, &again, &web2).await;
+    wait_web_has(&addr2, &again);
     tokio::time::sleep(QUIET).await;
     assert_eq!(
         count(&hooks),

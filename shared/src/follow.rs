@@ -1,8 +1,9 @@
 //! Following a limits stream (`CI_RESULTS`, `CI_LOGS`) in order, once per message, across NATS
 //! restarts.
 //!
-//! This is the follow loop of `jetci tail` (bins/jetci/src/results.rs) made generic, for readers
-//! that keep a view of a stream (jetci-web) or stream one job's log to a browser. It reads with an
+//! One loop serves every reader: `jetci tail` and `jetci up` print results with it
+//! (bins/jetci/src/results.rs), jetci-web keeps its view of `CI_RESULTS` with it and streams one
+//! job's log to a browser. It reads with an
 //! ephemeral pull consumer (no acks, in memory, one replica) and remembers the stream sequence of
 //! the last message it forwarded. When anything goes wrong (a missed heartbeat, a pull error, the
 //! consumer lost in a NATS restart, a gap in the consumer sequence) it drops the consumer and
@@ -11,12 +12,14 @@
 //! it is recreated before delivering anything (0.51 maps sequence 0 to `DeliverPolicy::All`).
 //! Both streams have limits retention, so an ephemeral consumer takes nothing away from anyone
 //! (JETSTREAM-NOTES 4). Errors are logged and the loop goes on (JETSTREAM-NOTES 0.5): a reader
-//! of results should survive anything short of being asked to stop.
+//! of results should survive anything short of being asked to stop. The one exception is the
+//! very first consumer of a [`Follower::open`]: a command line tool (`jetci tail`) would rather
+//! say at once that it may not read the stream than wait forever.
 
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::stream::Stream;
+use async_nats::jetstream::stream::{ConsumerError, Stream};
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -63,6 +66,18 @@ const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// How long the server keeps the consumer of a reader that went away without deleting it.
 const INACTIVE: Duration = Duration::from_secs(60);
 
+/// Following could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    /// The first consumer could not be created: no such stream, no permission, no server.
+    #[error("cannot follow stream {stream}")]
+    Consumer {
+        stream: String,
+        #[source]
+        source: ConsumerError,
+    },
+}
+
 /// Forwards every message of `stream` matching `filter` (all subjects when `None`) to `tx`, in
 /// stream order and once each, from `start` on, until `stop` is cancelled or the receiver is
 /// dropped. Never fails: a consumer that cannot be created or breaks is logged and created again,
@@ -74,70 +89,158 @@ pub async fn follow(
     tx: mpsc::Sender<Event>,
     stop: CancellationToken,
 ) {
-    // The stream sequence up to which everything has been forwarded; `None` until the first
-    // consumer exists (for `All` and `New`).
-    let mut done: Option<u64> = match start {
-        Start::After(seq) => Some(seq),
-        Start::All | Start::New => None,
-    };
-    let mut caught_up = false;
-    let mut retry = Duration::from_millis(250);
-    loop {
-        let deliver_policy = match done {
-            Some(seq) => DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
-            None if start == Start::New => DeliverPolicy::New,
-            None => DeliverPolicy::All,
+    Follower {
+        stream,
+        filter,
+        start,
+        first: None,
+    }
+    .run(tx, stop)
+    .await
+}
+
+/// A [`follow`] whose first consumer already exists, for a caller that must know at once whether
+/// it may read the stream at all.
+pub struct Follower {
+    stream: Stream,
+    filter: Option<String>,
+    start: Start,
+    /// The consumer made by [`Follower::open`], used by the first round of [`Follower::run`].
+    first: Option<PullConsumer>,
+}
+
+impl Follower {
+    /// Creates the consumer that starts following `stream` (`filter`, `start` as in [`follow`]).
+    /// With [`Start::New`], "new" means after what the stream holds now.
+    ///
+    /// Errors: the consumer cannot be created (the only failure; once open, [`Follower::run`]
+    /// rides out everything).
+    pub async fn open(
+        stream: Stream,
+        filter: Option<String>,
+        start: Start,
+    ) -> Result<Follower, FollowError> {
+        let config = consumer_config(filter.as_deref(), deliver_policy(start, None));
+        match stream.create_consumer(config).await {
+            Ok(consumer) => Ok(Follower {
+                stream,
+                filter,
+                start,
+                first: Some(consumer),
+            }),
+            Err(source) => Err(FollowError::Consumer {
+                stream: stream_name(&stream),
+                source,
+            }),
+        }
+    }
+
+    /// Forwards messages to `tx` as [`follow`] does, until `stop` is cancelled or the receiver is
+    /// dropped.
+    pub async fn run(self, tx: mpsc::Sender<Event>, stop: CancellationToken) {
+        let Follower {
+            stream,
+            filter,
+            start,
+            mut first,
+        } = self;
+        // The stream sequence up to which everything has been forwarded; `None` until the first
+        // consumer exists (for `All` and `New`).
+        let mut done: Option<u64> = match start {
+            Start::After(seq) => Some(seq),
+            Start::All | Start::New => None,
         };
-        let config = pull::Config {
-            filter_subject: filter.clone().unwrap_or_default(),
-            deliver_policy,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: INACTIVE,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        };
-        let created = tokio::select! {
-            _ = stop.cancelled() => return,
-            c = stream.create_consumer(config) => c,
-        };
-        let consumer = match created {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(stream = %stream_name(&stream), error = %e, "cannot create a consumer to follow the stream; retrying");
-                if sleep_or_stop(retry, &stop).await {
-                    return;
+        let mut caught_up = false;
+        let mut retry = Duration::from_millis(250);
+        loop {
+            let consumer = match first.take() {
+                Some(consumer) => consumer,
+                None => {
+                    let config = consumer_config(filter.as_deref(), deliver_policy(start, done));
+                    let created = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        c = stream.create_consumer(config) => c,
+                    };
+                    match created {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::warn!(stream = %stream_name(&stream), error = %e, "cannot create a consumer to follow the stream; retrying");
+                            if sleep_or_stop(retry, &stop).await {
+                                return;
+                            }
+                            retry = (retry * 2).min(Duration::from_secs(5));
+                            continue;
+                        }
+                    }
                 }
-                retry = (retry * 2).min(Duration::from_secs(5));
-                continue;
+            };
+            retry = Duration::from_millis(250);
+            if !follow_one(&stream, consumer, &tx, &mut done, &mut caught_up, &stop).await {
+                return;
             }
-        };
-        retry = Duration::from_millis(250);
-        let info = consumer.cached_info();
-        // "New only" starts after whatever the stream held when the consumer was created.
-        let mut last = *done.get_or_insert(info.delivered.stream_sequence);
-        if !caught_up && info.num_pending == 0 {
-            caught_up = true;
-            if tx.send(Event::CaughtUp).await.is_err() {
+            if sleep_or_stop(retry, &stop).await {
                 return;
             }
         }
-        let outcome = read(&consumer, &tx, &mut last, &mut caught_up, &stop).await;
-        done = Some(last);
-        // Tidy up (the server would drop it after INACTIVE anyway); bounded, so a stop while NATS
-        // is away still returns at once.
-        let name = consumer.cached_info().name.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
-        match outcome {
-            Read::Stop => return,
-            Read::Broken(why) => {
-                tracing::warn!(stream = %stream_name(&stream), error = %why, "stream consumer failed; recreating it");
-            }
+    }
+}
+
+/// Where a new consumer starts: right after `done` (the sequence up to which everything has
+/// been forwarded) once there is one, else where the caller asked.
+fn deliver_policy(start: Start, done: Option<u64>) -> DeliverPolicy {
+    match (done, start) {
+        (Some(seq), _) | (None, Start::After(seq)) => DeliverPolicy::ByStartSequence {
+            start_sequence: seq + 1,
+        },
+        (None, Start::New) => DeliverPolicy::New,
+        (None, Start::All) => DeliverPolicy::All,
+    }
+}
+
+/// An ephemeral reader's consumer: no acks, in memory, one replica, gone after [`INACTIVE`] if
+/// the reader vanishes.
+fn consumer_config(filter: Option<&str>, deliver_policy: DeliverPolicy) -> pull::Config {
+    pull::Config {
+        filter_subject: filter.unwrap_or_default().to_string(),
+        deliver_policy,
+        ack_policy: AckPolicy::None,
+        inactive_threshold: INACTIVE,
+        memory_storage: true,
+        num_replicas: 1,
+        ..Default::default()
+    }
+}
+
+/// Reads `consumer` until it breaks (false: stop, or the receiver is gone), then deletes it.
+/// `done` advances past every message forwarded.
+async fn follow_one(
+    stream: &Stream,
+    consumer: PullConsumer,
+    tx: &mpsc::Sender<Event>,
+    done: &mut Option<u64>,
+    caught_up: &mut bool,
+    stop: &CancellationToken,
+) -> bool {
+    let info = consumer.cached_info();
+    // "New only" starts after whatever the stream held when the consumer was created.
+    let mut last = *done.get_or_insert(info.delivered.stream_sequence);
+    if !*caught_up && info.num_pending == 0 {
+        *caught_up = true;
+        if tx.send(Event::CaughtUp).await.is_err() {
+            return false;
         }
-        if sleep_or_stop(retry, &stop).await {
-            return;
+    }
+    let outcome = read(&consumer, tx, &mut last, caught_up, stop).await;
+    *done = Some(last);
+    // Tidy up (the server would drop it after INACTIVE anyway); bounded, so a stop while NATS is
+    // away still returns at once.
+    let name = consumer.cached_info().name.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
+    match outcome {
+        Read::Stop => false,
+        Read::Broken(why) => {
+            tracing::warn!(stream = %stream_name(stream), error = %why, "stream consumer failed; recreating it");
+            true
         }
     }
 }
@@ -154,15 +257,7 @@ pub async fn read_stored(
     max_bytes: usize,
     timeout: Duration,
 ) -> Result<(Vec<Followed>, bool), String> {
-    let config = pull::Config {
-        filter_subject: filter.to_string(),
-        deliver_policy: DeliverPolicy::All,
-        ack_policy: AckPolicy::None,
-        inactive_threshold: INACTIVE,
-        memory_storage: true,
-        num_replicas: 1,
-        ..Default::default()
-    };
+    let config = consumer_config(Some(filter), DeliverPolicy::All);
     let work = async {
         let consumer = stream
             .create_consumer(config)
@@ -284,5 +379,49 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         _ = stop.cancelled() => true,
         _ = tokio::time::sleep(d) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_first_consumer_starts_where_asked() {
+        assert_eq!(deliver_policy(Start::All, None), DeliverPolicy::All);
+        assert_eq!(deliver_policy(Start::New, None), DeliverPolicy::New);
+        assert_eq!(
+            deliver_policy(Start::After(41), None),
+            DeliverPolicy::ByStartSequence { start_sequence: 42 }
+        );
+    }
+
+    #[test]
+    fn a_recreated_consumer_resumes_after_the_last_message_forwarded() {
+        // Whatever the start, once something is done the next consumer neither repeats it nor
+        // skips what follows (for `New`, not even when nothing had arrived yet).
+        for start in [Start::All, Start::New, Start::After(3)] {
+            assert_eq!(
+                deliver_policy(start, Some(7)),
+                DeliverPolicy::ByStartSequence { start_sequence: 8 },
+                "{start:?}"
+            );
+        }
+        assert_eq!(
+            deliver_policy(Start::New, Some(0)),
+            DeliverPolicy::ByStartSequence { start_sequence: 1 }
+        );
+    }
+
+    #[test]
+    fn consumers_are_ephemeral_and_take_nothing_away() {
+        let config = consumer_config(Some("ci.results.>"), DeliverPolicy::New);
+        assert_eq!(config.filter_subject, "ci.results.>");
+        assert_eq!(config.deliver_policy, DeliverPolicy::New);
+        assert_eq!(config.ack_policy, AckPolicy::None);
+        assert!(config.durable_name.is_none() && config.memory_storage);
+        assert_eq!(config.num_replicas, 1);
+        assert_eq!(config.inactive_threshold, INACTIVE);
+        assert_eq!(consumer_config(None, DeliverPolicy::All).filter_subject, "");
     }
 }

@@ -14,6 +14,22 @@
 //!
 //! Panicking with a clear message is the error handling here: a test that cannot set up its world
 //! should fail at once and say why.
+//!
+//! Beside this file: [`system`] starts jetci's processes with the flags the tests share
+//! ([`spawn_observer`], [`spawn_dispatcher`], [`spawn_runner`], [`spawn_web`], or all but the
+//! web at once with [`System`]); [`http`] speaks plain HTTP to jetci-web and `--metrics-addr`
+//! ([`http_get`], [`wait_http`]); [`prom`] reads Prometheus text. The job-state waits
+//! ([`wait_job`], [`wait_job_phase`]) are with the other JetStream helpers at the end of this file.
+
+pub mod http;
+pub mod prom;
+pub mod system;
+
+pub use http::{http_get, wait_http, Response};
+pub use system::{
+    spawn_dispatcher, spawn_observer, spawn_observer_at, spawn_runner, spawn_runner_with_env,
+    spawn_web, System,
+};
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -393,6 +409,11 @@ pub fn free_port() -> u16 {
         .expect("cannot bind 127.0.0.1:0 to find a free port")
 }
 
+/// `127.0.0.1:PORT` with a [`free_port`], for a process's `--listen` or `--metrics-addr`.
+pub fn free_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
 /// One attempt to ask JetStream for its account info: true when it answers without an error.
 ///
 /// A server accepts TCP connections before JetStream has recovered its store, so the port alone
@@ -534,21 +555,28 @@ impl Default for GitRepo {
     }
 }
 
+/// The text of a Python unittest file with one test case `$class` whose one test `$test` runs
+/// the statement `$check`, as a `&'static str`.
+macro_rules! unittest_file {
+    ($class:literal, $test:literal, $check:literal) => {
+        concat!(
+            "import unittest\n\n\nclass ",
+            $class,
+            "(unittest.TestCase):\n    def ",
+            $test,
+            "(self):\n        ",
+            $check,
+            "\n\n\nif __name__ == \"__main__\":\n    unittest.main()\n",
+        )
+    };
+}
+
 /// A Python unittest file that passes under the runner's default command
 /// (`python3 -m unittest discover`): `("test_ok.py", content)`.
 pub fn passing_test() -> (&'static str, &'static str) {
     (
         "test_ok.py",
-        "import unittest\n\
-         \n\
-         \n\
-         class OkTest(unittest.TestCase):\n\
-         \x20   def test_ok(self):\n\
-         \x20       self.assertEqual(1 + 1, 2)\n\
-         \n\
-         \n\
-         if __name__ == \"__main__\":\n\
-         \x20   unittest.main()\n",
+        unittest_file!("OkTest", "test_ok", "self.assertEqual(1 + 1, 2)"),
     )
 }
 
@@ -557,16 +585,7 @@ pub fn passing_test() -> (&'static str, &'static str) {
 pub fn failing_test() -> (&'static str, &'static str) {
     (
         "test_fail.py",
-        "import unittest\n\
-         \n\
-         \n\
-         class FailTest(unittest.TestCase):\n\
-         \x20   def test_fails(self):\n\
-         \x20       self.assertEqual(1 + 1, 3)\n\
-         \n\
-         \n\
-         if __name__ == \"__main__\":\n\
-         \x20   unittest.main()\n",
+        unittest_file!("FailTest", "test_fails", "self.assertEqual(1 + 1, 3)"),
     )
 }
 
@@ -694,11 +713,8 @@ impl Proc {
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
+            if let Some(found) = self.log_verdict(needle, deadline) {
+                return found;
             }
             std::thread::sleep(POLL);
         }
@@ -708,13 +724,22 @@ impl Proc {
     pub async fn wait_for_log_async(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if self.log().contains(needle) {
-                return true;
-            }
-            if Instant::now() >= deadline {
-                return false;
+            if let Some(found) = self.log_verdict(needle, deadline) {
+                return found;
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// One look for the `wait_for_log` functions: `Some(true)` when the log holds `needle`,
+    /// `Some(false)` when `deadline` has passed, `None` to look again.
+    fn log_verdict(&self, needle: &str, deadline: Instant) -> Option<bool> {
+        if self.log().contains(needle) {
+            Some(true)
+        } else if Instant::now() >= deadline {
+            Some(false)
+        } else {
+            None
         }
     }
 }
@@ -944,6 +969,47 @@ pub async fn stream_raw_messages(url: &str, stream: &str, filter: &str) -> Vec<S
     read_stream(&context, stream, filter)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits until the state of job `key` (`REPO.SHA.RUN`) in the `ci-jobs` bucket satisfies `done`,
+/// and returns that state (`{"phase": ..., "runner": ..., "attempt": ...}`).
+///
+/// Polls every 50 ms, because some states last only a moment (a short job is `running` for less
+/// than a second). The bucket and the key may not exist yet: both count as "not yet". Panics
+/// after `bound`, saying that the job never reached `what`, with the last state seen.
+pub async fn wait_job(
+    url: &str,
+    key: &str,
+    what: &str,
+    bound: Duration,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let context = js(url).await;
+    let deadline = Instant::now() + bound;
+    let mut last = serde_json::Value::Null;
+    loop {
+        if let Ok(kv) = context.get_key_value("ci-jobs").await {
+            if let Ok(Some(value)) = kv.get(key).await {
+                last = serde_json::from_slice(&value).expect("job state is JSON");
+                if done(&last) {
+                    return last;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {key} never reached {what} within {bound:?}; last state: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until job `key` is in `phase` (`queued`, `assigned`, `running` or `final`) and returns
+/// the id of the runner of its current attempt (empty when there is none, as while queued). See
+/// [`wait_job`].
+pub async fn wait_job_phase(url: &str, key: &str, phase: &str, bound: Duration) -> String {
+    let state = wait_job(url, key, phase, bound, |v| v["phase"] == phase).await;
+    state["runner"].as_str().unwrap_or_default().to_string()
 }
 
 /// Reads every stored message of `stream` matching `filter`, oldest first, with "get next message

@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 /// only every lease/3.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 
+/// The most commits one pull request asks for.
+const MAX_PULL: usize = 256;
+
 /// Tunables from the command line.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -100,6 +103,18 @@ pub struct Dispatcher {
     /// When the connection to NATS last came back: no heartbeat can be older than that for a
     /// runner's fault, so ages count from it at most.
     reconnected: Option<Instant>,
+    /// Where published jobs report their acks (see [`JobAck`]); the receiver is taken by `run`.
+    job_acks: mpsc::Sender<JobAck>,
+    job_acks_rx: Option<mpsc::Receiver<JobAck>>,
+}
+
+/// The server's answer to a published job message, awaited off the main loop so the next
+/// assignment does not wait for it.
+struct JobAck {
+    key: String,
+    runner: String,
+    /// The job message's sequence in `CI_JOBS`, or why it was not stored.
+    stored: Result<u64, String>,
 }
 
 /// What a liveness probe found.
@@ -141,6 +156,7 @@ impl Dispatcher {
                 .await
                 .with_context(|| format!("cannot create consumer {name}"))?,
         };
+        let (job_acks, job_acks_rx) = mpsc::channel(1024);
         Ok(Dispatcher {
             nats,
             streams,
@@ -155,6 +171,8 @@ impl Dispatcher {
             extended: Instant::now(),
             probed: HashMap::new(),
             reconnected: None,
+            job_acks,
+            job_acks_rx: Some(job_acks_rx),
         })
     }
 
@@ -166,10 +184,11 @@ impl Dispatcher {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut runner_entries = watch_bucket(self.streams.runners.clone(), "runners");
         let mut job_entries = watch_bucket(self.streams.job_states.clone(), "jobs");
-        let (want_tx, want_rx) = mpsc::channel::<()>(1);
-        let (got_tx, mut got_rx) = mpsc::channel::<Option<Message>>(1);
+        let (want_tx, want_rx) = mpsc::channel::<usize>(1);
+        let (got_tx, mut got_rx) = mpsc::channel::<Pulled>(64);
         tokio::spawn(pull_commits(self.consumer.clone(), want_rx, got_tx));
         let (probe_tx, mut probe_rx) = mpsc::channel::<ProbeResult>(64);
+        let mut job_acks = self.job_acks_rx.take().expect("run is called once");
         let mut tick = tokio::time::interval(CHECK_EVERY.min(self.beat()));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pulling = false;
@@ -181,13 +200,12 @@ impl Dispatcher {
                 _ = shutdown.cancelled() => break,
                 Some(e) = runner_entries.recv() => self.on_runner_entry(e).await,
                 Some(e) = job_entries.recv() => self.on_job_entry(e).await,
-                Some(pulled) = got_rx.recv() => {
-                    pulling = false;
-                    if let Some(msg) = pulled {
-                        self.take_commit(msg).await;
-                    }
-                }
+                Some(pulled) = got_rx.recv() => match pulled {
+                    Pulled::Commit(msg) => self.take_commit(msg).await,
+                    Pulled::Done => pulling = false,
+                },
                 Some(p) = probe_rx.recv() => self.on_probe(p).await,
+                Some(ack) = job_acks.recv() => self.on_job_ack(ack),
                 // The first connection is not a comeback; every later one is.
                 Ok(()) = connections.changed() => if *connections.borrow_and_update() > 1 {
                     self.on_reconnect()
@@ -198,8 +216,10 @@ impl Dispatcher {
             // runner slot is held ready, so a slot that frees is filled without a round trip to
             // the stream. The rest of the queue stays in the stream (in order, visible as the
             // consumer's pending count).
-            if !pulling && self.free_slots() + self.capacity() > self.waiting() {
-                pulling = want_tx.try_send(()).is_ok();
+            let ready = self.free_slots() + self.capacity();
+            if !pulling && ready > self.waiting() {
+                let wanted = (ready - self.waiting()) as usize;
+                pulling = want_tx.try_send(wanted).is_ok();
             }
         }
 
@@ -568,27 +588,24 @@ impl Dispatcher {
         let publish = PublishMessage::build()
             .payload(encode(&job))
             .message_id(job.job_id());
-        let sent = async {
-            self.nats
-                .js
-                .send_publish(self.nats.names.jobs_subject(&runner), publish)
-                .await?
-                .await
-                .map_err(async_nats::Error::from)
-        }
-        .await;
-        match sent {
+        match self
+            .nats
+            .js
+            .send_publish(self.nats.names.jobs_subject(&runner), publish)
+            .await
+        {
             Ok(ack) => {
                 tracing::info!(%key, %runner, attempt, branch = ?commit.branch, "job assigned");
                 metrics::counter!(m::JOBS_ASSIGNED).increment(1);
                 if attempt > 1 {
                     metrics::counter!(m::JOBS_REASSIGNED).increment(1);
                 }
-                // Remember where the job message is, so it can be deleted if the runner is lost
-                // before taking it (the runner records it in the state when it claims the job).
-                if let Some(held) = self.held.get_mut(key) {
-                    held.job_seq = Some(ack.sequence);
-                }
+                let report = self.job_acks.clone();
+                let (key, runner) = (key.to_string(), runner.clone());
+                tokio::spawn(async move {
+                    let stored = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
+                    let _ = report.send(JobAck { key, runner, stored }).await;
+                });
             }
             Err(e) => {
                 // The state says `assigned`; with no heartbeat it goes stale after the lease and
@@ -597,6 +614,24 @@ impl Dispatcher {
             }
         }
         false
+    }
+
+    /// A published job's ack: remember where the job message is, so it can be deleted if the
+    /// runner is lost before taking it (the runner records it in the state when it claims the
+    /// job). A later attempt's message has a higher sequence, so a late ack never hides it.
+    fn on_job_ack(&mut self, ack: JobAck) {
+        match ack.stored {
+            Ok(seq) => {
+                if let Some(held) = self.held.get_mut(&ack.key) {
+                    held.job_seq = held.job_seq.max(Some(seq));
+                }
+            }
+            Err(e) => {
+                // The state says `assigned`; with no heartbeat it goes stale after the lease and
+                // the job is assigned again.
+                tracing::warn!(key = %ack.key, runner = %ack.runner, error = %e, "the job was not stored; it is retried after the lease");
+            }
+        }
     }
 
     /// After `attempts` lost runners: the run's final result is `error`.
@@ -896,37 +931,51 @@ fn state_for(commit: &CommitMsg, previous: Option<&JobState>) -> JobState {
     s
 }
 
-/// Pulls one commit per request from the shared consumer. Waiting pulls are answered the
-/// moment a commit arrives; consumer errors are transient (JETSTREAM-NOTES section 0, item 5).
+/// What the commit puller hands the main loop.
+enum Pulled {
+    Commit(Message),
+    /// The pull request is over (filled, expired or failed); the loop may ask again.
+    Done,
+}
+
+/// Pulls up to the number of commits asked for per request from the shared consumer, handing
+/// each on as it arrives. Waiting pulls are answered the moment a commit arrives; consumer
+/// errors are transient (JETSTREAM-NOTES section 0, item 5).
 async fn pull_commits(
     consumer: PullConsumer,
-    mut want: mpsc::Receiver<()>,
-    got: mpsc::Sender<Option<Message>>,
+    mut want: mpsc::Receiver<usize>,
+    got: mpsc::Sender<Pulled>,
 ) {
-    while want.recv().await.is_some() {
-        let next = match consumer
+    while let Some(wanted) = want.recv().await {
+        match consumer
             .batch()
-            .max_messages(1)
+            .max_messages(wanted.clamp(1, MAX_PULL))
             .expires(Duration::from_secs(1))
             .messages()
             .await
         {
-            Ok(mut batch) => match batch.next().await {
-                Some(Ok(m)) => Some(m),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "pulling a commit failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    None
+            Ok(mut batch) => {
+                while let Some(next) = batch.next().await {
+                    match next {
+                        Ok(m) => {
+                            if got.send(Pulled::Commit(m)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pulling a commit failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            break;
+                        }
+                    }
                 }
-                None => None,
-            },
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "pulling a commit failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                None
             }
-        };
-        if got.send(next).await.is_err() {
+        }
+        if got.send(Pulled::Done).await.is_err() {
             return;
         }
     }

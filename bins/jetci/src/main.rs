@@ -246,9 +246,9 @@ async fn tail(args: &TailArgs, connect: &ConnectArgs, shutdown: &Shutdown) -> Re
     };
     let opts = results::FollowOptions {
         start: if args.all {
-            results::Start::All
+            jetci::follow::Start::All
         } else {
-            results::Start::New
+            jetci::follow::Start::New
         },
         json: args.json,
         write_dir: args.write_dir.clone(),

@@ -1,49 +1,32 @@
-//! Following `CI_RESULTS`: the one-line format, the `test_results/<sha>` files and the follow
-//! loop that `jetci tail` and `jetci up` share.
+//! Following `CI_RESULTS`: the one-line format, the `test_results/<sha>` files and the printing
+//! side of the follow that `jetci tail` and `jetci up` share.
 //!
-//! The loop reads with an ephemeral pull consumer (no acks, in memory, one replica) and remembers
-//! the stream sequence of the last message it handled. When anything goes wrong (a missed
-//! heartbeat, a pull error, the consumer lost in a NATS restart, a gap in the consumer sequence)
-//! it drops the consumer and creates a new one that starts right after that sequence, so each
-//! result is printed once and none is skipped. This is what async-nats' ordered consumer does,
-//! except that one restarts from the *first* message when it is recreated before delivering
-//! anything (0.51 `recreate_consumer_stream` maps sequence 0 to `DeliverPolicy::All`), which
-//! would replay a month of results into a `tail` that asked for new ones only. `CI_RESULTS` has
-//! limits retention, so an ephemeral consumer takes nothing away from anyone (JETSTREAM-NOTES
-//! 4). Errors are logged and the loop goes on (JETSTREAM-NOTES 0.5); a message that does not
+//! Reading the stream is `jetci::follow`'s resumable loop, the one jetci-web uses: each result
+//! is handled once and none is skipped across NATS restarts, and "new only" never replays the
+//! stream's history. Only the first consumer must succeed (no stream, no permission: `jetci
+//! tail` says so and exits); later failures are logged and retried. A message that does not
 //! decode is reported with its subject and skipped, never fatal (DESIGN.md, invariant I5).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::{self, stream::Stream};
-use futures::StreamExt;
+use async_nats::jetstream::stream::Stream;
 use jetci::connect::Nats;
+use jetci::follow::{Event, Followed, Follower, Start};
 use jetci::messages::{decode, ResultMsg};
 pub use jetci::result_file::format_duration;
 use jetci::result_file::{clean, first_line};
 use jetci::shutdown::CancellationToken;
-
-/// Where following starts.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Start {
-    /// With the oldest stored result.
-    All,
-    /// With the first result stored after the consumer is created.
-    #[default]
-    New,
-    /// With the first result after this stream sequence (`jetci up` takes the stream's last
-    /// sequence before it starts any process, so not even the fastest result is missed).
-    After(u64),
-}
+use tokio::sync::mpsc;
 
 /// What to follow and what to do with each result.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct FollowOptions {
+    /// Where to start: `All`, `New` (the default of `jetci tail`), or `After` a sequence (`jetci
+    /// up` takes the stream's last sequence before it starts any process, so not even the fastest
+    /// result is missed).
     pub start: Start,
     /// Print the raw JSON of each result instead of the one-line summary.
     pub json: bool,
@@ -51,13 +34,8 @@ pub struct FollowOptions {
     pub write_dir: Option<PathBuf>,
 }
 
-/// How often the server sends an idle heartbeat on an open pull; two missed ones mean the
-/// consumer or the connection is gone, and the consumer is recreated.
-const HEARTBEAT: Duration = Duration::from_secs(5);
-/// How long one pull request waits for messages before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// How long the server keeps the consumer of a `tail` that went away without deleting it.
-const INACTIVE: Duration = Duration::from_secs(60);
+/// How many followed results may wait for the terminal.
+const BACKLOG: usize = 64;
 
 /// Prints (and optionally writes) every result on `CI_RESULTS` until `stop` is cancelled or
 /// stdout is closed.
@@ -74,147 +52,40 @@ pub async fn follow(
         Some(dir) => Some(ResultFiles::new(dir)?),
         None => None,
     };
-    // The stream sequence up to which everything has been handled (or skipped, for "new only");
-    // `None` until the first consumer exists.
-    let mut done: Option<u64> = match opts.start {
-        Start::After(seq) => Some(seq),
-        Start::All | Start::New => None,
-    };
-    let mut retry = Duration::from_millis(250);
-    let mut first = true;
-    loop {
-        let deliver_policy = match done {
-            Some(seq) => DeliverPolicy::ByStartSequence {
-                start_sequence: seq + 1,
-            },
-            None if opts.start == Start::All => DeliverPolicy::All,
-            None => DeliverPolicy::New,
-        };
-        let config = pull::Config {
-            filter_subject: nats.names.results_filter(),
-            deliver_policy,
-            ack_policy: AckPolicy::None,
-            inactive_threshold: INACTIVE,
-            memory_storage: true,
-            num_replicas: 1,
-            ..Default::default()
-        };
-        let consumer = match results.create_consumer(config).await {
-            Ok(c) => c,
-            Err(e) if first => {
-                return Err(e).with_context(|| {
-                    format!("cannot follow stream {}", nats.names.results_stream())
-                })
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot recreate the results consumer; retrying");
-                if sleep_or_stop(retry, stop).await {
-                    return Ok(());
+    let follower = Follower::open(
+        results.clone(),
+        Some(nats.names.results_filter()),
+        opts.start,
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::channel(BACKLOG);
+    // Cancelled by the printer when stdout is gone (`jetci tail | head`), so the follower does not
+    // wait for one more result to notice.
+    let follow_stop = stop.child_token();
+    let printer = async {
+        while let Some(event) = rx.recv().await {
+            if let Event::Message(msg) = event {
+                if !show(&msg, opts, files.as_ref()) {
+                    break;
                 }
-                retry = (retry * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        first = false;
-        // "New only" starts after whatever the stream held when the consumer was created; from
-        // here on every restart resumes after the last sequence handled.
-        let start = consumer.cached_info().delivered.stream_sequence;
-        let mut last = *done.get_or_insert(start);
-        let outcome = read(&consumer, opts, files.as_ref(), &mut last, stop).await;
-        done = Some(last);
-        // Tidy up (the server would drop it after INACTIVE anyway); bounded, so a Ctrl-C while
-        // NATS is away still exits at once.
-        let name = &consumer.cached_info().name;
-        let _ = tokio::time::timeout(Duration::from_secs(1), results.delete_consumer(name)).await;
-        match outcome {
-            Read::Stop => return Ok(()),
-            Read::Broken(why) => {
-                tracing::warn!(error = %why, "results consumer failed; recreating it");
-                retry = Duration::from_millis(250);
             }
         }
-        if sleep_or_stop(retry, stop).await {
-            return Ok(());
-        }
-    }
-}
-
-/// Why [`read`] returned.
-enum Read {
-    /// Stop requested, or stdout closed.
-    Stop,
-    /// The consumer must be recreated.
-    Broken(String),
-}
-
-/// Reads one consumer until it fails, advancing `last` past every message handled.
-async fn read(
-    consumer: &jetstream::consumer::PullConsumer,
-    opts: &FollowOptions,
-    files: Option<&ResultFiles>,
-    last: &mut u64,
-    stop: &CancellationToken,
-) -> Read {
-    let messages = consumer
-        .stream()
-        .heartbeat(HEARTBEAT)
-        .expires(PULL_EXPIRES)
-        .messages()
-        .await;
-    let mut messages = match messages {
-        Ok(m) => m,
-        Err(e) => return Read::Broken(e.to_string()),
+        follow_stop.cancel();
     };
-    let mut expected = 1u64; // consumer sequences start at 1 on a new consumer
-    loop {
-        let next = tokio::select! {
-            _ = stop.cancelled() => return Read::Stop,
-            next = messages.next() => next,
-        };
-        let msg = match next {
-            Some(Ok(msg)) => msg,
-            Some(Err(e)) => return Read::Broken(e.to_string()),
-            None => return Read::Broken("the message stream ended".into()),
-        };
-        match msg.info() {
-            Ok(info) if info.consumer_sequence == expected => {
-                expected += 1;
-                *last = info.stream_sequence;
-            }
-            Ok(info) => {
-                return Read::Broken(format!(
-                    "gap in the consumer sequence (expected {expected}, got {})",
-                    info.consumer_sequence
-                ))
-            }
-            Err(e) => return Read::Broken(format!("message without JetStream metadata: {e}")),
-        }
-        if !show(&msg, opts, files) {
-            return Read::Stop; // stdout is gone (`jetci tail | head`)
-        }
-    }
-}
-
-/// Sleeps, or returns true at once when `stop` is cancelled.
-async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(d) => false,
-    }
+    tokio::join!(follower.run(tx, follow_stop.clone()), printer);
+    Ok(())
 }
 
 /// Handles one message; false when stdout is closed.
-fn show(msg: &jetstream::Message, opts: &FollowOptions, files: Option<&ResultFiles>) -> bool {
+fn show(msg: &Followed, opts: &FollowOptions, files: Option<&ResultFiles>) -> bool {
     let result = match decode::<ResultMsg>(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
-            let seq = msg
-                .info()
-                .map(|i| format!(" (stream sequence {})", i.stream_sequence))
-                .unwrap_or_default();
             eprintln!(
-                "jetci: warning: skipped a message on {}{seq} that is not a valid result: {}",
+                "jetci: warning: skipped a message on {} (stream sequence {}) that is not a valid \
+                 result: {}",
                 msg.subject,
+                msg.seq,
                 one_line(&e.to_string())
             );
             return true;

@@ -11,6 +11,7 @@ use jetci::connect::Nats;
 use jetci::job_state::{self, age_of};
 use jetci::messages::{decode, CommitMsg, JobPhase, RunnerInfo};
 use jetci::streams::Streams;
+use jetci::subjects::job_id;
 use serde_json::{json, Value};
 
 /// Commits listed from the stream at most (the count is always exact).
@@ -59,6 +60,7 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
             JobPhase::Assigned | JobPhase::Running => {
                 let mut j = common;
                 let age = v.age.as_millis() as u64;
+                j["job_id"] = json!(job_id(&s.repo, &s.sha, s.run, s.attempt));
                 j["phase"] = json!(s.phase);
                 j["runner"] = json!(s.runner);
                 j["last_heartbeat_ms"] = json!(age);
@@ -188,7 +190,7 @@ pub fn render(v: &Value) -> String {
     out.push_str(&format!("Runners: {}\n", runners.len()));
     for r in &runners {
         out.push_str(&format!(
-            "  {}  host {}  labels [{}]  busy {}/{}  heartbeat {}ms ago{}{}\n",
+            "  {}  host {}  labels [{}]  busy {}/{}{}  heartbeat {}ms ago{}{}\n",
             r["id"].as_str().unwrap_or(""),
             r["host"].as_str().unwrap_or(""),
             list(&r["labels"])
@@ -198,6 +200,16 @@ pub fn render(v: &Value) -> String {
                 .join(", "),
             r["busy"],
             r["capacity"],
+            match list(&r["jobs"]).as_slice() {
+                [] => String::new(),
+                jobs => format!(
+                    "  running {}",
+                    jobs.iter()
+                        .filter_map(|j| j.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            },
             r["last_heartbeat_ms"],
             if r["alive"] == true { "" } else { "  (gone)" },
             if r["accepting"] == true {
@@ -245,6 +257,7 @@ mod tests {
                 {"repo": "app", "branch": "main", "sha": "0123456789abcdef", "run": 1, "reason": "no live runner has labels [gpu]"}
             ], "waiting_for_runner": []},
             "runners": [{"id": "r1", "host": "h", "labels": ["linux"], "busy": 1, "capacity": 2,
+                          "jobs": ["app.fedcba9876543210.1.2"],
                           "last_heartbeat_ms": 200, "alive": true, "accepting": true}],
             "in_flight": [{"repo": "app", "branch": "main", "sha": "fedcba9876543210", "run": 1, "attempt": 2,
                             "runner": "r1", "phase": "running", "lease_left_ms": 2500}],
@@ -257,7 +270,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("r1  host h  labels [linux]  busy 1/2"),
+            text.contains(
+                "r1  host h  labels [linux]  busy 1/2  running app.fedcba9876543210.1.2  heartbeat"
+            ),
             "{text}"
         );
         assert!(

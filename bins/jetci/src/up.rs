@@ -13,13 +13,14 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
 use jetci::connect::{ConnectArgs, Nats};
+use jetci::follow::Start;
 use jetci::logging::LogArgs;
 use jetci::shutdown::{CancellationToken, Shutdown};
 use tokio::process::Command;
 
 use crate::local_nats::{self, LocalNats};
 use crate::procs::{self, Proc, GRACE};
-use crate::results::{self, FollowOptions, Start};
+use crate::results::{self, FollowOptions};
 
 /// `jetci up` flags.
 #[derive(clap::Args, Debug)]

@@ -234,6 +234,9 @@ impl Fleet {
         r.restart_at = None;
         match cmd.spawn() {
             Ok(mut child) => {
+                // Counted here, not where the policy decides, so a crashed runner's replacement
+                // counts too.
+                metrics::counter!(jetci::metrics::names::MANAGER_STARTED).increment(1);
                 tracing::info!(runner = %r.id, pid = child.id().unwrap_or(0), "runner started");
                 r.logs.retain(|h| !h.is_finished());
                 if let Some(out) = child.stdout.take() {

@@ -202,7 +202,8 @@ fn log_decision(plan: &Plan, last_reason: &mut &'static str) {
         metrics::gauge!(m::QUEUE_DEPTH).set((n.pending + n.waiting) as f64);
         metrics::gauge!(m::JOBS_IN_FLIGHT).set(n.busy as f64);
         metrics::gauge!(m::MANAGER_RUNNERS).set(n.running as f64);
-        metrics::counter!(m::MANAGER_STARTED).increment(plan.start as u64);
+        // Register the counter at 0 before the first start; the starts are counted by the fleet.
+        metrics::counter!(m::MANAGER_STARTED).increment(0);
         metrics::counter!(m::MANAGER_STOPPED).increment(plan.stop.len() as u64);
     }
     if plan.start > 0 {
