@@ -1,5 +1,7 @@
 //! Smoke run of the benchmark harness (`jetci-bench --quick`), so it cannot rot: a tiny version of
-//! every benchmark against a real nats-server and the real binaries, and a table with the L row.
+//! every benchmark against a real nats-server and the real binaries, and a table with the L row
+//! and the rows of the newer code paths (jetci-web with a full view, the dispatch rate with
+//! instant runners, T as history grows) measured.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -48,4 +50,19 @@ fn quick_benchmark_writes_the_table() {
         "L was not measured: {l_row}\n{stderr}"
     );
     assert!(table.contains("cores"), "no core count:\n{table}");
+    for (id, start) in [
+        ("W", "| W | jetci-web `/` dashboard"),
+        ("W", "| W | jetci-web RSS, restarted"),
+        ("D", "| D | assignments/s: backlog"),
+        ("S", "| S | T as history grows"),
+    ] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {id} row starting {start:?}:\n{table}\n{stderr}"));
+        assert!(
+            !row.contains("not measured"),
+            "{id} was not measured: {row}\n{stderr}"
+        );
+    }
 }

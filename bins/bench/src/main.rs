@@ -9,8 +9,15 @@
 //! beside this executable, git repositories made with the git CLI (fast-import for long
 //! histories), results timestamped on arrival by a core-NATS subscription on `ci.results.>`.
 //! `--quick` runs a tiny version of every benchmark (the smoke test `tests/bench_smoke.rs`).
+//!
+//! `sys.rs` is the world the benchmarks run in; `web.rs` is W (jetci-web with a full view),
+//! `dispatch.rs` is D (the dispatch rate) with the protocol-speaking runner of `instant.rs`; the
+//! other benchmarks are in this file.
 
+mod dispatch;
+mod instant;
 mod sys;
+mod web;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -88,7 +95,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,I,D,B,S]\n\
+                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,W,I,D,B,S]\n\
                      Runs nats-server and the jetci binaries found beside this executable."
                 );
                 return;
@@ -135,13 +142,14 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
     let started = Instant::now();
 
     type Bench = fn(&tokio::runtime::Runtime, &Opts, &mut Report) -> Result<()>;
-    let benches: [(&str, Bench); 8] = [
+    let benches: [(&str, Bench); 9] = [
         ("L", bench_latency),
         ("T", bench_throughput),
         ("R", bench_recovery),
         ("M", bench_memory),
+        ("W", web::bench_web),
         ("I", bench_idle),
-        ("D", bench_dispatch),
+        ("D", dispatch::bench_dispatch),
         ("B", bench_burst),
         ("S", bench_scaling),
     ];
@@ -306,14 +314,20 @@ impl Stack {
     }
 
     fn web(&mut self) -> Result<()> {
+        self.web_with(&[]).map(|_| ())
+    }
+
+    /// Starts (or restarts) jetci-web with `extra` flags; returns its base URL.
+    fn web_with(&mut self, extra: &[&str]) -> Result<String> {
+        if let Some(mut old) = self.web.take() {
+            old.kill();
+        }
         let listen = format!("127.0.0.1:{}", sys::free_port());
-        let p = Proc::spawn(
-            "jetci-web",
-            &["-s", &self.url, "--listen", &listen],
-            self.dir.path(),
-        )?;
+        let mut args = vec!["-s", &self.url, "--listen", &listen];
+        args.extend_from_slice(extra);
+        let p = Proc::spawn("jetci-web", &args, self.dir.path())?;
         self.web = Some(p);
-        Ok(())
+        Ok(format!("http://{listen}"))
     }
 
     /// `jetci notify NAME`, as the post-receive hook runs it; returns when the observer answered.
@@ -808,71 +822,6 @@ fn bench_idle(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) -> Resul
     Ok(())
 }
 
-// -------------------------------------------------------------------------------------------
-// D: dispatch rate (only the ceiling can be measured)
-// -------------------------------------------------------------------------------------------
-
-fn bench_dispatch(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) -> Result<()> {
-    let n = if o.quick { 500 } else { 20_000 };
-    let server = Server::start(rt)?;
-    let url = server.url();
-    let (seq_rate, pipe_rate) = rt.block_on(async move {
-        let js = async_nats::jetstream::new(async_nats::connect(&url).await?);
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "BENCH".into(),
-            subjects: vec!["bench.>".into()],
-            retention: async_nats::jetstream::stream::RetentionPolicy::WorkQueue,
-            ..Default::default()
-        })
-        .await?;
-        let payload = bytes_of(300);
-        // One publish, one ack at a time: what a loop that awaits each publish can reach.
-        let t = Instant::now();
-        for i in 0..n / 4 {
-            js.publish(format!("bench.s.{}", i % 64), payload.clone())
-                .await?
-                .await?;
-        }
-        let seq = (n / 4) as f64 / t.elapsed().as_secs_f64();
-        // Up to 256 acks outstanding.
-        let t = Instant::now();
-        let mut pending = std::collections::VecDeque::new();
-        for i in 0..n {
-            pending.push_back(
-                js.publish(format!("bench.p.{}", i % 64), payload.clone())
-                    .await?,
-            );
-            if pending.len() >= 256 {
-                pending.pop_front().unwrap().await?;
-            }
-        }
-        for p in pending {
-            p.await?;
-        }
-        let pipe = n as f64 / t.elapsed().as_secs_f64();
-        anyhow::Ok((seq, pipe))
-    })?;
-    rep.rows.push(Row::not_measured(
-        "D",
-        "assignments/s with runners that answer at once",
-        "5,000/s",
-        "no runner mode acknowledges a job without a checkout; needs e.g. `jetci-runner --dry-run` \
-         (publish `passed` at once) or a protocol-speaking fake runner",
-    ));
-    rep.rows.push(Row {
-        id: "D",
-        what: "ceiling: raw JetStream publish+ack of 300 B (same server, file store)".into(),
-        n: format!("{n}"),
-        median: format!("{pipe_rate:.0} msg/s (256 in flight)"),
-        p95: format!("{seq_rate:.0} msg/s (1 in flight)"),
-        floor: "–".into(),
-        ratio: "–".into(),
-        goal: "–".into(),
-        verdict: "–".into(),
-    });
-    Ok(())
-}
-
 fn bytes_of(n: usize) -> bytes::Bytes {
     vec![b'x'; n].into()
 }
@@ -991,18 +940,110 @@ fn bench_scaling(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) -> Re
             verdict: "see rows".into(),
         });
     }
-    rep.rows.push(Row::not_measured(
-        "S",
-        "T as history grows",
-        "–",
-        "not run (time budget)",
-    ));
+    throughput_vs_history(rt, o, rep)?;
     rep.notes.push(
         "S: history made with `git fast-import`, branches all pointing at the head of main (so the \
          observer's first sight publishes one commit). Poll cost is the CPU time of an extra observer \
          with `--poll-interval 100ms` over a window with nothing new, divided by the number of polls."
             .into(),
     );
+    Ok(())
+}
+
+/// One backlog of `n` commits on top of `history` commits, 1 runner: jobs per second from the
+/// notify to the n-th result, and the CPU milliseconds per job of the runner, the observer, the
+/// dispatcher and nats-server over that time.
+fn backlog_rate(rt: &tokio::runtime::Runtime, history: usize, n: usize) -> Result<(f64, [f64; 4])> {
+    let mut st = Stack::new(rt)?;
+    let repo = Repo::new(&[(".jetci.toml", TRUE_TOML), ("README.md", "bench\n")])?;
+    repo.fast_commits("main", history.saturating_sub(1))?;
+    repo.git(&["reset", "-q", "--hard", "main"])?;
+    let name = format!("th{history}");
+    st.dispatcher()?;
+    st.runner()?;
+    st.observer(&repo, &name, "10m")?;
+    // The head's job makes the runner's mirror (a clone of the whole history) before the clock.
+    st.wait_sha(&repo.head()?)?;
+    repo.fast_commits("main", n)?;
+    let pids = [
+        st.runners[0].pid(),
+        st.observers[0].pid(),
+        st.dispatchers[0].pid(),
+        st.server.proc.pid(),
+    ];
+    let cpu0 = pids.map(cpu_seconds);
+    let t0 = Instant::now();
+    st.notify(&name)?;
+    let last = st
+        .listener
+        .wait_count(&name, n + 1, Duration::from_secs(600))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", st.logs()))?;
+    let cpu1 = pids.map(cpu_seconds);
+    let passed = st
+        .listener
+        .all()
+        .iter()
+        .filter(|a| a.repo == name && a.status == "passed")
+        .count();
+    if passed != n + 1 {
+        bail!("{} of {} results passed\n{}", passed, n + 1, st.logs());
+    }
+    let per_job = [0, 1, 2, 3].map(|i| (cpu1[i] - cpu0[i]) * 1000.0 / n as f64);
+    Ok((n as f64 / (last.at - t0).as_secs_f64(), per_job))
+}
+
+/// Issue 7 S, "T as history grows": the T backlog on a small and on a long history, alternated
+/// so that both see the same background load.
+fn throughput_vs_history(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) -> Result<()> {
+    let (n, histories, reps): (usize, [usize; 2], usize) = if o.quick {
+        (10, [100, 2_000], 1)
+    } else {
+        (200, [1_000, 50_000], 3)
+    };
+    let mut rates = [Vec::new(), Vec::new()];
+    let mut cpu = [[0.0f64; 4]; 2];
+    for _ in 0..reps {
+        for (i, &h) in histories.iter().enumerate() {
+            let (rate, per_job) = backlog_rate(rt, h, n)?;
+            rates[i].push(rate);
+            for (sum, x) in cpu[i].iter_mut().zip(per_job) {
+                *sum += x / reps as f64;
+            }
+        }
+    }
+    let small = median(&rates[0]);
+    for (i, &h) in histories.iter().enumerate() {
+        let rate = median(&rates[i]);
+        let all: Vec<String> = rates[i].iter().map(|r| format!("{r:.1}")).collect();
+        let ratio = rate / small;
+        rep.rows.push(Row {
+            id: "S",
+            what: format!("T as history grows: backlog of {n} commits, `true`, 1 runner, {h} commits of history"),
+            n: format!("{reps} × {n} jobs"),
+            median: format!("{rate:.1} jobs/s"),
+            p95: format!("(runs: {} jobs/s)", all.join(", ")),
+            floor: format!(
+                "CPU/job: runner {:.1}, observer {:.1}, dispatcher {:.1}, nats-server {:.1} ms",
+                cpu[i][0], cpu[i][1], cpu[i][2], cpu[i][3]
+            ),
+            ratio: format!("{:.2}× the {}-commit repository", ratio, histories[0]),
+            goal: "T flat in history (≥ 0.8×)".into(),
+            verdict: if i == 0 {
+                "–".into()
+            } else {
+                verdict(ratio >= 0.8)
+            },
+        });
+    }
+    rep.notes.push(format!(
+        "S, T as history grows: as T with 1 runner (observer `--poll-interval 10m`, the backlog \
+         added with `git fast-import`, clock from `jetci notify` to the N-th result), on a repository \
+         that already has {} or {} commits of history (the runner's mirror is cloned by the head's \
+         job, before the clock). The two sizes are run alternately, {reps} time(s) each; the median \
+         rate is shown, and in the floor column the mean CPU time per job of each process over the \
+         backlog (/proc/PID/stat, 10 ms ticks).",
+        histories[0], histories[1]
+    ));
     Ok(())
 }
 

@@ -38,9 +38,12 @@ pub fn bin(name: &str) -> PathBuf {
 // nats-server
 // -------------------------------------------------------------------------------------------
 
-/// `nats-server -js` on a free port with a temp store; killed on drop.
+/// `nats-server -js` on a free port with a temp store and its HTTP monitoring on another;
+/// killed on drop.
 pub struct Server {
     pub port: u16,
+    /// The monitoring port (`/varz`, `/connz`), for per-connection message counts.
+    pub monitor_port: u16,
     pub proc: Proc,
     _dir: TempDir,
 }
@@ -52,6 +55,7 @@ impl Server {
                 .prefix("jetci-bench-nats-")
                 .tempdir()?;
             let port = free_port();
+            let monitor_port = free_port();
             let store = dir.path().join("store");
             fs::create_dir_all(&store)?;
             let proc = Proc::spawn_program(
@@ -62,6 +66,8 @@ impl Server {
                     "127.0.0.1",
                     "-p",
                     &port.to_string(),
+                    "-m",
+                    &monitor_port.to_string(),
                     "-sd",
                     store.to_str().unwrap(),
                 ],
@@ -84,6 +90,7 @@ impl Server {
                     if ok {
                         return Ok(Server {
                             port,
+                            monitor_port,
                             proc,
                             _dir: dir,
                         });
@@ -97,6 +104,45 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Messages each client connection sent to the server (`in`) and received from it (`out`)
+    /// so far, summed by connection name (from the monitoring endpoint `/connz`). Every
+    /// publish, ack, KV operation and JetStream API request a client makes is one message in.
+    pub fn connection_counts(&self) -> Result<std::collections::HashMap<String, MsgCounts>> {
+        let body = http_get(self.monitor_port, "/connz?limit=4096")?;
+        let v: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+        let mut out: std::collections::HashMap<String, MsgCounts> = Default::default();
+        for c in v["connections"].as_array().into_iter().flatten() {
+            let name = c["name"].as_str().unwrap_or("").to_string();
+            let e = out.entry(name).or_default();
+            e.msgs_in += c["in_msgs"].as_u64().unwrap_or(0);
+            e.msgs_out += c["out_msgs"].as_u64().unwrap_or(0);
+        }
+        Ok(out)
+    }
+}
+
+/// Message counts of a client connection, as the server sees them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MsgCounts {
+    /// Messages the client sent (publishes, requests, acks).
+    pub msgs_in: u64,
+    /// Messages the server delivered to the client (replies, pulled and watched messages).
+    pub msgs_out: u64,
+}
+
+/// A plain HTTP/1.0 GET on 127.0.0.1 (the monitoring endpoint); the body.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::Read;
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    match text.split_once("\r\n\r\n") {
+        Some((_, body)) => Ok(body.to_string()),
+        None => bail!("no HTTP body from 127.0.0.1:{port}{path}"),
     }
 }
 
@@ -345,6 +391,7 @@ pub struct Arrival {
     pub repo: String,
     pub sha: String,
     pub status: String,
+    pub attempt: u64,
 }
 
 /// Subscribes to `ci.results.>` with core NATS on its own thread and runtime, so arrival times
@@ -390,6 +437,7 @@ impl Listener {
                         repo: s("repo"),
                         sha: s("sha"),
                         status: s("status"),
+                        attempt: v["attempt"].as_u64().unwrap_or(0),
                     };
                     let (lock, cv) = &*st;
                     lock.lock().unwrap().push(a);

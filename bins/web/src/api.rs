@@ -7,9 +7,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use jetci::messages::JobPhase;
+use jetci::messages::{JobPhase, ResultMsg};
 use jetci::subjects::{check_sha, is_token};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
@@ -19,15 +19,33 @@ use crate::view::{age, Job, Stored};
 /// Results returned when `limit` is not given.
 const DEFAULT_LIMIT: usize = 100;
 
-fn result_json(s: &Arc<Stored>) -> Value {
-    let mut v = serde_json::to_value(&s.result).unwrap_or(Value::Null);
-    if let Value::Object(map) = &mut v {
-        map.insert("seq".into(), s.seq.into());
-        if s.superseded {
-            map.insert("superseded".into(), true.into());
+/// A result as the API serves it: the fields as published, then `seq` (and `superseded: true`
+/// for a fenced attempt).
+///
+/// Serialized straight into the response body: going through a `serde_json::Value` per result
+/// first cost, for `/api/results` with `limit` up to `--max-results` (10,000 by default), about
+/// as much transient memory as the whole view plus most of the time (jetci-bench W).
+#[derive(Serialize)]
+struct ResultOut<'a> {
+    #[serde(flatten)]
+    result: &'a ResultMsg,
+    seq: u64,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    superseded: bool,
+}
+
+impl<'a> From<&'a Arc<Stored>> for ResultOut<'a> {
+    fn from(s: &'a Arc<Stored>) -> Self {
+        ResultOut {
+            result: &s.result,
+            seq: s.seq,
+            superseded: s.superseded,
         }
     }
-    v
+}
+
+fn result_json(s: &Arc<Stored>) -> Value {
+    serde_json::to_value(ResultOut::from(s)).unwrap_or(Value::Null)
 }
 
 fn job_json(j: &Job, now: OffsetDateTime) -> Value {
@@ -59,7 +77,7 @@ pub async fn results(State(app): State<App>, Query(q): Query<ResultsQuery>) -> R
     let list = app
         .shared
         .read(|v| v.recent(q.repo.as_deref(), q.branch.as_deref(), limit));
-    Json(list.iter().map(result_json).collect::<Vec<_>>()).into_response()
+    Json(list.iter().map(ResultOut::from).collect::<Vec<_>>()).into_response()
 }
 
 /// `GET /api/repos`: each repository with its branches' latest verdict.
@@ -170,4 +188,33 @@ pub async fn health(State(app): State<App>) -> Response {
         })
     });
     Json(body).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::tests::result;
+    use jetci::messages::Status;
+
+    /// The served form is the published result plus `seq`, and `superseded` only when true.
+    #[test]
+    fn results_are_served_as_published_with_their_sequence() {
+        for superseded in [false, true] {
+            let stored = Arc::new(Stored {
+                seq: 42,
+                superseded,
+                result: result("app", "feat/ä", 1, 2, 7, Status::Failed),
+            });
+            let mut expected = serde_json::to_value(&stored.result).unwrap();
+            let map = expected.as_object_mut().unwrap();
+            map.insert("seq".into(), 42.into());
+            if superseded {
+                map.insert("superseded".into(), true.into());
+            }
+            assert_eq!(result_json(&stored), expected);
+            let body = serde_json::to_string(&[ResultOut::from(&stored)]).unwrap();
+            let parsed: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(parsed, Value::Array(vec![expected]));
+        }
+    }
 }
