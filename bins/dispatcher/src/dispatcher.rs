@@ -78,11 +78,20 @@ struct Held {
     /// Where the current attempt's job message is in `CI_JOBS` (the runner also records it in
     /// the job state when it claims the job), so a lost attempt's message can be deleted.
     job_seq: Option<u64>,
-    /// Delivered for the first time and not looked at yet: its job state almost surely does not
-    /// exist, so the first write creates it without a read (a create fails if it does exist, and
-    /// then the state is read).
+    /// Delivered for the first time and nothing written for it yet: its job state almost surely
+    /// does not exist, so the first write creates it without a read (a create fails if it does
+    /// exist, and then the state is read).
     fresh: bool,
+    /// Since when it waits for a runner, while it does.
+    waiting_since: Option<Instant>,
+    /// Its `queued` state with the current reason is in `ci-jobs`.
+    recorded: bool,
 }
+
+/// How long a new commit waits for a runner before its `queued` state (with the reason) is
+/// written for `jetci status`: commits held ready for a busy runner usually start within
+/// milliseconds, and skipping the write for them saves a bucket write per job.
+const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
 
 pub struct Dispatcher {
     nats: Nats,
@@ -371,6 +380,8 @@ impl Dispatcher {
                 known: None,
                 job_seq: None,
                 fresh: !redelivered,
+                waiting_since: None,
+                recorded: false,
             },
         );
         self.advance(&key).await;
@@ -378,10 +389,7 @@ impl Dispatcher {
 
     /// Reads the job's state and acts on it: close, adopt, assign, or give up.
     async fn advance(&mut self, key: &str) {
-        let fresh = self
-            .held
-            .get_mut(key)
-            .is_some_and(|h| std::mem::take(&mut h.fresh));
+        let fresh = self.held.get_mut(key).is_some_and(|h| h.fresh);
         let known = self
             .held
             .get(key)
@@ -453,6 +461,9 @@ impl Dispatcher {
             Decision::Assign { attempt } => {
                 let conflicted = self.assign(key, current, attempt).await;
                 if conflicted && fresh {
+                    if let Some(held) = self.held.get_mut(key) {
+                        held.fresh = false;
+                    }
                     // The state existed after all (a commit published again, a cancel request
                     // written early): decide again on what is there.
                     Box::pin(self.advance(key)).await;
@@ -501,8 +512,14 @@ impl Dispatcher {
             if held.waiting.as_deref() != Some(reason.as_str()) {
                 tracing::info!(%key, %reason, "commit waits");
                 held.waiting = Some(reason.clone());
-                // Record it, so `jetci status` can say why; a stale attempt's runner is cleared
-                // so that runner, if it comes back, finds itself superseded.
+                held.waiting_since = Some(Instant::now());
+                held.recorded = false;
+            }
+            // Record it, so `jetci status` can say why (a new commit only once it has waited a
+            // moment); a stale attempt's runner is cleared at once, so that runner, if it comes
+            // back, finds itself superseded.
+            if !held.recorded && (previous.is_some() || record_due(held)) {
+                held.recorded = true;
                 let commit = held.commit.clone();
                 let mut state = state_for(&commit, previous.as_ref());
                 state.phase = JobPhase::Queued;
@@ -514,6 +531,7 @@ impl Dispatcher {
                         let stale = self.stale_job_seq(key, previous.as_ref());
                         if let Some(held) = self.held.get_mut(key) {
                             held.known = Some((state, rev));
+                            held.fresh = false;
                         }
                         self.delete_stale_job(stale).await;
                     }
@@ -569,6 +587,9 @@ impl Dispatcher {
         self.picks.insert(runner.clone(), self.pick_count);
         if let Some(held) = self.held.get_mut(key) {
             held.waiting = None;
+            held.waiting_since = None;
+            held.recorded = false;
+            held.fresh = false;
         }
 
         let job = JobMsg {
@@ -604,7 +625,13 @@ impl Dispatcher {
                 let (key, runner) = (key.to_string(), runner.clone());
                 tokio::spawn(async move {
                     let stored = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
-                    let _ = report.send(JobAck { key, runner, stored }).await;
+                    let _ = report
+                        .send(JobAck {
+                            key,
+                            runner,
+                            stored,
+                        })
+                        .await;
                 });
             }
             Err(e) => {
@@ -777,7 +804,11 @@ impl Dispatcher {
         let lease = self.settings.lease;
         self.runners.retain(|_, p| p.written.elapsed() < lease * 20);
         for key in recheck {
-            if self.free_slots() == 0 && self.held.get(&key).is_some_and(|h| h.waiting.is_some()) {
+            let idle_wait = self
+                .held
+                .get(&key)
+                .is_some_and(|h| h.waiting.is_some() && (h.recorded || !record_due(h)));
+            if self.free_slots() == 0 && idle_wait {
                 continue;
             }
             self.advance(&key).await;
@@ -915,6 +946,12 @@ impl Dispatcher {
     fn waiting(&self) -> u32 {
         self.held.values().filter(|h| h.waiting.is_some()).count() as u32
     }
+}
+
+/// True when a waiting commit has waited long enough to be recorded as waiting.
+fn record_due(held: &Held) -> bool {
+    held.waiting_since
+        .is_some_and(|since| since.elapsed() >= RECORD_WAIT_AFTER)
 }
 
 /// True when JetStream delivered the message before (to this or another dispatcher).
