@@ -77,6 +77,10 @@ pub struct Runner {
 struct Written {
     state: JobState,
     revision: u64,
+    /// When the write was sent (this host's monotonic clock).
+    sent: std::time::Instant,
+    /// The NATS connection count when it was sent ([`Nats::connections`]).
+    epoch: u64,
 }
 
 /// What the fence before a verdict found.
@@ -287,11 +291,14 @@ impl Runner {
             next.phase = JobPhase::Running;
             next.job_seq = Some(seq);
             next.updated_at = messages::now();
+            let (sent, epoch) = (std::time::Instant::now(), self.epoch());
             match job_state::write(store, &key, &next, Some(current.revision)).await {
                 Ok(revision) => {
                     return Ok(Some(Written {
                         state: next,
                         revision,
+                        sent,
+                        epoch,
                     }))
                 }
                 Err(StateError::Conflict) => continue,
@@ -319,11 +326,14 @@ impl Runner {
             let mut next = base.0.clone();
             change(&mut next);
             next.updated_at = messages::now();
+            let (sent, epoch) = (std::time::Instant::now(), self.epoch());
             match job_state::write(store, &key, &next, Some(base.1)).await {
                 Ok(revision) => {
                     let fresh = Written {
                         state: next,
                         revision,
+                        sent,
+                        epoch,
                     };
                     *written.lock().expect("lock") = fresh.clone();
                     return Fence::Held(fresh);
@@ -401,8 +411,25 @@ impl Runner {
     /// only while the state still names this attempt. After it, no dispatcher reassigns the job
     /// for a whole lease, so the result published next cannot race a newer attempt's (a runner
     /// that was stopped or cut off past its lease finds itself superseded here).
+    ///
+    /// A renewal sent less than half a heartbeat ago, on the same NATS connection, is that
+    /// fence already (a short job's claim, a long job's last heartbeat): no dispatcher can have
+    /// reassigned the job since without this connection dropping (a probe gets "no responders"
+    /// only then) or a whole lease passing. A runner that was stopped (SIGSTOP) or cut off
+    /// comes back with an old renewal or a new connection, and renews here.
     async fn fence(&self, job: &JobMsg, written: &Mutex<Written>) -> Fence {
+        let known = written.lock().expect("lock").clone();
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        if connected && known.epoch == self.epoch() && known.sent.elapsed() < self.heartbeat / 2 {
+            return Fence::Held(known);
+        }
         self.renew(job, written, |_| {}).await
+    }
+
+    /// How many times this runner has connected to NATS so far.
+    fn epoch(&self) -> u64 {
+        *self.nats.connections.borrow()
     }
 
     /// Checks out and runs the job. A failure of the test or of its configuration becomes the
