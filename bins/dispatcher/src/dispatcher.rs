@@ -285,6 +285,7 @@ impl Dispatcher {
             }
         };
         if let Some(held) = self.held.get_mut(&key) {
+            held.fresh = false;
             if held
                 .known
                 .as_ref()
