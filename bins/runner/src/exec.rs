@@ -109,10 +109,11 @@ pub async fn run(
         .process_group(0)
         .kill_on_drop(true);
     let mut child = cmd.spawn()?;
-    let started = std::time::Instant::now();
     // The parent's copies of the pipe's write end must close, or the reader never sees EOF.
     drop(cmd);
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+    let mut pids = PidClock::start(pgid.as_raw());
+    let mut pid_sample = Instant::now() + PID_SAMPLE_EVERY;
     let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())?;
 
     let mut tail = Tail::default();
@@ -160,17 +161,17 @@ pub async fn run(
                 kill_at = far;
             }
             _ = sleep_until(drain_until), if status.is_some() => break,
+            _ = sleep_until(pid_sample), if status.is_none() => {
+                pids.sample();
+                pid_sample = Instant::now() + PID_SAMPLE_EVERY;
+            }
         }
     }
     let status = status.expect("the loop ends only after the command exited");
     // Every process of the job was created after its shell, so only newer pids are looked at,
-    // unless the pid counter may have wrapped around meanwhile (a long job; a counter now
-    // below the shell's pid).
-    let newer_than = match pgid.as_raw() {
-        pid if pid > 0 && started.elapsed() < FULL_SWEEP_AFTER => Some(pid),
-        _ => None,
-    };
-    let escaped = kill_marked(marker.into_bytes(), true, newer_than).await;
+    // unless the pid counter wrapped around meanwhile.
+    pids.sample();
+    let escaped = kill_marked(marker.into_bytes(), true, pids.newer_than()).await;
     if escaped > 0 {
         tracing::info!(
             processes = escaped,
@@ -203,9 +204,57 @@ pub async fn kill_orphans(owner: &str) -> usize {
 /// The shell that runs a job's command.
 const SHELL: &str = "/bin/sh";
 
-/// After a job this long, its sweep looks at every process, not only those with pids above its
-/// shell's: Linux hands out pids in increasing order but wraps around at `pid_max`.
-const FULL_SWEEP_AFTER: Duration = Duration::from_secs(10);
+/// How often a running job's [`PidClock`] is read: far more often than the kernel can hand out
+/// `pid_max` pids (32768 by default: 327,680 processes or threads a second would be needed).
+const PID_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// Tells whether every process a job started has a higher pid than its shell.
+///
+/// Linux hands out pids in increasing order (`/proc/sys/kernel/ns_last_pid` is the last one) and
+/// wraps around at `pid_max`. Sampled every [`PID_SAMPLE_EVERY`] while the job runs and once at
+/// its end: as long as the last pid never went down and stayed above the shell's, no pid was
+/// handed out twice, and the job's processes are exactly the marked ones above the shell's pid.
+#[derive(Debug)]
+struct PidClock {
+    shell: i32,
+    last: Option<i32>,
+    wrapped: bool,
+}
+
+impl PidClock {
+    fn start(shell: i32) -> PidClock {
+        let mut clock = PidClock {
+            shell,
+            last: None,
+            wrapped: shell <= 0,
+        };
+        clock.sample();
+        clock
+    }
+
+    fn sample(&mut self) {
+        self.see(last_pid());
+    }
+
+    /// Takes one reading of the last pid (`None`: it could not be read).
+    fn see(&mut self, now: Option<i32>) {
+        match (self.last, now) {
+            (_, None) => self.wrapped = true,
+            (Some(before), Some(now)) if now < before => self.wrapped = true,
+            _ => {}
+        }
+        if now.is_some_and(|n| n < self.shell) {
+            self.wrapped = true;
+        }
+        self.last = now;
+    }
+
+    /// The shell's pid when only newer pids can belong to the job, `None` when every process
+    /// must be looked at.
+    fn newer_than(&self) -> Option<i32> {
+        (!self.wrapped).then_some(self.shell)
+    }
+}
 
 /// A token no other job on this machine has: owner, pid, time and a counter.
 fn job_token(owner: &str) -> String {
@@ -224,12 +273,9 @@ fn job_token(owner: &str) -> String {
 
 /// SIGKILLs every process whose environment holds `marker` (`NAME=value`; with `exact` false,
 /// any entry starting with it), a few rounds in case one forks while being killed. With
-/// `newer_than`, only pids above it are read, as long as the kernel's last pid
-/// (`/proc/sys/kernel/ns_last_pid`) is above it too (no wrap-around). Returns how many were
-/// killed.
+/// `newer_than` (see [`PidClock`]), only pids above it are read. Returns how many were killed.
 async fn kill_marked(marker: Vec<u8>, exact: bool, newer_than: Option<i32>) -> usize {
     tokio::task::spawn_blocking(move || {
-        let newer_than = newer_than.filter(|&pid| last_pid().is_some_and(|last| last >= pid));
         let mut killed = 0;
         for _ in 0..5 {
             let found = marked_pids(&marker, exact, newer_than.unwrap_or(0));
@@ -301,6 +347,33 @@ impl Tail {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pid_clock_notices_a_wrap_around() {
+        use super::PidClock;
+        let clock = |shell: i32, seen: &[Option<i32>]| {
+            let mut c = PidClock {
+                shell,
+                last: Some(shell),
+                wrapped: false,
+            };
+            for s in seen {
+                c.see(*s);
+            }
+            c.newer_than()
+        };
+        assert_eq!(
+            clock(7408, &[Some(7410), Some(9000), Some(9001)]),
+            Some(7408)
+        );
+        // Wrapped and climbed back past the shell: one sample in between went down.
+        assert_eq!(clock(7408, &[Some(30000), Some(359), Some(7500)]), None);
+        // Below the shell's pid at the end.
+        assert_eq!(clock(7408, &[Some(30000), Some(100)]), None);
+        // Unreadable: look at everything.
+        assert_eq!(clock(7408, &[None, Some(7500)]), None);
+        assert_eq!(PidClock::start(0).newer_than(), None);
+    }
+
     use super::*;
 
     fn spec(command: &str, timeout: Duration) -> Spec {

@@ -187,9 +187,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // (`max_ack_pending` is the number of slots), so the next job arrives the moment the last
     // one's ack does, without a pull round trip, and never waits in this process.
     let slots = Arc::new(Semaphore::new(args.jobs as usize));
+    let mut connections = nats.connections.clone();
+    connections.borrow_and_update();
     loop {
         let next = tokio::select! {
             m = next_job(&consumer) => m,
+            // A pull sent before a reconnect may have died with the old connection (a restarted
+            // server forgets it, and the client would wait for it until it expires): send a new
+            // one at once.
+            Ok(()) = connections.changed() => continue,
             _ = shutdown.token.cancelled() => break,
         };
         let Some(msg) = next else {
