@@ -4,13 +4,41 @@
 //! superseded runner that heartbeats after its job moved, lose the race with
 //! [`StateError::Conflict`] instead of overwriting the winner: this is the fencing of DESIGN.md
 //! ("a result from a superseded attempt is fenced").
+//!
+//! On a cluster the bucket is a replicated stream, and when the node leading it dies the bucket
+//! takes no writes until the survivors elect a new leader: nats-server waits out a raft election
+//! timeout of 4-9 s, and every write meanwhile fails at once with "no stream found" (no
+//! responders). Reads go on, served by the followers. Left alone, that outage would break I3 in
+//! two ways, so this module hides it:
+//!
+//! - Runners' writes (a heartbeat, a claim, a final state: phases `running` and `final`) record
+//!   what already happened, so they wait the election out ([`ELECTION_WAIT`]) and land the moment
+//!   a leader is back. A final state that is not written leaves the job `running` with no
+//!   heartbeat, and it would run again.
+//! - Decisions (a dispatcher's `assigned` or `queued`) are never retried: one based on heartbeats
+//!   that the outage held back would take a healthy job from its runner. Instead the outage is
+//!   remembered per bucket ([`Outage`]): every age this module reports is at most the time since
+//!   the bucket was last seen without a leader, and the first decision after such a sighting asks
+//!   the stream when its leader was elected and is refused, so the next one counts the job's age
+//!   from the election at most. Runners' heartbeats land within [`ELECTION_RETRY`] of it.
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
 use time::OffsetDateTime;
 
-use crate::messages::{decode, encode, JobState};
+use crate::messages::{decode, encode, JobPhase, JobState};
+
+/// How long a runner's write waits for a bucket without a leader to elect one: longer than
+/// nats-server's longest raft election timeout (9 s), with room for a slow machine.
+pub const ELECTION_WAIT: Duration = Duration::from_secs(15);
+
+/// How often a waiting write tries again; a heartbeat lands this soon after an election.
+pub const ELECTION_RETRY: Duration = Duration::from_millis(50);
 
 /// A job state with the revision it was read at and its age.
 #[derive(Debug, Clone)]
@@ -59,7 +87,7 @@ pub fn from_entry(entry: &kv::Entry) -> Result<Option<Versioned>, StateError> {
     Ok(Some(Versioned {
         state,
         revision: entry.revision,
-        age: age_of(entry.created),
+        age: Outage::clamp(&entry.bucket, age_of(entry.created)),
     }))
 }
 
@@ -74,24 +102,193 @@ pub async fn read(store: &kv::Store, key: &str) -> Result<Option<Versioned>, Sta
 
 /// Writes `state` if the key is still at `revision` (`None`: only if the key does not exist).
 /// Returns the new revision.
+///
+/// While the bucket has no leader (see the module doc), a write of phase `running` or `final`
+/// tries again every [`ELECTION_RETRY`] for up to [`ELECTION_WAIT`]; any other write fails at
+/// once, and the first one after the bucket was seen without a leader is refused after asking
+/// when its leader was elected, so that the caller decides again on ages counted from then.
 pub async fn write(
     store: &kv::Store,
     key: &str,
     state: &JobState,
     revision: Option<u64>,
 ) -> Result<u64, StateError> {
+    let patient = matches!(state.phase, JobPhase::Running | JobPhase::Final);
+    if !patient && Outage::unconfirmed(&store.name) {
+        return Err(confirm_leader(store).await);
+    }
     let value = encode(state);
-    match revision {
-        None => store.create(key, value).await.map_err(|e| match e.kind() {
-            CreateErrorKind::AlreadyExists => StateError::Conflict,
-            _ => StateError::Server(e.to_string()),
-        }),
-        Some(rev) => store
-            .update(key, value, rev)
-            .await
-            .map_err(|e| match e.kind() {
-                UpdateErrorKind::WrongLastRevision => StateError::Conflict,
-                _ => StateError::Server(e.to_string()),
-            }),
+    let deadline = Instant::now() + ELECTION_WAIT;
+    loop {
+        let mut leaderless = false;
+        let mut server = |e: &(dyn std::error::Error + 'static)| {
+            leaderless = is_leaderless(e);
+            StateError::Server(e.to_string())
+        };
+        let attempt = match revision {
+            None => store
+                .create(key, value.clone())
+                .await
+                .map_err(|e| match e.kind() {
+                    CreateErrorKind::AlreadyExists => StateError::Conflict,
+                    _ => server(&e),
+                }),
+            Some(rev) => store
+                .update(key, value.clone(), rev)
+                .await
+                .map_err(|e| match e.kind() {
+                    UpdateErrorKind::WrongLastRevision => StateError::Conflict,
+                    _ => server(&e),
+                }),
+        };
+        if attempt.is_ok() || !leaderless {
+            return attempt;
+        }
+        Outage::seen(&store.name);
+        if !patient || Instant::now() >= deadline {
+            return attempt;
+        }
+        tokio::time::sleep(ELECTION_RETRY).await;
+    }
+}
+
+/// True when `e`, or an error it wraps, says that no server took a publish: the stream has no
+/// leader (an election is on), or no longer exists.
+fn is_leaderless(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(p) = err.downcast_ref::<PublishError>() {
+            if p.kind() == PublishErrorKind::StreamNotFound {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// After the bucket was seen without a leader: asks its stream whether it has one again and since
+/// when, records that, and returns the error that refuses the decision at hand.
+async fn confirm_leader(store: &kv::Store) -> StateError {
+    let info = match store.stream.get_info().await {
+        Ok(info) => info,
+        Err(e) => {
+            return StateError::Server(format!(
+                "bucket {} lost its leader and does not answer yet: {e}",
+                store.name
+            ))
+        }
+    };
+    // A server outside a cluster reports no election time: count from now.
+    let since = match info.cluster {
+        Some(c) if c.leader.is_none() => {
+            Outage::seen(&store.name);
+            return StateError::Server(format!("bucket {} has no leader yet", store.name));
+        }
+        Some(c) => c.leader_since.map(age_of).unwrap_or_default(),
+        None => Duration::ZERO,
+    };
+    Outage::elected(&store.name, since);
+    StateError::Server(format!(
+        "bucket {} elected a leader {since:?} ago; deciding again on heartbeats counted from then",
+        store.name
+    ))
+}
+
+/// The last loss of a bucket's leader seen by this process: all handles to the bucket share it,
+/// hence one table per process, keyed by bucket name.
+#[derive(Debug, Clone, Copy)]
+struct Outage {
+    /// When the bucket was last seen without a leader, or when its new leader was elected.
+    at: Instant,
+    /// Whether the bucket has been seen with a leader again since.
+    confirmed: bool,
+}
+
+impl Outage {
+    fn table() -> std::sync::MutexGuard<'static, HashMap<String, Outage>> {
+        static TABLE: OnceLock<Mutex<HashMap<String, Outage>>> = OnceLock::new();
+        TABLE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The bucket has no leader now.
+    fn seen(bucket: &str) {
+        Self::table().insert(
+            bucket.to_string(),
+            Outage {
+                at: Instant::now(),
+                confirmed: false,
+            },
+        );
+    }
+
+    /// The bucket's leader was elected `ago`.
+    fn elected(bucket: &str, ago: Duration) {
+        let elected = Instant::now().checked_sub(ago).unwrap_or_else(Instant::now);
+        let mut table = Self::table();
+        let at = table.get(bucket).map_or(elected, |o| o.at.max(elected));
+        table.insert(
+            bucket.to_string(),
+            Outage {
+                at,
+                confirmed: true,
+            },
+        );
+    }
+
+    /// Whether the bucket was seen without a leader and not yet with one again.
+    fn unconfirmed(bucket: &str) -> bool {
+        Self::table().get(bucket).is_some_and(|o| !o.confirmed)
+    }
+
+    /// `age`, but no more than the time since the bucket's last outage: a heartbeat could not be
+    /// written before then, for no fault of its runner.
+    fn clamp(bucket: &str, age: Duration) -> Duration {
+        match Self::table().get(bucket) {
+            Some(o) => age.min(o.at.elapsed()),
+            None => age,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_publish_without_responders_is_an_election_wherever_it_is_wrapped() {
+        let lost = || PublishError::new(PublishErrorKind::StreamNotFound);
+        assert!(is_leaderless(&lost()));
+        let update = kv::UpdateError::from(lost());
+        assert!(is_leaderless(&update));
+        assert!(is_leaderless(&kv::CreateError::from(update)));
+        let conflict = kv::UpdateError::from(PublishError::new(PublishErrorKind::WrongLastSequence));
+        assert!(!is_leaderless(&conflict));
+        assert!(!is_leaderless(&PublishError::new(PublishErrorKind::TimedOut)));
+    }
+
+    #[test]
+    fn ages_count_from_the_last_outage_and_from_the_election_after_it() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(Outage::clamp("never-lost", hour), hour);
+        assert!(!Outage::unconfirmed("never-lost"));
+
+        Outage::seen("lost");
+        assert!(Outage::unconfirmed("lost"));
+        assert!(Outage::clamp("lost", hour) < Duration::from_secs(1));
+
+        // The leader came back 2 s ago, but the outage was seen since: the later time counts.
+        Outage::elected("lost", Duration::from_secs(2));
+        assert!(!Outage::unconfirmed("lost"));
+        assert!(Outage::clamp("lost", hour) < Duration::from_secs(1));
+
+        Outage::seen("old");
+        Outage::elected("old", Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(20));
+        let clamped = Outage::clamp("old", hour);
+        assert!(clamped >= Duration::from_millis(20) && clamped < hour);
     }
 }

@@ -118,7 +118,7 @@ pub fn stream_configs(nats: &Nats) -> Vec<Config> {
 pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
     let mut streams = Vec::new();
     for config in stream_configs(nats) {
-        streams.push(ensure_stream(&nats.js, config).await?);
+        streams.push(ensure_stream(&nats.js, config, nats.replicas).await?);
     }
     let logs = streams.pop().expect("four streams");
     let results = streams.pop().expect("four streams");
@@ -139,20 +139,40 @@ pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
     })
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: Config) -> Result<Stream, SetupError> {
+/// Finds or creates one stream and checks its settings.
+///
+/// The look-up, the creation and the read-back are retried together: on a cluster, a stream that
+/// another process has just created can answer "stream not found" for a moment while its
+/// replicas are placed, and that is no reason to exit.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: Config,
+    replicas: usize,
+) -> Result<Stream, SetupError> {
     let name = config.name.clone();
-    let mut stream = retry_setup(&name, || js.get_or_create_stream(config.clone())).await?;
-    let found = stream
-        .info()
-        .await
-        .map_err(|e| SetupError::Server {
-            what: name.clone(),
-            reason: e.to_string(),
-        })?
-        .config
-        .clone();
+    let wanted = &config;
+    let (stream, found) = retry_setup(&name, move || async move {
+        let mut stream = js.get_or_create_stream(wanted.clone()).await?;
+        let found = stream.info().await?.config.clone();
+        Ok::<_, async_nats::Error>((stream, found))
+    })
+    .await?;
     check_compatible(&config, &found)?;
+    warn_replicas(&name, found.num_replicas, replicas);
     Ok(stream)
+}
+
+/// Says so when a stream or bucket has fewer or more replicas than `--replicas` asks for: it was
+/// created that way (by an earlier run, or by hand), and jetci never changes a stream it finds.
+fn warn_replicas(name: &str, found: usize, wanted: usize) {
+    if found.max(1) != wanted {
+        tracing::warn!(
+            stream = name,
+            replicas = found,
+            wanted,
+            "stream has another replica count than --replicas; change it with `nats stream edit {name} --replicas {wanted}`"
+        );
+    }
 }
 
 /// The settings jetci relies on: retention (work queue vs limits) and the subjects.
@@ -186,6 +206,11 @@ async fn ensure_bucket(
     max_age: Duration,
 ) -> Result<kv::Store, SetupError> {
     if let Ok(store) = nats.js.get_key_value(bucket.clone()).await {
+        warn_replicas(
+            &store.stream_name,
+            store.stream.cached_info().config.num_replicas,
+            nats.replicas,
+        );
         return Ok(store);
     }
     let config = kv::Config {
@@ -227,9 +252,16 @@ where
 
 /// Follows every key of a bucket: current values first, then each change, forwarded to the
 /// returned channel (capacity 1024). The watch is an ordered consumer; when it ends or fails
-/// (a server restart, a leader change) it is created again after a short pause and replays the
-/// current values, so a reader must treat entries as "latest state", not as events to count.
-/// The task ends when the receiver is dropped.
+/// (a server restart, or on a cluster the loss of the node that held it) it is created again
+/// after a short pause, resuming after the last revision it delivered, so no change made in
+/// between is missed. A reader must still treat entries as "latest state", not as events to
+/// count: a key changed twice meanwhile comes back once, with its last value. The task ends
+/// when the receiver is dropped.
+///
+/// async-nats' `watch_all` delivers only changes made after it starts; a watch recreated that
+/// way lost every change made while the old one was dead, and on a cluster that lost a node a
+/// dispatcher missed the `final` states of jobs that ended meanwhile, counted their runners busy
+/// forever and never assigned its waiting commits again.
 pub fn watch_bucket(
     store: kv::Store,
     name: &'static str,
@@ -237,12 +269,19 @@ pub fn watch_bucket(
     use futures::StreamExt;
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
+        // The highest revision (stream sequence) delivered so far.
+        let mut seen = 0;
         loop {
-            match store.watch_all().await {
+            let watch = match seen {
+                0 => store.watch_with_history(ALL_KEYS).await,
+                _ => store.watch_all_from_revision(seen + 1).await,
+            };
+            match watch {
                 Ok(mut watch) => {
                     while let Some(entry) = watch.next().await {
                         match entry {
                             Ok(e) => {
+                                seen = seen.max(e.revision);
                                 if tx.send(e).await.is_err() {
                                     return;
                                 }
@@ -266,6 +305,9 @@ pub fn watch_bucket(
     });
     rx
 }
+
+/// Every key of a bucket, for [`watch_bucket`].
+const ALL_KEYS: &str = ">";
 
 #[cfg(test)]
 mod tests {
