@@ -546,11 +546,13 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         ));
     }
 
+    // The first spawn built the binaries; the run is timed from here.
+    let spawned = Instant::now();
     let fleet = &Fleet(Mutex::new(procs));
     let client = cluster.client().await;
     let js = &jetstream::new(client);
     wait_results(js, fleet, 1).await;
-    let ready = started.elapsed();
+    let ready = spawned.elapsed();
 
     let mut pusher = Pusher {
         repo: &repo,
@@ -698,7 +700,7 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
     eprintln!(
         "| figure | value |\n| --- | --- |\n\
          | commits tested | {} ({} pushed over 2 branches, plus the first) |\n\
-         | node SIGKILLed | {leader}, leader of {} ; jetci connections on it: {} |\n\
+         | node SIGKILLed | {leader}: leader of {}; jetci connections on it: {} |\n\
          | down for | {:.1} s; first result after the kill {}; {while_down} results stored while down |\n\
          | restarted node healthy (caught up) after | {:.1} s |\n\
          | time to drain after the last push | {:.1} s |\n\
@@ -706,7 +708,7 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
          | test commands run / run twice | {} / {} |\n\
          | results of a later attempt / superseded results | {reassigned} / {} |\n\
          | streams and buckets with 3 current replicas | {replicas} |\n\
-         | whole test (cluster start to checks) | {:.1} s (pipeline ready after {:.1} s) |",
+         | run time | {:.1} s from starting the processes to the last check (first result after {:.1} s); {:.1} s in all |",
         expected.len(),
         expected.len() - 1,
         led.join(", "),
@@ -729,8 +731,9 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         executions.values().map(Vec::len).sum::<usize>(),
         twice.len(),
         superseded.len(),
-        started.elapsed().as_secs_f64(),
+        spawned.elapsed().as_secs_f64(),
         ready.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
     );
 
     assert!(dead.is_empty(), "jetci processes died: {dead:?}");

@@ -228,7 +228,17 @@ impl ConnectArgs {
     }
 }
 
-/// Refuses servers older than 2.10 and servers without JetStream.
+/// How long a process waits at start for JetStream to answer `$JS.API.INFO`. The server answered
+/// the connection, so it is there: on a cluster the JetStream API pauses while a meta leader is
+/// elected (a node just died) and answers slowly while every process sets up at once, and a
+/// process that exits then would have to be restarted by hand.
+const JETSTREAM_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long one `$JS.API.INFO` request may take.
+const JETSTREAM_INFO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Refuses servers older than 2.10 and servers without JetStream; waits (up to
+/// [`JETSTREAM_READY_TIMEOUT`], saying so every few seconds) while JetStream does not answer yet.
 async fn check_server(client: &async_nats::Client, url: &str) -> Result<(), ConnectError> {
     let version = client.server_info().version;
     if !version_at_least(&version, MIN_SERVER) {
@@ -237,37 +247,78 @@ async fn check_server(client: &async_nats::Client, url: &str) -> Result<(), Conn
             found: version,
         });
     }
-    // `$JS.API.INFO` answers with account info, or an error when JetStream is off for the
-    // account; with JetStream off for the whole server nobody answers at all.
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request("$JS.API.INFO", bytes::Bytes::new()),
-    )
-    .await;
-    match reply {
-        Ok(Ok(msg)) => {
-            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            if v.get("error").is_some() {
+    let deadline = tokio::time::Instant::now() + JETSTREAM_READY_TIMEOUT;
+    loop {
+        // `$JS.API.INFO` answers with account info, or an error when JetStream is off for the
+        // account or not ready; with JetStream off for the whole server nobody answers at all.
+        let reply = tokio::time::timeout(
+            JETSTREAM_INFO_TIMEOUT,
+            client.request("$JS.API.INFO", bytes::Bytes::new()),
+        )
+        .await;
+        let not_yet = match reply {
+            Ok(Ok(msg)) => match jetstream_info(&msg.payload) {
+                InfoReply::Ready => return Ok(()),
+                InfoReply::Disabled => {
+                    return Err(ConnectError::NoJetStream {
+                        url: url.to_string(),
+                    })
+                }
+                InfoReply::NotYet(why) => why,
+            },
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
                 return Err(ConnectError::NoJetStream {
                     url: url.to_string(),
-                });
+                })
             }
-            Ok(())
-        }
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            Err(ConnectError::NoJetStream {
+            Ok(Err(e)) => format!("JetStream did not answer: {e}"),
+            Err(_) => format!(
+                "JetStream did not answer within {}",
+                humantime::format_duration(JETSTREAM_INFO_TIMEOUT)
+            ),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ConnectError::Unreachable {
                 url: url.to_string(),
-            })
+                reason: not_yet,
+            });
         }
-        Ok(Err(e)) => Err(ConnectError::Unreachable {
-            url: url.to_string(),
-            reason: format!("JetStream did not answer: {e}"),
-        }),
-        Err(_) => Err(ConnectError::Unreachable {
-            url: url.to_string(),
-            reason: "JetStream did not answer within 10s".into(),
-        }),
+        tracing::warn!(url, reason = %not_yet, "JetStream is not ready yet; asking again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// What a `$JS.API.INFO` reply says.
+#[derive(Debug, PartialEq, Eq)]
+enum InfoReply {
+    /// Account info: JetStream works.
+    Ready,
+    /// JetStream is off for the server or the account: waiting will not help.
+    Disabled,
+    /// Any other error, e.g. 10008 "JetStream system temporarily unavailable" while a cluster
+    /// elects its meta leader: worth asking again.
+    NotYet(String),
+}
+
+/// Reads a `$JS.API.INFO` reply. A body that is not JSON counts as ready, as it always did: the
+/// streams' set-up will say what is wrong.
+fn jetstream_info(body: &[u8]) -> InfoReply {
+    /// "jetstream not enabled for account" and "jetstream not enabled".
+    const DISABLED: [u64; 2] = [10039, 10076];
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let Some(error) = v.get("error") else {
+        return InfoReply::Ready;
+    };
+    if error["err_code"]
+        .as_u64()
+        .is_some_and(|code| DISABLED.contains(&code))
+    {
+        return InfoReply::Disabled;
+    }
+    InfoReply::NotYet(format!(
+        "JetStream answered: {}",
+        error["description"].as_str().unwrap_or("an error")
+    ))
 }
 
 /// True when a `major.minor.patch[-suffix]` version is at least `min`.
@@ -284,6 +335,37 @@ pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jetstream_info_replies() {
+        assert_eq!(
+            jetstream_info(
+                br#"{"type":"io.nats.jetstream.api.v1.account_info_response","memory":0}"#
+            ),
+            InfoReply::Ready
+        );
+        assert_eq!(
+            jetstream_info(
+                br#"{"error":{"code":503,"err_code":10039,"description":"jetstream not enabled for account"}}"#
+            ),
+            InfoReply::Disabled
+        );
+        assert_eq!(
+            jetstream_info(
+                br#"{"error":{"code":503,"err_code":10076,"description":"jetstream not enabled"}}"#
+            ),
+            InfoReply::Disabled
+        );
+        assert_eq!(
+            jetstream_info(
+                br#"{"error":{"code":503,"err_code":10008,"description":"JetStream system temporarily unavailable"}}"#
+            ),
+            InfoReply::NotYet(
+                "JetStream answered: JetStream system temporarily unavailable".into()
+            )
+        );
+        assert_eq!(jetstream_info(b"not json"), InfoReply::Ready);
+    }
 
     #[test]
     fn versions() {
