@@ -4,7 +4,13 @@
 
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{bin_path, stream_raw_messages, wait_results, GitRepo, NatsServer, System};
+use async_nats::jetstream::kv;
+use async_nats::jetstream::message::PublishMessage;
+use jetci::attempt;
+use jetci::messages::{self, JobMsg, JobPhase, JobState, VERSION};
+use jetci_e2e::{
+    bin_path, js, spawn_runner, stream_raw_messages, wait_results, GitRepo, NatsServer, System,
+};
 use serde_json::Value;
 
 const BOUND: Duration = Duration::from_secs(120);
@@ -327,4 +333,133 @@ echo "cache hits: $(wc -l < "$JETCI_CACHE_DIR/hits")"
         "{:#}",
         all[1]
     );
+}
+
+/// The job state `ci-jobs` holds for `job`'s key, `assigned` to its runner, with `labels`.
+fn assigned_state(job: &JobMsg, labels: &[&str]) -> JobState {
+    JobState {
+        v: VERSION,
+        repo: job.repo.clone(),
+        branch: job.branch.clone(),
+        sha: job.sha.clone(),
+        run: job.run,
+        phase: JobPhase::Assigned,
+        attempt: job.attempt,
+        runner: Some(job.runner.clone()),
+        job_seq: None,
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        status: None,
+        reason: None,
+        cancel: None,
+        updated_at: messages::now(),
+    }
+}
+
+/// The state `ci-jobs` holds for `key` now.
+async fn state_now(kv: &kv::Store, key: &str) -> JobState {
+    let value = kv.get(key).await.expect("get").expect("a state");
+    messages::decode(&value).expect("state")
+}
+
+/// The dispatcher sends its `assigned` state and that write's revision in the job's headers, and
+/// the runner claims with one compare-and-set on that revision, without reading the key. The
+/// test tells the two paths apart by what the runner writes: the state from the headers (its
+/// labels differ from the stored one's on purpose), or, when the key moved since that revision,
+/// the stored state, read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let shas = [
+        repo.commit("one", &[(".jetci.toml", &toml("true", ""))]),
+        repo.commit("two", &[("f", "2")]),
+    ];
+    let work = tempfile::tempdir().unwrap();
+    let runner = spawn_runner(&nats.url(), "r1", work.path(), &[]);
+    assert!(
+        runner.wait_for_log_async("runner ready", BOUND).await,
+        "{}",
+        runner.log()
+    );
+    let js = js(&nats.url()).await;
+    let kv = js.get_key_value("ci-jobs").await.expect("ci-jobs");
+
+    let job = |sha: &str| JobMsg {
+        v: VERSION,
+        repo: "app".into(),
+        url: repo.path().to_string_lossy().into_owned(),
+        branch: "main".into(),
+        sha: sha.to_string(),
+        run: 1,
+        attempt: 1,
+        runner: "r1".into(),
+        author: String::new(),
+        summary: String::new(),
+        commit_seq: 1,
+        assigned_at: messages::now(),
+    };
+    let send = |job: JobMsg, headers: async_nats::HeaderMap| {
+        let js = js.clone();
+        async move {
+            let publish = PublishMessage::build()
+                .payload(messages::encode(&job))
+                .headers(headers);
+            js.send_publish("ci.jobs.r1", publish)
+                .await
+                .expect("publish")
+                .await
+                .expect("stored");
+        }
+    };
+
+    // The key is where the headers say: the claim writes the headers' state over it.
+    let first = job(&shas[0]);
+    let stored = assigned_state(&first, &["from-key"]);
+    let revision = kv
+        .create(first.key(), messages::encode(&stored))
+        .await
+        .expect("create");
+    let carried = assigned_state(&first, &["from-headers"]);
+    send(first.clone(), attempt::assigned_headers(&carried, revision)).await;
+
+    // The key moved on since (someone wrote it): the claim reads it and writes over that.
+    let second = job(&shas[1]);
+    let assigned = kv
+        .create(
+            second.key(),
+            messages::encode(&assigned_state(&second, &["from-key"])),
+        )
+        .await
+        .expect("create");
+    let mut moved = assigned_state(&second, &["from-key"]);
+    moved.reason = Some("written after the assignment".into());
+    kv.update(second.key(), messages::encode(&moved), assigned)
+        .await
+        .expect("update");
+    let carried = assigned_state(&second, &["from-headers"]);
+    send(
+        second.clone(),
+        attempt::assigned_headers(&carried, assigned),
+    )
+    .await;
+
+    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 2, BOUND).await;
+    assert!(
+        results.iter().all(|r| r["status"] == "passed"),
+        "{results:#?}\n{}",
+        runner.log()
+    );
+
+    // The bucket keeps one revision per key, so the claim is seen through the final state,
+    // which the runner writes over its claim (compare-and-set on the claim's revision).
+    let done = state_now(&kv, &first.key()).await;
+    assert_eq!(done.phase, JobPhase::Final, "{done:?}");
+    assert_eq!(
+        done.labels,
+        ["from-headers"],
+        "claimed from the headers: {done:?}"
+    );
+    let done = state_now(&kv, &second.key()).await;
+    assert_eq!(done.phase, JobPhase::Final, "{done:?}");
+    assert_eq!(done.labels, ["from-key"], "claimed from the key: {done:?}");
 }

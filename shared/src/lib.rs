@@ -10,11 +10,13 @@
 //! - [`results`]: first-writer-wins publishing of final results;
 //! - [`result_file`]: the `test_results/<sha>` files;
 //! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
+//! - [`attempt`]: a runner's side of its attempt's state: claim, renew, final, hand back;
 //! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
 //! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
 //! - [`metrics`]: `--metrics-addr` and the Prometheus metric names;
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
 
+pub mod attempt;
 pub mod connect;
 pub mod dispatch;
 pub mod follow;

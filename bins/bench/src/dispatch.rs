@@ -280,9 +280,10 @@ pub fn bench_dispatch(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) 
     rep.notes.push(
         "D: one jetci-dispatcher (defaults) and instant runners (bins/bench/src/instant.rs: the \
          runner protocol of bins/runner with the jetci library: presence in ci-runners, a durable \
-         consumer on its own job subject pulled one job at a time, claim (read + \
-         compare-and-set) and fence (compare-and-set) in ci-jobs, `publish_final` of a `passed` \
-         result, `final` state by compare-and-set, ack; no checkout, no command, no log), in the \
+         consumer on its own job subject pulled one job at a time, claim (one compare-and-set on \
+         the revision the job's headers carry, jetci::attempt), fence (skipped: the claim is \
+         fresh), `publish_final` of a `passed` result, `final` state by compare-and-set, ack; no \
+         checkout, no command, no log), in the \
          harness process. After one warm-up \
          commit, N commits are published straight into CI_COMMITS as the observer does (CommitMsg, \
          `Nats-Msg-Id`, 256 in flight); the rate is N over the time from the first publish to the \

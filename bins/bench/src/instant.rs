@@ -2,16 +2,14 @@
 //! the jetci library but runs nothing, so a benchmark can drive the real jetci-dispatcher as fast
 //! as the protocol allows (issue 7 D, "assignments/s with runners that answer at once").
 //!
-//! Per job it does what a real runner does (as of commits 0fe1c1c and e736a84), minus checkout,
-//! command and log: pull one job at a time from its own durable consumer on `ci.jobs.<id>` (the
-//! next pull outstanding while the slots are busy), claim it in `ci-jobs` (read, then
-//! compare-and-set to `running` with its `job_seq`), fence (compare-and-set on the revision it
-//! wrote, as `Runner::fence` does before a verdict), publish a `passed` result with
-//! [`jetci::results::publish_final`], mark the state `final` (compare-and-set on the fence's
-//! revision), then ack the job. It registers in `ci-runners` every second like `register` and
-//! answers liveness probes on `ci.control.<id>` like `answer_probes`, so the dispatcher treats it
-//! as a live runner. It sends no job heartbeat: a job lives for a few round trips, far less than
-//! the lease.
+//! Per job it does what a real runner does, minus checkout, command and log: pull one job at a
+//! time from its own durable consumer on `ci.jobs.<id>` (the next pull outstanding while the
+//! slots are busy), claim it, fence, publish a `passed` result with
+//! [`jetci::results::publish_final`], mark the state `final`, then ack the job; claim, fence and
+//! final go through [`jetci::attempt`], the code jetci-runner uses. It registers in `ci-runners`
+//! every second like `register` and answers liveness probes on `ci.control.<id>` like
+//! `answer_probes`, so the dispatcher treats it as a live runner. It sends no job heartbeat: a
+//! job lives for a few round trips, far less than the lease.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,11 +20,9 @@ use anyhow::Context;
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::{self, AckKind};
 use futures::StreamExt;
+use jetci::attempt::{self, Attempt, Renewal};
 use jetci::connect::{ConnectArgs, Nats};
-use jetci::job_state::{self, StateError};
-use jetci::messages::{
-    self, decode, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status, VERSION,
-};
+use jetci::messages::{self, decode, JobMsg, ResultMsg, RunnerInfo, Status, VERSION};
 use jetci::results::{publish_final, Published};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::{self, Streams};
@@ -61,23 +57,6 @@ pub async fn connect(url: &str, name: &str) -> anyhow::Result<Nats> {
 pub struct InstantRunner {
     /// Final results it stored (not counting "already published").
     stored: Arc<AtomicU64>,
-}
-
-/// The last job state this runner wrote, with the revision the write got (`Runner`'s
-/// `Written`): renewals compare-and-set on it without reading the key first.
-struct Written {
-    state: JobState,
-    revision: u64,
-}
-
-/// What the fence before a verdict found (`Runner`'s `Fence`).
-enum Fence {
-    /// Still this attempt's; the state as renewed.
-    Held(Box<Written>),
-    /// NATS cannot be reached; the verdict goes out anyway.
-    Unreachable,
-    /// Another attempt owns the job, or it is final.
-    Lost,
 }
 
 /// The state every task of one instant runner shares.
@@ -230,7 +209,8 @@ impl Shared {
         }
     }
 
-    /// One job: claim → fence → publish `passed` → mark final → ack.
+    /// One job: claim → fence → publish `passed` → mark final → ack, through
+    /// [`jetci::attempt`] as `Runner::handle` does.
     async fn handle(&self, msg: jetstream::Message) {
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         let job = match decode::<JobMsg>(&msg.payload) {
@@ -240,7 +220,10 @@ impl Shared {
                 return;
             }
         };
-        let claimed = match self.claim(&job, seq).await {
+        let attempt = Attempt::new(&self.streams.job_states, &job, &self.id);
+        let epoch = *self.nats.connections.borrow();
+        let assigned = attempt::assigned_in(msg.headers.as_ref());
+        let claimed = match attempt.claim(seq, assigned, epoch).await {
             Ok(Some(written)) => written,
             Ok(None) => {
                 let _ = msg.double_ack().await;
@@ -252,91 +235,23 @@ impl Shared {
         let job_id = job.job_id();
         self.active.lock().expect("lock").insert(job_id.clone());
         let result = passed(&self.nats, &job);
-        match self.fence(&job, claimed).await {
-            Fence::Held(fenced) => {
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        let epoch = *self.nats.connections.borrow();
+        match attempt.fence(&claimed, HEARTBEAT, epoch, connected).await {
+            Renewal::Held(fenced) => {
                 self.publish(&result).await;
-                self.mark_final(&result, Some(*fenced)).await;
+                attempt::mark_final(&self.streams.job_states, &result, Some(fenced)).await;
             }
-            Fence::Unreachable => {
+            Renewal::Unreachable => {
                 self.publish(&result).await;
-                self.mark_final(&result, None).await;
+                attempt::mark_final(&self.streams.job_states, &result, None).await;
             }
-            Fence::Lost => {}
+            Renewal::Lost => {}
         }
         // As `Runner::handle`: the state says final already, so a plain ack will do.
         let _ = msg.ack().await;
         self.active.lock().expect("lock").remove(&job_id);
-    }
-
-    /// `Runner::claim`: the state must name this attempt on this runner; it becomes `running`.
-    /// Returns what was written, `None` when the job moved on.
-    async fn claim(&self, job: &JobMsg, seq: u64) -> Result<Option<Written>, StateError> {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        for _ in 0..10 {
-            let Some(current) = job_state::read(store, &key).await? else {
-                return Ok(None);
-            };
-            let s = &current.state;
-            let ours = s.attempt == job.attempt && s.runner.as_deref() == Some(self.id.as_str());
-            if !ours || !matches!(s.phase, JobPhase::Assigned | JobPhase::Running) {
-                return Ok(None);
-            }
-            let mut next = s.clone();
-            next.phase = JobPhase::Running;
-            next.job_seq = Some(seq);
-            next.updated_at = messages::now();
-            match job_state::write(store, &key, &next, Some(current.revision)).await {
-                Ok(revision) => {
-                    return Ok(Some(Written {
-                        state: next,
-                        revision,
-                    }))
-                }
-                Err(StateError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StateError::Conflict)
-    }
-
-    /// `Runner::fence` (`renew`): compare-and-set on the revision this runner wrote; on a
-    /// conflict, read the key and renew it while it is still this attempt's.
-    async fn fence(&self, job: &JobMsg, known: Written) -> Fence {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        let mut base = known;
-        for _ in 0..5 {
-            let mut next = base.state.clone();
-            next.updated_at = messages::now();
-            match job_state::write(store, &key, &next, Some(base.revision)).await {
-                Ok(revision) => {
-                    return Fence::Held(Box::new(Written {
-                        state: next,
-                        revision,
-                    }))
-                }
-                Err(StateError::Conflict) => {}
-                Err(_) => return Fence::Unreachable,
-            }
-            let current = match job_state::read(store, &key).await {
-                Ok(Some(c)) => c,
-                Ok(None) => return Fence::Lost,
-                Err(_) => return Fence::Unreachable,
-            };
-            let s = &current.state;
-            if s.attempt != job.attempt
-                || s.runner.as_deref() != Some(self.id.as_str())
-                || s.phase == JobPhase::Final
-            {
-                return Fence::Lost;
-            }
-            base = Written {
-                state: current.state,
-                revision: current.revision,
-            };
-        }
-        Fence::Lost
     }
 
     /// `Runner::deliver`'s publish: first writer wins; retried while NATS refuses.
@@ -353,45 +268,6 @@ impl Shared {
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                 }
-            }
-        }
-    }
-
-    /// `Runner::mark_final`: one compare-and-set on the fence's revision, else read and write
-    /// until the state says `final`.
-    async fn mark_final(&self, result: &ResultMsg, fenced: Option<Written>) {
-        let store = &self.streams.job_states;
-        let key = result.key();
-        let finish = |state: &mut JobState| {
-            state.phase = JobPhase::Final;
-            state.status = Some(result.status);
-            state.reason = None;
-            state.updated_at = messages::now();
-        };
-        if let Some(mut known) = fenced {
-            finish(&mut known.state);
-            if job_state::write(store, &key, &known.state, Some(known.revision))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-        for _ in 0..20 {
-            match job_state::read(store, &key).await {
-                Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
-                Ok(Some(cur)) => {
-                    let mut next = cur.state.clone();
-                    finish(&mut next);
-                    match job_state::write(store, &key, &next, Some(cur.revision)).await {
-                        Ok(_) | Err(StateError::Bad { .. }) => return,
-                        Err(StateError::Conflict) => continue,
-                        Err(StateError::Server(_)) => {
-                            tokio::time::sleep(Duration::from_millis(50)).await
-                        }
-                    }
-                }
-                Ok(None) | Err(_) => return,
             }
         }
     }

@@ -2,10 +2,10 @@
 //! around it) and writes BENCHMARKS.md.
 //!
 //! ```sh
-//! cargo build --release --workspace && cargo run --release -p jetci-bench -- --out BENCHMARKS.md
+//! cargo build --profile dist --workspace && cargo run --profile dist -p jetci-bench -- --out BENCHMARKS.md
 //! ```
 //!
-//! Everything is real: a nats-server on a free port with a temp store, the release binaries found
+//! Everything is real: a nats-server on a free port with a temp store, the binaries found
 //! beside this executable, git repositories made with the git CLI (fast-import for long
 //! histories), results timestamped on arrival by a core-NATS subscription on `ci.results.>`.
 //! `--quick` runs a tiny version of every benchmark (the smoke test `tests/bench_smoke.rs`).
@@ -126,7 +126,7 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
     ] {
         if !sys::bin(b).is_file() {
             bail!(
-                "{} not found beside jetci-bench; build the workspace first (cargo build --release --workspace)",
+                "{} not found beside jetci-bench; build the workspace first (cargo build --profile dist --workspace)",
                 sys::bin(b).display()
             );
         }
@@ -1075,8 +1075,10 @@ fn render(o: &Opts, args: &[String], rep: &Report, took: Duration) -> String {
     let _ = writeln!(s, "# jetci benchmarks against the floor\n");
     let _ = writeln!(
         s,
-        "Written by `jetci-bench` (bins/bench). Regenerate with:\n\n```sh\ncargo build --release --workspace && \
-         cargo run --release -p jetci-bench -- --out BENCHMARKS.md\n```\n"
+        "Written by `jetci-bench` (bins/bench). Regenerate with:\n\n```sh\ncargo build --profile dist --workspace && \
+         cargo run --profile dist -p jetci-bench -- --out BENCHMARKS.md\n```\n\n\
+         `dist` is the profile deploy/Dockerfile builds (release with fat LTO, one codegen unit, \
+         opt-level \"s\"; Cargo.toml).\n"
     );
     let _ = writeln!(
         s,

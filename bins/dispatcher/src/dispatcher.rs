@@ -21,6 +21,7 @@ use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{kv, AckKind, Message};
 use futures::StreamExt;
+use jetci::attempt;
 use jetci::connect::Nats;
 use jetci::dispatch::{decide, nobody_has_labels, pick_runner, Candidate, Decision};
 use jetci::job_state::{self, StateError, Versioned};
@@ -564,8 +565,8 @@ impl Dispatcher {
                 held.known = None;
             }
         }
-        match written {
-            Ok(_) => {}
+        let revision = match written {
+            Ok(revision) => revision,
             Err(StateError::Conflict) => {
                 tracing::debug!(%key, "another dispatcher moved the job first; re-reading");
                 return true;
@@ -574,7 +575,7 @@ impl Dispatcher {
                 tracing::warn!(%key, error = %e, "cannot record the assignment; trying again next beat");
                 return false;
             }
-        }
+        };
         let stale = self.stale_job_seq(key, previous.as_ref());
         self.delete_stale_job(stale).await;
         self.active.insert(
@@ -607,8 +608,10 @@ impl Dispatcher {
             commit_seq,
             assigned_at: messages::now(),
         };
+        // The runner claims with one compare-and-set on this write (jetci::attempt).
         let publish = PublishMessage::build()
             .payload(encode(&job))
+            .headers(attempt::assigned_headers(&state, revision))
             .message_id(job.job_id());
         match self
             .nats
@@ -970,6 +973,7 @@ fn state_for(commit: &CommitMsg, previous: Option<&JobState>) -> JobState {
 }
 
 /// What the commit puller hands the main loop.
+#[allow(clippy::large_enum_variant)] // one per pulled commit, moved once through a channel
 enum Pulled {
     Commit(Message),
     /// The pull request is over (filled, expired or failed); the loop may ask again.

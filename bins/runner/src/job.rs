@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
+use jetci::attempt::{self, Attempt, Renewal, Written};
 use jetci::connect::Nats;
 use jetci::git::Mirror;
-use jetci::job_state::{self, StateError};
 use jetci::messages::{
     self, decode, JobMsg, JobPhase, JobState, ResultMsg, Status, TestCounts, VERSION,
 };
@@ -65,33 +65,6 @@ pub struct Runner {
     pub active: Mutex<BTreeSet<String>>,
     /// One lock per mirror: jobs of one repository fetch one at a time.
     mirrors: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
-}
-
-/// The last job state this runner wrote for a job, and the revision the write got.
-///
-/// Renewals (heartbeat, fence, final) compare-and-set on this revision without reading the key
-/// first: one round trip each. Any other writer (a dispatcher reassigning, `jetci cancel`) moves
-/// the revision, so the write fails with a conflict and the renewal reads the key and decides
-/// again; no write ever lands on a state this runner has not seen.
-#[derive(Debug, Clone)]
-struct Written {
-    state: JobState,
-    revision: u64,
-    /// When the write was sent (this host's monotonic clock).
-    sent: std::time::Instant,
-    /// The NATS connection count when it was sent ([`Nats::connections`]).
-    epoch: u64,
-}
-
-/// What the fence before a verdict found.
-enum Fence {
-    /// The job is still this attempt's; the state as renewed.
-    Held(Written),
-    /// NATS cannot be reached: no dispatcher can reassign the job either, so the verdict goes out
-    /// (kept on disk until NATS is back).
-    Unreachable,
-    /// Another attempt owns the job, or it is final.
-    Lost,
 }
 
 /// Why a running job was stopped before it finished.
@@ -164,7 +137,11 @@ impl Runner {
             return;
         }
         let job_id = job.job_id();
-        let claimed = match self.claim(&job, seq).await {
+        let assigned = attempt::assigned_in(msg.headers.as_ref());
+        let claimed = match Attempt::new(&self.streams.job_states, &job, &self.id)
+            .claim(seq, assigned, self.epoch())
+            .await
+        {
             Ok(Some(written)) => written,
             Ok(None) => {
                 tracing::info!(job = %job_id, "job was superseded or is already final; skipping it");
@@ -228,9 +205,9 @@ impl Runner {
             }
             (None | Some(Stop::Cancel), Verdict::Done(result)) => {
                 match self.fence(&job, &written).await {
-                    Fence::Held(fenced) => self.deliver(&result, Some(fenced), heartbeat).await,
-                    Fence::Unreachable => self.deliver(&result, None, heartbeat).await,
-                    Fence::Lost => {
+                    Renewal::Held(fenced) => self.deliver(&result, Some(fenced), heartbeat).await,
+                    Renewal::Unreachable => self.deliver(&result, None, heartbeat).await,
+                    Renewal::Lost => {
                         heartbeat.abort();
                         self.record_superseded(&result).await;
                     }
@@ -269,95 +246,6 @@ impl Runner {
         });
     }
 
-    /// Takes the job in `ci-jobs`: it must be this attempt on this runner. Returns the state's
-    /// revision, or `None` when the job moved on (superseded or final).
-    ///
-    /// The dispatcher writes `assigned` before it publishes the job, so the state this reads
-    /// already names this attempt; a state that names an older attempt means the dispatcher died
-    /// in between, and the job is not ours to run (the next dispatcher assigns it afresh).
-    async fn claim(&self, job: &JobMsg, seq: u64) -> Result<Option<Written>, StateError> {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        for _ in 0..10 {
-            let Some(current) = job_state::read(store, &key).await? else {
-                return Ok(None);
-            };
-            let s = &current.state;
-            let ours = s.attempt == job.attempt && s.runner.as_deref() == Some(self.id.as_str());
-            if !ours || !matches!(s.phase, JobPhase::Assigned | JobPhase::Running) {
-                return Ok(None);
-            }
-            let mut next = s.clone();
-            next.phase = JobPhase::Running;
-            next.job_seq = Some(seq);
-            next.updated_at = messages::now();
-            let (sent, epoch) = (std::time::Instant::now(), self.epoch());
-            match job_state::write(store, &key, &next, Some(current.revision)).await {
-                Ok(revision) => {
-                    return Ok(Some(Written {
-                        state: next,
-                        revision,
-                        sent,
-                        epoch,
-                    }))
-                }
-                Err(StateError::Conflict) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StateError::Conflict)
-    }
-
-    /// Renews the job's state (a new `updated_at`, and `change` applied) with compare-and-set on
-    /// the revision this runner last wrote; on a conflict, reads the key and renews what is there
-    /// while it is still this attempt's. Returns what was written, [`Fence::Lost`] when the job
-    /// moved on, [`Fence::Unreachable`] when NATS cannot be reached.
-    async fn renew(
-        &self,
-        job: &JobMsg,
-        written: &Mutex<Written>,
-        change: impl Fn(&mut JobState),
-    ) -> Fence {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        let known = written.lock().expect("lock").clone();
-        let mut base = (known.state, known.revision);
-        for _ in 0..5 {
-            let mut next = base.0.clone();
-            change(&mut next);
-            next.updated_at = messages::now();
-            let (sent, epoch) = (std::time::Instant::now(), self.epoch());
-            match job_state::write(store, &key, &next, Some(base.1)).await {
-                Ok(revision) => {
-                    let fresh = Written {
-                        state: next,
-                        revision,
-                        sent,
-                        epoch,
-                    };
-                    *written.lock().expect("lock") = fresh.clone();
-                    return Fence::Held(fresh);
-                }
-                Err(StateError::Conflict) => {}
-                Err(_) => return Fence::Unreachable,
-            }
-            let current = match job_state::read(store, &key).await {
-                Ok(Some(c)) => c,
-                Ok(None) => return Fence::Lost,
-                Err(_) => return Fence::Unreachable,
-            };
-            let s = &current.state;
-            if s.attempt != job.attempt
-                || s.runner.as_deref() != Some(self.id.as_str())
-                || s.phase == JobPhase::Final
-            {
-                return Fence::Lost;
-            }
-            base = (current.state, current.revision);
-        }
-        Fence::Lost
-    }
-
     /// Every `heartbeat`: extend the job message's deadline and renew the job state (the
     /// dispatcher's proof of life). A state that names another attempt stops the job as
     /// superseded; a cancel request stops the command. The task runs until the caller aborts it
@@ -381,7 +269,7 @@ impl Runner {
                 .renew(&job, &written, |s| s.phase = JobPhase::Running)
                 .await
             {
-                Fence::Held(w) => {
+                Renewal::Held(w) => {
                     if let Some(who) = &w.state.cancel {
                         if !stop.is_cancelled() {
                             tracing::info!(job = %job.job_id(), who = %who, "job cancelled; stopping its command");
@@ -390,10 +278,10 @@ impl Runner {
                         }
                     }
                 }
-                Fence::Unreachable => {
+                Renewal::Unreachable => {
                     tracing::warn!(job = %job.job_id(), "heartbeat failed (NATS unreachable); the test goes on");
                 }
-                Fence::Lost => {
+                Renewal::Lost => {
                     tracing::warn!(job = %job.job_id(), "the job was given to another attempt; stopping it");
                     reason.lock().expect("lock").get_or_insert(Stop::Superseded);
                     stop.cancel();
@@ -407,24 +295,44 @@ impl Runner {
         self.work_dir.join("jobs").join(job_id)
     }
 
-    /// The fence before a verdict: renews the job's state with compare-and-set, which succeeds
-    /// only while the state still names this attempt. After it, no dispatcher reassigns the job
-    /// for a whole lease, so the result published next cannot race a newer attempt's (a runner
-    /// that was stopped or cut off past its lease finds itself superseded here).
-    ///
-    /// A renewal sent less than half a heartbeat ago, on the same NATS connection, is that
-    /// fence already (a short job's claim, a long job's last heartbeat): no dispatcher can have
-    /// reassigned the job since without this connection dropping (a probe gets "no responders"
-    /// only then) or a whole lease passing. A runner that was stopped (SIGSTOP) or cut off
-    /// comes back with an old renewal or a new connection, and renews here.
-    async fn fence(&self, job: &JobMsg, written: &Mutex<Written>) -> Fence {
+    /// The fence before a verdict ([`Attempt::fence`]); `written` is updated when it renews.
+    async fn fence(&self, job: &JobMsg, written: &Mutex<Written>) -> Renewal {
         let known = written.lock().expect("lock").clone();
         let connected =
             self.nats.client.connection_state() == async_nats::connection::State::Connected;
-        if connected && known.epoch == self.epoch() && known.sent.elapsed() < self.heartbeat / 2 {
-            return Fence::Held(known);
+        let renewal = Attempt::new(&self.streams.job_states, job, &self.id)
+            .fence(&known, self.heartbeat, self.epoch(), connected)
+            .await;
+        if let Renewal::Held(fresh) = &renewal {
+            *written.lock().expect("lock") = fresh.clone();
         }
-        self.renew(job, written, |_| {}).await
+        renewal
+    }
+
+    /// Renews the job's state from the last write (`written`, updated on success); see
+    /// [`Attempt::renew`].
+    async fn renew(
+        &self,
+        job: &JobMsg,
+        written: &Mutex<Written>,
+        change: impl Fn(&mut JobState),
+    ) -> Renewal {
+        let known = written.lock().expect("lock").clone();
+        let renewal = Attempt::new(&self.streams.job_states, job, &self.id)
+            .renew(&known, change, self.epoch())
+            .await;
+        if let Renewal::Held(fresh) = &renewal {
+            *written.lock().expect("lock") = fresh.clone();
+        }
+        renewal
+    }
+
+    /// Gives the job back without a verdict ([`Attempt::hand_back`]).
+    async fn hand_back(&self, job: &JobMsg, reason: String) {
+        Attempt::new(&self.streams.job_states, job, &self.id)
+            .hand_back(reason)
+            .await;
+        tracing::info!(job = %job.job_id(), "handed the job back; another runner takes it");
     }
 
     /// How many times this runner has connected to NATS so far.
@@ -521,16 +429,6 @@ impl Runner {
         let src = dir.join("src");
         let home = dir.join("home");
         let tmp = dir.join("tmp");
-        let _ = tokio::fs::remove_dir_all(&dir).await;
-        for d in [&src, &home, &tmp] {
-            tokio::fs::create_dir_all(d).await.map_err(|e| {
-                Prepare::Retry(format!(
-                    "cannot create {} on runner {}: {e}",
-                    d.display(),
-                    self.id
-                ))
-            })?;
-        }
         let mirrors = self.work_dir.join("mirrors");
         let lock = {
             let mut map = self.mirrors.lock().expect("lock");
@@ -538,45 +436,44 @@ impl Runner {
                 .or_default()
                 .clone()
         };
-        let _guard = lock.lock().await;
-        let (url, sha, dest) = (job.url.clone(), job.sha.clone(), src.clone());
-        let checkout = tokio::task::spawn_blocking(move || -> Result<(), jetci::git::GitError> {
-            let mirror = Mirror::open(&url, &mirrors)?;
-            let oid = mirror.ensure_commit(&sha)?;
-            mirror.checkout(oid, &dest)
+        let guard = lock.lock_owned().await;
+        // One blocking task for the whole file-system part (a hop to the blocking pool each
+        // costs tens of microseconds, and a trivial job has ten of them).
+        let (url, sha, id) = (job.url.clone(), job.sha.clone(), self.id.clone());
+        let (src_dir, home_dir, tmp_dir) = (src.clone(), home.clone(), tmp.clone());
+        let prepared = tokio::task::spawn_blocking(move || -> Result<Option<String>, Prepare> {
+            let _ = std::fs::remove_dir_all(&dir);
+            for d in [&src_dir, &home_dir, &tmp_dir] {
+                std::fs::create_dir_all(d).map_err(|e| {
+                    Prepare::Retry(format!("cannot create {} on runner {id}: {e}", d.display()))
+                })?;
+            }
+            let checkout = Mirror::open(&url, &mirrors).and_then(|mirror| {
+                let oid = mirror.ensure_commit(&sha)?;
+                mirror.checkout(oid, &src_dir)
+            });
+            drop(guard);
+            checkout.map_err(|e| Prepare::Retry(format!("checkout failed on runner {id}: {e}")))?;
+            // Read only a regular file: a symlink could point outside the checkout.
+            let config_path = src_dir.join(FILE_NAME);
+            match std::fs::symlink_metadata(&config_path) {
+                Ok(m) if !m.file_type().is_file() => Err(Prepare::Fail(format!(
+                    "{FILE_NAME} must be a regular file (not a symlink or a directory)"
+                ))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                _ => match std::fs::read_to_string(&config_path) {
+                    Ok(text) => Ok(Some(text)),
+                    Err(e) => Err(Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"))),
+                },
+            }
         })
-        .await;
-        drop(_guard);
-        match checkout {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                return Err(Prepare::Retry(format!(
-                    "checkout failed on runner {}: {e}",
-                    self.id
-                )))
-            }
-            Err(e) => {
-                return Err(Prepare::Retry(format!(
-                    "checkout task failed on runner {}: {e}",
-                    self.id
-                )))
-            }
-        }
-
-        // Read only a regular file: a symlink could point outside the checkout.
-        let config_path = src.join(FILE_NAME);
-        if tokio::fs::symlink_metadata(&config_path)
-            .await
-            .is_ok_and(|m| !m.file_type().is_file())
-        {
-            return Err(Prepare::Fail(format!(
-                "{FILE_NAME} must be a regular file (not a symlink or a directory)"
-            )));
-        }
-        let config = match tokio::fs::read_to_string(&config_path).await {
-            Ok(text) => RepoConfig::parse(&text).map_err(|e| Prepare::Fail(e.to_string()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RepoConfig::default(),
-            Err(e) => return Err(Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"))),
+        .await
+        .map_err(|e| {
+            Prepare::Retry(format!("checkout task failed on runner {}: {e}", self.id))
+        })??;
+        let config = match prepared {
+            Some(text) => RepoConfig::parse(&text).map_err(|e| Prepare::Fail(e.to_string()))?,
+            None => RepoConfig::default(),
         };
         let spec = Spec {
             command: config
@@ -648,12 +545,12 @@ impl Runner {
             }
             self.publish_until_stored(result).await;
             heartbeat.abort();
-            self.mark_final(result, None).await;
+            attempt::mark_final(&self.streams.job_states, result, None).await;
             let _ = tokio::fs::remove_file(&pending).await;
             return;
         }
         heartbeat.abort();
-        self.mark_final(result, fenced).await;
+        attempt::mark_final(&self.streams.job_states, result, fenced).await;
     }
 
     /// One attempt to publish a result; `Ok` when CI_RESULTS holds a result for the run (this
@@ -689,90 +586,6 @@ impl Runner {
         }
     }
 
-    /// Writes `final` into `ci-jobs` if the job is still this attempt's: one compare-and-set on
-    /// the revision of the fence (`fenced`), else read and write until it holds.
-    async fn mark_final(&self, result: &ResultMsg, fenced: Option<Written>) {
-        let store = &self.streams.job_states;
-        let key = result.key();
-        let finish = |state: &mut JobState| {
-            state.phase = JobPhase::Final;
-            state.status = Some(result.status);
-            state.reason = result.reason.clone();
-            state.updated_at = messages::now();
-        };
-        if let Some(mut known) = fenced {
-            finish(&mut known.state);
-            if job_state::write(store, &key, &known.state, Some(known.revision))
-                .await
-                .is_ok()
-            {
-                return;
-            }
-        }
-        for _ in 0..20 {
-            match job_state::read(store, &key).await {
-                Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
-                Ok(cur) => {
-                    let mut next =
-                        cur.as_ref()
-                            .map(|c| c.state.clone())
-                            .unwrap_or_else(|| JobState {
-                                v: VERSION,
-                                repo: result.repo.clone(),
-                                branch: result.branch.clone(),
-                                sha: result.sha.clone(),
-                                run: result.run,
-                                phase: JobPhase::Final,
-                                attempt: result.attempt,
-                                runner: Some(result.runner.clone()),
-                                job_seq: None,
-                                labels: vec![],
-                                status: None,
-                                reason: None,
-                                cancel: None,
-                                updated_at: messages::now(),
-                            });
-                    finish(&mut next);
-                    match job_state::write(store, &key, &next, cur.map(|c| c.revision)).await {
-                        Ok(_) => return,
-                        Err(StateError::Conflict) => continue,
-                        Err(e) => {
-                            tracing::warn!(job = %result.job_id, error = %e, "cannot mark the job final yet")
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(job = %result.job_id, error = %e, "cannot read the job state")
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    }
-
-    /// Gives the job back without a verdict: the state goes back to `queued` with no runner and
-    /// the reason, so the dispatcher holding the commit assigns the next attempt at its next beat
-    /// instead of waiting out the lease (and gives up with that reason after its last attempt).
-    /// If the write fails the lease does the same, only later.
-    async fn hand_back(&self, job: &JobMsg, reason: String) {
-        let store = &self.streams.job_states;
-        let key = job.key();
-        if let Ok(Some(current)) = job_state::read(store, &key).await {
-            let s = &current.state;
-            if s.attempt == job.attempt
-                && s.runner.as_deref() == Some(self.id.as_str())
-                && s.phase != JobPhase::Final
-            {
-                let mut next = s.clone();
-                next.phase = JobPhase::Queued;
-                next.runner = None;
-                next.reason = Some(reason);
-                next.updated_at = messages::now();
-                let _ = job_state::write(store, &key, &next, Some(current.revision)).await;
-            }
-        }
-        tracing::info!(job = %job.job_id(), "handed the job back; another runner takes it");
-    }
-
     async fn record_superseded(&self, result: &ResultMsg) {
         tracing::warn!(job = %result.job_id, status = %result.status, "recording the result of a superseded attempt (not the verdict)");
         if let Err(e) = publish_superseded(&self.nats, result).await {
@@ -802,7 +615,7 @@ impl Runner {
             };
             tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
             self.publish_until_stored(&result).await;
-            self.mark_final(&result, None).await;
+            attempt::mark_final(&self.streams.job_states, &result, None).await;
             let _ = tokio::fs::remove_file(&path).await;
         }
     }
