@@ -352,24 +352,18 @@ impl Dispatcher {
         // A commit delivered for the first time cannot have a result yet, short of a re-published
         // commit (whose job state says final anyway): the check is for redeliveries.
         let redelivered = held_before(&msg);
-        match final_result(
-            &self.nats,
-            &self.streams.results,
-            &commit.repo,
-            &commit.sha,
-            commit.run,
-        )
-        .await
-        {
-            _ if !redelivered => {}
-            Ok(Some(_)) => {
-                tracing::debug!(%key, "commit already has its result");
-                let _ = msg.double_ack().await;
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "cannot check for an existing result; going on")
+        if redelivered {
+            let results = &self.streams.results;
+            match final_result(&self.nats, results, &commit.repo, &commit.sha, commit.run).await {
+                Ok(Some(_)) => {
+                    tracing::debug!(%key, "commit already has its result");
+                    let _ = msg.double_ack().await;
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "cannot check for an existing result; going on")
+                }
             }
         }
         self.held.insert(
