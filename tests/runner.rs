@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use jetci::attempt;
-use jetci::messages::{self, JobMsg, JobPhase, JobState, VERSION};
+use jetci::messages::{self, JobMsg, JobPhase, JobState, Status, VERSION};
 use jetci_e2e::{
     bin_path, js, spawn_runner, stream_raw_messages, wait_results, GitRepo, NatsServer, System,
 };
@@ -254,6 +254,27 @@ async fn every_job_starts_clean_with_a_built_environment() {
             "{out}"
         );
     }
+
+    // And no workspace outlives its job (deleted in the background once the job is acked).
+    let jobs = sys.work.path().join("r0").join("jobs");
+    assert!(
+        jobs.is_dir(),
+        "the runner's jobs directory {jobs:?} is missing"
+    );
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&jobs)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workspaces left in {jobs:?}: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -365,16 +386,24 @@ async fn state_now(kv: &kv::Store, key: &str) -> JobState {
 /// the runner claims with one compare-and-set on that revision, without reading the key. The
 /// test tells the two paths apart by what the runner writes: the state from the headers (its
 /// labels differ from the stored one's on purpose), or, when the key moved since that revision,
-/// the stored state, read.
+/// the stored state, read. A cancel request in that state ends the job without running it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
     let nats = NatsServer::start();
     let repo = GitRepo::new();
+    let work = tempfile::tempdir().unwrap();
+    let ran = work.path().join("ran");
     let shas = [
         repo.commit("one", &[(".jetci.toml", &toml("true", ""))]),
         repo.commit("two", &[("f", "2")]),
+        repo.commit(
+            "three",
+            &[(
+                ".jetci.toml",
+                &toml(&format!("touch {}", ran.display()), ""),
+            )],
+        ),
     ];
-    let work = tempfile::tempdir().unwrap();
     let runner = spawn_runner(&nats.url(), "r1", work.path(), &[]);
     assert!(
         runner.wait_for_log_async("runner ready", BOUND).await,
@@ -420,7 +449,11 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
         .await
         .expect("create");
     let carried = assigned_state(&first, &["from-headers"]);
-    send(first.clone(), attempt::assigned_headers(&carried, revision)).await;
+    send(
+        first.clone(),
+        attempt::assigned_headers(&carried, revision).unwrap(),
+    )
+    .await;
 
     // The key moved on since (someone wrote it): the claim reads it and writes over that.
     let second = job(&shas[1]);
@@ -439,16 +472,44 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
     let carried = assigned_state(&second, &["from-headers"]);
     send(
         second.clone(),
-        attempt::assigned_headers(&carried, assigned),
+        attempt::assigned_headers(&carried, assigned).unwrap(),
     )
     .await;
 
-    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 2, BOUND).await;
-    assert!(
-        results.iter().all(|r| r["status"] == "passed"),
+    // `jetci cancel` between the assignment and the claim: the claim reads the key, and the
+    // command never starts.
+    let third = job(&shas[2]);
+    let assigned = kv
+        .create(third.key(), messages::encode(&assigned_state(&third, &[])))
+        .await
+        .expect("create");
+    let mut cancelled = assigned_state(&third, &[]);
+    cancelled.cancel = Some("by the test".into());
+    kv.update(third.key(), messages::encode(&cancelled), assigned)
+        .await
+        .expect("update");
+    let carried = assigned_state(&third, &[]);
+    send(
+        third.clone(),
+        attempt::assigned_headers(&carried, assigned).unwrap(),
+    )
+    .await;
+
+    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 3, BOUND).await;
+    let status = |sha: &str| {
+        let r = results.iter().find(|r| r["sha"] == sha).expect("a result");
+        (r["status"].clone(), r["reason"].clone())
+    };
+    for sha in &shas[..2] {
+        assert_eq!(status(sha).0, "passed", "{results:#?}\n{}", runner.log());
+    }
+    assert_eq!(
+        status(&shas[2]),
+        ("cancelled".into(), "cancelled by the test".into()),
         "{results:#?}\n{}",
         runner.log()
     );
+    assert!(!ran.exists(), "the cancelled job's command ran");
 
     // The bucket keeps one revision per key, so the claim is seen through the final state,
     // which the runner writes over its claim (compare-and-set on the claim's revision).
@@ -462,4 +523,10 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
     let done = state_now(&kv, &second.key()).await;
     assert_eq!(done.phase, JobPhase::Final, "{done:?}");
     assert_eq!(done.labels, ["from-key"], "claimed from the key: {done:?}");
+    let done = state_now(&kv, &third.key()).await;
+    assert_eq!(
+        (done.phase, done.status),
+        (JobPhase::Final, Some(Status::Cancelled)),
+        "{done:?}"
+    );
 }

@@ -4,8 +4,10 @@
 //!
 //! Every write is a compare-and-set ([`job_state::write`]) on the revision this runner last wrote
 //! or read, so a runner never writes over a state it has not seen: a dispatcher that reassigned
-//! the job, or `jetci cancel`, moved the revision, and the write fails with a conflict. The
-//! renewal then reads the key and goes on only while it still names this attempt on this runner.
+//! the job, or `jetci cancel`, moved the revision, and the write fails with a conflict. A claim or
+//! renewal then reads the key and goes on only while it still names this attempt on this runner;
+//! [`mark_final`], once the run's result is stored, writes `final` over whatever it reads that is
+//! not final yet (the run has its verdict, whichever attempt it came from).
 //!
 //! **The claim is one write.** The dispatcher publishes a job right after its `assigned` write
 //! and sends that state and the revision it got along in the job message's headers
@@ -35,14 +37,23 @@ pub const ASSIGNED_REVISION: &str = "Jetci-Assigned-Revision";
 /// How many times a claim or renewal re-reads the key after a conflict before giving up.
 const CONFLICTS: usize = 10;
 
-/// The headers a dispatcher sends with a job: its `assigned` state and that write's revision.
-pub fn assigned_headers(state: &JobState, revision: u64) -> HeaderMap {
+/// The largest `assigned` state sent in headers, in bytes of JSON. nats-server refuses a message
+/// whose headers exceed 64 KiB (error 10097, "header size exceeds maximum allowed of 64k"); a
+/// bigger state (a branch name tens of KiB long) goes without, and the runner reads the key.
+pub const MAX_STATE_HEADER: usize = 16 * 1024;
+
+/// The headers a dispatcher sends with a job: its `assigned` state and that write's revision, or
+/// `None` when the state is over [`MAX_STATE_HEADER`].
+pub fn assigned_headers(state: &JobState, revision: u64) -> Option<HeaderMap> {
+    let json = encode(state);
+    if json.len() > MAX_STATE_HEADER {
+        return None;
+    }
     let mut headers = HeaderMap::new();
     // serde_json writes one line (no raw `\r` or `\n`), which is all a header value must be.
-    let json = String::from_utf8_lossy(&encode(state)).into_owned();
-    headers.insert(ASSIGNED_STATE, json.as_str());
+    headers.insert(ASSIGNED_STATE, String::from_utf8_lossy(&json).as_ref());
     headers.insert(ASSIGNED_REVISION, revision.to_string().as_str());
-    headers
+    Some(headers)
 }
 
 /// The `assigned` state and revision a job message carries, or `None` when it carries none or
@@ -72,7 +83,9 @@ pub struct Written {
 pub enum Renewal {
     /// The job is still this attempt's; the state as renewed.
     Held(Written),
-    /// NATS cannot be reached: no dispatcher can reassign the job either.
+    /// NATS cannot be reached from this runner. A verdict goes out anyway (kept until NATS
+    /// takes it); if a dispatcher reassigned the job meanwhile, the first result stored is the
+    /// run's (`jetci::results`).
     Unreachable,
     /// Another attempt owns the job, or it is final.
     Lost,
@@ -111,10 +124,11 @@ impl<'a> Attempt<'a> {
     /// is the state and revision the job message carried ([`assigned_in`]): one write then,
     /// else (or on a conflict) read and write. `epoch`: the caller's connection count now.
     ///
-    /// Returns what was written, or `None` when the job moved on (superseded, final, or gone:
-    /// a state that names an older attempt means the dispatcher died between its write and its
-    /// publish, and the next dispatcher assigns the job afresh). Errors: NATS cannot be reached,
-    /// or the key kept changing underneath ([`StateError::Conflict`]).
+    /// Returns what was written, or `None` when the job is not this runner's to run: the state
+    /// names another attempt or runner (the job moved on, or its state was reset), is `queued`
+    /// (handed back) or `final`, or is gone. A state with a cancel request is claimed all the
+    /// same; the caller reports the job `cancelled` without running it. Errors: NATS cannot be
+    /// reached, or the key kept changing underneath ([`StateError::Conflict`]).
     pub async fn claim(
         &self,
         seq: u64,
@@ -239,9 +253,9 @@ impl<'a> Attempt<'a> {
 
 /// Writes `final` with the result's status and reason into `store` once the result is stored:
 /// one compare-and-set on the revision of `fenced` (the fence's write), else read and write
-/// until the state says `final` (a missing state is created). Gives up after about 5 s of
-/// failures (each write itself waits out a leader election, see [`job_state`]); the dispatcher
-/// then finds the stored result when the heartbeats stop.
+/// until the state says `final` (a missing state is created). Gives up after 20 tries a quarter
+/// of a second apart (each write itself may wait out a leader election, see [`job_state`]); the
+/// dispatcher then finds the stored result when the heartbeats stop.
 pub async fn mark_final(store: &kv::Store, result: &ResultMsg, fenced: Option<Written>) {
     let key = result.key();
     let finish = |state: &mut JobState| {
@@ -328,7 +342,7 @@ mod tests {
     #[test]
     fn the_assigned_state_travels_in_headers_and_back() {
         let state = assigned();
-        let headers = assigned_headers(&state, 4711);
+        let headers = assigned_headers(&state, 4711).unwrap();
         let value = headers.get(ASSIGNED_STATE).unwrap().as_str();
         assert!(!value.contains(['\r', '\n']), "{value}");
         assert_eq!(assigned_in(Some(&headers)), Some((state, 4711)));
@@ -338,11 +352,19 @@ mod tests {
     fn missing_or_bad_headers_mean_read_the_key() {
         assert_eq!(assigned_in(None), None);
         assert_eq!(assigned_in(Some(&HeaderMap::new())), None);
-        let mut only_state = assigned_headers(&assigned(), 1);
+        let mut only_state = assigned_headers(&assigned(), 1).unwrap();
         only_state.insert(ASSIGNED_REVISION, "not a number");
         assert_eq!(assigned_in(Some(&only_state)), None);
-        let mut bad_state = assigned_headers(&assigned(), 1);
+        let mut bad_state = assigned_headers(&assigned(), 1).unwrap();
         bad_state.insert(ASSIGNED_STATE, "{\"v\":1}");
         assert_eq!(assigned_in(Some(&bad_state)), None);
+    }
+
+    #[test]
+    fn a_state_too_big_for_headers_goes_without() {
+        let mut state = assigned();
+        // Each `"` is two bytes of JSON.
+        state.branch = format!("x/{}", "\"".repeat(MAX_STATE_HEADER / 2));
+        assert_eq!(assigned_headers(&state, 1), None);
     }
 }

@@ -603,10 +603,11 @@ impl Dispatcher {
             assigned_at: messages::now(),
         };
         // The runner claims with one compare-and-set on this write (jetci::attempt).
-        let publish = PublishMessage::build()
-            .payload(encode(&job))
-            .headers(attempt::assigned_headers(&state, revision))
-            .message_id(job.job_id());
+        let mut publish = PublishMessage::build().payload(encode(&job));
+        if let Some(headers) = attempt::assigned_headers(&state, revision) {
+            publish = publish.headers(headers);
+        }
+        let publish = publish.message_id(job.job_id());
         match self
             .nats
             .js

@@ -154,6 +154,7 @@ impl Runner {
                 return;
             }
         };
+        let cancelled = claimed.state.cancel.clone();
         tracing::info!(job = %job_id, branch = ?job.branch, "running job");
         self.active.lock().expect("lock").insert(job_id.clone());
 
@@ -182,7 +183,19 @@ impl Runner {
             });
         }
 
-        let verdict = self.execute(&job, &stop).await;
+        let verdict = match cancelled {
+            // `jetci cancel` came between the assignment and the claim: the command never starts.
+            Some(who) => {
+                tracing::info!(job = %job_id, who = %who, "job cancelled before it started; not running it");
+                let mut result = self.result_of(&job);
+                let reason = format!("cancelled {who}");
+                result.status = Status::Cancelled;
+                result.output_tail = format!("jetci: {reason}\n");
+                result.reason = Some(reason);
+                Verdict::Done(Box::new(result))
+            }
+            None => self.execute(&job, &stop).await,
+        };
         let why = *stop_reason.lock().expect("lock");
         match (why, verdict) {
             (Some(Stop::HandBack), _) => {
@@ -221,28 +234,17 @@ impl Runner {
         stop.cancel();
         self.active.lock().expect("lock").remove(&job_id);
         if !self.keep_workspaces {
-            self.remove_workspace(&job_id).await;
+            self.remove_workspace(&job_id);
         }
     }
 
-    /// Moves the job's workspace aside (one rename) and deletes it in the background, so the
-    /// slot is free for the next job at once.
-    async fn remove_workspace(&self, job_id: &str) {
+    /// Deletes the job's workspace in the background (one blocking task, not awaited), so the
+    /// slot is free for the next job at once. What a stopped runner leaves behind is deleted at
+    /// its next start.
+    fn remove_workspace(&self, job_id: &str) {
         let dir = self.job_dir(job_id);
-        let trash = self.work_dir.join("trash").join(format!(
-            "{job_id}-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        let _ = tokio::fs::create_dir_all(self.work_dir.join("trash")).await;
-        let doomed = match tokio::fs::rename(&dir, &trash).await {
-            Ok(()) => trash,
-            Err(_) => dir,
-        };
-        tokio::spawn(async move {
-            let _ = tokio::fs::remove_dir_all(doomed).await;
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(dir);
         });
     }
 
@@ -340,16 +342,15 @@ impl Runner {
         *self.nats.connections.borrow()
     }
 
-    /// Checks out and runs the job. A failure of the test or of its configuration becomes the
-    /// result's status and reason; a failed checkout asks for another attempt.
-    async fn execute(&self, job: &JobMsg, stop: &CancellationToken) -> Verdict {
+    /// The result of `job` on this runner before anything ran: status `error`, no output, the
+    /// current time as start and finish.
+    fn result_of(&self, job: &JobMsg) -> ResultMsg {
         let started = OffsetDateTime::now_utc();
-        let clock = std::time::Instant::now();
         let log_subject = self
             .nats
             .names
             .logs_subject(&job.repo, &job.sha, job.run, job.attempt);
-        let mut result = ResultMsg {
+        ResultMsg {
             v: VERSION,
             repo: job.repo.clone(),
             url: job.url.clone(),
@@ -367,13 +368,21 @@ impl Runner {
             finished_at: started,
             duration_ms: 0,
             output_tail: String::new(),
-            log_subject: log_subject.clone(),
+            log_subject,
             log_bytes: 0,
             commit_seq: job.commit_seq,
             author: job.author.clone(),
             summary: job.summary.clone(),
             tests: None,
-        };
+        }
+    }
+
+    /// Checks out and runs the job. A failure of the test or of its configuration becomes the
+    /// result's status and reason; a failed checkout asks for another attempt.
+    async fn execute(&self, job: &JobMsg, stop: &CancellationToken) -> Verdict {
+        let clock = std::time::Instant::now();
+        let mut result = self.result_of(job);
+        let log_subject = result.log_subject.clone();
         match self.prepare(job).await {
             Err(Prepare::Retry(reason)) => {
                 tracing::warn!(job = %job.job_id(), %reason, "cannot prepare the job; handing it back for another attempt");

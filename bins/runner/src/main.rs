@@ -126,7 +126,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
-    // Workspaces of a previous life are garbage; kept results are not.
+    // Workspaces of a previous life are garbage (earlier builds moved them to `trash` first);
+    // kept results are not.
     let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
     let _ = std::fs::remove_dir_all(work_dir.join("trash"));
 
