@@ -279,7 +279,14 @@ impl Repo {
             fs::write(r.path().join(name), body)?;
         }
         r.git(&["add", "-A"])?;
-        r.git(&["commit", "-q", "--allow-empty", "-m", "initial"])?;
+        // Dated in the past (2023-11-14), so that the history `fast_commits` adds above it, a
+        // second per commit, stays older than the commits a benchmark makes now with
+        // `git commit`: dates rise along every history, as in a real repository.
+        let old = [
+            ("GIT_AUTHOR_DATE", "1700000000 +0000"),
+            ("GIT_COMMITTER_DATE", "1700000000 +0000"),
+        ];
+        r.git_with(&["commit", "-q", "--allow-empty", "-m", "initial"], &old)?;
         Ok(r)
     }
 
@@ -292,8 +299,14 @@ impl Repo {
     }
 
     pub fn git(&self, args: &[&str]) -> Result<String> {
+        self.git_with(args, &[])
+    }
+
+    /// `git ARGS` with more environment variables.
+    pub fn git_with(&self, args: &[&str], env: &[(&str, &str)]) -> Result<String> {
         let out = Command::new("git")
             .args(args)
+            .envs(env.iter().copied())
             .current_dir(self.path())
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -322,7 +335,8 @@ impl Repo {
     /// `n` empty commits on top of `branch` with git fast-import (fast: 50,000 in a second or
     /// two), then the shas oldest first. Their committer dates go up one second per commit from
     /// the branch head's, as a real history's mostly do (git's and libgit2's history walks order
-    /// by date, and dates older than the history below them would send a walk through all of it).
+    /// by date, and dates older than the history below them would send a walk through all of it;
+    /// [`Repo::new`] dates the first commit in 2023, so 50,000 of them still end in the past).
     pub fn fast_commits(&self, branch: &str, n: usize) -> Result<Vec<String>> {
         let parent = self.git(&["rev-parse", branch])?;
         let parent_time: u64 = self
