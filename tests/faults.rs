@@ -1,12 +1,15 @@
 //! Faults the core pipeline must survive (DESIGN.md, invariants I3 and I4): a dispatcher killed
 //! while a job runs, the NATS server killed and restarted mid-job, a test that finishes while
-//! NATS is away.
+//! NATS is away, a runner that died between storing its result and marking its job final.
 
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::message::PublishMessage;
+use jetci::messages::{self, CommitMsg, JobPhase, JobState, ResultMsg, Status};
+use jetci::subjects::Names;
 use jetci_e2e::{
-    spawn_dispatcher, spawn_runner, stream_messages, wait_job, wait_job_phase, wait_results,
-    GitRepo, NatsServer, Proc, System,
+    spawn_dispatcher, spawn_observer, spawn_runner, stream_messages, wait_job, wait_job_phase,
+    wait_results, GitRepo, NatsServer, Proc, System,
 };
 use serde_json::Value;
 
@@ -201,5 +204,86 @@ async fn a_checkout_that_keeps_failing_is_retried_then_reported_as_error() {
     assert!(
         reason.contains("attempt 3 of 3") && reason.contains("checkout failed"),
         "{reason}"
+    );
+}
+
+/// A runner that stored its result and died before writing `final` leaves a run that is over:
+/// the dispatcher, about to give the job to another runner, finds the result, marks the state
+/// final with the result's status and closes the commit, and no runner runs it again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_attempts_stored_result_ends_the_run_without_running_it_again() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let (repo, sha) = repo_running("true");
+    let _observer = spawn_observer(&url, &repo, &[]);
+    let deadline = Instant::now() + BOUND;
+    let (seq, commit) = loop {
+        let stored = jetci_e2e::stream_raw_messages(&url, "CI_COMMITS", ">").await;
+        if let Some(m) = stored.first() {
+            let commit: CommitMsg = messages::decode(&m.payload).expect("a commit message");
+            break (m.sequence, commit);
+        }
+        assert!(Instant::now() < deadline, "the observer published nothing");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(commit.sha, sha);
+
+    // What the lost attempt left: `running` on a runner that is gone, and its stored result.
+    let js = jetci_e2e::js(&url).await;
+    let key = format!("app.{sha}.1");
+    let mut running = JobState::queued(&commit);
+    running.phase = JobPhase::Running;
+    running.attempt = 1;
+    running.runner = Some("ghost".into());
+    js.get_key_value("ci-jobs")
+        .await
+        .expect("ci-jobs")
+        .create(&key, messages::encode(&running))
+        .await
+        .expect("create");
+    let names = Names::new("ci").expect("default prefix");
+    let mut result = ResultMsg::without_run(
+        &names,
+        &commit,
+        seq,
+        1,
+        Status::Failed,
+        "the test failed; then its runner died".into(),
+    );
+    result.runner = "ghost".into();
+    js.send_publish(
+        names.results_subject("app", &sha, 1),
+        PublishMessage::build()
+            .payload(messages::encode(&result))
+            .message_id(&key),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+
+    let dispatcher = spawn_dispatcher(&url, &[]);
+    let work = tempfile::tempdir().unwrap();
+    let runner = spawn_runner(&url, "r1", work.path(), &[]);
+
+    let state = wait_job(&url, &key, "final", BOUND, |v| v["phase"] == "final").await;
+    assert_eq!(state["status"], "failed", "the verdict's status: {state:#}");
+    let r = the_one_result(&url).await;
+    assert_eq!(
+        (r["attempt"].clone(), r["runner"].clone()),
+        (1.into(), "ghost".into())
+    );
+    assert_eq!(executions(&[runner]), 0, "the run was not run again");
+    let deadline = Instant::now() + BOUND;
+    while !stream_messages(&url, "CI_COMMITS", ">").await.is_empty() {
+        assert!(Instant::now() < deadline, "the commit was never acked");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        dispatcher
+            .log()
+            .contains("the lost attempt had stored its result"),
+        "{}",
+        dispatcher.log()
     );
 }

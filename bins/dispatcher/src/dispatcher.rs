@@ -443,6 +443,20 @@ impl Dispatcher {
             self.settings.lease,
             self.settings.max_attempts,
         );
+        // Before another attempt (or giving up): the lost one may have stored its result and died
+        // before writing `final`. The run is over then; running it again would waste a runner and
+        // leave the job's state saying what the new attempt found, not the verdict.
+        let after_a_loss = match decision {
+            Decision::Assign { attempt } => attempt > 1,
+            Decision::GiveUp { .. } => true,
+            _ => false,
+        };
+        if after_a_loss {
+            if let Some(result) = self.stored_result(key).await {
+                self.record_final(key, current, &result).await;
+                return;
+            }
+        }
         match decision {
             Decision::Done => {
                 if let Some(held) = self.held.remove(key) {
@@ -480,6 +494,43 @@ impl Dispatcher {
                     format!("cancelled {who}"),
                 )
                 .await;
+            }
+        }
+    }
+
+    /// The run's stored result, if any. A read that fails counts as none (the worst that follows
+    /// is a run the verdict ignores: first writer wins).
+    async fn stored_result(&self, key: &str) -> Option<ResultMsg> {
+        let commit = &self.held.get(key)?.commit;
+        let results = &self.streams.results;
+        match final_result(&self.nats, results, &commit.repo, &commit.sha, commit.run).await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot check for a stored result; going on");
+                None
+            }
+        }
+    }
+
+    /// The run has its result but its state is not final: writes `final` with the result's
+    /// status and reason (compare-and-set on `current`); the watched entry then closes the commit
+    /// ([`Dispatcher::on_job_entry`]). A failed write is tried again at the next beat.
+    async fn record_final(&mut self, key: &str, current: Option<Versioned>, result: &ResultMsg) {
+        let Some(held) = self.held.get_mut(key) else {
+            return;
+        };
+        held.known = None;
+        let mut state = state_for(&held.commit, current.as_ref().map(|c| &c.state));
+        state.phase = JobPhase::Final;
+        state.status = Some(result.status);
+        state.reason = result.reason.clone();
+        let revision = current.as_ref().map(|c| c.revision);
+        match job_state::write(&self.streams.job_states, key, &state, revision).await {
+            Ok(_) => {
+                tracing::info!(%key, attempt = result.attempt, runner = %result.runner, status = %result.status, "the lost attempt had stored its result; the run is over")
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot mark the run final; trying again next beat")
             }
         }
     }
