@@ -212,6 +212,17 @@ async fn a_checkout_that_keeps_failing_is_retried_then_reported_as_error() {
 /// final with the result's status and closes the commit, and no runner runs it again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_attempts_stored_result_ends_the_run_without_running_it_again() {
+    lost_attempt_with_a_stored_result(None).await;
+}
+
+/// The same when `jetci cancel` comes after the result was stored (the state still said
+/// `running`): the run keeps its verdict, and the job's state says so, not `cancelled`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_after_a_lost_attempts_stored_result_keeps_the_verdict() {
+    lost_attempt_with_a_stored_result(Some("by the test")).await;
+}
+
+async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
     let nats = NatsServer::start();
     let url = nats.url();
     let (repo, sha) = repo_running("true");
@@ -235,6 +246,7 @@ async fn a_lost_attempts_stored_result_ends_the_run_without_running_it_again() {
     running.phase = JobPhase::Running;
     running.attempt = 1;
     running.runner = Some("ghost".into());
+    running.cancel = cancel.map(str::to_string);
     js.get_key_value("ci-jobs")
         .await
         .expect("ci-jobs")

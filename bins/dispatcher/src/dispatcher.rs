@@ -443,14 +443,20 @@ impl Dispatcher {
             self.settings.lease,
             self.settings.max_attempts,
         );
-        // Before another attempt (or giving up): the lost one may have stored its result and died
-        // before writing `final`. The run is over then; running it again would waste a runner and
-        // leave the job's state saying what the new attempt found, not the verdict.
-        let after_a_loss = match decision {
-            Decision::Assign { attempt } => attempt > 1,
-            Decision::GiveUp { .. } => true,
-            _ => false,
-        };
+        // Before another attempt, giving up or cancelling a job whose runner is lost: that runner
+        // may have stored its result and died before writing `final`. The run is over then;
+        // running it again would waste a runner, and any of the three would leave the job's state
+        // saying something other than the verdict. (A `queued` state, handed back or already
+        // decided on, has no result to find.)
+        let lost_runner = current
+            .as_ref()
+            .is_some_and(|c| matches!(c.state.phase, JobPhase::Assigned | JobPhase::Running));
+        let after_a_loss = lost_runner
+            && match decision {
+                Decision::Assign { attempt } => attempt > 1,
+                Decision::GiveUp { .. } | Decision::Cancel => true,
+                Decision::Done | Decision::Adopt => false,
+            };
         if after_a_loss {
             if let Some(result) = self.stored_result(key).await {
                 self.record_final(key, current, &result).await;

@@ -155,7 +155,9 @@ impl Runner {
             }
         };
         let cancelled = claimed.state.cancel.clone();
-        tracing::info!(job = %job_id, branch = ?job.branch, "running job");
+        if cancelled.is_none() {
+            tracing::info!(job = %job_id, branch = ?job.branch, "running job");
+        }
         self.active.lock().expect("lock").insert(job_id.clone());
 
         let msg = Arc::new(msg);
