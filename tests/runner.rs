@@ -376,6 +376,38 @@ fn assigned_state(job: &JobMsg, labels: &[&str]) -> JobState {
     }
 }
 
+/// Writes `job`'s `assigned` state (labels `from-key`), then, unless `later` leaves it as it is,
+/// the state `later` makes of it (another writer), and publishes the job on `ci.jobs.r1` with the
+/// assignment's state (labels `from-headers`) and revision in its headers, as a dispatcher does.
+async fn assign_and_send(
+    js: &async_nats::jetstream::Context,
+    kv: &kv::Store,
+    job: &JobMsg,
+    later: impl Fn(&mut JobState),
+) {
+    let assigned = assigned_state(job, &["from-key"]);
+    let revision = kv
+        .create(job.key(), messages::encode(&assigned))
+        .await
+        .expect("create");
+    let mut moved = assigned.clone();
+    later(&mut moved);
+    if moved != assigned {
+        kv.update(job.key(), messages::encode(&moved), revision)
+            .await
+            .expect("update");
+    }
+    let carried = assigned_state(job, &["from-headers"]);
+    let publish = PublishMessage::build()
+        .payload(messages::encode(job))
+        .headers(attempt::assigned_headers(&carried, revision).expect("small state"));
+    js.send_publish("ci.jobs.r1", publish)
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
 /// The state `ci-jobs` holds for `key` now.
 async fn state_now(kv: &kv::Store, key: &str) -> JobState {
     let value = kv.get(key).await.expect("get").expect("a state");
@@ -427,73 +459,21 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
         commit_seq: 1,
         assigned_at: messages::now(),
     };
-    let send = |job: JobMsg, headers: async_nats::HeaderMap| {
-        let js = js.clone();
-        async move {
-            let publish = PublishMessage::build()
-                .payload(messages::encode(&job))
-                .headers(headers);
-            js.send_publish("ci.jobs.r1", publish)
-                .await
-                .expect("publish")
-                .await
-                .expect("stored");
-        }
-    };
-
     // The key is where the headers say: the claim writes the headers' state over it.
     let first = job(&shas[0]);
-    let stored = assigned_state(&first, &["from-key"]);
-    let revision = kv
-        .create(first.key(), messages::encode(&stored))
-        .await
-        .expect("create");
-    let carried = assigned_state(&first, &["from-headers"]);
-    send(
-        first.clone(),
-        attempt::assigned_headers(&carried, revision).unwrap(),
-    )
-    .await;
+    assign_and_send(&js, &kv, &first, |_| {}).await;
 
     // The key moved on since (someone wrote it): the claim reads it and writes over that.
     let second = job(&shas[1]);
-    let assigned = kv
-        .create(
-            second.key(),
-            messages::encode(&assigned_state(&second, &["from-key"])),
-        )
-        .await
-        .expect("create");
-    let mut moved = assigned_state(&second, &["from-key"]);
-    moved.reason = Some("written after the assignment".into());
-    kv.update(second.key(), messages::encode(&moved), assigned)
-        .await
-        .expect("update");
-    let carried = assigned_state(&second, &["from-headers"]);
-    send(
-        second.clone(),
-        attempt::assigned_headers(&carried, assigned).unwrap(),
-    )
+    assign_and_send(&js, &kv, &second, |s| {
+        s.reason = Some("written after the assignment".into())
+    })
     .await;
 
     // `jetci cancel` between the assignment and the claim: the claim reads the key, and the
     // command never starts.
     let third = job(&shas[2]);
-    let assigned = kv
-        .create(third.key(), messages::encode(&assigned_state(&third, &[])))
-        .await
-        .expect("create");
-    let mut cancelled = assigned_state(&third, &[]);
-    cancelled.cancel = Some("by the test".into());
-    kv.update(third.key(), messages::encode(&cancelled), assigned)
-        .await
-        .expect("update");
-    let carried = assigned_state(&third, &[]);
-    send(
-        third.clone(),
-        attempt::assigned_headers(&carried, assigned).unwrap(),
-    )
-    .await;
+    assign_and_send(&js, &kv, &third, |s| s.cancel = Some("by the test".into())).await;
 
     let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 3, BOUND).await;
     let status = |sha: &str| {

@@ -352,19 +352,10 @@ impl Dispatcher {
         // A commit delivered for the first time cannot have a result yet, short of a re-published
         // commit (whose job state says final anyway): the check is for redeliveries.
         let redelivered = held_before(&msg);
-        if redelivered {
-            let results = &self.streams.results;
-            match final_result(&self.nats, results, &commit.repo, &commit.sha, commit.run).await {
-                Ok(Some(_)) => {
-                    tracing::debug!(%key, "commit already has its result");
-                    let _ = msg.double_ack().await;
-                    return;
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "cannot check for an existing result; going on")
-                }
-            }
+        if redelivered && self.stored_result(&commit).await.is_some() {
+            tracing::debug!(%key, "commit already has its result");
+            let _ = msg.double_ack().await;
+            return;
         }
         self.held.insert(
             key.clone(),
@@ -457,8 +448,11 @@ impl Dispatcher {
                 Decision::GiveUp { .. } | Decision::Cancel => true,
                 Decision::Done | Decision::Adopt => false,
             };
-        if after_a_loss {
-            if let Some(result) = self.stored_result(key).await {
+        let lost_commit = after_a_loss
+            .then(|| self.held.get(key).map(|h| h.commit.clone()))
+            .flatten();
+        if let Some(commit) = lost_commit {
+            if let Some(result) = self.stored_result(&commit).await {
                 self.record_final(key, current, &result).await;
                 return;
             }
@@ -504,15 +498,14 @@ impl Dispatcher {
         }
     }
 
-    /// The run's stored result, if any. A read that fails counts as none (the worst that follows
-    /// is a run the verdict ignores: first writer wins).
-    async fn stored_result(&self, key: &str) -> Option<ResultMsg> {
-        let commit = &self.held.get(key)?.commit;
+    /// The stored result of `commit`'s run, if any. A read that fails counts as none (the worst
+    /// that follows is a run the verdict ignores: first writer wins).
+    async fn stored_result(&self, commit: &CommitMsg) -> Option<ResultMsg> {
         let results = &self.streams.results;
         match final_result(&self.nats, results, &commit.repo, &commit.sha, commit.run).await {
             Ok(result) => result,
             Err(e) => {
-                tracing::warn!(%key, error = %e, "cannot check for a stored result; going on");
+                tracing::warn!(key = %commit.key(), error = %e, "cannot check for a stored result; going on");
                 None
             }
         }

@@ -307,10 +307,7 @@ impl Runner {
         let renewal = Attempt::new(&self.streams.job_states, job, &self.id)
             .fence(&known, self.heartbeat, self.epoch(), connected)
             .await;
-        if let Renewal::Held(fresh) = &renewal {
-            *written.lock().expect("lock") = fresh.clone();
-        }
-        renewal
+        remember(written, renewal)
     }
 
     /// Renews the job's state from the last write (`written`, updated on success); see
@@ -325,10 +322,7 @@ impl Runner {
         let renewal = Attempt::new(&self.streams.job_states, job, &self.id)
             .renew(&known, change, self.epoch())
             .await;
-        if let Renewal::Held(fresh) = &renewal {
-            *written.lock().expect("lock") = fresh.clone();
-        }
-        renewal
+        remember(written, renewal)
     }
 
     /// Gives the job back without a verdict ([`Attempt::hand_back`]).
@@ -630,6 +624,14 @@ impl Runner {
             let _ = tokio::fs::remove_file(&path).await;
         }
     }
+}
+
+/// Keeps what a renewal wrote as the job's last write, and passes the renewal on.
+fn remember(written: &Mutex<Written>, renewal: Renewal) -> Renewal {
+    if let Renewal::Held(fresh) = &renewal {
+        *written.lock().expect("lock") = fresh.clone();
+    }
+    renewal
 }
 
 /// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
