@@ -242,7 +242,7 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
     // What the lost attempt left: `running` on a runner that is gone, and its stored result.
     let js = jetci_e2e::js(&url).await;
     let key = format!("app.{sha}.1");
-    let mut running = JobState::queued(&commit);
+    let mut running = JobState::queued(&commit, &commit.only_job());
     running.phase = JobPhase::Running;
     running.attempt = 1;
     running.runner = Some("ghost".into());
@@ -257,6 +257,7 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
     let mut result = ResultMsg::without_run(
         &names,
         &commit,
+        &commit.only_job(),
         seq,
         1,
         Status::Failed,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
-use jetci::attempt;
+use jetci::protocol::attempt;
 use jetci::messages::{self, JobMsg, JobPhase, JobState, Status, VERSION};
 use jetci_e2e::{
     bin_path, js, spawn_runner, stream_raw_messages, wait_results, GitRepo, NatsServer, System,
@@ -84,7 +84,14 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
             .chain(v["queue"]["waiting_for_runner"].as_array().unwrap())
             .filter(|c| c["sha"] == sha.as_str())
             .collect();
-        if let Some(c) = queued.first() {
+        // Two things to wait for: the commit shown as waiting, and the runner's presence (which
+        // may appear after it).
+        let plain_seen = v["runners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["id"] == "plain");
+        if let (Some(c), true) = (queued.first(), plain_seen) {
             assert!(c["reason"].as_str().unwrap().contains("gpu"), "{v:#}");
             assert_eq!(v["runners"][0]["id"], "plain", "{v:#}");
             break;
@@ -364,6 +371,7 @@ fn assigned_state(job: &JobMsg, labels: &[&str]) -> JobState {
         branch: job.branch.clone(),
         sha: job.sha.clone(),
         run: job.run,
+        job: None,
         phase: JobPhase::Assigned,
         attempt: job.attempt,
         runner: Some(job.runner.clone()),
@@ -452,6 +460,7 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
         branch: "main".into(),
         sha: sha.to_string(),
         run: 1,
+        job: None,
         attempt: 1,
         runner: "r1".into(),
         author: String::new(),

@@ -1,33 +1,36 @@
-//! jetci's library crate: what more than one process needs.
+//! jetci's library crate: what more than one process needs, and each process's loop.
 //!
-//! - [`subjects`]: every subject, stream, bucket and consumer name, built in one place;
+//! The protocol and the processes that speak it:
+//! - [`protocol`]: the dispatch protocol, top to bottom: publishing a commit, a job's state and
+//!   its transitions, placement, a runner's attempt, the lease decision, the verdict;
+//! - [`dispatcher`]: the dispatcher's sans-IO core and its NATS driver;
+//! - [`runner`]: the runner's loop, with the work of a job injected as an executor.
+//!
+//! What they are built from:
+//! - [`subjects`]: every subject, stream, bucket and consumer name, and the job and attempt ids;
 //! - [`messages`]: every wire type, strictly decoded;
 //! - [`connect`]: the `nats` CLI's connection flags and the server check at connect;
 //! - [`streams`]: idempotent stream and bucket set-up;
 //! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
 //! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
-//! - [`results`]: first-writer-wins publishing of final results;
 //! - [`result_file`]: the `test_results/<sha>` files;
-//! - [`job_state`]: compare-and-set reads and writes of `ci-jobs`;
-//! - [`attempt`]: a runner's side of its attempt's state: claim, renew, final, hand back;
-//! - [`dispatch`]: the pure parts of the dispatch policy (liveness, runner choice);
+//! - [`scaling`]: jetci-manager's pure scaling decision;
 //! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
 //! - [`metrics`]: `--metrics-addr` and the Prometheus metric names;
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
 
-pub mod attempt;
 pub mod connect;
-pub mod dispatch;
+pub mod dispatcher;
 pub mod follow;
 pub mod git;
-pub mod job_state;
 pub mod logging;
 pub mod messages;
 pub mod metrics;
+pub mod protocol;
 pub mod repo_config;
 pub mod result_file;
-pub mod results;
+pub mod runner;
 pub mod scaling;
 pub mod shutdown;
 pub mod streams;

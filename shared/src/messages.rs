@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::subjects::{check_sha, check_token, job_id, run_key, NameError};
+use crate::subjects::{check_sha, check_token, run_key, JobRef, NameError};
 
 /// The schema version every message carries in `v`.
 pub const VERSION: u32 = 1;
@@ -95,6 +95,17 @@ fn check_branch(branch: &str) -> Result<(), MessageError> {
     Ok(())
 }
 
+/// A job's token within its run: a subject token that is not all digits ([`JobRef`]).
+fn check_job(job: Option<&str>) -> Result<(), MessageError> {
+    match job {
+        Some(j) if j.bytes().all(|b| b.is_ascii_digit()) => Err(MessageError::Invalid(format!(
+            "job {j:?} is all digits (it would read as an attempt)"
+        ))),
+        Some(j) => Ok(check_token("job", j)?),
+        None => Ok(()),
+    }
+}
+
 fn check_run(run: u32) -> Result<(), MessageError> {
     if run == 0 {
         return Err(MessageError::Invalid("run must be at least 1".into()));
@@ -137,9 +148,13 @@ pub struct CommitMsg {
 }
 
 impl CommitMsg {
-    /// `<repo>.<sha>.<run>`: the `ci-jobs` key and the message id.
+    /// `<repo>.<sha>.<run>`: the run's key and the message id.
     pub fn key(&self) -> String {
         run_key(&self.repo, &self.sha, self.run)
+    }
+    /// The run's only job (a run has one job until pipelines name several).
+    pub fn only_job(&self) -> JobRef {
+        JobRef::only(&self.repo, &self.sha, self.run)
     }
 }
 
@@ -162,7 +177,7 @@ impl Wire for CommitMsg {
 }
 
 /// One attempt of a job, published by a dispatcher on `ci.jobs.<runner-id>` (stream `CI_JOBS`)
-/// with `Nats-Msg-Id: <repo>.<sha>.<run>.<attempt>`.
+/// with `Nats-Msg-Id` the attempt's id ([`JobRef::attempt_id`]).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobMsg {
@@ -172,6 +187,9 @@ pub struct JobMsg {
     pub branch: String,
     pub sha: String,
     pub run: u32,
+    /// Which job of the run; absent for a run's only job ([`JobRef::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     /// 1 for the first assignment; each reassignment after a lost runner adds one.
     pub attempt: u32,
     /// The runner this attempt is assigned to.
@@ -187,13 +205,23 @@ pub struct JobMsg {
 }
 
 impl JobMsg {
-    /// `<repo>.<sha>.<run>`.
-    pub fn key(&self) -> String {
-        run_key(&self.repo, &self.sha, self.run)
+    /// The job this attempt is of.
+    pub fn job_ref(&self) -> JobRef {
+        JobRef {
+            repo: self.repo.clone(),
+            sha: self.sha.clone(),
+            run: self.run,
+            job: self.job.clone(),
+        }
     }
-    /// `<repo>.<sha>.<run>.<attempt>`.
-    pub fn job_id(&self) -> String {
-        job_id(&self.repo, &self.sha, self.run, self.attempt)
+    /// The job's `ci-jobs` key ([`JobRef::key`]).
+    pub fn key(&self) -> String {
+        self.job_ref().key()
+    }
+    /// This attempt's id, `<repo>.<sha>.<run>.<attempt>` for a run's only job
+    /// ([`JobRef::attempt_id`]).
+    pub fn attempt_id(&self) -> String {
+        self.job_ref().attempt_id(self.attempt)
     }
 }
 
@@ -206,6 +234,7 @@ impl Wire for JobMsg {
         check_token("runner", &self.runner)?;
         check_sha(&self.sha)?;
         check_run(self.run)?;
+        check_job(self.job.as_deref())?;
         if self.attempt == 0 {
             return Err(MessageError::Invalid("attempt must be at least 1".into()));
         }
@@ -272,7 +301,8 @@ pub struct ResultMsg {
     pub branch: String,
     pub sha: String,
     pub run: u32,
-    /// `<repo>.<sha>.<run>.<attempt>`.
+    /// The id of the attempt that gave the verdict, `<repo>.<sha>.<run>.<attempt>`
+    /// ([`JobRef::attempt_id`]).
     pub job_id: String,
     pub attempt: u32,
     /// The runner that ran the attempt; empty when a dispatcher gave the verdict (no runner).
@@ -307,7 +337,7 @@ pub struct ResultMsg {
 }
 
 impl ResultMsg {
-    /// `<repo>.<sha>.<run>`.
+    /// `<repo>.<sha>.<run>`: the run this is the result of (its `Nats-Msg-Id`).
     pub fn key(&self) -> String {
         run_key(&self.repo, &self.sha, self.run)
     }
@@ -338,11 +368,12 @@ pub enum JobPhase {
     Final,
 }
 
-/// The `ci-jobs` KV value for `<repo>.<sha>.<run>`.
+/// The `ci-jobs` KV value of one job, under its key ([`JobRef::key`]).
 ///
 /// Written with compare-and-set on the entry's revision by the dispatcher (assign, reassign,
 /// final error) and by the runner holding the current attempt (running, heartbeat, final), so a
-/// superseded runner's write fails instead of overwriting the new attempt.
+/// superseded runner's write fails instead of overwriting the new attempt. Every change goes
+/// through the transitions in `crate::protocol::job`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct JobState {
@@ -351,6 +382,9 @@ pub struct JobState {
     pub branch: String,
     pub sha: String,
     pub run: u32,
+    /// Which job of the run; absent for a run's only job ([`JobRef::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     pub phase: JobPhase,
     /// Current attempt; 0 while queued before the first assignment.
     pub attempt: u32,
@@ -379,63 +413,13 @@ pub struct JobState {
 }
 
 impl JobState {
-    /// A fresh state for a commit that no dispatcher has assigned yet.
-    pub fn queued(commit: &CommitMsg) -> JobState {
-        JobState {
-            v: VERSION,
-            repo: commit.repo.clone(),
-            branch: commit.branch.clone(),
-            sha: commit.sha.clone(),
-            run: commit.run,
-            phase: JobPhase::Queued,
-            attempt: 0,
-            runner: None,
-            job_seq: None,
-            labels: commit.labels.clone(),
-            status: None,
-            reason: None,
-            cancel: None,
-            updated_at: now(),
-        }
-    }
-}
-
-impl ResultMsg {
-    /// A final result given without running the command (cancelled before it started, or given
-    /// up after lost runners): no runner, no output, zero duration.
-    pub fn without_run(
-        names: &crate::subjects::Names,
-        commit: &CommitMsg,
-        commit_seq: u64,
-        attempt: u32,
-        status: Status,
-        reason: String,
-    ) -> ResultMsg {
-        let at = now();
-        ResultMsg {
-            v: VERSION,
-            repo: commit.repo.clone(),
-            url: commit.url.clone(),
-            branch: commit.branch.clone(),
-            sha: commit.sha.clone(),
-            run: commit.run,
-            job_id: job_id(&commit.repo, &commit.sha, commit.run, attempt),
-            attempt,
-            runner: String::new(),
-            status,
-            exit_code: None,
-            signal: None,
-            reason: Some(reason),
-            started_at: at,
-            finished_at: at,
-            duration_ms: 0,
-            output_tail: String::new(),
-            log_subject: names.logs_subject(&commit.repo, &commit.sha, commit.run, attempt),
-            log_bytes: 0,
-            commit_seq,
-            author: commit.author.clone(),
-            summary: commit.summary.clone(),
-            tests: None,
+    /// The job this state is of.
+    pub fn job_ref(&self) -> JobRef {
+        JobRef {
+            repo: self.repo.clone(),
+            sha: self.sha.clone(),
+            run: self.run,
+            job: self.job.clone(),
         }
     }
 }
@@ -443,6 +427,9 @@ impl ResultMsg {
 impl Wire for JobState {
     fn version(&self) -> u32 {
         self.v
+    }
+    fn validate(&self) -> Result<(), MessageError> {
+        check_job(self.job.as_deref())
     }
 }
 

@@ -73,16 +73,64 @@ pub fn repo_slug(name_or_path: &str) -> String {
     }
 }
 
-/// The key of one run of one commit: `<repo>.<sha>.<run>`. Used as the `ci-jobs` KV key, the
-/// commit's `Nats-Msg-Id` and the last three tokens of its result subject.
+/// The key of one run of one commit: `<repo>.<sha>.<run>`. Used as the commit's `Nats-Msg-Id`
+/// and the last three tokens of its result subject (a run has one result, whatever its jobs).
 pub fn run_key(repo: &str, sha: &str, run: u32) -> String {
     format!("{repo}.{sha}.{run}")
 }
 
-/// The name of one attempt of a job: `<repo>.<sha>.<run>.<attempt>` (DESIGN.md: "A job is named
-/// by ..."). Used as the job's `Nats-Msg-Id` and in its log subject.
-pub fn job_id(repo: &str, sha: &str, run: u32, attempt: u32) -> String {
-    format!("{repo}.{sha}.{run}.{attempt}")
+/// Which job of which run: the unit a dispatcher assigns and leases and a runner attempts
+/// (DESIGN.md, "Runs and jobs"; a run is one commit tested once).
+///
+/// `job` is `None` for the one job of a run whose repository gives a single `command` (every run
+/// today), and then every name keeps the shape it had before runs had jobs: the `ci-jobs` key is
+/// `<repo>.<sha>.<run>`, an attempt is `<repo>.<sha>.<run>.<attempt>`. A named job of a pipeline
+/// adds its token after the run: `<repo>.<sha>.<run>.<job>` and `<repo>.<sha>.<run>.<job>.<attempt>`
+/// (a job token is never all digits, so the two shapes cannot be confused).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobRef {
+    pub repo: String,
+    pub sha: String,
+    pub run: u32,
+    /// The job's token within its run; `None` for a run's only job.
+    pub job: Option<String>,
+}
+
+impl JobRef {
+    /// The only job of run `run` of `sha` in `repo`.
+    pub fn only(repo: &str, sha: &str, run: u32) -> JobRef {
+        JobRef {
+            repo: repo.to_string(),
+            sha: sha.to_string(),
+            run,
+            job: None,
+        }
+    }
+
+    /// `<repo>.<sha>.<run>`: the run this job belongs to.
+    pub fn run_key(&self) -> String {
+        run_key(&self.repo, &self.sha, self.run)
+    }
+
+    /// The job's `ci-jobs` key: `<repo>.<sha>.<run>[.<job>]`.
+    pub fn key(&self) -> String {
+        match &self.job {
+            None => self.run_key(),
+            Some(job) => format!("{}.{job}", self.run_key()),
+        }
+    }
+
+    /// One attempt of the job: `<key>.<attempt>` (DESIGN.md: "A job is named by ..."). The
+    /// attempt's job message id, log subject suffix and the `job_id` field of its result.
+    pub fn attempt_id(&self, attempt: u32) -> String {
+        format!("{}.{attempt}", self.key())
+    }
+}
+
+impl fmt::Display for JobRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.key())
+    }
 }
 
 /// Every name of one jetci installation, derived from its prefix.
@@ -162,20 +210,16 @@ impl Names {
     }
     /// `ci.superseded.<repo>.<sha>.<run>.<attempt>`: a fenced result of an attempt that lost its
     /// lease, kept for the record in `CI_RESULTS` but never the verdict (DESIGN.md, "Deadlines").
-    pub fn superseded_subject(&self, repo: &str, sha: &str, run: u32, attempt: u32) -> String {
-        format!(
-            "{}.superseded.{}",
-            self.prefix,
-            job_id(repo, sha, run, attempt)
-        )
+    pub fn superseded_subject(&self, job: &JobRef, attempt: u32) -> String {
+        format!("{}.superseded.{}", self.prefix, job.attempt_id(attempt))
     }
     /// `ci.superseded.>`.
     pub fn superseded_filter(&self) -> String {
         format!("{}.superseded.>", self.prefix)
     }
-    /// `ci.logs.<repo>.<sha>.<run>.<attempt>`.
-    pub fn logs_subject(&self, repo: &str, sha: &str, run: u32, attempt: u32) -> String {
-        format!("{}.logs.{}", self.prefix, job_id(repo, sha, run, attempt))
+    /// `ci.logs.<repo>.<sha>.<run>.<attempt>`: one attempt's output (see [`JobRef::attempt_id`]).
+    pub fn logs_subject(&self, job: &JobRef, attempt: u32) -> String {
+        format!("{}.logs.{}", self.prefix, job.attempt_id(attempt))
     }
     /// `ci.logs.>`.
     pub fn logs_filter(&self) -> String {
@@ -198,7 +242,7 @@ impl Names {
     pub fn observer_bucket(&self) -> String {
         format!("{}-observer", self.prefix)
     }
-    /// KV bucket `ci-jobs`: job state per `<repo>.<sha>.<run>`.
+    /// KV bucket `ci-jobs`: job state per job key ([`JobRef::key`]).
     pub fn jobs_bucket(&self) -> String {
         format!("{}-jobs", self.prefix)
     }
@@ -233,8 +277,17 @@ mod tests {
             format!("ci.results.app.{sha}.2")
         );
         assert_eq!(
-            n.logs_subject("app", &sha, 2, 3),
+            n.logs_subject(&JobRef::only("app", &sha, 2), 3),
             format!("ci.logs.app.{sha}.2.3")
+        );
+        let named = JobRef {
+            job: Some("lint".into()),
+            ..JobRef::only("app", &sha, 2)
+        };
+        assert_eq!(named.key(), format!("app.{sha}.2.lint"));
+        assert_eq!(
+            n.superseded_subject(&named, 1),
+            format!("ci.superseded.app.{sha}.2.lint.1")
         );
         assert_eq!(n.jobs_bucket(), "ci-jobs");
     }

@@ -1,7 +1,8 @@
 //! D: the dispatch rate (issue 7 D).
 //!
-//! The real jetci-dispatcher against [`InstantRunner`]s, which speak the runner protocol but run
-//! nothing, so the rate is the protocol's and the dispatcher's, not git's or a test's. A backlog
+//! The real jetci-dispatcher against instant runners: the real runner loop ([`jetci::runner`],
+//! the one jetci-runner runs) with an [`Instant`] executor that runs nothing, so the rate is the
+//! protocol's and the dispatcher's, not git's or a test's. A backlog
 //! of commits is published straight into `CI_COMMITS` as the observer would (`CommitMsg`,
 //! `Nats-Msg-Id: <repo>.<sha>.<run>`, 256 publishes in flight); the clock runs from the first
 //! publish to the arrival of the N-th final result. CPU time of each process and the messages
@@ -10,16 +11,18 @@
 //! kind of server.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use async_nats::jetstream::message::PublishMessage;
 use jetci::connect::Nats;
-use jetci::messages::{encode, now, CommitMsg, VERSION};
-use jetci::shutdown::CancellationToken;
+use jetci::messages::{now, CommitMsg, JobMsg, ResultMsg, Status, VERSION};
+use jetci::protocol::commit::send_commit;
+use jetci::runner::{Execution, Executor};
+use jetci::shutdown::{CancellationToken, Shutdown};
 
-use crate::instant::{self, InstantRunner};
-use crate::sys::{cpu_seconds, MsgCounts, Server};
+use crate::sys::{connect, cpu_seconds, MsgCounts, Server};
 use crate::{bytes_of, Opts, Report, Row, Stack, WAIT};
 
 /// The goal of issue 7 D, in assignments per second.
@@ -67,10 +70,9 @@ fn ceiling(rt: &tokio::runtime::Runtime, n: usize) -> Result<(f64, f64)> {
     })
 }
 
-/// Publishes commits `range` of `repo` (fake, distinct shas) as the observer does; returns when
-/// every publish is acked.
+/// Publishes commits `range` of `repo` (fake, distinct shas) as the observer does
+/// ([`send_commit`]), up to 256 acks outstanding; returns when every publish is acked.
 async fn publish_commits(nats: &Nats, repo: &str, range: std::ops::Range<usize>) -> Result<()> {
-    let subject = nats.names.commits_subject(repo);
     let mut pending = VecDeque::new();
     for i in range {
         let commit = CommitMsg {
@@ -85,16 +87,77 @@ async fn publish_commits(nats: &Nats, repo: &str, range: std::ops::Range<usize>)
             summary: format!("commit {i}"),
             published_at: now(),
         };
-        let msg = PublishMessage::build()
-            .payload(encode(&commit))
-            .message_id(commit.key());
-        pending.push_back(nats.js.send_publish(subject.clone(), msg).await?);
+        pending.push_back(send_commit(nats, &commit).await?);
         if pending.len() >= 256 {
             pending.pop_front().unwrap().await?;
         }
     }
     for p in pending {
         p.await?;
+    }
+    Ok(())
+}
+
+/// The executor of an instant runner: every job passes at once, having run nothing (exit code
+/// 0, no output, zero duration). It counts what it was given, so the bench can tell that no job
+/// ran twice.
+struct Instant0 {
+    executed: Arc<AtomicU64>,
+}
+
+impl Executor for Instant0 {
+    async fn execute(&self, _job: &JobMsg, result: ResultMsg, _: &CancellationToken) -> Execution {
+        self.executed.fetch_add(1, Ordering::Relaxed);
+        Execution::Done(ResultMsg {
+            status: Status::Passed,
+            exit_code: Some(0),
+            ..result
+        })
+    }
+}
+
+/// Starts an instant runner `id` with `slots` slots on its own connection (named `jetci-bench
+/// instant <id>`, what `/connz` shows): the library's runner loop with [`Instant0`], working in
+/// `work_dir`. Returns once its presence is in `ci-runners`.
+async fn start_instant(
+    url: &str,
+    id: &str,
+    slots: u32,
+    work_dir: std::path::PathBuf,
+    executed: Arc<AtomicU64>,
+    stop: CancellationToken,
+) -> Result<()> {
+    let nats = connect(url, &format!("jetci-bench instant {id}")).await?;
+    let streams = jetci::streams::setup(&nats).await?;
+    let config = jetci::runner::Config {
+        id: id.to_string(),
+        host: "jetci-bench".into(),
+        labels: vec![],
+        slots,
+        heartbeat: Duration::from_secs(1),
+        lease: Duration::from_secs(3),
+        drain_timeout: Duration::from_secs(5),
+        work_dir,
+        consumer_inactive: Duration::from_secs(3600),
+    };
+    let shutdown = Shutdown {
+        token: stop,
+        again: CancellationToken::new(),
+    };
+    let runners = streams.runners.clone();
+    tokio::spawn(jetci::runner::run(
+        nats,
+        streams,
+        config,
+        Arc::new(Instant0 { executed }),
+        shutdown,
+    ));
+    let t = Instant::now();
+    while runners.get(id).await.ok().flatten().is_none() {
+        if t.elapsed() > WAIT {
+            bail!("instant runner {id} did not register");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
 }
@@ -137,13 +200,16 @@ fn run_dispatch(rt: &tokio::runtime::Runtime, runners: usize, slots: u32, n: usi
     let stop = CancellationToken::new();
     let _stop = stop.clone().drop_guard();
     let url = st.url.clone();
-    let (nats, fleet) = rt.block_on(async {
-        let nats = instant::connect(&url, "jetci-bench publisher").await?;
-        let mut fleet: Vec<InstantRunner> = Vec::new();
+    let executed = Arc::new(AtomicU64::new(0));
+    let work = tempfile::tempdir()?;
+    let nats = rt.block_on(async {
+        let nats = connect(&url, "jetci-bench publisher").await?;
         for i in 0..runners {
-            fleet.push(InstantRunner::start(&url, &format!("i{i}"), slots, stop.clone()).await?);
+            let dir = work.path().join(format!("i{i}"));
+            start_instant(&url, &format!("i{i}"), slots, dir, executed.clone(), stop.clone())
+                .await?;
         }
-        anyhow::Ok((nats, fleet))
+        anyhow::Ok(nats)
     })?;
     // One commit through the whole path first: the dispatcher's consumer exists and it knows
     // every runner.
@@ -179,18 +245,10 @@ fn run_dispatch(rt: &tokio::runtime::Runtime, runners: usize, slots: u32, n: usi
     if arrivals.iter().any(|a| a.status != "passed") {
         bail!("a dispatch result was not `passed`\n{}", st.logs());
     }
-    // A result reaches the listener before its publisher has the ack that counts it.
-    let counted = Instant::now() + Duration::from_secs(5);
-    let stored = loop {
-        let stored: u64 = fleet.iter().map(InstantRunner::stored).sum();
-        if stored >= (n + 1) as u64 || Instant::now() > counted {
-            break stored;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    if stored != (n + 1) as u64 {
+    let executed = executed.load(Ordering::Relaxed);
+    if executed != (n + 1) as u64 {
         bail!(
-            "the instant runners stored {stored} results for {} commits\n{}",
+            "the instant runners executed {executed} jobs for {} commits\n{}",
             n + 1,
             st.logs()
         );
@@ -278,13 +336,13 @@ pub fn bench_dispatch(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) 
         verdict: "–".into(),
     });
     rep.notes.push(
-        "D: one jetci-dispatcher (defaults) and instant runners (bins/bench/src/instant.rs: the \
-         runner protocol of bins/runner with the jetci library: presence in ci-runners, a durable \
-         consumer on its own job subject pulled one job at a time, claim (one compare-and-set on \
-         the revision the job's headers carry, jetci::attempt), fence (skipped: the claim is \
-         fresh), `publish_final` of a `passed` result, `final` state by compare-and-set, ack; no \
-         checkout, no command, no log), in the \
-         harness process. After one warm-up \
+        "D: one jetci-dispatcher (defaults) and instant runners: jetci-runner's own loop \
+         (jetci::runner::run) with an executor that runs nothing, in the harness process: \
+         presence in ci-runners, a durable consumer on its own job subject pulled one job at a \
+         time, claim (one compare-and-set on the revision the job's headers carry, \
+         jetci::protocol::attempt), a heartbeat task, fence (skipped: the claim is fresh), \
+         `publish_final` of a `passed` result, `final` state by compare-and-set, ack; no \
+         checkout, no command, no log. After one warm-up \
          commit, N commits are published straight into CI_COMMITS as the observer does (CommitMsg, \
          `Nats-Msg-Id`, 256 in flight); the rate is N over the time from the first publish to the \
          N-th result's arrival on `ci.results.>`. The per-job row divides CPU time \

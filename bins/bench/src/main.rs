@@ -11,11 +11,10 @@
 //! `--quick` runs a tiny version of every benchmark (the smoke test `tests/bench_smoke.rs`).
 //!
 //! `sys.rs` is the world the benchmarks run in; `web.rs` is W (jetci-web with a full view),
-//! `dispatch.rs` is D (the dispatch rate) with the protocol-speaking runner of `instant.rs`; the
+//! `dispatch.rs` is D (the dispatch rate) with the library's runner loop and an executor that runs nothing; the
 //! other benchmarks are in this file.
 
 mod dispatch;
-mod instant;
 mod sys;
 mod web;
 

@@ -17,6 +17,26 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 /// A port on 127.0.0.1 that was free a moment ago.
+/// Connects to `url` as jetci's binaries do (server version and JetStream checked), with the
+/// connection name `name` (what `/connz` shows).
+pub async fn connect(url: &str, name: &str) -> Result<jetci::connect::Nats> {
+    let args = jetci::connect::ConnectArgs {
+        server: url.to_string(),
+        creds: None,
+        user: None,
+        password: None,
+        token: None,
+        nkey: None,
+        tlscert: None,
+        tlskey: None,
+        tlsca: None,
+        inbox_prefix: None,
+        prefix: "ci".into(),
+        replicas: 1,
+    };
+    Ok(args.connect(name).await?)
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

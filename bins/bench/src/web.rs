@@ -16,10 +16,10 @@ use jetci::connect::Nats;
 use jetci::messages::{
     self, encode, JobPhase, JobState, ResultMsg, RunnerInfo, Status, TestCounts, VERSION,
 };
-use jetci::results::{publish_final, publish_superseded, Published};
+use jetci::protocol::verdict::{publish_final, publish_superseded, Published};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
-use jetci::subjects::run_key;
+use jetci::subjects::{run_key, JobRef};
 use time::OffsetDateTime;
 
 use crate::sys::vm_kib;
@@ -326,7 +326,7 @@ fn make(
 async fn load(nats: &Nats, streams: &Streams, items: &[Item]) -> Result<()> {
     let results = futures::stream::iter(items.iter().map(|it| async move {
         if it.superseded {
-            publish_superseded(nats, &it.result).await?;
+            publish_superseded(nats, &JobRef::only(&it.result.repo, &it.result.sha, it.result.run), &it.result).await?;
         } else if publish_final(nats, &it.result).await? == Published::AlreadyPublished {
             bail!("{} was published twice", it.result.key());
         }
@@ -354,6 +354,7 @@ async fn load(nats: &Nats, streams: &Streams, items: &[Item]) -> Result<()> {
         let r = &it.result;
         let state = JobState {
             v: VERSION,
+            job: None,
             repo: r.repo.clone(),
             branch: r.branch.clone(),
             sha: r.sha.clone(),
@@ -389,6 +390,7 @@ async fn seed_live(streams: &Streams, stop: CancellationToken) -> Result<()> {
     let now = messages::now();
     let job = |rng: &mut Rng, phase: JobPhase, runner: Option<String>| JobState {
         v: VERSION,
+        job: None,
         repo: "app".into(),
         branch: "main".into(),
         sha: rng.sha(),
@@ -528,7 +530,7 @@ pub fn bench_web(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report) -> Re
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()?;
-    let nats = rt.block_on(crate::instant::connect(&st.url, "jetci-bench web corpus"))?;
+    let nats = rt.block_on(crate::sys::connect(&st.url, "jetci-bench web corpus"))?;
     let streams = rt.block_on(jetci::streams::setup(&nats))?;
     rt.block_on(seed_live(&streams, stop.clone()))?;
 

@@ -1,11 +1,8 @@
 //! `jetci-dispatcher`: takes commits from `CI_COMMITS`, gives each to a runner, and holds the
 //! commit unacked until its run has a final result.
 //!
-//! Several dispatchers may run at once: they share one durable consumer, and every change of a
-//! job's state is a compare-and-set in `ci-jobs`, so two of them never start the same attempt.
-//! The protocol lives in `dispatcher.rs`; this file parses flags and wires the loop.
-
-mod dispatcher;
+//! The dispatcher is the library's ([`jetci::dispatcher`]: a sans-IO core and its NATS driver);
+//! this file parses flags into its config and runs it.
 
 use std::time::Duration;
 
@@ -63,13 +60,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Shutdown::install()?;
     let nats = args.connect.connect("jetci-dispatcher").await?;
     let streams = jetci::streams::setup(&nats).await?;
-    let settings = dispatcher::Settings {
+    let config = jetci::dispatcher::Config {
         lease: args.ack_wait,
         max_attempts: args.max_attempts,
+        names: nats.names.clone(),
     };
-    dispatcher::Dispatcher::start(nats, streams, settings)
-        .await?
-        .run(shutdown.token)
-        .await;
+    tracing::info!(lease = ?config.lease, max_attempts = config.max_attempts, "starting dispatcher");
+    jetci::dispatcher::run(nats, streams, config, shutdown.token).await?;
     Ok(())
 }

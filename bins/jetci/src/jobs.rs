@@ -10,17 +10,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-use async_nats::jetstream::message::PublishMessage;
 use futures::StreamExt;
 use jetci::connect::Nats;
-use jetci::job_state::{self, StateError};
-use jetci::messages::{
-    self, decode, encode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION,
-};
-use jetci::results::{final_result, publish_final, Published};
+use jetci::messages::{self, decode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
+use jetci::protocol::commit::publish_commit;
+use jetci::protocol::store::{self, StateError};
+use jetci::protocol::verdict::{final_result, finish_without_runner};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
-use jetci::subjects::{is_token, repo_slug, run_key};
+use jetci::subjects::{is_token, repo_slug, JobRef};
 
 use crate::results::result_line;
 
@@ -44,8 +42,9 @@ pub struct Target {
 }
 
 impl Target {
-    fn key(&self) -> String {
-        run_key(&self.repo, &self.sha, self.run)
+    /// The run's only job.
+    fn job(&self) -> JobRef {
+        JobRef::only(&self.repo, &self.sha, self.run)
     }
 }
 
@@ -113,7 +112,8 @@ async fn latest_run(nats: &Nats, streams: &Streams, repo: &str, sha: &str) -> Re
     let mut run = 0;
     loop {
         let next = run + 1;
-        let state = job_state::read(&streams.job_states, &run_key(repo, sha, next)).await?;
+        let key = JobRef::only(repo, sha, next).key();
+        let state = store::read(&streams.job_states, &key).await?;
         let result = final_result(nats, &streams.results, repo, sha, next).await?;
         if state.is_none() && result.is_none() {
             break;
@@ -137,7 +137,7 @@ pub async fn logs(
     follow: bool,
     stop: &CancellationToken,
 ) -> Result<()> {
-    let state = job_state::read(&streams.job_states, &t.key()).await?;
+    let state = store::read(&streams.job_states, &t.job().key()).await?;
     let result = final_result(nats, &streams.results, &t.repo, &t.sha, t.run).await?;
     let attempt = attempt
         .or_else(|| {
@@ -148,7 +148,7 @@ pub async fn logs(
         })
         .or_else(|| state.as_ref().map(|s| s.state.attempt).filter(|a| *a > 0))
         .context("the job has not started yet: no log so far")?;
-    let subject = nats.names.logs_subject(&t.repo, &t.sha, t.run, attempt);
+    let subject = nats.names.logs_subject(&t.job(), attempt);
     let config = pull::Config {
         filter_subject: subject.clone(),
         deliver_policy: DeliverPolicy::All,
@@ -212,12 +212,13 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
             .unwrap_or_default(),
         messages::now()
     );
-    let key = t.key();
+    let job = t.job();
+    let key = job.key();
     loop {
-        let current = job_state::read(&streams.job_states, &key).await?;
+        let current = store::read(&streams.job_states, &key).await?;
         let phase = current.as_ref().map(|c| c.state.phase);
-        match phase {
-            Some(JobPhase::Final) => {
+        match (phase, current) {
+            (Some(JobPhase::Final), current) => {
                 let status = current
                     .and_then(|c| c.state.status)
                     .map(|s| s.to_string())
@@ -228,22 +229,19 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
                     t.sha
                 );
             }
-            Some(JobPhase::Assigned) | Some(JobPhase::Running) => {
+            (Some(JobPhase::Assigned | JobPhase::Running), Some(c)) => {
                 // The runner sees this in its next heartbeat and stops the command.
-                let c = current.expect("phase came from it");
-                let mut next = c.state.clone();
-                next.cancel = Some(who.clone());
-                next.updated_at = messages::now();
-                match job_state::write(&streams.job_states, &key, &next, Some(c.revision)).await {
+                let next = c.state.request_cancel(who.clone());
+                match store::write(&streams.job_states, &key, &next, Some(c.revision)).await {
                     Ok(_) => break,
                     Err(StateError::Conflict) => continue,
                     Err(e) => return Err(e.into()),
                 }
             }
-            None | Some(JobPhase::Queued) => {
-                // Not on a runner: the verdict can be given here. Result first (first writer
-                // wins), then the state; a dispatcher that holds or later takes the commit finds
-                // the result and closes it.
+            (_, current) => {
+                // Not on a runner: the verdict can be given here, as a dispatcher would give it.
+                // Result first (first writer wins), then the state; a dispatcher that holds or
+                // later takes the commit finds the result and closes it.
                 let commit = match find_commit(nats, streams, t).await? {
                     Some(c) => c,
                     None => match &current {
@@ -260,34 +258,26 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
                 let result = ResultMsg::without_run(
                     &nats.names,
                     &commit,
+                    &job,
                     0,
                     attempt,
                     Status::Cancelled,
                     format!("cancelled {who}"),
                 );
-                if publish_final(nats, &result).await? == Published::AlreadyPublished {
-                    break;
-                }
-                let mut state = current
-                    .as_ref()
-                    .map(|c| c.state.clone())
-                    .unwrap_or_else(|| JobState::queued(&commit));
-                state.phase = JobPhase::Final;
-                state.status = Some(Status::Cancelled);
-                state.cancel = Some(who.clone());
-                state.updated_at = messages::now();
-                match job_state::write(
-                    &streams.job_states,
-                    &key,
-                    &state,
-                    current.map(|c| c.revision),
-                )
-                .await
-                {
-                    Ok(_) => break,
+                let (state, revision) = match current {
+                    Some(c) => (c.state, Some(c.revision)),
+                    None => (JobState::queued(&commit, &job), None),
+                };
+                let state = state.request_cancel(who.clone());
+                let finished =
+                    finish_without_runner(nats, &streams.job_states, &result, state, revision)
+                        .await?;
+                match finished.state {
+                    // Another result was first, or ours is stored and the job is final.
+                    None | Some(Ok(_)) => break,
                     // A dispatcher assigned it meanwhile: the runner must stop it too.
-                    Err(StateError::Conflict) => continue,
-                    Err(e) => return Err(e.into()),
+                    Some(Err(StateError::Conflict)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
                 }
             }
         }
@@ -311,7 +301,7 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
                 t.run, t.sha
             )
         })?;
-    let labels = job_state::read(&streams.job_states, &t.key())
+    let labels = store::read(&streams.job_states, &t.job().key())
         .await?
         .map(|s| s.state.labels)
         .unwrap_or_default();
@@ -328,16 +318,7 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
         summary: last.summary.clone(),
         published_at: messages::now(),
     };
-    let ack = nats
-        .js
-        .send_publish(
-            nats.names.commits_subject(&t.repo),
-            PublishMessage::build()
-                .payload(encode(&commit))
-                .message_id(commit.key()),
-        )
-        .await
-        .context("cannot queue the rerun")?
+    let ack = publish_commit(nats, &commit)
         .await
         .context("cannot queue the rerun")?;
     if ack.duplicate {

@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use jetci::connect::Nats;
-use jetci::job_state::{self, age_of};
+use jetci::protocol::store::{self, age_of};
 use jetci::messages::{decode, CommitMsg, JobPhase, RunnerInfo};
 use jetci::streams::Streams;
-use jetci::subjects::job_id;
+
 use serde_json::{json, Value};
 
 /// Commits listed from the stream at most (the count is always exact).
@@ -40,7 +40,7 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
     let mut waiting = Vec::new();
     let mut in_flight = Vec::new();
     for entry in bucket_entries(&streams.job_states).await? {
-        let Ok(Some(v)) = job_state::from_entry(&entry) else {
+        let Ok(Some(v)) = store::from_entry(&entry) else {
             continue;
         };
         let s = &v.state;
@@ -60,7 +60,7 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
             JobPhase::Assigned | JobPhase::Running => {
                 let mut j = common;
                 let age = v.age.as_millis() as u64;
-                j["job_id"] = json!(job_id(&s.repo, &s.sha, s.run, s.attempt));
+                j["job_id"] = json!(s.job_ref().attempt_id(s.attempt));
                 j["phase"] = json!(s.phase);
                 j["runner"] = json!(s.runner);
                 j["last_heartbeat_ms"] = json!(age);

@@ -19,7 +19,7 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use jetci::connect::Nats;
-use jetci::job_state;
+use jetci::protocol::store;
 use jetci::messages::{decode, CommitMsg, JobPhase};
 use jetci::scaling::{covers, Demand};
 use jetci::streams::Streams;
@@ -55,7 +55,7 @@ impl Queue {
 
     /// Follows one `ci-jobs` entry (from a bucket watch: latest state, not an event).
     pub fn on_job_entry(&mut self, e: &kv::Entry) {
-        match job_state::from_entry(e) {
+        match store::from_entry(e) {
             Ok(Some(v)) if v.state.phase == JobPhase::Queued => {
                 self.queued.insert(e.key.clone(), v.state.labels);
             }

@@ -1,15 +1,12 @@
-//! One commit's message: what git says about it, and publishing it to `CI_COMMITS`.
+//! One commit's message: what git says about it (published to `CI_COMMITS` by
+//! [`jetci::protocol::commit::publish_commit`]).
 //!
 //! The message carries the runner labels the commit's own `.jetci.toml` asks for, so a dispatcher
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
-use async_nats::jetstream::context::PublishError;
-use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::publish::PublishAck;
 use git2::Oid;
-use jetci::connect::Nats;
 use jetci::git::Watched;
-use jetci::messages::{encode, now, CommitMsg, VERSION};
+use jetci::messages::{now, CommitMsg, VERSION};
 use jetci::repo_config::{RepoConfig, FILE_NAME};
 
 /// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
@@ -81,20 +78,6 @@ fn clip(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
 
-/// Publishes `msg` on `ci.commits.<repo>` and waits for the stream's acknowledgement.
-///
-/// The `Nats-Msg-Id` `<repo>.<sha>.<run>` makes a re-publish (after a crash between ack and mark)
-/// a duplicate the stream drops; the ack then says `duplicate`, which is as good as stored.
-pub async fn publish(nats: &Nats, msg: &CommitMsg) -> Result<PublishAck, PublishError> {
-    let publish = PublishMessage::build()
-        .payload(encode(msg))
-        .message_id(msg.key());
-    nats.js
-        .send_publish(nats.names.commits_subject(&msg.repo), publish)
-        .await?
-        .await
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,7 +113,7 @@ mod tests {
         assert_eq!(msg.key(), format!("app.{good}.1"));
         assert_eq!(msg.url, w.url);
         // What goes on the wire passes the readers' strict checks.
-        let back: CommitMsg = jetci::messages::decode(&encode(&msg)).unwrap();
+        let back: CommitMsg = jetci::messages::decode(&jetci::messages::encode(&msg)).unwrap();
         assert_eq!(back, msg);
 
         let bad = commit_with(&repo, &[(FILE_NAME, "labels = [\"a b\"]\n")], "x");

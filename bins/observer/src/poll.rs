@@ -111,7 +111,7 @@ impl Observer {
 
     /// Publishes one commit and waits for its ack (the caller moves the mark only after this).
     async fn publish(&self, msg: &CommitMsg) -> anyhow::Result<()> {
-        let ack = commit::publish(&self.nats, msg).await.with_context(|| {
+        let ack = jetci::protocol::commit::publish_commit(&self.nats, msg).await.with_context(|| {
             format!(
                 "commit {} of branch {:?} is not published yet: waiting for NATS and the {} \
                  stream to acknowledge it (its branch mark stays put until then)",

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use jetci::connect::Nats;
 use jetci::follow::{self, Event, Start};
-use jetci::job_state;
+use jetci::protocol::store;
 use jetci::messages::{decode, ResultMsg, RunnerInfo};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
@@ -201,7 +201,7 @@ async fn apply_jobs(
             _ = stop.cancelled() => return,
             e = rx.recv() => match e { Some(e) => e, None => return },
         };
-        match job_state::from_entry(&entry) {
+        match store::from_entry(&entry) {
             Ok(Some(versioned)) => {
                 let state = versioned.state;
                 let change = Change::Job {

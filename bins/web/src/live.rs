@@ -16,7 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{stream, Stream, StreamExt};
 use jetci::follow::{self, Start};
-use jetci::subjects::{check_sha, is_token};
+use jetci::subjects::{check_sha, is_token, JobRef};
 use tokio::sync::{broadcast, mpsc};
 
 use crate::server::App;
@@ -50,7 +50,10 @@ pub async fn log(
     if !is_token(&repo) || check_sha(&sha).is_err() || run == 0 || attempt == 0 {
         return (StatusCode::BAD_REQUEST, "bad job name\n").into_response();
     }
-    let subject = app.nats.names.logs_subject(&repo, &sha, run, attempt);
+    let subject = app
+        .nats
+        .names
+        .logs_subject(&JobRef::only(&repo, &sha, run), attempt);
     let start = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -15,7 +15,7 @@ use axum::routing::get;
 use axum::Router;
 use jetci::connect::Nats;
 use jetci::shutdown::CancellationToken;
-use jetci::subjects::{check_sha, is_token};
+use jetci::subjects::{check_sha, is_token, JobRef};
 use maud::Markup;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -187,7 +187,7 @@ async fn commit_page(
         let subject = app
             .nats
             .names
-            .logs_subject(&r.repo, &r.sha, r.run, r.attempt);
+            .logs_subject(&JobRef::only(&r.repo, &r.sha, r.run), r.attempt);
         logs.push(match read_log(&app, &subject, PAGE_LOG_BYTES).await {
             Ok((text, cut)) => Log::Text(text, cut),
             Err(e) => Log::Unavailable(e),
@@ -222,7 +222,10 @@ async fn raw_log(
     if !is_token(&repo) || check_sha(&sha).is_err() || run == 0 || attempt == 0 {
         return (StatusCode::BAD_REQUEST, "bad job name\n").into_response();
     }
-    let subject = app.nats.names.logs_subject(&repo, &sha, run, attempt);
+    let subject = app
+        .nats
+        .names
+        .logs_subject(&JobRef::only(&repo, &sha, run), attempt);
     match read_log(&app, &subject, RAW_LOG_BYTES).await {
         Ok((text, cut)) => {
             let mut text = text;

@@ -521,6 +521,7 @@ pub(crate) mod tests {
         let r = result("app", "main", 1, 1, 1, Status::Passed);
         let mut state = JobState {
             v: VERSION,
+            job: None,
             repo: "app".into(),
             branch: "main".into(),
             sha: r.sha.clone(),

@@ -1,4 +1,5 @@
-//! Reading and writing a job's state in the `ci-jobs` bucket with compare-and-set.
+//! Reading and writing a job's state in the `ci-jobs` bucket with compare-and-set (the states
+//! themselves are built by the transitions in [`super::job`]).
 //!
 //! Every write names the revision it read. Two dispatchers that both try to reassign a job, or a
 //! superseded runner that heartbeats after its job moved, lose the race with

@@ -1,8 +1,9 @@
 //! A runner's side of one attempt's state in `ci-jobs` (DESIGN.md, "One commit's life"): claim
 //! it, renew it (heartbeats and the fence before a verdict), mark it final, or hand it back.
-//! jetci-runner and the benchmark's instant runner both speak the protocol through this module.
+//! The runner's loop ([`crate::runner`]) speaks the protocol through this module.
 //!
-//! Every write is a compare-and-set ([`job_state::write`]) on the revision this runner last wrote
+//! Every write is a compare-and-set ([`store::write`]) of a state built by the transitions of
+//! [`super::job`], on the revision this runner last wrote
 //! or read, so a runner never writes over a state it has not seen: a dispatcher that reassigned
 //! the job, or `jetci cancel`, moved the revision, and the write fails with a conflict. A claim or
 //! renewal then reads the key and goes on only while it still names this attempt on this runner;
@@ -24,8 +25,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::kv;
 use async_nats::HeaderMap;
 
-use crate::job_state::{self, StateError};
-use crate::messages::{self, decode, encode, JobMsg, JobPhase, JobState, ResultMsg, VERSION};
+use super::store::{self, StateError};
+use crate::messages::{decode, encode, JobMsg, JobPhase, JobState, ResultMsg, VERSION};
+use crate::subjects::JobRef;
 
 /// Job message header: the job's `assigned` state as the dispatcher wrote it (the JSON of
 /// [`JobState`], one line).
@@ -96,27 +98,26 @@ pub struct Attempt<'a> {
     store: &'a kv::Store,
     job: &'a JobMsg,
     runner: &'a str,
+    job_ref: JobRef,
     key: String,
 }
 
 impl<'a> Attempt<'a> {
     /// `job` on `runner`, whose state is in `store` (`ci-jobs`).
     pub fn new(store: &'a kv::Store, job: &'a JobMsg, runner: &'a str) -> Attempt<'a> {
+        let job_ref = job.job_ref();
         Attempt {
             store,
             job,
             runner,
-            key: job.key(),
+            key: job_ref.key(),
+            job_ref,
         }
     }
 
     /// Whether `state` names this attempt on this runner.
     fn ours(&self, state: &JobState) -> bool {
-        state.repo == self.job.repo
-            && state.sha == self.job.sha
-            && state.run == self.job.run
-            && state.attempt == self.job.attempt
-            && state.runner.as_deref() == Some(self.runner)
+        state.names_attempt(&self.job_ref, self.job.attempt, self.runner)
     }
 
     /// Takes the job: its state must name this attempt on this runner and be `assigned` or
@@ -139,7 +140,7 @@ impl<'a> Attempt<'a> {
         for _ in 0..CONFLICTS {
             let (state, revision) = match base.take() {
                 Some(known) => known,
-                None => match job_state::read(self.store, &self.key).await? {
+                None => match store::read(self.store, &self.key).await? {
                     Some(current) => (current.state, current.revision),
                     None => return Ok(None),
                 },
@@ -148,12 +149,9 @@ impl<'a> Attempt<'a> {
             {
                 return Ok(None);
             }
-            let mut next = state;
-            next.phase = JobPhase::Running;
-            next.job_seq = Some(seq);
-            next.updated_at = messages::now();
+            let next = state.claim(seq);
             let sent = Instant::now();
-            match job_state::write(self.store, &self.key, &next, Some(revision)).await {
+            match store::write(self.store, &self.key, &next, Some(revision)).await {
                 Ok(revision) => {
                     return Ok(Some(Written {
                         state: next,
@@ -169,22 +167,16 @@ impl<'a> Attempt<'a> {
         Err(StateError::Conflict)
     }
 
-    /// Renews the state (a new `updated_at`, and `change` applied) with compare-and-set on the
-    /// revision of `known`, the last write; on a conflict, reads the key and renews what is there
-    /// while it is still this attempt's and not final. `epoch`: the caller's connection count.
-    pub async fn renew(
-        &self,
-        known: &Written,
-        change: impl Fn(&mut JobState),
-        epoch: u64,
-    ) -> Renewal {
+    /// Renews the state ([`JobState::renew`]: a heartbeat) with compare-and-set on the revision
+    /// of `known`, the last write; on a conflict, reads the key and renews what is there while it
+    /// is still this attempt's and not final (a cancel request is kept, and shows in the state
+    /// returned). `epoch`: the caller's connection count.
+    pub async fn renew(&self, known: &Written, epoch: u64) -> Renewal {
         let mut base = (known.state.clone(), known.revision);
         for _ in 0..CONFLICTS {
-            let mut next = base.0;
-            change(&mut next);
-            next.updated_at = messages::now();
+            let next = base.0.renew();
             let sent = Instant::now();
-            match job_state::write(self.store, &self.key, &next, Some(base.1)).await {
+            match store::write(self.store, &self.key, &next, Some(base.1)).await {
                 Ok(revision) => {
                     return Renewal::Held(Written {
                         state: next,
@@ -196,7 +188,7 @@ impl<'a> Attempt<'a> {
                 Err(StateError::Conflict) => {}
                 Err(_) => return Renewal::Unreachable,
             }
-            let current = match job_state::read(self.store, &self.key).await {
+            let current = match store::read(self.store, &self.key).await {
                 Ok(Some(c)) => c,
                 Ok(None) => return Renewal::Lost,
                 Err(_) => return Renewal::Unreachable,
@@ -230,43 +222,39 @@ impl<'a> Attempt<'a> {
         if connected && known.epoch == epoch && known.sent.elapsed() < heartbeat / 2 {
             return Renewal::Held(known.clone());
         }
-        self.renew(known, |_| {}, epoch).await
+        self.renew(known, epoch).await
     }
 
     /// Gives the job back without a verdict: the state goes back to `queued` with no runner and
     /// `reason`, so the dispatcher holding the commit assigns the next attempt at its next beat
     /// instead of waiting out the lease. If the write fails the lease does the same, only later.
     pub async fn hand_back(&self, reason: String) {
-        let Ok(Some(current)) = job_state::read(self.store, &self.key).await else {
+        let Ok(Some(current)) = store::read(self.store, &self.key).await else {
             return;
         };
         if self.ours(&current.state) && current.state.phase != JobPhase::Final {
-            let mut next = current.state;
-            next.phase = JobPhase::Queued;
-            next.runner = None;
-            next.reason = Some(reason);
-            next.updated_at = messages::now();
-            let _ = job_state::write(self.store, &self.key, &next, Some(current.revision)).await;
+            let next = current.state.hand_back(reason);
+            let _ = store::write(self.store, &self.key, &next, Some(current.revision)).await;
         }
     }
 }
 
-/// Writes `final` with the result's status and reason into `store` once the result is stored:
-/// one compare-and-set on the revision of `fenced` (the fence's write), else read and write
-/// until the state says `final` (a missing state is created). Gives up after 20 tries a quarter
-/// of a second apart (each write itself may wait out a leader election, see [`job_state`]); the
-/// dispatcher then finds the stored result when the heartbeats stop.
-pub async fn mark_final(store: &kv::Store, result: &ResultMsg, fenced: Option<Written>) {
-    let key = result.key();
-    let finish = |state: &mut JobState| {
-        state.phase = JobPhase::Final;
-        state.status = Some(result.status);
-        state.reason = result.reason.clone();
-        state.updated_at = messages::now();
-    };
-    if let Some(mut known) = fenced {
-        finish(&mut known.state);
-        if job_state::write(store, &key, &known.state, Some(known.revision))
+/// Writes `final` for `job` with the result's status and reason into `store` once the result is
+/// stored: one compare-and-set on the revision of `fenced` (the fence's write), else read and
+/// write until the state says `final` (a missing state is created). Gives up after 20 tries a
+/// quarter of a second apart (each write itself may wait out a leader election, see
+/// [`store`]); the dispatcher then finds the stored result when the heartbeats stop.
+pub async fn mark_final(
+    store: &kv::Store,
+    job: &JobRef,
+    result: &ResultMsg,
+    fenced: Option<Written>,
+) {
+    let key = job.key();
+    let finish = |state: JobState| state.finish(result.status, result.reason.clone());
+    if let Some(known) = fenced {
+        let done = finish(known.state);
+        if store::write(store, &key, &done, Some(known.revision))
             .await
             .is_ok()
         {
@@ -274,13 +262,12 @@ pub async fn mark_final(store: &kv::Store, result: &ResultMsg, fenced: Option<Wr
         }
     }
     for _ in 0..20 {
-        match job_state::read(store, &key).await {
+        match store::read(store, &key).await {
             Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
             Ok(cur) => {
                 let revision = cur.as_ref().map(|c| c.revision);
-                let mut next = cur.map(|c| c.state).unwrap_or_else(|| state_of(result));
-                finish(&mut next);
-                match job_state::write(store, &key, &next, revision).await {
+                let next = finish(cur.map(|c| c.state).unwrap_or_else(|| state_of(job, result)));
+                match store::write(store, &key, &next, revision).await {
                     Ok(_) => return,
                     Err(StateError::Conflict) => continue,
                     Err(e) => {
@@ -297,14 +284,15 @@ pub async fn mark_final(store: &kv::Store, result: &ResultMsg, fenced: Option<Wr
 }
 
 /// A job state for a result whose state is gone (deleted by hand, or a bucket that lost it).
-fn state_of(result: &ResultMsg) -> JobState {
+fn state_of(job: &JobRef, result: &ResultMsg) -> JobState {
     JobState {
         v: VERSION,
-        repo: result.repo.clone(),
+        repo: job.repo.clone(),
         branch: result.branch.clone(),
-        sha: result.sha.clone(),
-        run: result.run,
-        phase: JobPhase::Final,
+        sha: job.sha.clone(),
+        run: job.run,
+        job: job.job.clone(),
+        phase: JobPhase::Running,
         attempt: result.attempt,
         runner: Some(result.runner.clone()),
         job_seq: None,
@@ -312,7 +300,7 @@ fn state_of(result: &ResultMsg) -> JobState {
         status: None,
         reason: None,
         cancel: None,
-        updated_at: messages::now(),
+        updated_at: crate::messages::now(),
     }
 }
 
@@ -327,6 +315,7 @@ mod tests {
             branch: "feature/ünïcode: \"quoted\"\\".into(),
             sha: "a".repeat(40),
             run: 1,
+            job: None,
             phase: JobPhase::Assigned,
             attempt: 2,
             runner: Some("r1".into()),
@@ -335,7 +324,7 @@ mod tests {
             status: None,
             reason: Some("line one\nline two".into()),
             cancel: None,
-            updated_at: messages::now(),
+            updated_at: crate::messages::now(),
         }
     }
 

@@ -1,0 +1,380 @@
+//! The work of a job on this runner, as the library's runner loop runs it ([`jetci::runner`]):
+//! a fresh workspace, a checkout of the commit from the runner's mirror (git2), the repository's
+//! `.jetci.toml`, then `sh -c COMMAND` with a built environment ([`crate::exec`]), its output
+//! streamed to `CI_LOGS` ([`crate::logs`]) and its test counts read from the output or JUnit
+//! files. The protocol around it (claim, heartbeat, fence, verdict, ack) is the library's.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jetci::connect::Nats;
+use jetci::git::Mirror;
+use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
+use jetci::repo_config::{RepoConfig, FILE_NAME};
+use jetci::runner::{Execution, Executor};
+use jetci::test_report::{read_junit, OutputScanner};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::exec::{self, Ended, Spec};
+use crate::logs::LogSink;
+
+/// Variables passed from the runner's environment to a job; everything else is built.
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "LANG",
+    "LANGUAGE",
+    "LC_ALL",
+    "LC_CTYPE",
+    "LC_MESSAGES",
+    "TZ",
+    "TERM",
+    "USER",
+    "LOGNAME",
+    "PYENV_ROOT",
+    "PYENV_VERSION",
+];
+
+/// How a job's command is run: the runner's flags that shape a job.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The runner's id, in messages and `JETCI_RUNNER`.
+    pub id: String,
+    /// Mirrors live in `<work_dir>/mirrors`, workspaces in `<work_dir>/jobs/<attempt id>`.
+    pub work_dir: PathBuf,
+    /// For repositories without a `.jetci.toml` command.
+    pub default_command: String,
+    /// For repositories whose `.jetci.toml` sets no timeout.
+    pub default_timeout: Duration,
+    /// Between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    /// Bytes of output stored per job in `CI_LOGS`.
+    pub log_cap: u64,
+    /// Keep each job's workspace after it ends.
+    pub keep_workspaces: bool,
+    /// More variables passed from the runner's environment.
+    pub pass_env: Vec<String>,
+    /// A directory shared by every job, exposed as `JETCI_CACHE_DIR`: the only thing one job
+    /// may leave for the next.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Checks a job out into a fresh workspace and runs its command there.
+pub struct ShellExecutor {
+    nats: Nats,
+    settings: Settings,
+    /// One lock per mirror: jobs of one repository fetch one at a time.
+    mirrors: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Executor for ShellExecutor {
+    async fn execute(&self, job: &JobMsg, result: ResultMsg, stop: &CancellationToken) -> Execution {
+        self.run(job, result, stop).await
+    }
+
+    /// Deletes the job's workspace in the background (one blocking task, not awaited), so the
+    /// slot is free for the next job at once. What a stopped runner leaves behind is deleted at
+    /// its next start.
+    fn release(&self, job: &JobMsg) {
+        if self.settings.keep_workspaces {
+            return;
+        }
+        let dir = self.job_dir(&job.attempt_id());
+        tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(dir);
+        });
+    }
+}
+
+impl ShellExecutor {
+    /// An executor that publishes logs with `nats`.
+    pub fn new(nats: Nats, settings: Settings) -> ShellExecutor {
+        ShellExecutor {
+            nats,
+            settings,
+            mirrors: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// This runner's mark on its jobs' processes: a hash of its work dir, stable across restarts.
+    pub fn owner(&self) -> String {
+        owner_of(&self.settings.work_dir)
+    }
+
+    fn job_dir(&self, attempt_id: &str) -> PathBuf {
+        self.settings.work_dir.join("jobs").join(attempt_id)
+    }
+
+    /// Checks out and runs the job. A failure of the test or of its configuration becomes the
+    /// result's status and reason; a failed checkout asks for another attempt.
+    async fn run(&self, job: &JobMsg, mut result: ResultMsg, stop: &CancellationToken) -> Execution {
+        let clock = std::time::Instant::now();
+        let log_subject = result.log_subject.clone();
+        match self.prepare(job).await {
+            Err(Prepare::Retry(reason)) => return Execution::Retry(reason),
+            Err(Prepare::Fail(reason)) => {
+                result.output_tail = format!("jetci: {reason}\n");
+                result.reason = Some(reason);
+            }
+            Ok((spec, config)) => {
+                let mut output = JobOutput {
+                    log: LogSink::start(&self.nats, log_subject, self.settings.log_cap),
+                    scanner: OutputScanner::new(),
+                };
+                let outcome = exec::run(&spec, &mut output, stop).await;
+                // The command's time, not the log upload's (slow while NATS recovers).
+                result.finished_at = OffsetDateTime::now_utc();
+                result.duration_ms = clock.elapsed().as_millis() as u64;
+                output.log.finish(Duration::from_secs(10)).await;
+                result.tests =
+                    test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
+                match outcome {
+                    Err(e) => {
+                        result.reason = Some(format!("cannot start `sh -c {}`: {e}", spec.command))
+                    }
+                    Ok(o) => {
+                        result.log_bytes = o.output_bytes;
+                        result.output_tail = String::from_utf8_lossy(&o.tail).into_owned();
+                        let (status, code, signal, reason) = verdict(o.ended, spec.timeout);
+                        result.status = status;
+                        result.exit_code = code;
+                        result.signal = signal;
+                        result.reason = reason;
+                    }
+                }
+            }
+        }
+        if result.duration_ms == 0 {
+            result.finished_at = OffsetDateTime::now_utc();
+            result.duration_ms = clock.elapsed().as_millis() as u64;
+        }
+        Execution::Done(result)
+    }
+
+    /// A fresh checkout of the job's commit, its config and its environment.
+    ///
+    /// Errors: [`Prepare::Retry`] when the workspace or the checkout fails (the network, the
+    /// disk, a repository that moved: worth another attempt, maybe on another runner);
+    /// [`Prepare::Fail`] when the commit's own `.jetci.toml` is wrong (every attempt would fail
+    /// the same way).
+    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, RepoConfig), Prepare> {
+        let dir = self.job_dir(&job.attempt_id());
+        let src = dir.join("src");
+        let home = dir.join("home");
+        let tmp = dir.join("tmp");
+        let mirrors = self.settings.work_dir.join("mirrors");
+        let lock = {
+            let mut map = self.mirrors.lock().expect("lock");
+            map.entry(Mirror::path_for(&job.url, &mirrors))
+                .or_default()
+                .clone()
+        };
+        let guard = lock.lock_owned().await;
+        // One blocking task for the whole file-system part: each hop to the blocking pool costs
+        // tens of microseconds, and this part used to take seven.
+        let (url, sha, id) = (job.url.clone(), job.sha.clone(), self.settings.id.clone());
+        let (src_dir, home_dir, tmp_dir) = (src.clone(), home.clone(), tmp.clone());
+        let prepared = tokio::task::spawn_blocking(move || -> Result<Option<String>, Prepare> {
+            let _ = std::fs::remove_dir_all(&dir);
+            for d in [&src_dir, &home_dir, &tmp_dir] {
+                std::fs::create_dir_all(d).map_err(|e| {
+                    Prepare::Retry(format!("cannot create {} on runner {id}: {e}", d.display()))
+                })?;
+            }
+            let checkout = Mirror::open(&url, &mirrors).and_then(|mirror| {
+                let oid = mirror.ensure_commit(&sha)?;
+                mirror.checkout(oid, &src_dir)
+            });
+            drop(guard);
+            checkout.map_err(|e| Prepare::Retry(format!("checkout failed on runner {id}: {e}")))?;
+            // Read only a regular file: a symlink could point outside the checkout.
+            let config_path = src_dir.join(FILE_NAME);
+            match std::fs::symlink_metadata(&config_path) {
+                Ok(m) if !m.file_type().is_file() => Err(Prepare::Fail(format!(
+                    "{FILE_NAME} must be a regular file (not a symlink or a directory)"
+                ))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                _ => match std::fs::read_to_string(&config_path) {
+                    Ok(text) => Ok(Some(text)),
+                    Err(e) => Err(Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"))),
+                },
+            }
+        })
+        .await
+        .map_err(|e| {
+            Prepare::Retry(format!(
+                "checkout task failed on runner {}: {e}",
+                self.settings.id
+            ))
+        })??;
+        let config = match prepared {
+            Some(text) => RepoConfig::parse(&text).map_err(|e| Prepare::Fail(e.to_string()))?,
+            None => RepoConfig::default(),
+        };
+        let spec = Spec {
+            command: config
+                .command
+                .clone()
+                .unwrap_or_else(|| self.settings.default_command.clone()),
+            dir: src,
+            env: self.job_env(job, &home, &tmp, &config),
+            timeout: config.timeout.unwrap_or(self.settings.default_timeout),
+            grace: self.settings.grace,
+            owner: self.owner(),
+        };
+        Ok((spec, config))
+    }
+
+    /// The job's environment: a short allow-list from the runner's own, a fresh HOME and TMPDIR,
+    /// the repository's `env`, and the job's identity as `JETCI_*`. The runner's NATS settings
+    /// and credentials never reach the test.
+    fn job_env(
+        &self,
+        job: &JobMsg,
+        home: &Path,
+        tmp: &Path,
+        config: &RepoConfig,
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = PASSED_ENV
+            .iter()
+            .map(|s| s.to_string())
+            .chain(self.settings.pass_env.iter().cloned())
+            .filter_map(|k| std::env::var(&k).ok().map(|v| (k, v)))
+            .collect();
+        if !env.iter().any(|(k, _)| k == "PATH") {
+            env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+        }
+        env.push(("HOME".into(), home.display().to_string()));
+        env.push(("TMPDIR".into(), tmp.display().to_string()));
+        env.push(("CI".into(), "true".into()));
+        if let Some(cache) = &self.settings.cache_dir {
+            env.push(("JETCI_CACHE_DIR".into(), cache.display().to_string()));
+        }
+        env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend([
+            ("JETCI_REPO".to_string(), job.repo.clone()),
+            ("JETCI_BRANCH".to_string(), job.branch.clone()),
+            ("JETCI_COMMIT".to_string(), job.sha.clone()),
+            ("JETCI_RUN".to_string(), job.run.to_string()),
+            ("JETCI_ATTEMPT".to_string(), job.attempt.to_string()),
+            ("JETCI_RUNNER".to_string(), self.settings.id.clone()),
+        ]);
+        env
+    }
+
+}
+
+/// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
+/// else the unittest or pytest summary found in the output. An unreadable report is logged and
+/// never changes the job's status.
+async fn test_counts(
+    job_id: &str,
+    checkout: &Path,
+    junit: &[String],
+    scanner: OutputScanner,
+) -> Option<TestCounts> {
+    if !junit.is_empty() {
+        let (dir, globs) = (checkout.to_path_buf(), junit.to_vec());
+        match tokio::task::spawn_blocking(move || read_junit(&dir, &globs)).await {
+            Ok(Ok(Some(counts))) => return Some(counts),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(job = %job_id, error = %e, "cannot read a JUnit report; counting from the output")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job_id, error = %e, "JUnit reading failed; counting from the output")
+            }
+        }
+    }
+    scanner.finish()
+}
+
+/// Why a job could not be prepared.
+enum Prepare {
+    /// Worth another attempt.
+    Retry(String),
+    /// The commit's own fault: the result is `error` with this reason.
+    Fail(String),
+}
+
+/// A job's output goes to its log and to the test-count scanner.
+struct JobOutput {
+    log: LogSink,
+    scanner: OutputScanner,
+}
+
+impl exec::Output for JobOutput {
+    async fn write(&mut self, bytes: &[u8]) {
+        self.scanner.feed(bytes);
+        self.log.write(bytes).await;
+    }
+}
+
+/// Maps how the command ended to the result's status, exit code, signal and reason.
+fn verdict(ended: Ended, timeout: Duration) -> (Status, Option<i32>, Option<i32>, Option<String>) {
+    match ended {
+        Ended::Exited(0) => (Status::Passed, Some(0), None, None),
+        Ended::Exited(code) => (Status::Failed, Some(code), None, None),
+        Ended::Signaled(sig) => (
+            Status::Failed,
+            None,
+            Some(sig),
+            Some(format!(
+                "the command was killed by signal {sig} ({})",
+                signal_name(sig)
+            )),
+        ),
+        Ended::TimedOut { signal } => (
+            Status::TimedOut,
+            None,
+            signal,
+            Some(format!(
+                "the command ran past its timeout of {}",
+                humantime::format_duration(timeout)
+            )),
+        ),
+        Ended::Cancelled { signal } => (
+            Status::Cancelled,
+            None,
+            signal,
+            Some("the job was cancelled".into()),
+        ),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let t = Duration::from_secs(90);
+        assert_eq!(verdict(Ended::Exited(0), t).0, Status::Passed);
+        assert_eq!(verdict(Ended::Exited(1), t).0, Status::Failed);
+        let (s, code, sig, reason) = verdict(Ended::Signaled(9), t);
+        assert_eq!((s, code, sig), (Status::Failed, None, Some(9)));
+        assert!(reason.unwrap().contains("SIGKILL"));
+        let (s, _, _, reason) = verdict(Ended::TimedOut { signal: Some(15) }, t);
+        assert_eq!(s, Status::TimedOut);
+        assert!(reason.unwrap().contains("1m 30s"));
+        assert_eq!(
+            verdict(Ended::Cancelled { signal: None }, t).0,
+            Status::Cancelled
+        );
+    }
+}
+
+/// The mark of the runner working in `work_dir` on its jobs' processes: a hash of the directory,
+/// stable across restarts ([`exec::kill_orphans`] finds what a killed runner left with it).
+pub fn owner_of(work_dir: &Path) -> String {
+    let dir = std::fs::canonicalize(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
+    format!("runner{}", jetci::git::text_hash(&dir.to_string_lossy()))
+}

@@ -1,0 +1,1151 @@
+//! The dispatcher's decisions, without I/O (the sans-IO style of quinn-proto and rustls): the
+//! core takes [`Event`]s with the current time and returns [`Effect`]s; the driver
+//! ([`super::driver`]) does the NATS work and feeds the answers back as events.
+//!
+//! The protocol it follows (DESIGN.md, "One commit's life" and "Deadlines instead of pings"):
+//! a commit is held unacked while its job runs; the job goes to a runner whose labels match
+//! ([`placement`]); the age of the job's state in `ci-jobs`, which the runner rewrites every
+//! heartbeat, says whether the runner is alive ([`lease`]); a lost runner's job goes to another
+//! runner as attempt n+1 (I2), a live one is adopted after a dispatcher restart (I3), and the
+//! commit is acked once the job's state is final (I1).
+//!
+//! Each held run's place in that protocol is a [`Step`], an enum whose variants carry their own
+//! data; the steps that wait for an answer ([`Step::in_flight`]) say what to do with it. Besides
+//! the runs it holds, the core keeps a cache of two buckets: the runners in `ci-runners` and the
+//! jobs `assigned` or `running` on them in `ci-jobs` (any dispatcher's), from which it counts
+//! free slots. Losing all of it loses nothing: the buckets and the unacked commits are the state.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::messages::{CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status};
+use crate::protocol::lease::{self, Decision};
+use crate::protocol::placement::{nobody_has_labels, pick_runner, Candidate};
+use crate::protocol::store::{StateError, Versioned};
+use crate::subjects::{JobRef, Names};
+
+/// How often the driver ticks: held jobs are checked for late heartbeats this often (in memory,
+/// cheap), and a late runner is probed at most this often.
+pub const CHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How long a new commit waits for a runner before its `queued` state (with the reason) is
+/// written for `jetci status`: commits held ready for a busy runner usually start within
+/// milliseconds, and skipping the write for them saves a bucket write per job.
+pub const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
+
+/// Runners whose presence was not refreshed for this many leases are forgotten.
+const FORGET_AFTER_LEASES: u32 = 20;
+
+/// The core's settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The lease: a job whose state is older than this has lost its runner, and the ack wait of
+    /// commits (extended every lease/3 while held).
+    pub lease: Duration,
+    /// Attempts per job before its run is given up as `error` (lost runners only; a failing test
+    /// is never retried).
+    pub max_attempts: u32,
+    /// The installation's names (for the results the core builds).
+    pub names: Names,
+}
+
+/// Something that happened, fed to [`Core::handle`].
+#[derive(Debug)]
+pub enum Event {
+    /// A commit message was pulled from `CI_COMMITS` (decoded and accepted by the driver);
+    /// `seq` is its stream sequence, `redelivered` true when JetStream delivered it before (to
+    /// this or another dispatcher).
+    CommitDelivered {
+        commit: CommitMsg,
+        seq: u64,
+        redelivered: bool,
+    },
+    /// The answer to [`Effect::LookUpResult`]: the run's stored result, if any (a failed read
+    /// counts as none: the worst that follows is a run the verdict ignores).
+    ResultLookedUp {
+        key: String,
+        result: Option<ResultMsg>,
+    },
+    /// The answer to [`Effect::ReadState`].
+    StateRead {
+        key: String,
+        read: Result<Option<Versioned>, StateError>,
+    },
+    /// The answer to [`Effect::WriteState`]: the new revision, or why not.
+    StateWritten {
+        key: String,
+        written: Result<u64, StateError>,
+    },
+    /// The answer to [`Effect::FinishWithoutRunner`]: whether a result for the run is stored now
+    /// (this one or an earlier one).
+    FinishedWithoutRunner { key: String, stored: bool },
+    /// The server's answer to [`Effect::PublishJob`]: the job message's sequence in `CI_JOBS`, or
+    /// why it was not stored.
+    JobStored {
+        key: String,
+        stored: Result<u64, String>,
+    },
+    /// A `ci-jobs` entry went by on the bucket's watch; `None` for a deleted one.
+    JobStateChanged {
+        key: String,
+        state: Option<Versioned>,
+    },
+    /// A `ci-runners` entry went by: written `age` ago, at `revision`.
+    RunnerSeen {
+        key: String,
+        info: RunnerInfo,
+        age: Duration,
+        revision: u64,
+    },
+    /// A `ci-runners` entry was deleted or purged.
+    RunnerGone { key: String },
+    /// The answer to [`Effect::Probe`]: `gone` when NATS said "no responders", that is no
+    /// connection subscribes to the runner's control subject any more.
+    ProbeAnswered { runner: String, gone: bool },
+    /// The connection to NATS came back after an outage.
+    Reconnected,
+    /// Time passed ([`CHECK_EVERY`]).
+    Tick,
+}
+
+/// Something the driver must do. Effects that ask a question are answered by the event their
+/// doc names, before the driver takes the next event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Is a final result of `job`'s run stored? Answer: [`Event::ResultLookedUp`].
+    LookUpResult { key: String, job: JobRef },
+    /// Read the job's state. Answer: [`Event::StateRead`].
+    ReadState { key: String },
+    /// Write `state` if the key is at `revision` (`None`: only if it does not exist). Answer:
+    /// [`Event::StateWritten`].
+    WriteState {
+        key: String,
+        state: JobState,
+        revision: Option<u64>,
+    },
+    /// Publish `job` on its runner's subject, with the `assigned` state and its revision in the
+    /// headers (the runner claims on them). Answer, whenever the server acks:
+    /// [`Event::JobStored`].
+    PublishJob {
+        key: String,
+        job: JobMsg,
+        assigned: JobState,
+        revision: u64,
+    },
+    /// Delete a lost attempt's job message from its runner's subject (`CI_JOBS` sequence).
+    DeleteJobMessage { seq: u64 },
+    /// Give the run its final result without a runner, then write `state` finished
+    /// ([`crate::protocol::verdict::finish_without_runner`]). Answer:
+    /// [`Event::FinishedWithoutRunner`].
+    FinishWithoutRunner {
+        key: String,
+        result: ResultMsg,
+        state: JobState,
+        revision: Option<u64>,
+    },
+    /// The run has its result: ack its commit message for good (the run's key).
+    AckCommit { run: String },
+    /// Extend the ack deadline of every commit message held (an in-progress ack).
+    ExtendCommits,
+    /// Ask the runner's control subject whether it is there. Answer: [`Event::ProbeAnswered`].
+    Probe { runner: String },
+    /// Count a final result for the metrics.
+    CountResult { status: Option<Status> },
+}
+
+/// A runner as seen in `ci-runners`.
+#[derive(Debug)]
+struct Presence {
+    info: RunnerInfo,
+    /// When it last wrote its entry, on this host's clock.
+    written: Instant,
+    revision: u64,
+}
+
+/// A job that is `assigned` or `running` (by any dispatcher), as seen in `ci-jobs`.
+#[derive(Debug)]
+struct Active {
+    runner: String,
+    /// When its state was last written: the runner's last heartbeat.
+    written: Instant,
+}
+
+/// What this dispatcher knows of a held job's state, so that it can write without reading.
+#[derive(Debug, Clone)]
+enum Known {
+    /// Delivered for the first time and nothing written since: the state almost surely does not
+    /// exist, so the first write creates it (a create fails if it does exist, and then the state
+    /// is read).
+    Absent,
+    /// As last written or watched, with its revision.
+    State(JobState, u64),
+    /// To be read before the next decision.
+    Unknown,
+}
+
+/// Why and since when a job waits for a runner.
+#[derive(Debug, Clone, PartialEq)]
+struct Wait {
+    reason: String,
+    since: Instant,
+    /// Its `queued` state with this reason is in `ci-jobs` (for `jetci status`).
+    recorded: bool,
+}
+
+/// Where a held run's job is in the protocol.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A redelivered commit: is its run's result stored already?
+    CheckingResult,
+    /// Reading the job's state to decide (the wait it was in, if any).
+    Reading { wait: Option<Wait> },
+    /// A decision after a lost runner, held until we know whether the lost attempt stored its
+    /// result ([`lease::after_a_loss`]).
+    CheckingLoss {
+        current: Option<Versioned>,
+        decision: Decision,
+    },
+    /// Waiting for a runner.
+    Waiting(Wait),
+    /// Writing `queued` with the reason it waits.
+    RecordingWait {
+        wait: Wait,
+        state: JobState,
+        stale: Option<u64>,
+        created: bool,
+    },
+    /// Writing `assigned` for `attempt` on `runner` (the runner's slot is taken meanwhile).
+    Assigning {
+        runner: String,
+        attempt: u32,
+        state: JobState,
+        stale: Option<u64>,
+        created: bool,
+    },
+    /// Replacing a state that does not parse with a fresh `queued` one.
+    Replacing,
+    /// Writing `final` with the status of a result a lost attempt stored.
+    RecordingFinal,
+    /// Giving the run its final result without a runner.
+    Finishing { stale: Option<u64> },
+    /// The job is on a runner (assigned here, or adopted); its heartbeats are in `active`.
+    OnRunner,
+    /// Nothing in flight; decided again at the next tick (after an error, say).
+    Idle,
+}
+
+impl Step {
+    /// Whether the step waits for an answer from the driver.
+    fn in_flight(&self) -> bool {
+        matches!(
+            self,
+            Step::CheckingResult
+                | Step::Reading { .. }
+                | Step::CheckingLoss { .. }
+                | Step::RecordingWait { .. }
+                | Step::Assigning { .. }
+                | Step::Replacing
+                | Step::RecordingFinal
+                | Step::Finishing { .. }
+        )
+    }
+}
+
+/// A commit this dispatcher holds, and its one job.
+#[derive(Debug)]
+struct Run {
+    commit: CommitMsg,
+    job: JobRef,
+    /// The commit message's sequence in `CI_COMMITS`.
+    seq: u64,
+    /// Where this dispatcher's last job message for it is in `CI_JOBS`, from the publish ack.
+    job_seq: Option<u64>,
+    known: Known,
+    step: Step,
+}
+
+/// Figures for the dispatcher's gauges.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Gauges {
+    /// Held jobs waiting for a runner.
+    pub waiting: u32,
+    /// Jobs assigned or running (any dispatcher's).
+    pub in_flight: usize,
+    /// Age of the oldest heartbeat among them.
+    pub oldest_heartbeat: Duration,
+}
+
+/// The dispatcher's state and decisions. See the module doc.
+pub struct Core {
+    config: Config,
+    runners: HashMap<String, Presence>,
+    /// Runners a probe found gone, with the presence revision they had then.
+    gone: HashMap<String, u64>,
+    active: HashMap<String, Active>,
+    /// Held runs by job key.
+    runs: HashMap<String, Run>,
+    /// When each runner was last given a job (a counter), so equal runners take turns.
+    picks: HashMap<String, u64>,
+    pick_count: u64,
+    /// When held commits were last extended.
+    extended: Instant,
+    /// When each runner was last probed.
+    probed: HashMap<String, Instant>,
+    /// When the connection to NATS last came back: no heartbeat can be older than that for a
+    /// runner's fault, so ages count from it at most.
+    reconnected: Option<Instant>,
+}
+
+type Effects = Vec<Effect>;
+
+impl Core {
+    /// A core that holds nothing yet, started at `now`.
+    pub fn new(config: Config, now: Instant) -> Core {
+        Core {
+            config,
+            runners: HashMap::new(),
+            gone: HashMap::new(),
+            active: HashMap::new(),
+            runs: HashMap::new(),
+            picks: HashMap::new(),
+            pick_count: 0,
+            extended: now,
+            probed: HashMap::new(),
+            reconnected: None,
+        }
+    }
+
+    /// The heartbeat period the lease implies: commits are extended this often.
+    pub fn beat(&self) -> Duration {
+        self.config.lease / 3
+    }
+
+    /// Takes one event at `now` and returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Effects {
+        let mut out = Vec::new();
+        match event {
+            Event::CommitDelivered {
+                commit,
+                seq,
+                redelivered,
+            } => self.on_commit(commit, seq, redelivered, now, &mut out),
+            Event::ResultLookedUp { key, result } => {
+                self.on_result_looked_up(&key, result, now, &mut out)
+            }
+            Event::StateRead { key, read } => self.on_state_read(&key, read, now, &mut out),
+            Event::StateWritten { key, written } => {
+                self.on_state_written(&key, written, now, &mut out)
+            }
+            Event::FinishedWithoutRunner { key, stored } => {
+                self.on_finished(&key, stored, &mut out)
+            }
+            Event::JobStored { key, stored } => self.on_job_stored(&key, stored),
+            Event::JobStateChanged { key, state } => {
+                self.on_job_state(&key, state, now, &mut out)
+            }
+            Event::RunnerSeen {
+                key,
+                info,
+                age,
+                revision,
+            } => self.on_runner(key, info, age, revision, now, &mut out),
+            Event::RunnerGone { key } => {
+                self.runners.remove(&key);
+            }
+            Event::ProbeAnswered { runner, gone } => self.on_probe(&runner, gone, now, &mut out),
+            Event::Reconnected => self.on_reconnect(now),
+            Event::Tick => self.on_tick(now, &mut out),
+        }
+        out
+    }
+
+    /// How many more commits to pull now: one per free runner slot, plus one per slot held ready
+    /// (so a slot that frees is filled without a round trip to the stream), minus those that
+    /// already wait. The rest of the queue stays in the stream, in order.
+    pub fn wanted(&self, now: Instant) -> usize {
+        let ready = self.free_slots(now) + self.capacity(now);
+        ready.saturating_sub(self.waiting()) as usize
+    }
+
+    /// Figures for the gauges at `now`.
+    pub fn gauges(&self, now: Instant) -> Gauges {
+        Gauges {
+            waiting: self.waiting(),
+            in_flight: self.active.len(),
+            oldest_heartbeat: self
+                .active
+                .values()
+                .map(|a| now.saturating_duration_since(a.written))
+                .max()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The held runs' keys (the driver naks their commits when it stops).
+    pub fn held(&self) -> usize {
+        self.runs.len()
+    }
+
+    // ---- commits -----------------------------------------------------------------------------
+
+    fn on_commit(
+        &mut self,
+        commit: CommitMsg,
+        seq: u64,
+        redelivered: bool,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let job = commit.only_job();
+        let key = job.key();
+        // A commit delivered for the first time cannot have a result yet, short of a
+        // re-published commit (whose job state says final anyway): the check is for redeliveries.
+        let (known, step) = if redelivered {
+            (Known::Unknown, Step::CheckingResult)
+        } else {
+            (Known::Absent, Step::Idle)
+        };
+        self.runs.insert(
+            key.clone(),
+            Run {
+                commit,
+                job: job.clone(),
+                seq,
+                job_seq: None,
+                known,
+                step,
+            },
+        );
+        if redelivered {
+            out.push(Effect::LookUpResult { key, job });
+        } else {
+            self.advance(&key, now, out);
+        }
+    }
+
+    fn on_result_looked_up(
+        &mut self,
+        key: &str,
+        result: Option<ResultMsg>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        match std::mem::replace(&mut run.step, Step::Idle) {
+            Step::CheckingResult => match result {
+                Some(_) => {
+                    tracing::debug!(%key, "commit already has its result");
+                    self.close(key, out);
+                }
+                None => self.advance(key, now, out),
+            },
+            Step::CheckingLoss { current, decision } => match (result, current) {
+                (Some(result), Some(current)) => {
+                    // The run is over: mark its state final with the stored result's status
+                    // (compare-and-set); the watched entry then closes the commit.
+                    tracing::info!(%key, attempt = result.attempt, runner = %result.runner, status = %result.status, "the lost attempt had stored its result; the run is over");
+                    run.known = Known::Unknown;
+                    run.step = Step::RecordingFinal;
+                    let state = current.state.finish(result.status, result.reason);
+                    out.push(Effect::WriteState {
+                        key: key.to_string(),
+                        state,
+                        revision: Some(current.revision),
+                    });
+                }
+                (_, current) => self.act(key, current, decision, None, now, out),
+            },
+            other => run.step = other,
+        }
+    }
+
+    // ---- deciding ----------------------------------------------------------------------------
+
+    /// Decides what to do with a held job: on the state as known, or after reading it.
+    fn advance(&mut self, key: &str, now: Instant, out: &mut Effects) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        if run.step.in_flight() {
+            return;
+        }
+        let wait = match &run.step {
+            Step::Waiting(w) => Some(w.clone()),
+            _ => None,
+        };
+        let known = match &run.known {
+            Known::Absent => Some(None),
+            // A waiting job's own `queued` state: nothing to read (a change by anyone else
+            // comes by the watch and replaces it).
+            Known::State(state, revision)
+                if wait.is_some() && state.phase == JobPhase::Queued && state.cancel.is_none() =>
+            {
+                Some(Some(Versioned {
+                    state: state.clone(),
+                    revision: *revision,
+                    age: Duration::ZERO,
+                }))
+            }
+            _ => None,
+        };
+        match known {
+            Some(current) => self.decide(key, current, wait, now, out),
+            None => {
+                run.step = Step::Reading { wait };
+                out.push(Effect::ReadState {
+                    key: key.to_string(),
+                });
+            }
+        }
+    }
+
+    fn on_state_read(
+        &mut self,
+        key: &str,
+        read: Result<Option<Versioned>, StateError>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let Step::Reading { wait } = std::mem::replace(&mut run.step, Step::Idle) else {
+            return;
+        };
+        match read {
+            Ok(current) => self.decide(key, current, wait, now, out),
+            Err(StateError::Bad {
+                reason, revision, ..
+            }) => {
+                // Replace it (compare-and-set on its revision); the next tick decides afresh.
+                tracing::warn!(%key, %reason, "job state does not parse; starting the job afresh");
+                run.step = Step::Replacing;
+                out.push(Effect::WriteState {
+                    key: key.to_string(),
+                    state: JobState::queued(&run.commit, &run.job),
+                    revision: Some(revision),
+                });
+            }
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot read job state; trying again next beat");
+            }
+        }
+    }
+
+    /// Decides on the job's `current` state: the lease decision, after looking for a stored
+    /// result when it ends a lost attempt.
+    fn decide(
+        &mut self,
+        key: &str,
+        current: Option<Versioned>,
+        wait: Option<Wait>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let runner_gone = current
+            .as_ref()
+            .and_then(|c| c.state.runner.as_deref())
+            .is_some_and(|r| !self.runner_alive(r, now) && self.gone.contains_key(r));
+        let age = lease::effective_age(
+            current.as_ref().map(|c| c.age).unwrap_or_default(),
+            self.reconnected.map(|at| now.saturating_duration_since(at)),
+            runner_gone,
+            self.config.lease,
+        );
+        let state = current.as_ref().map(|c| &c.state);
+        let decision = lease::decide(state, age, self.config.lease, self.config.max_attempts);
+        if lease::after_a_loss(state, &decision) {
+            let Some(run) = self.runs.get_mut(key) else {
+                return;
+            };
+            out.push(Effect::LookUpResult {
+                key: key.to_string(),
+                job: run.job.clone(),
+            });
+            run.step = Step::CheckingLoss { current, decision };
+            return;
+        }
+        self.act(key, current, decision, wait, now, out);
+    }
+
+    fn act(
+        &mut self,
+        key: &str,
+        current: Option<Versioned>,
+        decision: Decision,
+        wait: Option<Wait>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        match decision {
+            Decision::Done => self.close(key, out),
+            Decision::Adopt => {
+                if let Some(run) = self.runs.get_mut(key) {
+                    run.step = Step::OnRunner;
+                }
+            }
+            Decision::Assign { attempt } => self.assign(key, current, attempt, wait, now, out),
+            Decision::GiveUp { attempts } => {
+                let state = current.as_ref().map(|c| &c.state);
+                let reason = lease::give_up_reason(state, attempts, self.config.max_attempts);
+                self.finish(key, current, attempts, Status::Error, reason, out);
+            }
+            Decision::Cancel => {
+                let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
+                let who = current
+                    .as_ref()
+                    .and_then(|c| c.state.cancel.clone())
+                    .unwrap_or_default();
+                let reason = format!("cancelled {who}");
+                self.finish(key, current, attempt, Status::Cancelled, reason, out);
+            }
+        }
+    }
+
+    // ---- assigning ---------------------------------------------------------------------------
+
+    /// Starts `attempt` on a free runner, or leaves the job waiting with the reason.
+    fn assign(
+        &mut self,
+        key: &str,
+        current: Option<Versioned>,
+        attempt: u32,
+        wait: Option<Wait>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get(key) else {
+            return;
+        };
+        let candidates = self.candidates(now);
+        let labels = &run.commit.labels;
+        let picked = pick_runner(&candidates, labels, &self.picks).map(str::to_string);
+        let nobody = nobody_has_labels(&candidates, labels);
+        let reason = if nobody && !labels.is_empty() {
+            format!("waiting for a runner with labels [{}]", labels.join(", "))
+        } else {
+            "waiting for a free runner".to_string()
+        };
+        let stale = self.stale_job_seq(key, current.as_ref().map(|c| &c.state));
+        let revision = current.as_ref().map(|c| c.revision);
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let created = matches!(run.known, Known::Absent);
+        let base = match current {
+            Some(c) => c.state,
+            None => JobState::queued(&run.commit, &run.job),
+        };
+        let Some(runner) = picked else {
+            let mut wait = match wait {
+                Some(w) if w.reason == reason => w,
+                _ => {
+                    tracing::info!(%key, %reason, "commit waits");
+                    Wait {
+                        reason: reason.clone(),
+                        since: now,
+                        recorded: false,
+                    }
+                }
+            };
+            // Recorded when the stored state says so: our own write, a job handed back, or one
+            // recorded by another dispatcher.
+            wait.recorded = revision.is_some()
+                && base.phase == JobPhase::Queued
+                && base.runner.is_none()
+                && base.reason.as_deref() == Some(reason.as_str());
+            // Record it, so `jetci status` can say why (a new commit only once it has waited
+            // a moment); a stale attempt's runner is cleared at once, so that runner, if it
+            // comes back, finds itself superseded.
+            let due = now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
+            if !wait.recorded && (revision.is_some() || due) {
+                let state = base.requeue(reason);
+                run.step = Step::RecordingWait {
+                    wait,
+                    state: state.clone(),
+                    stale,
+                    created,
+                };
+                out.push(Effect::WriteState {
+                    key: key.to_string(),
+                    state,
+                    revision,
+                });
+            } else {
+                run.step = Step::Waiting(wait);
+            }
+            return;
+        };
+        // Claim the attempt first (compare-and-set): of two dispatchers racing here, one write
+        // fails. The runner's slot counts as taken from now on.
+        let state = base.assign(&runner, attempt);
+        run.step = Step::Assigning {
+            runner,
+            attempt,
+            state: state.clone(),
+            stale,
+            created,
+        };
+        out.push(Effect::WriteState {
+            key: key.to_string(),
+            state,
+            revision,
+        });
+    }
+
+    fn on_state_written(
+        &mut self,
+        key: &str,
+        written: Result<u64, StateError>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let step = std::mem::replace(&mut run.step, Step::Idle);
+        let conflict = matches!(written, Err(StateError::Conflict));
+        match (step, written) {
+            (
+                Step::Assigning {
+                    runner,
+                    attempt,
+                    state,
+                    stale,
+                    ..
+                },
+                Ok(revision),
+            ) => {
+                let job = JobMsg::for_attempt(&run.commit, run.seq, &run.job, &runner, attempt);
+                run.known = Known::State(state.clone(), revision);
+                run.step = Step::OnRunner;
+                if let Some(seq) = stale {
+                    out.push(Effect::DeleteJobMessage { seq });
+                }
+                self.pick_count += 1;
+                self.picks.insert(runner.clone(), self.pick_count);
+                self.active.insert(
+                    key.to_string(),
+                    Active {
+                        runner,
+                        written: now,
+                    },
+                );
+                out.push(Effect::PublishJob {
+                    key: key.to_string(),
+                    job,
+                    assigned: state,
+                    revision,
+                });
+            }
+            (
+                Step::RecordingWait {
+                    wait, state, stale, ..
+                },
+                Ok(revision),
+            ) => {
+                run.known = Known::State(state, revision);
+                run.step = Step::Waiting(Wait {
+                    recorded: true,
+                    ..wait
+                });
+                if let Some(seq) = stale {
+                    out.push(Effect::DeleteJobMessage { seq });
+                }
+            }
+            (Step::Assigning { created, .. } | Step::RecordingWait { created, .. }, Err(e)) => {
+                run.known = Known::Unknown;
+                if conflict && created {
+                    // The state existed after all (a commit published again, a cancel request
+                    // written early): decide again on what is there.
+                    self.advance(key, now, out);
+                } else if conflict {
+                    tracing::debug!(%key, "another dispatcher moved the job first; deciding again next beat");
+                } else {
+                    tracing::warn!(%key, error = %e, "cannot write the job state; trying again next beat");
+                }
+            }
+            (Step::Replacing | Step::RecordingFinal, result) => {
+                run.known = Known::Unknown;
+                if let Err(e) = result {
+                    tracing::warn!(%key, error = %e, "cannot write the job state; trying again next beat");
+                }
+            }
+            (other, _) => run.step = other,
+        }
+    }
+
+    fn on_job_stored(&mut self, key: &str, stored: Result<u64, String>) {
+        match stored {
+            // A later attempt's message has a higher sequence, so a late ack never hides it.
+            Ok(seq) => {
+                if let Some(run) = self.runs.get_mut(key) {
+                    run.job_seq = run.job_seq.max(Some(seq));
+                }
+            }
+            // The state says `assigned`; with no heartbeat it goes stale after the lease and the
+            // job is assigned again.
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "the job was not stored; it is retried after the lease")
+            }
+        }
+    }
+
+    /// Where the previous attempt's job message is: recorded in its state by the runner that
+    /// claimed it, or remembered from publishing it.
+    fn stale_job_seq(&self, key: &str, previous: Option<&JobState>) -> Option<u64> {
+        previous
+            .and_then(|s| s.job_seq)
+            .or_else(|| self.runs.get(key).and_then(|r| r.job_seq))
+    }
+
+    // ---- finishing ---------------------------------------------------------------------------
+
+    /// Gives the run a final result without a runner (given up, or cancelled while not running).
+    fn finish(
+        &mut self,
+        key: &str,
+        current: Option<Versioned>,
+        attempt: u32,
+        status: Status,
+        reason: String,
+        out: &mut Effects,
+    ) {
+        let stale = self.stale_job_seq(key, current.as_ref().map(|c| &c.state));
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        tracing::warn!(%key, %status, %reason, "run finishes without a runner");
+        let result = ResultMsg::without_run(
+            &self.config.names,
+            &run.commit,
+            &run.job,
+            run.seq,
+            attempt,
+            status,
+            reason,
+        );
+        let revision = current.as_ref().map(|c| c.revision);
+        let state = match current {
+            Some(c) => c.state,
+            None => JobState::queued(&run.commit, &run.job),
+        };
+        run.step = Step::Finishing { stale };
+        out.push(Effect::FinishWithoutRunner {
+            key: key.to_string(),
+            result,
+            state,
+            revision,
+        });
+    }
+
+    fn on_finished(&mut self, key: &str, stored: bool, out: &mut Effects) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let Step::Finishing { stale } = std::mem::replace(&mut run.step, Step::Idle) else {
+            return;
+        };
+        if !stored {
+            // Nothing was written: the next tick decides again.
+            return;
+        }
+        if let Some(seq) = stale {
+            out.push(Effect::DeleteJobMessage { seq });
+        }
+        self.active.remove(key);
+        self.close(key, out);
+    }
+
+    /// The run has its final result: let go of it and ack its commit.
+    fn close(&mut self, key: &str, out: &mut Effects) {
+        if let Some(run) = self.runs.remove(key) {
+            out.push(Effect::AckCommit {
+                run: run.commit.key(),
+            });
+        }
+    }
+
+    // ---- the buckets' watches ----------------------------------------------------------------
+
+    fn on_job_state(
+        &mut self,
+        key: &str,
+        state: Option<Versioned>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(v) = state else {
+            self.active.remove(key);
+            return;
+        };
+        let held = match self.runs.get_mut(key) {
+            Some(run) => {
+                let newer = match &run.known {
+                    Known::State(_, revision) => *revision < v.revision,
+                    Known::Absent | Known::Unknown => true,
+                };
+                if newer {
+                    run.known = Known::State(v.state.clone(), v.revision);
+                }
+                true
+            }
+            None => false,
+        };
+        match v.state.phase {
+            JobPhase::Assigned | JobPhase::Running => {
+                if let Some(runner) = v.state.runner.clone() {
+                    let written = self.since(v.age, now);
+                    self.active.insert(key.to_string(), Active { runner, written });
+                }
+            }
+            JobPhase::Final => {
+                let freed = self.active.remove(key).is_some();
+                if freed || held {
+                    out.push(Effect::CountResult {
+                        status: v.state.status,
+                    });
+                }
+                self.close(key, out);
+                if freed {
+                    self.assign_waiting(now, out);
+                }
+                return;
+            }
+            JobPhase::Queued => {
+                self.active.remove(key);
+            }
+        }
+        if held && v.state.cancel.is_some() {
+            // A cancel request for a job this dispatcher holds: a waiting job ends now.
+            self.advance(key, now, out);
+        }
+    }
+
+    fn on_runner(
+        &mut self,
+        key: String,
+        info: RunnerInfo,
+        age: Duration,
+        revision: u64,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let written = self.since(age, now);
+        let new = !self.runners.contains_key(&key);
+        if new {
+            tracing::info!(runner = %info.id, labels = ?info.labels, capacity = info.capacity, "runner joined");
+        }
+        self.runners.insert(
+            key,
+            Presence {
+                info,
+                written,
+                revision,
+            },
+        );
+        if new {
+            self.assign_waiting(now, out);
+        }
+    }
+
+    // ---- liveness ----------------------------------------------------------------------------
+
+    /// Every [`CHECK_EVERY`]: extend held commits (each lease/3), probe late runners, decide
+    /// again on stale and waiting jobs.
+    fn on_tick(&mut self, now: Instant, out: &mut Effects) {
+        let beat = self.beat();
+        if now.saturating_duration_since(self.extended) >= beat {
+            self.extended = now;
+            out.push(Effect::ExtendCommits);
+        }
+        let mut recheck = Vec::new();
+        for (key, run) in &self.runs {
+            if run.step.in_flight() {
+                continue;
+            }
+            if matches!(run.step, Step::Waiting(_)) {
+                recheck.push(key.clone());
+                continue;
+            }
+            let Some(active) = self.active.get(key) else {
+                recheck.push(key.clone());
+                continue;
+            };
+            let age = now.saturating_duration_since(active.written);
+            if age >= self.config.lease {
+                recheck.push(key.clone());
+            } else if age > beat / 2 {
+                // The next heartbeat is due: probe the runner (at most every CHECK_EVERY); NATS
+                // answers "no responders" at once if the runner's connection is gone, so a
+                // crashed runner's job moves well before its lease ends.
+                let due = self
+                    .probed
+                    .get(&active.runner)
+                    .is_none_or(|at| now.saturating_duration_since(*at) >= CHECK_EVERY);
+                if due {
+                    self.probed.insert(active.runner.clone(), now);
+                    out.push(Effect::Probe {
+                        runner: active.runner.clone(),
+                    });
+                }
+            }
+        }
+        let forget = self.config.lease * FORGET_AFTER_LEASES;
+        self.runners
+            .retain(|_, p| now.saturating_duration_since(p.written) < forget);
+        for key in recheck {
+            // A job that waits (and is recorded, or not yet due to be) can wait for a free slot.
+            let idle_wait = self.runs.get(&key).is_some_and(|r| match &r.step {
+                Step::Waiting(w) => {
+                    w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER
+                }
+                _ => false,
+            });
+            if idle_wait && self.free_slots(now) == 0 {
+                continue;
+            }
+            self.advance(&key, now, out);
+        }
+    }
+
+    fn on_probe(&mut self, runner: &str, gone: bool, now: Instant, out: &mut Effects) {
+        // Right after a reconnect the runners are reconnecting too: their silence proves nothing.
+        let settling = self
+            .reconnected
+            .is_some_and(|at| now.saturating_duration_since(at) < self.config.lease);
+        if !gone || settling {
+            return;
+        }
+        let Some(presence) = self.runners.get(runner) else {
+            return;
+        };
+        tracing::warn!(%runner, "runner's connection is gone; moving its jobs now");
+        self.gone.insert(runner.to_string(), presence.revision);
+        let keys: Vec<String> = self
+            .active
+            .iter()
+            .filter(|(k, a)| a.runner == runner && self.runs.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in keys {
+            self.advance(&key, now, out);
+        }
+    }
+
+    /// Back from an outage: every job and runner gets a full lease from now to show it is alive.
+    fn on_reconnect(&mut self, now: Instant) {
+        tracing::info!(
+            jobs = self.active.len(),
+            "connected to NATS; lease clocks restart"
+        );
+        self.reconnected = Some(now);
+        for a in self.active.values_mut() {
+            a.written = a.written.max(now);
+        }
+        for p in self.runners.values_mut() {
+            p.written = p.written.max(now);
+        }
+        self.gone.clear();
+    }
+
+    /// The time a state or presence written `age` before `now` counts as, after an outage.
+    fn since(&self, age: Duration, now: Instant) -> Instant {
+        let written = now.checked_sub(age).unwrap_or(now);
+        match self.reconnected {
+            Some(at) => written.max(at),
+            None => written,
+        }
+    }
+
+    // ---- slots -------------------------------------------------------------------------------
+
+    /// Decides again on waiting jobs, oldest commit first, while runners have free slots.
+    fn assign_waiting(&mut self, now: Instant, out: &mut Effects) {
+        let mut waiting: Vec<(u64, String)> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| matches!(r.step, Step::Waiting(_)))
+            .map(|(k, r)| (r.seq, k.clone()))
+            .collect();
+        waiting.sort();
+        for (_, key) in waiting {
+            if self.free_slots(now) <= self.reading() {
+                break;
+            }
+            self.advance(&key, now, out);
+        }
+    }
+
+    /// Held jobs whose decision waits for a read (each may take a slot once it is answered).
+    fn reading(&self) -> u32 {
+        self.runs
+            .values()
+            .filter(|r| matches!(r.step, Step::Reading { .. } | Step::CheckingLoss { .. }))
+            .count() as u32
+    }
+
+    /// A runner is alive while its presence entry is younger than the lease and no probe found
+    /// it gone since its last refresh.
+    fn runner_alive(&self, id: &str, now: Instant) -> bool {
+        let Some(p) = self.runners.get(id) else {
+            return false;
+        };
+        now.saturating_duration_since(p.written) < self.config.lease
+            && self.gone.get(id) != Some(&p.revision)
+    }
+
+    /// Every known runner with its load: jobs assigned or running on it, and jobs this
+    /// dispatcher is assigning to it right now.
+    fn candidates(&self, now: Instant) -> Vec<Candidate<'_>> {
+        let mut busy: HashMap<&str, u32> = HashMap::new();
+        for a in self.active.values() {
+            *busy.entry(a.runner.as_str()).or_default() += 1;
+        }
+        for run in self.runs.values() {
+            if let Step::Assigning { runner, .. } = &run.step {
+                *busy.entry(runner.as_str()).or_default() += 1;
+            }
+        }
+        self.runners
+            .values()
+            .map(|p| Candidate {
+                id: p.info.id.as_str(),
+                labels: &p.info.labels,
+                capacity: p.info.capacity,
+                busy: busy.get(p.info.id.as_str()).copied().unwrap_or(0),
+                available: p.info.accepting && self.runner_alive(&p.info.id, now),
+            })
+            .collect()
+    }
+
+    fn free_slots(&self, now: Instant) -> u32 {
+        self.candidates(now)
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| c.capacity.saturating_sub(c.busy))
+            .sum()
+    }
+
+    /// Slots of all available runners, busy or not.
+    fn capacity(&self, now: Instant) -> u32 {
+        self.candidates(now)
+            .iter()
+            .filter(|c| c.available)
+            .map(|c| c.capacity)
+            .sum()
+    }
+
+    fn waiting(&self) -> u32 {
+        self.runs
+            .values()
+            .filter(|r| matches!(r.step, Step::Waiting(_)))
+            .count() as u32
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

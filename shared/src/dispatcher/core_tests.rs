@@ -1,0 +1,935 @@
+//! Every transition of the dispatcher's core, driven by events and checked by the effects it
+//! returns: no NATS server, no clock but the one the tests move.
+
+use super::*;
+use crate::messages::{now, VERSION};
+
+const LEASE: Duration = Duration::from_secs(3);
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// A core and the time the tests move by hand.
+struct World {
+    core: Core,
+    now: Instant,
+}
+
+impl World {
+    fn new() -> World {
+        World::with_attempts(3)
+    }
+
+    fn with_attempts(max_attempts: u32) -> World {
+        let now = Instant::now();
+        let config = Config {
+            lease: LEASE,
+            max_attempts,
+            names: Names::default(),
+        };
+        World {
+            core: Core::new(config, now),
+            now,
+        }
+    }
+
+    fn later(&mut self, by: Duration) {
+        self.now += by;
+    }
+
+    fn on(&mut self, event: Event) -> Vec<Effect> {
+        self.core.handle(event, self.now)
+    }
+
+    /// A runner writes its presence (now).
+    fn runner(&mut self, id: &str, labels: &[&str], capacity: u32) -> Vec<Effect> {
+        self.runner_at(id, labels, capacity, 1)
+    }
+
+    fn runner_at(&mut self, id: &str, labels: &[&str], capacity: u32, rev: u64) -> Vec<Effect> {
+        self.on(Event::RunnerSeen {
+            key: id.into(),
+            info: runner_info(id, labels, capacity, true),
+            age: Duration::ZERO,
+            revision: rev,
+        })
+    }
+
+    /// Commit `i` delivered for the first time at stream sequence `i`.
+    fn deliver(&mut self, i: u64) -> Vec<Effect> {
+        self.on(Event::CommitDelivered {
+            commit: commit(i),
+            seq: i,
+            redelivered: false,
+        })
+    }
+
+    fn written(&mut self, i: u64, revision: u64) -> Vec<Effect> {
+        self.on(Event::StateWritten {
+            key: key(i),
+            written: Ok(revision),
+        })
+    }
+
+    fn read(&mut self, i: u64, state: Option<Versioned>) -> Vec<Effect> {
+        self.on(Event::StateRead {
+            key: key(i),
+            read: Ok(state),
+        })
+    }
+
+    fn looked_up(&mut self, i: u64, result: Option<ResultMsg>) -> Vec<Effect> {
+        self.on(Event::ResultLookedUp {
+            key: key(i),
+            result,
+        })
+    }
+
+    fn watched(&mut self, i: u64, state: JobState, revision: u64, age: Duration) -> Vec<Effect> {
+        self.on(Event::JobStateChanged {
+            key: key(i),
+            state: Some(versioned(state, revision, age)),
+        })
+    }
+
+    fn tick(&mut self) -> Vec<Effect> {
+        self.on(Event::Tick)
+    }
+
+    /// Commit `i` delivered and assigned to `runner` (written at revision `rev`), its job
+    /// published; returns the assigned state.
+    fn assigned(&mut self, i: u64, runner: &str, rev: u64) -> JobState {
+        let effects = self.deliver(i);
+        let state = assignment(&effects, runner, 1);
+        let effects = self.written(i, rev);
+        assert!(
+            matches!(&effects[..], [Effect::PublishJob { job, .. }] if job.runner == runner),
+            "{effects:?}"
+        );
+        state
+    }
+}
+
+fn commit(i: u64) -> CommitMsg {
+    CommitMsg {
+        v: VERSION,
+        repo: "app".into(),
+        url: "/srv/app".into(),
+        branch: "main".into(),
+        sha: format!("{i:040x}"),
+        run: 1,
+        labels: vec![],
+        author: String::new(),
+        summary: String::new(),
+        published_at: now(),
+    }
+}
+
+fn key(i: u64) -> String {
+    commit(i).only_job().key()
+}
+
+fn runner_info(id: &str, labels: &[&str], capacity: u32, accepting: bool) -> RunnerInfo {
+    RunnerInfo {
+        v: VERSION,
+        id: id.into(),
+        host: "h".into(),
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        capacity,
+        jobs: vec![],
+        accepting,
+        started_at: now(),
+        updated_at: now(),
+    }
+}
+
+fn versioned(state: JobState, revision: u64, age: Duration) -> Versioned {
+    Versioned {
+        state,
+        revision,
+        age,
+    }
+}
+
+/// The state of commit `i`'s job after `f`.
+fn state(i: u64, f: impl FnOnce(JobState) -> JobState) -> JobState {
+    let c = commit(i);
+    f(JobState::queued(&c, &c.only_job()))
+}
+
+fn running(i: u64, runner: &str, attempt: u32, job_seq: u64) -> JobState {
+    state(i, |s| s.assign(runner, attempt).claim(job_seq))
+}
+
+fn result(i: u64, status: Status) -> ResultMsg {
+    let c = commit(i);
+    ResultMsg {
+        runner: "r1".into(),
+        ..ResultMsg::without_run(&Names::default(), &c, &c.only_job(), i, 1, status, "x".into())
+    }
+}
+
+/// The `assigned` state written by `effects` (exactly one write, for `runner` and `attempt`).
+#[track_caller]
+fn assignment(effects: &[Effect], runner: &str, attempt: u32) -> JobState {
+    match effects {
+        [Effect::WriteState { state, .. }] => {
+            assert_eq!(state.phase, JobPhase::Assigned, "{effects:?}");
+            assert_eq!(state.runner.as_deref(), Some(runner), "{effects:?}");
+            assert_eq!(state.attempt, attempt, "{effects:?}");
+            state.clone()
+        }
+        _ => panic!("expected one assignment, got {effects:?}"),
+    }
+}
+
+#[track_caller]
+fn no_effects(effects: &[Effect]) {
+    assert!(effects.is_empty(), "{effects:?}");
+}
+
+fn probes(effects: &[Effect]) -> Vec<&str> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Probe { runner } => Some(runner.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+// ---- assignment ------------------------------------------------------------------------------
+
+#[test]
+fn a_new_commit_goes_to_a_free_runner_with_one_create_and_one_publish() {
+    let mut w = World::new();
+    no_effects(&w.runner("r1", &[], 1));
+    let effects = w.deliver(1);
+    match &effects[..] {
+        [Effect::WriteState {
+            key: k,
+            state,
+            revision: None,
+        }] => {
+            assert_eq!(k, &key(1));
+            assert_eq!((state.phase, state.attempt), (JobPhase::Assigned, 1));
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.written(1, 5);
+    match &effects[..] {
+        [Effect::PublishJob {
+            job,
+            assigned,
+            revision: 5,
+            ..
+        }] => {
+            assert_eq!((job.runner.as_str(), job.attempt, job.commit_seq), ("r1", 1, 1));
+            assert_eq!(job.key(), key(1));
+            assert_eq!(assigned.runner.as_deref(), Some("r1"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn equal_runners_take_turns() {
+    let mut w = World::new();
+    w.runner("r1", &[], 2);
+    w.runner("r2", &[], 2);
+    let first = assignment(&w.deliver(1), "r1", 1);
+    w.written(1, 1);
+    // r1 has one slot left and r2 two: the freer one goes first.
+    assignment(&w.deliver(2), "r2", 1);
+    w.written(2, 2);
+    // Now both have one free slot: r1 was picked longer ago.
+    assignment(&w.deliver(3), "r1", 1);
+    assert_eq!(first.runner.as_deref(), Some("r1"));
+}
+
+#[test]
+fn a_slot_being_assigned_is_not_given_twice() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    assignment(&w.deliver(1), "r1", 1);
+    // The first assignment's write is not answered yet: r1's one slot is taken all the same.
+    no_effects(&w.deliver(2));
+    assert_eq!(w.core.gauges(w.now).waiting, 1);
+}
+
+#[test]
+fn a_new_commit_with_no_free_runner_is_recorded_as_waiting_after_a_moment() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    no_effects(&w.deliver(2));
+    w.later(MS(250));
+    assert!(w.tick().is_empty(), "not recorded before RECORD_WAIT_AFTER");
+    w.later(MS(300));
+    let effects: Vec<Effect> = w
+        .tick()
+        .into_iter()
+        .filter(|e| !matches!(e, Effect::Probe { .. }))
+        .collect();
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: None,
+            ..
+        }] => {
+            assert_eq!(state.phase, JobPhase::Queued);
+            assert_eq!(state.reason.as_deref(), Some("waiting for a free runner"));
+        }
+        other => panic!("{other:?}"),
+    }
+    no_effects(&w.written(2, 7));
+    // Recorded: the next beats leave it alone while no slot is free.
+    w.later(MS(250));
+    assert!(!w.tick().iter().any(|e| matches!(e, Effect::WriteState { .. })));
+}
+
+#[test]
+fn a_job_whose_labels_no_runner_has_says_so_while_it_waits() {
+    let mut w = World::new();
+    w.runner("r1", &["linux"], 1);
+    let mut c = commit(1);
+    c.labels = vec!["gpu".into(), "linux".into()];
+    no_effects(&w.on(Event::CommitDelivered {
+        commit: c,
+        seq: 1,
+        redelivered: false,
+    }));
+    w.later(MS(600));
+    let effects = w.tick();
+    match &effects[..] {
+        [Effect::WriteState { state, .. }] => assert_eq!(
+            state.reason.as_deref(),
+            Some("waiting for a runner with labels [gpu, linux]")
+        ),
+        other => panic!("{other:?}"),
+    }
+    // A runner with the labels joins: the job goes there, on the recorded revision.
+    w.written(1, 3);
+    let effects = w.runner("g1", &["gpu", "linux", "x"], 1);
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: Some(3),
+            ..
+        }] => assert_eq!(state.runner.as_deref(), Some("g1")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn waiting_jobs_start_oldest_first_when_a_runner_joins() {
+    let mut w = World::new();
+    no_effects(&w.deliver(5));
+    no_effects(&w.deliver(3));
+    assignment(&w.runner("r1", &[], 1), "r1", 1);
+    let effects = w.written(3, 1);
+    assert!(
+        matches!(&effects[..], [Effect::PublishJob { job, .. }] if job.commit_seq == 3),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_waiting_job_starts_when_a_slot_frees_and_the_finished_commit_is_acked() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let busy = w.assigned(1, "r1", 1);
+    no_effects(&w.deliver(2));
+    let effects = w.watched(1, busy.finish(Status::Passed, None), 3, MS(0));
+    match &effects[..] {
+        [Effect::CountResult {
+            status: Some(Status::Passed),
+        }, Effect::AckCommit { run }, Effect::WriteState { state, .. }] => {
+            assert_eq!(run, &commit(1).key());
+            assert_eq!(state.runner.as_deref(), Some("r1"));
+            assert_eq!(state.sha, commit(2).sha);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_draining_runner_gets_no_new_job() {
+    let mut w = World::new();
+    w.on(Event::RunnerSeen {
+        key: "r1".into(),
+        info: runner_info("r1", &[], 4, false),
+        age: Duration::ZERO,
+        revision: 1,
+    });
+    no_effects(&w.deliver(1));
+    assert_eq!(w.core.wanted(w.now), 0);
+}
+
+#[test]
+fn it_pulls_one_commit_per_free_slot_plus_one_held_ready_per_slot() {
+    let mut w = World::new();
+    assert_eq!(w.core.wanted(w.now), 0, "no runner: nothing to pull");
+    w.runner("r1", &[], 2);
+    assert_eq!(w.core.wanted(w.now), 4);
+    w.assigned(1, "r1", 1);
+    assert_eq!(w.core.wanted(w.now), 3);
+    w.deliver(2);
+    w.deliver(3);
+    // Two slots of r1 plus... r1 now full: 0 free + 2 ready - 1 waiting.
+    assert_eq!(w.core.wanted(w.now), 1);
+}
+
+// ---- after a dispatcher restart --------------------------------------------------------------
+
+#[test]
+fn a_live_job_is_adopted_after_a_dispatcher_restart() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let live = running(1, "r1", 1, 40);
+    no_effects(&w.watched(1, live.clone(), 9, MS(900)));
+    let effects = w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
+    assert_eq!(w.looked_up(1, None), vec![Effect::ReadState { key: key(1) }]);
+    no_effects(&w.read(1, Some(versioned(live.clone(), 9, MS(900)))));
+    // While the runner heartbeats, nothing moves it.
+    for _ in 0..8 {
+        w.later(MS(250));
+        no_effects(&w.watched(1, live.clone().renew(), 10, MS(0)));
+        let effects = w.tick();
+        assert!(
+            effects
+                .iter()
+                .all(|e| matches!(e, Effect::ExtendCommits | Effect::Probe { .. })),
+            "{effects:?}"
+        );
+    }
+}
+
+#[test]
+fn a_redelivered_commit_whose_run_has_a_result_is_acked_at_once() {
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    let effects = w.looked_up(1, Some(result(1, Status::Passed)));
+    assert_eq!(
+        effects,
+        vec![Effect::AckCommit {
+            run: commit(1).key()
+        }]
+    );
+    assert_eq!(w.core.held(), 0);
+}
+
+#[test]
+fn a_create_that_finds_a_state_reads_it_and_decides_again() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.runner("r2", &[], 1);
+    assignment(&w.deliver(1), "r1", 1);
+    // Another dispatcher got there first (a commit published twice).
+    let effects = w.on(Event::StateWritten {
+        key: key(1),
+        written: Err(StateError::Conflict),
+    });
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+    no_effects(&w.read(1, Some(versioned(running(1, "r2", 1, 3), 4, MS(100)))));
+}
+
+#[test]
+fn a_conflict_on_a_known_revision_is_decided_again_at_the_next_beat() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let lost = running(1, "r0", 1, 3);
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    w.read(1, Some(versioned(lost, 4, LEASE * 2)));
+    assignment(&w.looked_up(1, None), "r1", 2);
+    no_effects(&w.on(Event::StateWritten {
+        key: key(1),
+        written: Err(StateError::Conflict),
+    }));
+    w.later(MS(250));
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+}
+
+#[test]
+fn a_state_that_does_not_parse_is_replaced_and_decided_on_afresh() {
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let effects = w.on(Event::StateRead {
+        key: key(1),
+        read: Err(StateError::Bad {
+            key: key(1),
+            reason: "junk".into(),
+            revision: 9,
+        }),
+    });
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: Some(9),
+            ..
+        }] => assert_eq!((state.phase, state.attempt), (JobPhase::Queued, 0)),
+        other => panic!("{other:?}"),
+    }
+    no_effects(&w.written(1, 10));
+    w.later(MS(250));
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+}
+
+#[test]
+fn a_failed_read_is_tried_again_at_the_next_beat() {
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    no_effects(&w.on(Event::StateRead {
+        key: key(1),
+        read: Err(StateError::Server("timed out".into())),
+    }));
+    w.later(MS(250));
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+}
+
+// ---- leases ----------------------------------------------------------------------------------
+
+#[test]
+fn a_job_is_reassigned_once_its_heartbeats_stop_for_a_lease_and_its_message_deleted() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    let claimed = assigned.claim(17);
+    no_effects(&w.watched(1, claimed.clone(), 2, MS(0)));
+    w.later(MS(600));
+    w.runner("r2", &[], 1);
+    // r1 goes silent; r2 keeps its presence fresh. Before the lease: probes, no move.
+    for _ in 0..9 {
+        w.later(MS(250));
+        w.runner_at("r2", &[], 1, 2);
+        let effects = w.tick();
+        assert!(
+            !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+            "{effects:?}"
+        );
+    }
+    w.later(MS(250));
+    w.runner_at("r2", &[], 1, 3);
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+    let effects = w.read(1, Some(versioned(claimed, 2, LEASE + MS(100))));
+    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    let second = assignment(&w.looked_up(1, None), "r2", 2);
+    assert_eq!(second.job_seq, None);
+    let effects = w.written(1, 3);
+    match &effects[..] {
+        [Effect::DeleteJobMessage { seq: 17 }, Effect::PublishJob { job, .. }] => {
+            assert_eq!((job.runner.as_str(), job.attempt), ("r2", 2))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_lost_job_never_claimed_has_its_published_message_deleted() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    w.on(Event::JobStored {
+        key: key(1),
+        stored: Ok(77),
+    });
+    // The runner never claimed it; the dispatcher decides again after the lease. (r1's slot
+    // still counts the lost job: it is not given the job again.)
+    w.later(LEASE + MS(100));
+    w.runner("r2", &[], 1);
+    w.tick();
+    w.read(1, Some(versioned(assigned, 1, LEASE + MS(100))));
+    assignment(&w.looked_up(1, None), "r2", 2);
+    let effects = w.written(1, 2);
+    assert_eq!(effects[0], Effect::DeleteJobMessage { seq: 77 });
+}
+
+#[test]
+fn a_late_heartbeat_gets_one_probe_per_check_and_no_responders_moves_the_job_at_once() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.runner("r2", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    let claimed = assigned.claim(5);
+    w.watched(1, claimed.clone(), 2, MS(0));
+    w.later(MS(300));
+    assert!(probes(&w.tick()).is_empty(), "not late yet");
+    w.later(MS(300));
+    w.runner_at("r2", &[], 1, 2);
+    assert_eq!(probes(&w.tick()), vec!["r1"]);
+    w.later(MS(100));
+    assert!(probes(&w.tick()).is_empty(), "at most one probe per check");
+    let effects = w.on(Event::ProbeAnswered {
+        runner: "r1".into(),
+        gone: true,
+    });
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+    // The state is younger than the lease, but its runner is gone.
+    let effects = w.read(1, Some(versioned(claimed, 2, MS(700))));
+    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    assignment(&w.looked_up(1, None), "r2", 2);
+}
+
+#[test]
+fn a_probe_that_is_answered_moves_nothing() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    no_effects(&w.on(Event::ProbeAnswered {
+        runner: "r1".into(),
+        gone: false,
+    }));
+}
+
+#[test]
+fn lease_clocks_restart_after_a_reconnect() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    w.later(LEASE - MS(100));
+    no_effects(&w.on(Event::Reconnected));
+    // Silence right after the outage proves nothing: no decision, and "no responders" is
+    // ignored while runners reconnect.
+    w.later(MS(500));
+    let effects = w.tick();
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+        "{effects:?}"
+    );
+    no_effects(&w.on(Event::ProbeAnswered {
+        runner: "r1".into(),
+        gone: true,
+    }));
+    // A state read now counts its age from the reconnect at most: adopted.
+    w.on(Event::Tick);
+    let stale = versioned(assigned.claim(2), 2, LEASE * 10);
+    w.on(Event::JobStateChanged {
+        key: key(1),
+        state: Some(stale.clone()),
+    });
+    w.later(LEASE - MS(600));
+    w.runner_at("r1", &[], 1, 2);
+    let effects = w.tick();
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+        "{effects:?}"
+    );
+    // A whole lease after the reconnect without a heartbeat: lost after all.
+    w.later(MS(800));
+    let effects = w.tick();
+    assert!(effects.contains(&Effect::ReadState { key: key(1) }), "{effects:?}");
+}
+
+#[test]
+fn the_last_attempt_lost_gives_the_run_an_error_result() {
+    let mut w = World::with_attempts(2);
+    w.runner("r1", &[], 1);
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let lost = running(1, "r1", 2, 31);
+    w.read(1, Some(versioned(lost, 8, LEASE * 2)));
+    let effects = w.looked_up(1, None);
+    match &effects[..] {
+        [Effect::FinishWithoutRunner {
+            result,
+            state,
+            revision: Some(8),
+            ..
+        }] => {
+            assert_eq!((result.status, result.attempt), (Status::Error, 2));
+            assert_eq!(
+                result.reason.as_deref(),
+                Some("attempt 2 of 2 failed: runner r1 stopped heartbeating; giving up")
+            );
+            assert_eq!(result.runner, "");
+            assert_eq!(state.phase, JobPhase::Running, "the state as read, to finish");
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.on(Event::FinishedWithoutRunner {
+        key: key(1),
+        stored: true,
+    });
+    assert_eq!(
+        effects,
+        vec![
+            Effect::DeleteJobMessage { seq: 31 },
+            Effect::AckCommit {
+                run: commit(1).key()
+            }
+        ]
+    );
+}
+
+#[test]
+fn a_result_that_cannot_be_published_is_tried_again_later() {
+    let mut w = World::with_attempts(1);
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let handed_back = state(1, |s| s.assign("r1", 1).hand_back("checkout failed".into()));
+    let effects = w.read(1, Some(versioned(handed_back, 3, MS(10))));
+    assert!(
+        matches!(&effects[..], [Effect::FinishWithoutRunner { result, .. }]
+            if result.reason.as_deref().is_some_and(|r| r.contains("checkout failed"))),
+        "{effects:?}"
+    );
+    no_effects(&w.on(Event::FinishedWithoutRunner {
+        key: key(1),
+        stored: false,
+    }));
+    assert_eq!(w.core.held(), 1);
+    w.later(MS(250));
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+}
+
+#[test]
+fn a_handed_back_job_goes_to_another_runner_without_waiting_for_the_lease() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    let back = assigned.claim(4).hand_back("handed back by runner r1".into());
+    no_effects(&w.watched(1, back.clone(), 3, MS(0)));
+    w.later(MS(250));
+    assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
+    // Queued: no runner was lost, so no result to look for.
+    let effects = w.read(1, Some(versioned(back, 3, MS(250))));
+    let again = assignment(&effects, "r1", 2);
+    assert_eq!(again.reason, None);
+}
+
+#[test]
+fn a_stored_result_of_a_lost_attempt_ends_the_run_instead_of_another_attempt() {
+    let mut w = World::new();
+    w.runner("r2", &[], 1);
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let lost = running(1, "ghost", 1, 2);
+    w.read(1, Some(versioned(lost, 5, LEASE * 3)));
+    let effects = w.looked_up(1, Some(result(1, Status::Failed)));
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: Some(5),
+            ..
+        }] => assert_eq!(
+            (state.phase, state.status),
+            (JobPhase::Final, Some(Status::Failed))
+        ),
+        other => panic!("{other:?}"),
+    }
+    let done = running(1, "ghost", 1, 2).finish(Status::Failed, None);
+    no_effects(&w.written(1, 6));
+    let effects = w.watched(1, done, 6, MS(0));
+    assert!(effects.contains(&Effect::AckCommit {
+        run: commit(1).key()
+    }));
+}
+
+// ---- cancel ----------------------------------------------------------------------------------
+
+#[test]
+fn a_cancel_of_a_waiting_job_finishes_it_here() {
+    let mut w = World::new();
+    w.deliver(1);
+    w.later(MS(600));
+    w.tick();
+    w.written(1, 2);
+    let cancelled = state(1, |s| {
+        s.requeue("waiting for a free runner".into())
+            .request_cancel("by ann".into())
+    });
+    let effects = w.watched(1, cancelled.clone(), 3, MS(0));
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+    let effects = w.read(1, Some(versioned(cancelled, 3, MS(1))));
+    match &effects[..] {
+        [Effect::FinishWithoutRunner {
+            result,
+            revision: Some(3),
+            ..
+        }] => {
+            assert_eq!(result.status, Status::Cancelled);
+            assert_eq!(result.reason.as_deref(), Some("cancelled by ann"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.on(Event::FinishedWithoutRunner {
+        key: key(1),
+        stored: true,
+    });
+    assert_eq!(
+        effects,
+        vec![Effect::AckCommit {
+            run: commit(1).key()
+        }]
+    );
+}
+
+#[test]
+fn a_cancel_of_a_running_job_is_left_to_its_live_runner() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    let cancelled = assigned.claim(3).request_cancel("by ann".into());
+    let effects = w.watched(1, cancelled.clone(), 3, MS(0));
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+    no_effects(&w.read(1, Some(versioned(cancelled, 3, MS(5)))));
+}
+
+#[test]
+fn a_cancel_of_a_job_whose_runner_is_lost_is_finished_here() {
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let cancelled = running(1, "r1", 1, 3).request_cancel("by ann".into());
+    let effects = w.read(1, Some(versioned(cancelled, 3, LEASE * 2)));
+    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    let effects = w.looked_up(1, None);
+    assert!(
+        matches!(&effects[..], [Effect::FinishWithoutRunner { result, .. }] if result.status == Status::Cancelled),
+        "{effects:?}"
+    );
+}
+
+// ---- runners ---------------------------------------------------------------------------------
+
+#[test]
+fn a_runner_found_gone_that_comes_back_gets_jobs_again() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    w.watched(1, assigned.clone().claim(2), 2, MS(0));
+    w.on(Event::ProbeAnswered {
+        runner: "r1".into(),
+        gone: true,
+    });
+    // Nobody else: the job waits, and r1 (gone at this revision) gets nothing.
+    w.read(1, Some(versioned(assigned.claim(2), 2, MS(10))));
+    let effects = w.looked_up(1, None);
+    match &effects[..] {
+        [Effect::WriteState { state, .. }] => {
+            assert_eq!(state.phase, JobPhase::Queued);
+            assert_eq!(state.runner, None, "the lost attempt's runner is cleared at once");
+            assert_eq!(state.attempt, 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.written(1, 3);
+    assert_eq!(effects, vec![Effect::DeleteJobMessage { seq: 2 }]);
+    // r1 comes back (a new presence revision): the job goes to it as attempt 2.
+    w.later(MS(250));
+    w.runner_at("r1", &[], 1, 2);
+    no_effects(&w.on(Event::JobStateChanged {
+        key: key(1),
+        state: None,
+    }));
+    let effects = w.tick();
+    assert!(
+        effects.iter().any(|e| matches!(e, Effect::WriteState { state, .. }
+            if state.runner.as_deref() == Some("r1") && state.attempt == 2)),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_runner_whose_entry_went_away_and_came_back_takes_waiting_jobs() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    no_effects(&w.on(Event::RunnerGone { key: "r1".into() }));
+    no_effects(&w.deliver(1));
+    assignment(&w.runner_at("r1", &[], 1, 5), "r1", 1);
+}
+
+#[test]
+fn runners_not_refreshed_for_twenty_leases_are_forgotten() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.later(LEASE * 20);
+    w.tick();
+    // Forgotten: its next entry is a join again (which starts the waiting job).
+    no_effects(&w.deliver(1));
+    assignment(&w.runner_at("r1", &[], 1, 2), "r1", 1);
+}
+
+#[test]
+fn a_stale_runner_entry_counts_as_no_runner() {
+    let mut w = World::new();
+    w.on(Event::RunnerSeen {
+        key: "r1".into(),
+        info: runner_info("r1", &[], 1, true),
+        age: LEASE * 2,
+        revision: 1,
+    });
+    no_effects(&w.deliver(1));
+    assert_eq!(w.core.wanted(w.now), 0);
+}
+
+// ---- the commit's deadline -------------------------------------------------------------------
+
+#[test]
+fn held_commits_are_extended_every_third_of_the_lease() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    w.later(MS(500));
+    w.watched(1, running(1, "r1", 1, 1), 2, MS(0));
+    assert!(!w.tick().contains(&Effect::ExtendCommits));
+    w.later(MS(500));
+    w.watched(1, running(1, "r1", 1, 1), 3, MS(0));
+    assert!(w.tick().contains(&Effect::ExtendCommits));
+    w.later(MS(250));
+    w.watched(1, running(1, "r1", 1, 1), 4, MS(0));
+    assert!(!w.tick().contains(&Effect::ExtendCommits));
+}
+
+#[test]
+fn gauges_count_waiting_and_running_jobs_and_the_oldest_heartbeat() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    w.deliver(2);
+    w.later(MS(700));
+    let g = w.core.gauges(w.now);
+    assert_eq!((g.waiting, g.in_flight), (1, 1));
+    assert_eq!(g.oldest_heartbeat, MS(700));
+}

@@ -1,0 +1,237 @@
+//! The verdict: a run's one final result, first writer wins (DESIGN.md, `CI_RESULTS`), and
+//! finishing a run without a runner (given up, or cancelled while on no runner), which the
+//! dispatcher and `jetci cancel` share.
+//!
+//! A result goes to `ci.results.<repo>.<sha>.<run>` with `Nats-Msg-Id: <repo>.<sha>.<run>` and
+//! `expected-last-subject-sequence: 0`, so the stream stores at most one message per run: the
+//! first writer wins forever, not only within the duplicate window. A loser hears "duplicate"
+//! (nats-server 2.9) or "wrong last sequence" (2.10 and later) and treats both alike as "already
+//! published" (JETSTREAM-NOTES 5.2). This is what keeps invariant I1 ("exactly one final result
+//! per run") true when a zombie runner, a restarted runner and a dispatcher race.
+
+use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::message::PublishMessage;
+
+use super::store::{self, StateError};
+use crate::connect::Nats;
+use crate::messages::{
+    decode, encode, now, CommitMsg, JobMsg, JobState, MessageError, ResultMsg, Status, VERSION,
+};
+use crate::subjects::{JobRef, Names};
+
+/// What happened to a final result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Stored at this stream sequence: it is the verdict.
+    Stored(u64),
+    /// Another result for the run was there first; this one was not stored.
+    AlreadyPublished,
+}
+
+/// Publishing failed for a reason other than "already published" (NATS unreachable, stream
+/// missing); the caller keeps the result and tries again.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish the result of {job}: {reason}")]
+pub struct PublishError {
+    pub job: String,
+    pub reason: String,
+}
+
+/// Publishes `result` as its run's final result, first writer wins.
+pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published, PublishError> {
+    let subject = nats
+        .names
+        .results_subject(&result.repo, &result.sha, result.run);
+    let msg = PublishMessage::build()
+        .payload(encode(result))
+        .message_id(result.key())
+        .expected_last_subject_sequence(0)
+        .header("Jetci-Status", result.status.as_str())
+        .header("Jetci-Runner", result.runner.as_str());
+    let err = |reason: String| PublishError {
+        job: result.job_id.clone(),
+        reason,
+    };
+    let ack = nats
+        .js
+        .send_publish(subject, msg)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .await;
+    match ack {
+        Ok(ack) if ack.duplicate => Ok(Published::AlreadyPublished),
+        Ok(ack) => Ok(Published::Stored(ack.sequence)),
+        Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+            Ok(Published::AlreadyPublished)
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Records the result of a superseded attempt of `job` under
+/// `ci.superseded.<repo>.<sha>.<run>.<attempt>`: kept for the record, never the verdict.
+pub async fn publish_superseded(
+    nats: &Nats,
+    job: &JobRef,
+    result: &ResultMsg,
+) -> Result<(), PublishError> {
+    let subject = nats.names.superseded_subject(job, result.attempt);
+    let msg = PublishMessage::build()
+        .payload(encode(result))
+        .message_id(format!("superseded.{}", job.attempt_id(result.attempt)));
+    let err = |reason: String| PublishError {
+        job: result.job_id.clone(),
+        reason,
+    };
+    nats.js
+        .send_publish(subject, msg)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// The final result of a run, if one is stored.
+///
+/// Errors: the stored message does not decode (reported, not hidden), or the server did not
+/// answer. "No message for that subject" is `Ok(None)`.
+pub async fn final_result(
+    nats: &Nats,
+    results: &async_nats::jetstream::stream::Stream,
+    repo: &str,
+    sha: &str,
+    run: u32,
+) -> Result<Option<ResultMsg>, FinalResultError> {
+    let subject = nats.names.results_subject(repo, sha, run);
+    match results.get_last_raw_message_by_subject(&subject).await {
+        Ok(raw) => Ok(Some(decode(&raw.payload)?)),
+        Err(e)
+            if e.kind()
+                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(FinalResultError::Server(e.to_string())),
+    }
+}
+
+/// Why [`final_result`] could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FinalResultError {
+    #[error("stored result does not decode: {0}")]
+    Bad(#[from] MessageError),
+    #[error("cannot read results: {0}")]
+    Server(String),
+}
+
+/// What [`finish_without_runner`] did.
+#[derive(Debug)]
+pub struct Finished {
+    /// Whether the result given is the verdict, or another was there first.
+    pub published: Published,
+    /// The `final` state's write, when the result given is the verdict (`None` otherwise: the
+    /// writer of the verdict marks the job final). A conflict means someone moved the job since
+    /// it was read (a dispatcher assigned it, a runner claimed it).
+    pub state: Option<Result<u64, StateError>>,
+}
+
+/// Gives a run its final result without running anything (a dispatcher giving up after lost
+/// runners, a cancel of a job on no runner): the result first, first writer wins, then `final`
+/// (the state as read, finished with the result's status and reason, written with
+/// compare-and-set on `revision`) into `store`. In that order a crash in between leaves a result
+/// and never a closed run without one (I1).
+///
+/// `state` is the job's state to finish (as read, or [`JobState::queued`] when there was none).
+/// Errors: the result could not be published (NATS unreachable); nothing was written.
+pub async fn finish_without_runner(
+    nats: &Nats,
+    store: &kv::Store,
+    result: &ResultMsg,
+    state: JobState,
+    revision: Option<u64>,
+) -> Result<Finished, PublishError> {
+    let published = publish_final(nats, result).await?;
+    let state = match published {
+        Published::Stored(_) => {
+            let done = state.finish(result.status, result.reason.clone());
+            Some(store::write(store, &done.job_ref().key(), &done, revision).await)
+        }
+        Published::AlreadyPublished => None,
+    };
+    Ok(Finished { published, state })
+}
+
+impl ResultMsg {
+    /// The result of attempt `job` on `runner` before anything ran: status `error`, no reason,
+    /// no output, the current time as start and finish. The runner fills it in as the attempt
+    /// goes on.
+    pub fn for_attempt(names: &Names, job: &JobMsg, runner: &str) -> ResultMsg {
+        let at = now();
+        ResultMsg {
+            v: VERSION,
+            repo: job.repo.clone(),
+            url: job.url.clone(),
+            branch: job.branch.clone(),
+            sha: job.sha.clone(),
+            run: job.run,
+            job_id: job.attempt_id(),
+            attempt: job.attempt,
+            runner: runner.to_string(),
+            status: Status::Error,
+            exit_code: None,
+            signal: None,
+            reason: None,
+            started_at: at,
+            finished_at: at,
+            duration_ms: 0,
+            output_tail: String::new(),
+            log_subject: names.logs_subject(&job.job_ref(), job.attempt),
+            log_bytes: 0,
+            commit_seq: job.commit_seq,
+            author: job.author.clone(),
+            summary: job.summary.clone(),
+            tests: None,
+        }
+    }
+
+    /// A final result given without running the command (cancelled before it started, or given
+    /// up after lost runners): no runner, no output, zero duration.
+    pub fn without_run(
+        names: &Names,
+        commit: &CommitMsg,
+        job: &JobRef,
+        commit_seq: u64,
+        attempt: u32,
+        status: Status,
+        reason: String,
+    ) -> ResultMsg {
+        let at = now();
+        ResultMsg {
+            v: VERSION,
+            repo: commit.repo.clone(),
+            url: commit.url.clone(),
+            branch: commit.branch.clone(),
+            sha: commit.sha.clone(),
+            run: commit.run,
+            job_id: job.attempt_id(attempt),
+            attempt,
+            runner: String::new(),
+            status,
+            exit_code: None,
+            signal: None,
+            reason: Some(reason),
+            started_at: at,
+            finished_at: at,
+            duration_ms: 0,
+            output_tail: String::new(),
+            log_subject: names.logs_subject(job, attempt),
+            log_bytes: 0,
+            commit_seq,
+            author: commit.author.clone(),
+            summary: commit.summary.clone(),
+            tests: None,
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! One job on a runner, from its message to its acked result:
+//!
+//! claim (fenced by `ci-jobs`) → heartbeat → execute → fence → publish result → mark final → ack.
+//!
+//! Ordering matters for DESIGN.md's invariants: the result is published *before* the job state
+//! says `final` and before the job message is acked, so a crash at any point leaves either no
+//! result (the dispatcher reassigns after the lease) or a stored one (the dispatcher sees it and
+//! closes the commit); never a closed commit without a result (I1).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use tokio_util::sync::CancellationToken;
+
+use super::{Execution, Executor, Runner};
+use crate::messages::{self, decode, JobMsg, ResultMsg, Status};
+use crate::metrics::names as m;
+use crate::protocol::attempt::{self, Attempt, Renewal, Written};
+use crate::protocol::verdict::{publish_final, publish_superseded, Published};
+
+/// Why a running job was stopped before it finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Another attempt owns the job now: run nothing more, publish no verdict.
+    Superseded,
+    /// The runner is shutting down in a hurry: hand the job back (no result, no ack).
+    HandBack,
+    /// A user cancelled it (`jetci cancel`): stop the command, report `cancelled`.
+    Cancel,
+}
+
+/// Why the job's work is being stopped, shared by the tasks that may stop it; the first reason
+/// wins.
+#[derive(Clone, Default)]
+struct Stopping {
+    token: CancellationToken,
+    why: Arc<Mutex<Option<Stop>>>,
+}
+
+impl Stopping {
+    fn stop(&self, why: Stop) {
+        self.why.lock().expect("lock").get_or_insert(why);
+        self.token.cancel();
+    }
+    fn why(&self) -> Option<Stop> {
+        *self.why.lock().expect("lock")
+    }
+}
+
+impl<E: Executor> Runner<E> {
+    /// Handles one delivered job message; never panics on its content (I5).
+    pub(super) async fn handle(self: Arc<Self>, msg: jetstream::Message, hurry: CancellationToken) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let job: JobMsg = match decode(&msg.payload) {
+            Ok(job) => job,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, seq, error = %e, "terminating a job message that does not parse");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return;
+            }
+        };
+        let id = &self.config.id;
+        if &job.runner != id {
+            tracing::warn!(subject = %msg.subject, seq, runner = %job.runner, "terminating a job addressed to another runner");
+            let _ = msg.ack_with(AckKind::Term).await;
+            return;
+        }
+        let attempt_id = job.attempt_id();
+        let assigned = attempt::assigned_in(msg.headers.as_ref());
+        let claimed = match self.attempt(&job).claim(seq, assigned, self.epoch()).await {
+            Ok(Some(written)) => written,
+            Ok(None) => {
+                tracing::info!(job = %attempt_id, "job was superseded or is already final; skipping it");
+                let _ = msg.double_ack().await;
+                return;
+            }
+            Err(e) => {
+                // The dispatcher reassigns when the lease passes; leave the message for then.
+                tracing::warn!(job = %attempt_id, error = %e, "cannot claim the job; leaving it");
+                return;
+            }
+        };
+        let cancelled = claimed.state.cancel.clone();
+        if cancelled.is_none() {
+            tracing::info!(job = %attempt_id, branch = ?job.branch, "running job");
+        }
+        self.active.lock().expect("lock").insert(attempt_id.clone());
+
+        let msg = Arc::new(msg);
+        let stopping = Stopping::default();
+        let written = Arc::new(Mutex::new(claimed));
+        let heartbeat = tokio::spawn(self.clone().heartbeat(
+            job.clone(),
+            msg.clone(),
+            written.clone(),
+            stopping.clone(),
+        ));
+        {
+            let stopping = stopping.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = hurry.cancelled() => stopping.stop(Stop::HandBack),
+                    _ = stopping.token.cancelled() => {}
+                }
+            });
+        }
+
+        let result = ResultMsg::for_attempt(&self.nats.names, &job, id);
+        let execution = match cancelled {
+            // `jetci cancel` came between the assignment and the claim: nothing starts.
+            Some(who) => {
+                tracing::info!(job = %attempt_id, who = %who, "job cancelled before it started; not running it");
+                let reason = format!("cancelled {who}");
+                Execution::Done(ResultMsg {
+                    status: Status::Cancelled,
+                    output_tail: format!("jetci: {reason}\n"),
+                    reason: Some(reason),
+                    ..result
+                })
+            }
+            None => self.executor.execute(&job, result, &stopping.token).await,
+        };
+        match (stopping.why(), execution) {
+            (Some(Stop::HandBack), _) => {
+                heartbeat.abort();
+                let reason = format!("handed back by runner {id} (shutting down)");
+                self.hand_back(&job, reason).await;
+            }
+            (Some(Stop::Superseded), execution) => {
+                heartbeat.abort();
+                if let Execution::Done(result) = execution {
+                    self.record_superseded(&job, &result).await;
+                }
+                let _ = msg.double_ack().await;
+            }
+            (None | Some(Stop::Cancel), Execution::Retry(reason)) => {
+                // Not the test's fault (the checkout failed): another attempt, maybe elsewhere.
+                tracing::warn!(job = %attempt_id, %reason, "cannot run the job; handing it back for another attempt");
+                heartbeat.abort();
+                self.hand_back(&job, reason).await;
+                let _ = msg.double_ack().await;
+            }
+            (None | Some(Stop::Cancel), Execution::Done(result)) => {
+                match self.fence(&job, &written).await {
+                    Renewal::Held(fenced) => {
+                        self.deliver(&job, &result, Some(fenced), heartbeat).await
+                    }
+                    Renewal::Unreachable => self.deliver(&job, &result, None, heartbeat).await,
+                    Renewal::Lost => {
+                        heartbeat.abort();
+                        self.record_superseded(&job, &result).await;
+                    }
+                }
+                // The job state says final already: a lost ack only brings the message back,
+                // and its claim then skips it. A plain ack goes out before this connection's
+                // next pull, so the server frees the slot first (JETSTREAM-NOTES 5.1).
+                let _ = msg.ack().await;
+            }
+        }
+        stopping.token.cancel();
+        self.active.lock().expect("lock").remove(&attempt_id);
+        self.executor.release(&job);
+    }
+
+    fn attempt<'a>(&'a self, job: &'a JobMsg) -> Attempt<'a> {
+        Attempt::new(&self.streams.job_states, job, &self.config.id)
+    }
+
+    /// Every heartbeat: extend the job message's deadline and renew the job state (the
+    /// dispatcher's proof of life). A state that names another attempt stops the job as
+    /// superseded; a cancel request stops it as cancelled. The task runs until the caller aborts
+    /// it after the result is out, so the lease holds while the result is on its way.
+    async fn heartbeat(
+        self: Arc<Self>,
+        job: JobMsg,
+        msg: Arc<jetstream::Message>,
+        written: Arc<Mutex<Written>>,
+        stopping: Stopping,
+    ) {
+        let every = self.config.heartbeat;
+        // The claim was the first beat.
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let _ = msg.ack_with(AckKind::Progress).await;
+            let known = written.lock().expect("lock").clone();
+            let renewal = self.attempt(&job).renew(&known, self.epoch()).await;
+            match remember(&written, renewal) {
+                Renewal::Held(w) => {
+                    if let Some(who) = &w.state.cancel {
+                        if !stopping.token.is_cancelled() {
+                            tracing::info!(job = %job.attempt_id(), who = %who, "job cancelled; stopping it");
+                            stopping.stop(Stop::Cancel);
+                        }
+                    }
+                }
+                Renewal::Unreachable => {
+                    tracing::warn!(job = %job.attempt_id(), "heartbeat failed (NATS unreachable); the test goes on");
+                }
+                Renewal::Lost => {
+                    tracing::warn!(job = %job.attempt_id(), "the job was given to another attempt; stopping it");
+                    stopping.stop(Stop::Superseded);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The fence before a verdict ([`Attempt::fence`]); `written` is updated when it renews.
+    async fn fence(&self, job: &JobMsg, written: &Mutex<Written>) -> Renewal {
+        let known = written.lock().expect("lock").clone();
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        let renewal = self
+            .attempt(job)
+            .fence(&known, self.config.heartbeat, self.epoch(), connected)
+            .await;
+        remember(written, renewal)
+    }
+
+    /// Gives the job back without a verdict ([`Attempt::hand_back`]).
+    async fn hand_back(&self, job: &JobMsg, reason: String) {
+        self.attempt(job).hand_back(reason).await;
+        tracing::info!(job = %job.attempt_id(), "handed the job back; another runner takes it");
+    }
+
+    /// How many times this runner has connected to NATS so far.
+    fn epoch(&self) -> u64 {
+        *self.nats.connections.borrow()
+    }
+
+    /// Publishes the verdict, marks the job final, and stops the heartbeat only then, so the
+    /// lease holds while the result is on its way. A result NATS does not take at once (an
+    /// outage) is kept on disk until it does, and published again by a restarted runner.
+    async fn deliver(
+        &self,
+        job: &JobMsg,
+        result: &ResultMsg,
+        fenced: Option<Written>,
+        heartbeat: tokio::task::JoinHandle<()>,
+    ) {
+        let store = &self.streams.job_states;
+        let connected =
+            self.nats.client.connection_state() == async_nats::connection::State::Connected;
+        let stored = connected && self.publish_once(result).await.is_ok();
+        if !stored {
+            let pending = self.pending_path(result);
+            if let Err(e) = save(&pending, result).await {
+                tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
+            }
+            self.publish_until_stored(result).await;
+            heartbeat.abort();
+            attempt::mark_final(store, &job.job_ref(), result, None).await;
+            let _ = tokio::fs::remove_file(&pending).await;
+            return;
+        }
+        heartbeat.abort();
+        attempt::mark_final(store, &job.job_ref(), result, fenced).await;
+    }
+
+    /// One attempt to publish a result; `Ok` when CI_RESULTS holds a result for the run (this
+    /// one, or an earlier one that is the verdict).
+    async fn publish_once(
+        &self,
+        result: &ResultMsg,
+    ) -> Result<(), crate::protocol::verdict::PublishError> {
+        match publish_final(&self.nats, result).await? {
+            Published::Stored(seq) => {
+                metrics::counter!(m::RESULTS, "status" => result.status.as_str()).increment(1);
+                metrics::histogram!(m::JOB_DURATION).record(result.duration_ms as f64 / 1000.0);
+                tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
+            }
+            Published::AlreadyPublished => {
+                tracing::info!(job = %result.job_id, "a result for this run was already published; ours is not the verdict");
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes a result, retrying with backoff while NATS is unreachable (the test's work is
+    /// never thrown away because the network was down when it ended).
+    async fn publish_until_stored(&self, result: &ResultMsg) {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.publish_once(result).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn record_superseded(&self, job: &JobMsg, result: &ResultMsg) {
+        tracing::warn!(job = %result.job_id, status = %result.status, "recording the result of a superseded attempt (not the verdict)");
+        if let Err(e) = publish_superseded(&self.nats, &job.job_ref(), result).await {
+            tracing::warn!(job = %result.job_id, error = %e, "cannot record the superseded result");
+        }
+    }
+
+    fn pending_path(&self, result: &ResultMsg) -> PathBuf {
+        self.config
+            .work_dir
+            .join("pending")
+            .join(format!("{}.json", result.job_id))
+    }
+
+    /// Publishes results that were kept on disk by an earlier run of this runner (it stopped or
+    /// lost NATS before they were stored).
+    pub(super) async fn deliver_pending(self: Arc<Self>) {
+        let dir = self.config.work_dir.join("pending");
+        let Ok(mut entries) = tokio::fs::read_dir(&dir).await else {
+            return;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let path = entry.path();
+            let result = match tokio::fs::read(&path)
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|b| decode::<ResultMsg>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "dropping an unreadable kept result");
+                    let _ = tokio::fs::remove_file(&path).await;
+                    continue;
+                }
+            };
+            tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
+            self.publish_until_stored(&result).await;
+            // A kept result is of a run's only job (its `job_id` has no job token).
+            let job = crate::subjects::JobRef::only(&result.repo, &result.sha, result.run);
+            attempt::mark_final(&self.streams.job_states, &job, &result, None).await;
+            let _ = tokio::fs::remove_file(&path).await;
+        }
+    }
+}
+
+/// Keeps what a renewal wrote as the job's last write, and passes the renewal on.
+fn remember(written: &Mutex<Written>, renewal: Renewal) -> Renewal {
+    if let Renewal::Held(fresh) = &renewal {
+        *written.lock().expect("lock") = fresh.clone();
+    }
+    renewal
+}
+
+async fn save(path: &Path, result: &ResultMsg) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent).await?;
+    }
+    let tmp = path.with_extension("tmp");
+    tokio::fs::write(&tmp, messages::encode(result)).await?;
+    tokio::fs::rename(&tmp, path).await
+}
