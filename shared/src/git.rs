@@ -266,7 +266,7 @@ pub const MAX_SUBMODULE_DEPTH: usize = 8;
 /// The runner serializes the jobs of one *superproject* with its own async lock, but the same
 /// submodule can be needed by two jobs of different superprojects at once, and libgit2 fails a
 /// fetch whose ref lock files another fetch holds. So within a process every mirror path has one
-/// `std::sync::Mutex` ([`path_lock`]), held while the mirror is created and while it fetches;
+/// `std::sync::Mutex` (`path_lock`), held while the mirror is created and while it fetches;
 /// reading (checkout) needs no lock, because git objects are immutable and new packs appear
 /// atomically. Two *processes* sharing one mirror root is not a supported set-up (each runner has
 /// its own `--work-dir`), but a fetch that still meets a held lock file is retried once.

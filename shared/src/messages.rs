@@ -207,12 +207,7 @@ pub struct JobMsg {
 impl JobMsg {
     /// The job this attempt is of.
     pub fn job_ref(&self) -> JobRef {
-        JobRef {
-            repo: self.repo.clone(),
-            sha: self.sha.clone(),
-            run: self.run,
-            job: self.job.clone(),
-        }
+        JobRef::new(&self.repo, &self.sha, self.run, self.job.as_deref())
     }
     /// The job's `ci-jobs` key ([`JobRef::key`]).
     pub fn key(&self) -> String {
@@ -415,12 +410,7 @@ pub struct JobState {
 impl JobState {
     /// The job this state is of.
     pub fn job_ref(&self) -> JobRef {
-        JobRef {
-            repo: self.repo.clone(),
-            sha: self.sha.clone(),
-            run: self.run,
-            job: self.job.clone(),
-        }
+        JobRef::new(&self.repo, &self.sha, self.run, self.job.as_deref())
     }
 }
 

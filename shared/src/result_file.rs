@@ -1,7 +1,7 @@
 //! `test_results/<sha>` files, as the original "500 lines" CI wrote them (the test output in
 //! `test_results/<commit>`), now with the result's facts on top: one `key: value` line each, a
 //! blank line, then the output tail. `jetci up`, `jetci tail --write-dir` and `jetci-web
-//! --results-dir` write the same files through [`write`].
+//! --results-dir` write the same files through [`write()`].
 
 use std::fmt::Write as _;
 use std::io::Write as _;

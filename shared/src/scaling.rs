@@ -175,7 +175,7 @@ pub fn plan(demand: Demand, runners: &[RunnerView], limits: &Limits) -> Plan {
 }
 
 /// True when a runner offering `offered` labels can run a job that needs `needed`: it has them
-/// all (the dispatcher's rule, [`crate::dispatch::pick_runner`]).
+/// all (the dispatcher's rule, [`crate::protocol::placement::pick_runner`]).
 pub fn covers(offered: &[String], needed: &[String]) -> bool {
     needed.iter().all(|l| offered.contains(l))
 }

@@ -97,14 +97,19 @@ pub struct JobRef {
 }
 
 impl JobRef {
-    /// The only job of run `run` of `sha` in `repo`.
-    pub fn only(repo: &str, sha: &str, run: u32) -> JobRef {
+    /// Job `job` (`None`: the only one) of run `run` of `sha` in `repo`.
+    pub fn new(repo: &str, sha: &str, run: u32, job: Option<&str>) -> JobRef {
         JobRef {
             repo: repo.to_string(),
             sha: sha.to_string(),
             run,
-            job: None,
+            job: job.map(str::to_string),
         }
+    }
+
+    /// The only job of run `run` of `sha` in `repo`.
+    pub fn only(repo: &str, sha: &str, run: u32) -> JobRef {
+        JobRef::new(repo, sha, run, None)
     }
 
     /// `<repo>.<sha>.<run>`: the run this job belongs to.

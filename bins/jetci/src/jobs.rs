@@ -14,7 +14,7 @@ use futures::StreamExt;
 use jetci::connect::Nats;
 use jetci::messages::{self, decode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
 use jetci::protocol::commit::publish_commit;
-use jetci::protocol::store::{self, StateError};
+use jetci::protocol::store::{self, StateError, Versioned};
 use jetci::protocol::verdict::{final_result, finish_without_runner};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
@@ -239,45 +239,8 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
                 }
             }
             (_, current) => {
-                // Not on a runner: the verdict can be given here, as a dispatcher would give it.
-                // Result first (first writer wins), then the state; a dispatcher that holds or
-                // later takes the commit finds the result and closes it.
-                let commit = match find_commit(nats, streams, t).await? {
-                    Some(c) => c,
-                    None => match &current {
-                        Some(c) => commit_from_state(&c.state),
-                        None => bail!(
-                            "jetci has no job for run {} of {} in {}",
-                            t.run,
-                            t.sha,
-                            t.repo
-                        ),
-                    },
-                };
-                let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
-                let result = ResultMsg::without_run(
-                    &nats.names,
-                    &commit,
-                    &job,
-                    0,
-                    attempt,
-                    Status::Cancelled,
-                    format!("cancelled {who}"),
-                );
-                let (state, revision) = match current {
-                    Some(c) => (c.state, Some(c.revision)),
-                    None => (JobState::queued(&commit, &job), None),
-                };
-                let state = state.request_cancel(who.clone());
-                let finished =
-                    finish_without_runner(nats, &streams.job_states, &result, state, revision)
-                        .await?;
-                match finished.state {
-                    // Another result was first, or ours is stored and the job is final.
-                    None | Some(Ok(_)) => break,
-                    // A dispatcher assigned it meanwhile: the runner must stop it too.
-                    Some(Err(StateError::Conflict)) => continue,
-                    Some(Err(e)) => return Err(e.into()),
+                if cancel_here(nats, streams, t, current, &who).await? {
+                    break;
                 }
             }
         }
@@ -289,6 +252,57 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
     let result = wait_result(nats, streams, t, Duration::from_secs(60)).await?;
     println!("{}", result_line(&result));
     Ok(())
+}
+
+/// Cancels a job that is on no runner (queued, or not even recorded yet) the way a dispatcher
+/// would ([`finish_without_runner`]): a `cancelled` result first (first writer wins), then
+/// `final`; a dispatcher that holds or later takes the commit finds the result and closes it.
+/// Returns false when the job moved meanwhile (a dispatcher assigned it: decide again).
+async fn cancel_here(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    current: Option<Versioned>,
+    who: &str,
+) -> Result<bool> {
+    let job = t.job();
+    let commit = match find_commit(nats, streams, t).await? {
+        Some(c) => c,
+        None => match &current {
+            Some(c) => commit_from_state(&c.state),
+            None => bail!(
+                "jetci has no job for run {} of {} in {}",
+                t.run,
+                t.sha,
+                t.repo
+            ),
+        },
+    };
+    let attempt = current.as_ref().map(|c| c.state.attempt).unwrap_or(0);
+    let reason = format!("cancelled {who}");
+    let result = ResultMsg::without_run(
+        &nats.names,
+        &commit,
+        &job,
+        0,
+        attempt,
+        Status::Cancelled,
+        reason,
+    );
+    let (state, revision) = match current {
+        Some(c) => (c.state, Some(c.revision)),
+        None => (JobState::queued(&commit, &job), None),
+    };
+    let state = state.request_cancel(who.to_string());
+    let finished =
+        finish_without_runner(nats, &streams.job_states, &result, state, revision).await?;
+    match finished.state {
+        // Another result was first, or ours is stored and the job is final.
+        None | Some(Ok(_)) => Ok(true),
+        // A dispatcher assigned it meanwhile: the runner must stop it too.
+        Some(Err(StateError::Conflict)) => Ok(false),
+        Some(Err(e)) => Err(e.into()),
+    }
 }
 
 /// `jetci rerun`: tests the commit again as a new run with its own result.

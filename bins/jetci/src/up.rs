@@ -90,10 +90,17 @@ pub async fn run(
 
     let common = CommonArgs::new(connect, log, reset_rust_log);
     let mut children = Vec::new();
+    let setup = Setup {
+        args,
+        common: &common,
+        nats: &nats,
+        repo: &repo,
+        bins: &bins,
+    };
     let outcome = tokio::select! {
         biased;
         _ = shutdown.token.cancelled() => Ok(()),
-        r = run_system(args, &common, &nats, &repo, &bins, &mut children, &mut server, &shutdown.token) => r,
+        r = run_system(&setup, &mut children, &mut server, &shutdown.token) => r,
     };
 
     let running = children
@@ -119,19 +126,24 @@ pub async fn run(
     outcome
 }
 
+/// What `jetci up` starts the system with.
+struct Setup<'a> {
+    args: &'a UpArgs,
+    common: &'a CommonArgs,
+    nats: &'a Nats,
+    repo: &'a Repo,
+    bins: &'a Binaries,
+}
+
 /// The part that runs with NATS up: set up the streams, start the processes, print results,
 /// watch the processes.
-#[allow(clippy::too_many_arguments)]
 async fn run_system(
-    args: &UpArgs,
-    common: &CommonArgs,
-    nats: &Nats,
-    repo: &Repo,
-    bins: &Binaries,
+    setup: &Setup<'_>,
     children: &mut Vec<Proc>,
     server: &mut Option<Proc>,
     stop: &CancellationToken,
 ) -> Result<()> {
+    let (args, nats) = (setup.args, setup.nats);
     let mut streams = jetci::streams::setup(nats)
         .await
         .context("cannot set up jetci's streams")?;
@@ -147,9 +159,31 @@ async fn run_system(
         .with_context(|| format!("cannot create directory {}", args.results_dir.display()))?;
 
     let logs = args.store.join("logs");
+    let runner_ids = start_processes(setup, &logs, children)?;
+    print_banner(setup, &logs, &runner_ids, server.is_some());
+
+    let opts = FollowOptions {
+        start: Start::After(start_after),
+        json: false,
+        write_dir: Some(args.results_dir.clone()),
+    };
+    tokio::select! {
+        r = watch(children, server, stop) => r,
+        r = results::follow(nats, &streams.results, &opts, stop) => r,
+    }
+}
+
+/// Starts the observer, a dispatcher, the web (unless `--web off`) and the runners, logging to
+/// `logs`; returns the runners' ids.
+fn start_processes(
+    setup: &Setup<'_>,
+    logs: &Path,
+    children: &mut Vec<Proc>,
+) -> Result<Vec<String>> {
+    let (args, common, bins) = (setup.args, setup.common, setup.bins);
     let poll = humantime::format_duration(args.poll_interval).to_string();
     let mut observer = common.command(&bins.observer);
-    observer.arg("--poll-interval").arg(&poll).arg(&repo.arg);
+    observer.arg("--poll-interval").arg(&poll).arg(&setup.repo.arg);
     children.push(Proc::spawn(
         "observer",
         observer,
@@ -194,26 +228,7 @@ async fn run_system(
         )?);
         runner_ids.push(id);
     }
-
-    print_banner(
-        args,
-        common,
-        nats,
-        repo,
-        &logs,
-        &runner_ids,
-        server.is_some(),
-    );
-
-    let opts = FollowOptions {
-        start: Start::After(start_after),
-        json: false,
-        write_dir: Some(args.results_dir.clone()),
-    };
-    tokio::select! {
-        r = watch(children, server, stop) => r,
-        r = results::follow(nats, &streams.results, &opts, stop) => r,
-    }
+    Ok(runner_ids)
 }
 
 /// Watches the started processes every half second. A jetci process that exits is reported once
@@ -255,17 +270,9 @@ async fn watch(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_banner(
-    args: &UpArgs,
-    common: &CommonArgs,
-    nats: &Nats,
-    repo: &Repo,
-    logs: &Path,
-    runner_ids: &[String],
-    started_nats: bool,
-) {
-    let url = &common.url;
+fn print_banner(setup: &Setup<'_>, logs: &Path, runner_ids: &[String], started_nats: bool) {
+    let (args, nats, repo) = (setup.args, setup.nats, setup.repo);
+    let url = &setup.common.url;
     let nats_note = if started_nats {
         format!(
             "started here, stopped on exit; log {}",

@@ -8,6 +8,10 @@
 //! the queue is read from `CI_COMMITS` and `ci-jobs`, the runners' load from `ci-runners`, so a
 //! restarted manager picks up where the last one left off.
 
+// The doc comments on the flags are `--help` text, written as plain text (`<id>`, `[:PORT]`),
+// not as rustdoc markdown.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 mod fleet;
 mod queue;
 

@@ -350,6 +350,13 @@ fn signal_name(sig: i32) -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// The mark of the runner working in `work_dir` on its jobs' processes: a hash of the directory,
+/// stable across restarts ([`exec::kill_orphans`] finds what a killed runner left with it).
+pub fn owner_of(work_dir: &Path) -> String {
+    let dir = std::fs::canonicalize(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
+    format!("runner{}", jetci::git::text_hash(&dir.to_string_lossy()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,9 +379,3 @@ mod tests {
     }
 }
 
-/// The mark of the runner working in `work_dir` on its jobs' processes: a hash of the directory,
-/// stable across restarts ([`exec::kill_orphans`] finds what a killed runner left with it).
-pub fn owner_of(work_dir: &Path) -> String {
-    let dir = std::fs::canonicalize(work_dir).unwrap_or_else(|_| work_dir.to_path_buf());
-    format!("runner{}", jetci::git::text_hash(&dir.to_string_lossy()))
-}

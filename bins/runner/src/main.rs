@@ -4,6 +4,10 @@
 //! binary parses its flags into a [`jetci::runner::Config`] and the settings of its executor,
 //! which checks each commit out and runs its command ([`executor`], [`exec`], [`logs`]).
 
+// The doc comments on the flags are `--help` text, written as plain text (`<id>`, `[:PORT]`),
+// not as rustdoc markdown.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
 mod exec;
 mod executor;
 mod logs;
@@ -114,16 +118,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for l in &args.labels {
         check_token("label", l)?;
     }
-    let work_dir = match &args.work_dir {
-        Some(d) => d.clone(),
-        None => default_work_dir(&id),
-    };
-    std::fs::create_dir_all(&work_dir)
-        .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
-    // Workspaces of a previous life are garbage (earlier builds moved them to `trash` first);
-    // kept results are not.
-    let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
-    let _ = std::fs::remove_dir_all(work_dir.join("trash"));
+    let work_dir = prepare_work_dir(&args, &id)?;
     let cache_dir = match &args.cache_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -173,6 +168,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     jetci::runner::run(nats, streams, config, Arc::new(executor), shutdown).await?;
     Ok(())
+}
+
+/// The work dir (`--work-dir`, or a default per id), created, with what a previous life left
+/// cleared: its workspaces are garbage (earlier builds moved them to `trash` first); its kept
+/// results are not.
+fn prepare_work_dir(args: &Args, id: &str) -> anyhow::Result<PathBuf> {
+    let work_dir = match &args.work_dir {
+        Some(d) => d.clone(),
+        None => default_work_dir(id),
+    };
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
+    let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
+    let _ = std::fs::remove_dir_all(work_dir.join("trash"));
+    Ok(work_dir)
 }
 
 fn default_work_dir(id: &str) -> PathBuf {

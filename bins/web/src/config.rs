@@ -1,7 +1,7 @@
-//! The reporting settings: notifications and result files, from flags or a TOML file.
+//! The reporting settings: alerts and result files, from flags or a TOML file.
 //!
 //! ```toml
-//! base_url     = "https://ci.example.com"          # links in notifications
+//! base_url     = "https://ci.example.com"          # links in alerts
 //! results_dir  = "/var/lib/jetci/test_results"     # test_results/<sha> files (off without it)
 //! webhook_urls = ["https://hooks.example.com/jetci"]
 //! smtp_url     = "smtps://user:password@mail.example.com"
@@ -19,9 +19,9 @@ use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
 
-use crate::notify::NotifyConfig;
+use crate::alerts::AlertConfig;
 
-/// Notification and result-file flags.
+/// Alert and result-file flags.
 #[derive(Args, Debug, Default)]
 pub struct ReportArgs {
     /// A TOML file with any of: base_url, results_dir, webhook_urls, smtp_url, mail_from,
@@ -46,7 +46,7 @@ pub struct ReportArgs {
     /// Recipient of the emails (repeatable).
     #[arg(long = "mail-to", value_name = "ADDRESS")]
     pub mail_to: Vec<String>,
-    /// This jetci-web's address as people reach it, for links in notifications
+    /// This jetci-web's address as people reach it, for links in alerts
     /// (default: http://<--listen>).
     #[arg(long, value_name = "URL")]
     pub base_url: Option<String>,
@@ -72,7 +72,7 @@ struct FileConfig {
 /// The settings in force.
 #[derive(Debug)]
 pub struct Settings {
-    pub notify: NotifyConfig,
+    pub alerts: AlertConfig,
     pub base_url: String,
     pub results_dir: Option<PathBuf>,
 }
@@ -99,7 +99,7 @@ fn read(path: &Path) -> anyhow::Result<FileConfig> {
 fn merge(args: ReportArgs, file: FileConfig, listen: SocketAddr) -> Settings {
     let list = |flag: Vec<String>, file: Vec<String>| if flag.is_empty() { file } else { flag };
     Settings {
-        notify: NotifyConfig {
+        alerts: AlertConfig {
             webhooks: list(args.webhook_urls, file.webhook_urls),
             smtp_url: args.smtp_url.or(file.smtp_url),
             mail_from: args.mail_from.or(file.mail_from),
@@ -137,15 +137,15 @@ mod tests {
             ..Default::default()
         };
         let s = merge(args, file, listen);
-        assert_eq!(s.notify.webhooks, ["https://c"]);
-        assert_eq!(s.notify.mail_from.as_deref(), Some("other@example.com"));
-        assert_eq!(s.notify.mail_to, ["x@example.com"]);
+        assert_eq!(s.alerts.webhooks, ["https://c"]);
+        assert_eq!(s.alerts.mail_from.as_deref(), Some("other@example.com"));
+        assert_eq!(s.alerts.mail_to, ["x@example.com"]);
         assert_eq!(s.base_url, "https://ci.example.com");
         assert_eq!(s.results_dir, Some(PathBuf::from("/tmp/r")));
 
         let s = merge(ReportArgs::default(), FileConfig::default(), listen);
         assert_eq!(s.base_url, "http://127.0.0.1:8080");
-        assert!(s.notify.webhooks.is_empty() && s.results_dir.is_none());
+        assert!(s.alerts.webhooks.is_empty() && s.results_dir.is_none());
     }
 
     #[test]

@@ -78,7 +78,7 @@ impl Shared {
 }
 
 /// Starts the three feeding tasks; they end when `stop` is cancelled. Every new final result
-/// also goes to `reporter` (result files, notifications).
+/// also goes to `reporter` (result files, alerts).
 pub async fn start(
     nats: &Nats,
     streams: &Streams,

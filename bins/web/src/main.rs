@@ -5,18 +5,22 @@
 //! `feed.rs` keeps the view current (results stream, jobs and runners buckets), `view.rs` is the
 //! view, `server.rs` the routes and pages, `api.rs` the JSON, `live.rs` the server-sent events.
 //! `report.rs` takes each new result further: `transitions.rs` decides when a branch broke or was
-//! fixed, `notify.rs` sends the webhook and the email, `result_files.rs` writes
+//! fixed, `alerts.rs` sends the webhook and the email, `results_dir.rs` writes
 //! `test_results/<sha>`; `config.rs` holds their flags and config file.
 
+// The doc comments on the flags are `--help` text, written as plain text (`<id>`, `[:PORT]`),
+// not as rustdoc markdown.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
+
+mod alerts;
 mod api;
 mod badge;
 mod config;
 mod feed;
 mod live;
-mod notify;
 mod pages;
 mod report;
-mod result_files;
+mod results_dir;
 mod server;
 mod transitions;
 mod view;
@@ -77,12 +81,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let settings = args.report.settings(args.listen)?;
     args.metrics.install()?;
     let shutdown = Shutdown::install()?;
-    let notifier = notify::Notifier::start(&settings.notify, &shutdown.token)?;
+    let alerter = alerts::Alerter::start(&settings.alerts, &shutdown.token)?;
     let files = match &settings.results_dir {
-        Some(dir) => Some(result_files::ResultFiles::start(dir)?),
+        Some(dir) => Some(results_dir::ResultFiles::start(dir)?),
         None => None,
     };
-    let reporter = report::Reporter::new(notifier, files, settings.base_url);
+    let reporter = report::Reporter::new(alerter, files, settings.base_url);
     let nats = args.connect.connect("jetci-web").await?;
     let streams = jetci::streams::setup(&nats).await?;
     let listener = tokio::net::TcpListener::bind(args.listen)

@@ -1,32 +1,32 @@
 //! What happens to each final result besides the view: its `test_results/<sha>` file
-//! (`--results-dir`) and, when it flips its branch, a notification.
+//! (`--results-dir`) and, when it flips its branch, a alert.
 //!
 //! The results feed calls [`Reporter::caught_up`] once, when the view is rebuilt from the stream,
 //! and [`Reporter::result`] for every new final result. Before the catch-up results are history:
-//! they get their files but never a notification; at the catch-up each branch's state is seeded
+//! they get their files but never a alert; at the catch-up each branch's state is seeded
 //! from the view, and only later results can flip it (`transitions.rs`).
 
 use std::sync::Arc;
 
-use crate::notify::{Notification, Notifier};
-use crate::result_files::ResultFiles;
+use crate::alerts::{Alert, Alerter};
+use crate::results_dir::ResultFiles;
 use crate::transitions::Transitions;
 use crate::view::{Stored, View};
 
 /// The reporting state of the results feed (owned by its task).
 pub struct Reporter {
-    notifier: Notifier,
+    alerter: Alerter,
     files: Option<ResultFiles>,
-    /// Where links in notifications point (e.g. `https://ci.example.com`).
+    /// Where links in alerts point (e.g. `https://ci.example.com`).
     base_url: String,
     transitions: Transitions,
     caught_up: bool,
 }
 
 impl Reporter {
-    pub fn new(notifier: Notifier, files: Option<ResultFiles>, base_url: String) -> Reporter {
+    pub fn new(alerter: Alerter, files: Option<ResultFiles>, base_url: String) -> Reporter {
         Reporter {
-            notifier,
+            alerter,
             files,
             base_url,
             transitions: Transitions::default(),
@@ -52,8 +52,8 @@ impl Reporter {
                     .transitions
                     .observe(&h.repo, &h.branch, &h.sha, h.status)
                 {
-                    self.notifier
-                        .send(Notification::new(kind, h, &self.base_url));
+                    self.alerter
+                        .send(Alert::new(kind, h, &self.base_url));
                 }
             }
         }

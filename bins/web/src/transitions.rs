@@ -1,8 +1,8 @@
-//! When a branch breaks and when it is fixed: the state machine behind the notifications.
+//! When a branch breaks and when it is fixed: the state machine behind the alerts.
 //!
 //! A branch's state is the verdict of its newest commit (by history, as the view orders commits):
 //! `passed` is passing; `failed`, `error` and `timed_out` are failing; `cancelled` says nothing
-//! about the code, so it leaves the state as it was. A notification is due only when the state
+//! about the code, so it leaves the state as it was. A alert is due only when the state
 //! flips, which is what keeps a red branch that gets ten more red commits quiet.
 //!
 //! Two rules keep restarts and replays quiet:
@@ -22,7 +22,7 @@ use serde::Serialize;
 /// At most this many branches are tracked (a bound against a flood of branch names); results of
 /// further branches are not tracked until jetci-web restarts.
 const MAX_BRANCHES: usize = 100_000;
-/// How many sent notifications are remembered for deduplication.
+/// How many sent alerts are remembered for deduplication.
 const MAX_SENT: usize = 10_000;
 
 /// Whether a branch is green or red.
@@ -65,7 +65,7 @@ impl Kind {
 type BranchKey = (String, String);
 type SentKey = (String, String, String, Kind);
 
-/// The state of every branch and the notifications already sent; see the module comment.
+/// The state of every branch and the alerts already sent; see the module comment.
 #[derive(Default, Debug)]
 pub struct Transitions {
     states: HashMap<BranchKey, Health>,
@@ -74,7 +74,7 @@ pub struct Transitions {
 }
 
 impl Transitions {
-    /// Records a branch's state without notifying (the baseline from history).
+    /// Records a branch's state without alerting (the baseline from history).
     pub fn seed(&mut self, repo: &str, branch: &str, status: Status) {
         if let Some(health) = Health::of(status) {
             self.set(repo, branch, health);
@@ -82,7 +82,7 @@ impl Transitions {
     }
 
     /// Records the verdict of `branch`'s newest commit `sha` after a new result; returns the
-    /// notification due, if any. A branch seen for the first time only sets its baseline.
+    /// alert due, if any. A branch seen for the first time only sets its baseline.
     pub fn observe(&mut self, repo: &str, branch: &str, sha: &str, status: Status) -> Option<Kind> {
         let health = Health::of(status)?;
         let before = self.set(repo, branch, health)?;
@@ -120,7 +120,7 @@ mod tests {
     use Status::*;
 
     #[test]
-    fn one_notification_per_flip() {
+    fn one_alert_per_flip() {
         let mut t = Transitions::default();
         // A new branch sets its baseline quietly, whatever its colour.
         assert_eq!(t.observe("app", "main", "a", Passed), None);

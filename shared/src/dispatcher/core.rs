@@ -4,13 +4,13 @@
 //!
 //! The protocol it follows (DESIGN.md, "One commit's life" and "Deadlines instead of pings"):
 //! a commit is held unacked while its job runs; the job goes to a runner whose labels match
-//! ([`placement`]); the age of the job's state in `ci-jobs`, which the runner rewrites every
+//! ([`crate::protocol::placement`]); the age of the job's state in `ci-jobs`, which the runner rewrites every
 //! heartbeat, says whether the runner is alive ([`lease`]); a lost runner's job goes to another
 //! runner as attempt n+1 (I2), a live one is adopted after a dispatcher restart (I3), and the
 //! commit is acked once the job's state is final (I1).
 //!
-//! Each held run's place in that protocol is a [`Step`], an enum whose variants carry their own
-//! data; the steps that wait for an answer ([`Step::in_flight`]) say what to do with it. Besides
+//! Each held run's place in that protocol is a `Step`, an enum whose variants carry their own
+//! data; the steps that wait for an answer (`Step::in_flight`) say what to do with it. Besides
 //! the runs it holds, the core keeps a cache of two buckets: the runners in `ci-runners` and the
 //! jobs `assigned` or `running` on them in `ci-jobs` (any dispatcher's), from which it counts
 //! free slots. Losing all of it loses nothing: the buckets and the unacked commits are the state.
@@ -172,6 +172,7 @@ struct Active {
 
 /// What this dispatcher knows of a held job's state, so that it can write without reading.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per held job, replaced in place: a box buys nothing
 enum Known {
     /// Delivered for the first time and nothing written since: the state almost surely does not
     /// exist, so the first write creates it (a create fails if it does exist, and then the state
@@ -214,14 +215,8 @@ enum Step {
         stale: Option<u64>,
         created: bool,
     },
-    /// Writing `assigned` for `attempt` on `runner` (the runner's slot is taken meanwhile).
-    Assigning {
-        runner: String,
-        attempt: u32,
-        state: JobState,
-        stale: Option<u64>,
-        created: bool,
-    },
+    /// Writing `assigned` (the runner's slot is taken meanwhile).
+    Assigning { to: Assignment, created: bool },
     /// Replacing a state that does not parse with a fresh `queued` one.
     Replacing,
     /// Writing `final` with the status of a result a lost attempt stored.
@@ -249,6 +244,26 @@ impl Step {
                 | Step::Finishing { .. }
         )
     }
+}
+
+/// What a decision on a held job writes over: its state as read (or a fresh `queued` one when
+/// it has none), the revision for the compare-and-set, where a lost attempt's job message is,
+/// and whether the write creates the key (the job is fresh: a conflict means read and decide).
+struct Base {
+    state: JobState,
+    revision: Option<u64>,
+    stale: Option<u64>,
+    created: bool,
+}
+
+/// An attempt being given to a runner: the `assigned` state written, and where the previous
+/// attempt's job message is (deleted once the write lands).
+#[derive(Debug, Clone)]
+struct Assignment {
+    runner: String,
+    attempt: u32,
+    state: JobState,
+    stale: Option<u64>,
 }
 
 /// A commit this dispatcher holds, and its one job.
@@ -616,82 +631,125 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
-        let Some(run) = self.runs.get(key) else {
+        let Some((picked, reason)) = self.place(key, now) else {
             return;
         };
+        let Some(base) = self.base(key, current) else {
+            return;
+        };
+        match picked {
+            Some(runner) => self.start(key, base, runner, attempt, out),
+            None => self.wait(key, base, reason, wait, now, out),
+        }
+    }
+
+    /// The runner for a held job, or why there is none.
+    fn place(&self, key: &str, now: Instant) -> Option<(Option<String>, String)> {
+        let run = self.runs.get(key)?;
         let candidates = self.candidates(now);
         let labels = &run.commit.labels;
         let picked = pick_runner(&candidates, labels, &self.picks).map(str::to_string);
-        let nobody = nobody_has_labels(&candidates, labels);
-        let reason = if nobody && !labels.is_empty() {
+        let reason = if !labels.is_empty() && nobody_has_labels(&candidates, labels) {
             format!("waiting for a runner with labels [{}]", labels.join(", "))
         } else {
             "waiting for a free runner".to_string()
         };
+        Some((picked, reason))
+    }
+
+    /// What a decision on a held job writes over: its `current` state (or a fresh `queued` one).
+    fn base(&self, key: &str, current: Option<Versioned>) -> Option<Base> {
+        let run = self.runs.get(key)?;
         let stale = self.stale_job_seq(key, current.as_ref().map(|c| &c.state));
-        let revision = current.as_ref().map(|c| c.revision);
+        let created = matches!(run.known, Known::Absent);
+        Some(match current {
+            Some(c) => Base {
+                state: c.state,
+                revision: Some(c.revision),
+                stale,
+                created,
+            },
+            None => Base {
+                state: JobState::queued(&run.commit, &run.job),
+                revision: None,
+                stale,
+                created,
+            },
+        })
+    }
+
+    /// Claims `attempt` for `runner` (compare-and-set: of two dispatchers racing here, one
+    /// write fails). The runner's slot counts as taken from now on.
+    fn start(&mut self, key: &str, base: Base, runner: String, attempt: u32, out: &mut Effects) {
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
-        let created = matches!(run.known, Known::Absent);
-        let base = match current {
-            Some(c) => c.state,
-            None => JobState::queued(&run.commit, &run.job),
-        };
-        let Some(runner) = picked else {
-            let mut wait = match wait {
-                Some(w) if w.reason == reason => w,
-                _ => {
-                    tracing::info!(%key, %reason, "commit waits");
-                    Wait {
-                        reason: reason.clone(),
-                        since: now,
-                        recorded: false,
-                    }
-                }
-            };
-            // Recorded when the stored state says so: our own write, a job handed back, or one
-            // recorded by another dispatcher.
-            wait.recorded = revision.is_some()
-                && base.phase == JobPhase::Queued
-                && base.runner.is_none()
-                && base.reason.as_deref() == Some(reason.as_str());
-            // Record it, so `jetci status` can say why (a new commit only once it has waited
-            // a moment); a stale attempt's runner is cleared at once, so that runner, if it
-            // comes back, finds itself superseded.
-            let due = now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
-            if !wait.recorded && (revision.is_some() || due) {
-                let state = base.requeue(reason);
-                run.step = Step::RecordingWait {
-                    wait,
-                    state: state.clone(),
-                    stale,
-                    created,
-                };
-                out.push(Effect::WriteState {
-                    key: key.to_string(),
-                    state,
-                    revision,
-                });
-            } else {
-                run.step = Step::Waiting(wait);
-            }
-            return;
-        };
-        // Claim the attempt first (compare-and-set): of two dispatchers racing here, one write
-        // fails. The runner's slot counts as taken from now on.
-        let state = base.assign(&runner, attempt);
+        let state = base.state.assign(&runner, attempt);
         run.step = Step::Assigning {
-            runner,
-            attempt,
-            state: state.clone(),
-            stale,
-            created,
+            to: Assignment {
+                runner,
+                attempt,
+                state: state.clone(),
+                stale: base.stale,
+            },
+            created: base.created,
         };
         out.push(Effect::WriteState {
             key: key.to_string(),
             state,
-            revision,
+            revision: base.revision,
+        });
+    }
+
+    /// Leaves the job waiting for a runner (`reason`), and records that in its state so
+    /// `jetci status` can say why: a new commit only once it has waited a moment, a job that had
+    /// a state at once (so a lost attempt's runner is cleared and, if it comes back, finds
+    /// itself superseded).
+    fn wait(
+        &mut self,
+        key: &str,
+        base: Base,
+        reason: String,
+        wait: Option<Wait>,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let mut wait = match wait {
+            Some(w) if w.reason == reason => w,
+            _ => {
+                tracing::info!(%key, %reason, "commit waits");
+                Wait {
+                    reason: reason.clone(),
+                    since: now,
+                    recorded: false,
+                }
+            }
+        };
+        // Recorded when the stored state says so: our own write, a job handed back, or one
+        // recorded by another dispatcher.
+        wait.recorded = base.revision.is_some()
+            && base.state.phase == JobPhase::Queued
+            && base.state.runner.is_none()
+            && base.state.reason.as_deref() == Some(reason.as_str());
+        let due = now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
+        if wait.recorded || (base.revision.is_none() && !due) {
+            run.step = Step::Waiting(wait);
+            return;
+        }
+        let state = base.state.requeue(reason);
+        run.step = Step::RecordingWait {
+            wait,
+            state: state.clone(),
+            stale: base.stale,
+            created: base.created,
+        };
+        out.push(Effect::WriteState {
+            key: key.to_string(),
+            state,
+            revision: base.revision,
         });
     }
 
@@ -705,40 +763,9 @@ impl Core {
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
-        let step = std::mem::replace(&mut run.step, Step::Idle);
-        let conflict = matches!(written, Err(StateError::Conflict));
-        match (step, written) {
-            (
-                Step::Assigning {
-                    runner,
-                    attempt,
-                    state,
-                    stale,
-                    ..
-                },
-                Ok(revision),
-            ) => {
-                let job = JobMsg::for_attempt(&run.commit, run.seq, &run.job, &runner, attempt);
-                run.known = Known::State(state.clone(), revision);
-                run.step = Step::OnRunner;
-                if let Some(seq) = stale {
-                    out.push(Effect::DeleteJobMessage { seq });
-                }
-                self.pick_count += 1;
-                self.picks.insert(runner.clone(), self.pick_count);
-                self.active.insert(
-                    key.to_string(),
-                    Active {
-                        runner,
-                        written: now,
-                    },
-                );
-                out.push(Effect::PublishJob {
-                    key: key.to_string(),
-                    job,
-                    assigned: state,
-                    revision,
-                });
+        match (std::mem::replace(&mut run.step, Step::Idle), written) {
+            (Step::Assigning { to, .. }, Ok(revision)) => {
+                self.assigned(key, to, revision, now, out)
             }
             (
                 Step::RecordingWait {
@@ -757,14 +784,12 @@ impl Core {
             }
             (Step::Assigning { created, .. } | Step::RecordingWait { created, .. }, Err(e)) => {
                 run.known = Known::Unknown;
-                if conflict && created {
+                if matches!(e, StateError::Conflict) && created {
                     // The state existed after all (a commit published again, a cancel request
                     // written early): decide again on what is there.
                     self.advance(key, now, out);
-                } else if conflict {
-                    tracing::debug!(%key, "another dispatcher moved the job first; deciding again next beat");
                 } else {
-                    tracing::warn!(%key, error = %e, "cannot write the job state; trying again next beat");
+                    tracing::debug!(%key, error = %e, "the job's state was not written; deciding again next beat");
                 }
             }
             (Step::Replacing | Step::RecordingFinal, result) => {
@@ -775,6 +800,47 @@ impl Core {
             }
             (other, _) => run.step = other,
         }
+    }
+
+    /// `assigned` is written at `revision`: the job is on its runner; publish its message.
+    fn assigned(
+        &mut self,
+        key: &str,
+        to: Assignment,
+        revision: u64,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        let Assignment {
+            runner,
+            attempt,
+            state,
+            stale,
+        } = to;
+        let job = JobMsg::for_attempt(&run.commit, run.seq, &run.job, &runner, attempt);
+        run.known = Known::State(state.clone(), revision);
+        run.step = Step::OnRunner;
+        if let Some(seq) = stale {
+            out.push(Effect::DeleteJobMessage { seq });
+        }
+        self.pick_count += 1;
+        self.picks.insert(runner.clone(), self.pick_count);
+        self.active.insert(
+            key.to_string(),
+            Active {
+                runner,
+                written: now,
+            },
+        );
+        out.push(Effect::PublishJob {
+            key: key.to_string(),
+            job,
+            assigned: state,
+            revision,
+        });
     }
 
     fn on_job_stored(&mut self, key: &str, stored: Result<u64, String>) {
@@ -1105,8 +1171,8 @@ impl Core {
             *busy.entry(a.runner.as_str()).or_default() += 1;
         }
         for run in self.runs.values() {
-            if let Step::Assigning { runner, .. } = &run.step {
-                *busy.entry(runner.as_str()).or_default() += 1;
+            if let Step::Assigning { to, .. } = &run.step {
+                *busy.entry(to.runner.as_str()).or_default() += 1;
             }
         }
         self.runners

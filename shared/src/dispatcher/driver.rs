@@ -18,13 +18,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::core::{Config, Core, Effect, Event, CHECK_EVERY};
 use crate::connect::Nats;
-use crate::messages::{decode, encode, RunnerInfo};
+use crate::messages::{decode, encode, JobMsg, JobState, RunnerInfo};
 use crate::metrics::names as m;
 use crate::protocol::attempt::assigned_headers;
 use crate::protocol::commit::accept;
 use crate::protocol::store::{self, age_of};
 use crate::protocol::verdict::{final_result, finish_without_runner};
 use crate::streams::{watch_bucket, Streams};
+use crate::subjects::JobRef;
 
 /// The most commits one pull request asks for.
 const MAX_PULL: usize = 256;
@@ -209,24 +210,11 @@ impl Driver {
         }
     }
 
+    /// Carries out one effect; returns the answer of an effect that asks a question.
     async fn execute(&mut self, effect: Effect) -> Option<Event> {
         let store = &self.streams.job_states;
         match effect {
-            Effect::LookUpResult { key, job } => {
-                let result = final_result(
-                    &self.nats,
-                    &self.streams.results,
-                    &job.repo,
-                    &job.sha,
-                    job.run,
-                )
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!(%key, error = %e, "cannot check for a stored result; going on");
-                    None
-                });
-                Some(Event::ResultLookedUp { key, result })
-            }
+            Effect::LookUpResult { key, job } => Some(self.look_up_result(key, &job).await),
             Effect::ReadState { key } => {
                 let read = store::read(store, &key).await;
                 Some(Event::StateRead { key, read })
@@ -245,15 +233,14 @@ impl Driver {
                 state,
                 revision,
             } => {
-                let stored =
-                    match finish_without_runner(&self.nats, store, &result, state, revision).await
-                    {
-                        Ok(_) => true,
-                        Err(e) => {
-                            tracing::warn!(%key, error = %e, "cannot publish the final result; trying again next beat");
-                            false
-                        }
-                    };
+                let finished = finish_without_runner(&self.nats, store, &result, state, revision);
+                let stored = match finished.await {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "cannot publish the final result; trying again next beat");
+                        false
+                    }
+                };
                 Some(Event::FinishedWithoutRunner { key, stored })
             }
             Effect::PublishJob {
@@ -274,10 +261,7 @@ impl Driver {
                 None
             }
             Effect::ExtendCommits => {
-                for msg in self.held.values() {
-                    let _ = msg.ack_with(AckKind::Progress).await;
-                }
-                self.record_gauges().await;
+                self.extend().await;
                 None
             }
             Effect::Probe { runner } => {
@@ -292,14 +276,36 @@ impl Driver {
         }
     }
 
+    /// The stored result of `job`'s run, if any. A read that fails counts as none (the worst
+    /// that follows is a run the verdict ignores: first writer wins).
+    async fn look_up_result(&self, key: String, job: &JobRef) -> Event {
+        let results = &self.streams.results;
+        let result = match final_result(&self.nats, results, &job.repo, &job.sha, job.run).await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot check for a stored result; going on");
+                None
+            }
+        };
+        Event::ResultLookedUp { key, result }
+    }
+
+    /// Extends every held commit's deadline (an in-progress ack), and records the gauges.
+    async fn extend(&mut self) {
+        for msg in self.held.values() {
+            let _ = msg.ack_with(AckKind::Progress).await;
+        }
+        self.record_gauges().await;
+    }
+
     /// Publishes a job on its runner's subject with the `assigned` state in its headers (the
     /// runner claims with one compare-and-set on it, [`crate::protocol::attempt`]); the server's
     /// ack is awaited in its own task, so the next assignment does not wait for it.
     async fn publish_job(
         &self,
         key: String,
-        job: crate::messages::JobMsg,
-        assigned: crate::messages::JobState,
+        job: JobMsg,
+        assigned: JobState,
         revision: u64,
     ) {
         let mut publish = PublishMessage::build().payload(encode(&job));

@@ -52,42 +52,11 @@ impl Stopping {
 impl<E: Executor> Runner<E> {
     /// Handles one delivered job message; never panics on its content (I5).
     pub(super) async fn handle(self: Arc<Self>, msg: jetstream::Message, hurry: CancellationToken) {
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        let job: JobMsg = match decode(&msg.payload) {
-            Ok(job) => job,
-            Err(e) => {
-                tracing::warn!(subject = %msg.subject, seq, error = %e, "terminating a job message that does not parse");
-                let _ = msg.ack_with(AckKind::Term).await;
-                return;
-            }
-        };
-        let id = &self.config.id;
-        if &job.runner != id {
-            tracing::warn!(subject = %msg.subject, seq, runner = %job.runner, "terminating a job addressed to another runner");
-            let _ = msg.ack_with(AckKind::Term).await;
+        let Some((job, claimed)) = self.take(&msg).await else {
             return;
-        }
-        let attempt_id = job.attempt_id();
-        let assigned = attempt::assigned_in(msg.headers.as_ref());
-        let claimed = match self.attempt(&job).claim(seq, assigned, self.epoch()).await {
-            Ok(Some(written)) => written,
-            Ok(None) => {
-                tracing::info!(job = %attempt_id, "job was superseded or is already final; skipping it");
-                let _ = msg.double_ack().await;
-                return;
-            }
-            Err(e) => {
-                // The dispatcher reassigns when the lease passes; leave the message for then.
-                tracing::warn!(job = %attempt_id, error = %e, "cannot claim the job; leaving it");
-                return;
-            }
         };
-        let cancelled = claimed.state.cancel.clone();
-        if cancelled.is_none() {
-            tracing::info!(job = %attempt_id, branch = ?job.branch, "running job");
-        }
+        let attempt_id = job.attempt_id();
         self.active.lock().expect("lock").insert(attempt_id.clone());
-
         let msg = Arc::new(msg);
         let stopping = Stopping::default();
         let written = Arc::new(Mutex::new(claimed));
@@ -106,51 +75,116 @@ impl<E: Executor> Runner<E> {
                 }
             });
         }
+        let cancelled = written.lock().expect("lock").state.cancel.clone();
+        let execution = self.execute(&job, cancelled, &stopping.token).await;
+        self.conclude(&job, &msg, execution, stopping.why(), &written, heartbeat)
+            .await;
+        stopping.token.cancel();
+        self.active.lock().expect("lock").remove(&attempt_id);
+        self.executor.release(&job);
+    }
 
-        let result = ResultMsg::for_attempt(&self.nats.names, &job, id);
-        let execution = match cancelled {
-            // `jetci cancel` came between the assignment and the claim: nothing starts.
-            Some(who) => {
-                tracing::info!(job = %attempt_id, who = %who, "job cancelled before it started; not running it");
-                let reason = format!("cancelled {who}");
-                Execution::Done(ResultMsg {
-                    status: Status::Cancelled,
-                    output_tail: format!("jetci: {reason}\n"),
-                    reason: Some(reason),
-                    ..result
-                })
+    /// Decodes a delivered job and claims it ([`Attempt::claim`]); `None` when it is not this
+    /// runner's to run (terminated when malformed or addressed elsewhere, acked when superseded
+    /// or final, left for the lease when the claim cannot be made).
+    async fn take(&self, msg: &jetstream::Message) -> Option<(JobMsg, Written)> {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let job = match decode::<JobMsg>(&msg.payload) {
+            Ok(job) if job.runner == self.config.id => job,
+            Ok(job) => {
+                tracing::warn!(subject = %msg.subject, seq, runner = %job.runner, "terminating a job addressed to another runner");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return None;
             }
-            None => self.executor.execute(&job, result, &stopping.token).await,
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, seq, error = %e, "terminating a job message that does not parse");
+                let _ = msg.ack_with(AckKind::Term).await;
+                return None;
+            }
         };
-        match (stopping.why(), execution) {
+        let assigned = attempt::assigned_in(msg.headers.as_ref());
+        match self.attempt(&job).claim(seq, assigned, self.epoch()).await {
+            Ok(Some(written)) => {
+                if written.state.cancel.is_none() {
+                    tracing::info!(job = %job.attempt_id(), branch = ?job.branch, "running job");
+                }
+                Some((job, written))
+            }
+            Ok(None) => {
+                tracing::info!(job = %job.attempt_id(), "job was superseded or is already final; skipping it");
+                let _ = msg.double_ack().await;
+                None
+            }
+            Err(e) => {
+                // The dispatcher reassigns when the lease passes; leave the message for then.
+                tracing::warn!(job = %job.attempt_id(), error = %e, "cannot claim the job; leaving it");
+                None
+            }
+        }
+    }
+
+    /// Runs the job with the executor, unless a cancel request (`cancelled`: by whom) came
+    /// between the assignment and the claim: then nothing starts and the verdict is `cancelled`.
+    async fn execute(
+        &self,
+        job: &JobMsg,
+        cancelled: Option<String>,
+        stop: &CancellationToken,
+    ) -> Execution {
+        let result = ResultMsg::for_attempt(&self.nats.names, job, &self.config.id);
+        let Some(who) = cancelled else {
+            return self.executor.execute(job, result, stop).await;
+        };
+        tracing::info!(job = %job.attempt_id(), who = %who, "job cancelled before it started; not running it");
+        let reason = format!("cancelled {who}");
+        Execution::Done(ResultMsg {
+            status: Status::Cancelled,
+            output_tail: format!("jetci: {reason}\n"),
+            reason: Some(reason),
+            ..result
+        })
+    }
+
+    /// What the attempt comes to, by why it stopped (`why`) and what the executor returned:
+    /// handed back, recorded as superseded, or fenced and delivered as the verdict; then the job
+    /// message is acked (except for a hand-back, which the next attempt replaces).
+    async fn conclude(
+        &self,
+        job: &JobMsg,
+        msg: &jetstream::Message,
+        execution: Execution,
+        why: Option<Stop>,
+        written: &Mutex<Written>,
+        heartbeat: tokio::task::JoinHandle<()>,
+    ) {
+        let id = &self.config.id;
+        match (why, execution) {
             (Some(Stop::HandBack), _) => {
                 heartbeat.abort();
                 let reason = format!("handed back by runner {id} (shutting down)");
-                self.hand_back(&job, reason).await;
+                self.hand_back(job, reason).await;
             }
             (Some(Stop::Superseded), execution) => {
                 heartbeat.abort();
                 if let Execution::Done(result) = execution {
-                    self.record_superseded(&job, &result).await;
+                    self.record_superseded(job, &result).await;
                 }
                 let _ = msg.double_ack().await;
             }
             (None | Some(Stop::Cancel), Execution::Retry(reason)) => {
                 // Not the test's fault (the checkout failed): another attempt, maybe elsewhere.
-                tracing::warn!(job = %attempt_id, %reason, "cannot run the job; handing it back for another attempt");
+                tracing::warn!(job = %job.attempt_id(), %reason, "cannot run the job; handing it back for another attempt");
                 heartbeat.abort();
-                self.hand_back(&job, reason).await;
+                self.hand_back(job, reason).await;
                 let _ = msg.double_ack().await;
             }
             (None | Some(Stop::Cancel), Execution::Done(result)) => {
-                match self.fence(&job, &written).await {
-                    Renewal::Held(fenced) => {
-                        self.deliver(&job, &result, Some(fenced), heartbeat).await
-                    }
-                    Renewal::Unreachable => self.deliver(&job, &result, None, heartbeat).await,
+                match self.fence(job, written).await {
+                    Renewal::Held(fenced) => self.deliver(job, &result, Some(fenced), heartbeat).await,
+                    Renewal::Unreachable => self.deliver(job, &result, None, heartbeat).await,
                     Renewal::Lost => {
                         heartbeat.abort();
-                        self.record_superseded(&job, &result).await;
+                        self.record_superseded(job, &result).await;
                     }
                 }
                 // The job state says final already: a lost ack only brings the message back,
@@ -159,9 +193,6 @@ impl<E: Executor> Runner<E> {
                 let _ = msg.ack().await;
             }
         }
-        stopping.token.cancel();
-        self.active.lock().expect("lock").remove(&attempt_id);
-        self.executor.release(&job);
     }
 
     fn attempt<'a>(&'a self, job: &'a JobMsg) -> Attempt<'a> {

@@ -5,7 +5,7 @@
 //!
 //! A runner registers in `ci-runners`, owns one durable pull consumer on its own subject
 //! `ci.jobs.<id>`, and pulls one job per free slot (never more: a prefetched job ages past its
-//! deadline and runs twice, JETSTREAM-NOTES section 0). Each job goes through [`job`]: claim,
+//! deadline and runs twice, JETSTREAM-NOTES section 0). Each job goes through `job.rs`: claim,
 //! heartbeat, execute, fence, publish the verdict, mark final, ack.
 
 mod job;
@@ -55,6 +55,7 @@ pub struct Config {
 
 /// What running a job came to.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per job, moved once: a box buys nothing
 pub enum Execution {
     /// A verdict, whatever its status.
     Done(ResultMsg),

@@ -1,13 +1,13 @@
 //! Telling people that a branch broke or was fixed: a JSON webhook and an email.
 //!
-//! [`Notification`] is what is said (built from the result of the branch's newest commit); the
-//! [`Notifier`] delivers it. Each destination (every `--webhook-url`, and the mail server) has its
+//! [`Alert`] is what is said (built from the result of the branch's newest commit); the
+//! [`Alerter`] delivers it. Each destination (every `--webhook-url`, and the mail server) has its
 //! own bounded queue and its own task, so a slow or dead webhook delays nothing else: neither the
-//! view, which only `try_send`s (a full queue drops the notification with a warning rather than
+//! view, which only `try_send`s (a full queue drops the alert with a warning rather than
 //! hold up the results feed), nor the other destinations. Each delivery is retried with
 //! exponential backoff (`backon`) while the failure may pass (a connection error, a 5xx, a 429,
 //! a transient SMTP reply) and given up at once when it cannot (a 4xx, a permanent SMTP reply).
-//! Notifications are not persisted: one still queued when jetci-web stops is lost, which is the
+//! Alerts are not persisted: one still queued when jetci-web stops is lost, which is the
 //! price of keeping no state (DESIGN.md).
 
 use std::sync::Arc;
@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use crate::pages::{enc, short};
 use crate::transitions::Kind;
 
-/// Notifications waiting per destination; more are dropped (with a warning).
+/// Alerts waiting per destination; more are dropped (with a warning).
 const QUEUE: usize = 100;
-/// Attempts after the first, per notification and destination.
+/// Attempts after the first, per alert and destination.
 const RETRIES: usize = 6;
 /// The first pause between attempts; it doubles up to `MAX_BACKOFF` (about 2.5 minutes in all).
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
@@ -41,7 +41,7 @@ const MAIL_OUTPUT_LINES: usize = 30;
 
 /// What a webhook receives (JSON) and what an email says.
 #[derive(Clone, Debug, Serialize)]
-pub struct Notification {
+pub struct Alert {
     /// `broken` (passing → failing) or `fixed` (failing → passing).
     pub event: Kind,
     pub repo: String,
@@ -73,10 +73,10 @@ pub struct Notification {
     pub output: String,
 }
 
-impl Notification {
-    /// The notification for `result`, the verdict of the branch's newest commit; links point at
+impl Alert {
+    /// The alert for `result`, the verdict of the branch's newest commit; links point at
     /// `base_url` (e.g. `https://ci.example.com`).
-    pub fn new(event: Kind, r: &ResultMsg, base_url: &str) -> Notification {
+    pub fn new(event: Kind, r: &ResultMsg, base_url: &str) -> Alert {
         let url = format!(
             "{}/repo/{}/commit/{}",
             base_url.trim_end_matches('/'),
@@ -117,7 +117,7 @@ impl Notification {
         } else {
             String::new()
         };
-        Notification {
+        Alert {
             event,
             repo: r.repo.clone(),
             branch: r.branch.clone(),
@@ -212,9 +212,9 @@ impl Notification {
     }
 }
 
-/// Where notifications go.
+/// Where alerts go.
 #[derive(Debug, Default, Clone)]
-pub struct NotifyConfig {
+pub struct AlertConfig {
     pub webhooks: Vec<String>,
     /// `smtp://host:port` (no TLS), `smtps://…` (TLS), `smtp+starttls://…`; user and password
     /// in the URL.
@@ -225,16 +225,16 @@ pub struct NotifyConfig {
 
 /// The queues of the delivery tasks; cheap to clone.
 #[derive(Clone, Default)]
-pub struct Notifier {
-    queues: Vec<(String, mpsc::Sender<Arc<Notification>>)>,
+pub struct Alerter {
+    queues: Vec<(String, mpsc::Sender<Arc<Alert>>)>,
 }
 
-impl Notifier {
+impl Alerter {
     /// Checks the configuration and starts one delivery task per destination; they end when
-    /// `stop` is cancelled. No destination: a notifier that sends nothing.
+    /// `stop` is cancelled. No destination: a alerter that sends nothing.
     ///
     /// Errors: a URL or an address that does not parse, mail settings without recipients.
-    pub fn start(config: &NotifyConfig, stop: &CancellationToken) -> anyhow::Result<Notifier> {
+    pub fn start(config: &AlertConfig, stop: &CancellationToken) -> anyhow::Result<Alerter> {
         let mut sinks = Vec::new();
         if !config.webhooks.is_empty() {
             let client = reqwest::Client::builder()
@@ -285,20 +285,20 @@ impl Notifier {
         for sink in sinks {
             let (tx, rx) = mpsc::channel(QUEUE);
             let name = sink.name();
-            tracing::info!(destination = %name, "notifications on");
+            tracing::info!(destination = %name, "alerts on");
             tokio::spawn(deliver_all(sink, rx, stop.clone()));
             queues.push((name, tx));
         }
-        Ok(Notifier { queues })
+        Ok(Alerter { queues })
     }
 
     /// Queues `n` for every destination without waiting; a full queue drops it (logged).
-    pub fn send(&self, n: Notification) {
+    pub fn send(&self, n: Alert) {
         tracing::info!(event = n.event.as_str(), repo = %n.repo, branch = %n.branch, sha = %n.sha, "branch {}", n.event.as_str());
         let n = Arc::new(n);
         for (name, tx) in &self.queues {
             if let Err(e) = tx.try_send(n.clone()) {
-                tracing::warn!(destination = %name, error = %e, "notification dropped: the destination's queue is full or closed");
+                tracing::warn!(destination = %name, error = %e, "alert dropped: the destination's queue is full or closed");
             }
         }
     }
@@ -334,7 +334,7 @@ impl Sink {
         }
     }
 
-    async fn deliver(&self, n: &Notification) -> Result<(), Failure> {
+    async fn deliver(&self, n: &Alert) -> Result<(), Failure> {
         match self {
             Sink::Webhook { client, url } => {
                 let res = client
@@ -377,10 +377,10 @@ impl Sink {
     }
 }
 
-/// The delivery task of one destination: each notification in turn, retried with backoff.
+/// The delivery task of one destination: each alert in turn, retried with backoff.
 async fn deliver_all(
     sink: Sink,
-    mut rx: mpsc::Receiver<Arc<Notification>>,
+    mut rx: mpsc::Receiver<Arc<Alert>>,
     stop: CancellationToken,
 ) {
     let name = sink.name();
@@ -398,7 +398,7 @@ async fn deliver_all(
             .retry(policy)
             .when(|f| f.retry)
             .notify(|f, pause| {
-                tracing::warn!(destination = %name, error = %f.message, ?pause, "notification not delivered; trying again");
+                tracing::warn!(destination = %name, error = %f.message, ?pause, "alert not delivered; trying again");
             });
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,
@@ -406,17 +406,17 @@ async fn deliver_all(
         };
         match outcome {
             Ok(()) => {
-                tracing::info!(destination = %name, event = n.event.as_str(), repo = %n.repo, branch = %n.branch, sha = %n.sha, "notification delivered")
+                tracing::info!(destination = %name, event = n.event.as_str(), repo = %n.repo, branch = %n.branch, sha = %n.sha, "alert delivered")
             }
             Err(f) => {
-                tracing::warn!(destination = %name, error = %f.message, repo = %n.repo, branch = %n.branch, sha = %n.sha, "notification given up")
+                tracing::warn!(destination = %name, error = %f.message, repo = %n.repo, branch = %n.branch, sha = %n.sha, "alert given up")
             }
         }
     }
 }
 
 /// The email for `n`.
-fn mail(n: &Notification, from: &Mailbox, to: &[Mailbox]) -> anyhow::Result<Message> {
+fn mail(n: &Alert, from: &Mailbox, to: &[Mailbox]) -> anyhow::Result<Message> {
     let mut builder = Message::builder()
         .from(from.clone())
         .subject(n.subject())
@@ -548,8 +548,8 @@ mod tests {
     }
 
     #[test]
-    fn a_broken_notification_names_everything() {
-        let n = Notification::new(Kind::Broken, &failing(), "http://ci.example/");
+    fn a_broken_alert_names_everything() {
+        let n = Alert::new(Kind::Broken, &failing(), "http://ci.example/");
         let sha = "ab".repeat(20);
         assert_eq!(n.url, format!("http://ci.example/repo/app/commit/{sha}"));
         assert_eq!(n.failures, ["test_bad (test_x.T.test_bad)"]);
@@ -583,11 +583,11 @@ mod tests {
     }
 
     #[test]
-    fn a_fixed_notification() {
+    fn a_fixed_alert() {
         let mut r = failing();
         r.status = Status::Passed;
         r.tests = None;
-        let n = Notification::new(Kind::Fixed, &r, "http://x");
+        let n = Alert::new(Kind::Fixed, &r, "http://x");
         assert!(n.body().contains("is fixed"));
         assert!(!n.body().contains("Last lines"));
         assert!(
@@ -614,14 +614,14 @@ mod tests {
     #[tokio::test]
     async fn bad_settings_are_refused() {
         let stop = CancellationToken::new();
-        let cfg = |f: fn(&mut NotifyConfig)| {
-            let mut c = NotifyConfig::default();
+        let cfg = |f: fn(&mut AlertConfig)| {
+            let mut c = AlertConfig::default();
             f(&mut c);
             c
         };
-        assert!(Notifier::start(&cfg(|_| {}), &stop).is_ok());
+        assert!(Alerter::start(&cfg(|_| {}), &stop).is_ok());
         // The default sender parses.
-        assert!(Notifier::start(
+        assert!(Alerter::start(
             &cfg(|c| {
                 c.smtp_url = Some("smtp://127.0.0.1:2525".into());
                 c.mail_to = vec!["dev@example.com".into()];
@@ -630,10 +630,10 @@ mod tests {
             &stop
         )
         .is_ok());
-        assert!(Notifier::start(&cfg(|c| c.webhooks = vec!["ftp://x".into()]), &stop).is_err());
-        assert!(Notifier::start(&cfg(|c| c.smtp_url = Some("smtp://h".into())), &stop).is_err());
-        assert!(Notifier::start(&cfg(|c| c.mail_to = vec!["a@b".into()]), &stop).is_err());
-        assert!(Notifier::start(
+        assert!(Alerter::start(&cfg(|c| c.webhooks = vec!["ftp://x".into()]), &stop).is_err());
+        assert!(Alerter::start(&cfg(|c| c.smtp_url = Some("smtp://h".into())), &stop).is_err());
+        assert!(Alerter::start(&cfg(|c| c.mail_to = vec!["a@b".into()]), &stop).is_err());
+        assert!(Alerter::start(
             &cfg(|c| {
                 c.smtp_url = Some("smtp://h".into());
                 c.mail_to = vec!["not an address".into()];
