@@ -4,7 +4,8 @@
 //! - [`protocol`]: the dispatch protocol, top to bottom: publishing a commit, a job's state and
 //!   its transitions, placement, a runner's attempt, the lease decision, the verdict;
 //! - [`dispatcher`]: the dispatcher's sans-IO core and its NATS driver;
-//! - [`runner`]: the runner's loop, with the work of a job injected as an executor.
+//! - [`runner`]: the runner's loop, with the work of a job injected as an executor;
+//! - [`observer`]: the observer's loop, where commits enter (plan, marks, poll-now notifies).
 //!
 //! What they are built from:
 //! - [`subjects`]: every subject, stream, bucket and consumer name, and the job and attempt ids;
@@ -27,6 +28,7 @@ pub mod git;
 pub mod logging;
 pub mod messages;
 pub mod metrics;
+pub mod observer;
 pub mod protocol;
 pub mod repo_config;
 pub mod result_file;

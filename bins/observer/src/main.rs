@@ -1,25 +1,10 @@
 //! `jetci-observer`: watches one git repository and publishes every new commit to test.
 //!
-//! The loop: every poll interval, read the branches (fetching first when the repository is a URL),
-//! plan what is new since the marks in the `ci-observer` bucket ([`plan`]), and for each new
-//! commit, oldest first, publish it to `ci.commits.<repo>`, wait for the stream's ack, and only
-//! then move the branch's mark ([`marks`], [`poll`]). A failed poll (git error, NATS down) is
-//! logged and tried again on the next tick; nothing it did not finish is marked, so a restart or
-//! an outage loses no commit and publishes none twice (DESIGN.md, invariants I1 and I4).
-//!
-//! Between ticks it also listens on `ci.notify.<repo>`: a git hook's `jetci notify` makes it poll
-//! at once and answers when that poll has published ([`notify`]). The poll stays the safety net
-//! for every notify that is lost.
-
-mod commit;
-mod marks;
-mod notify;
-mod plan;
-mod poll;
+//! The observer's loop is the library's ([`jetci::observer`]); this binary opens the repository,
+//! parses its flags into a [`jetci::observer::Config`] and runs it.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -30,11 +15,6 @@ use jetci::git::Watched;
 use jetci::logging::LogArgs;
 use jetci::shutdown::Shutdown;
 use jetci::subjects::{check_token, repo_slug};
-use tracing::info;
-
-use crate::marks::Marks;
-use crate::notify::Notices;
-use crate::poll::{Observer, Trouble};
 
 const LONG_ABOUT: &str = "\
 Watches one git repository and publishes every new commit to test.
@@ -122,8 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     result
 }
 
-/// Connects, then polls until SIGINT or SIGTERM: every `--poll-interval` after the last poll
-/// ended, and at once when notified.
+/// Connects, then polls until SIGINT or SIGTERM.
 async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<()> {
     let shutdown = Shutdown::install().context("cannot install the signal handlers")?;
     let nats = args
@@ -131,40 +110,13 @@ async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<(
         .connect(&format!("jetci-observer {repo}"))
         .await?;
     let streams = jetci::streams::setup(&nats).await?;
-    let mut marks = Marks::load(streams.marks, &repo, &watched.url).await?;
-    info!(
+    let config = jetci::observer::Config {
         repo,
-        url = watched.url,
-        branches = %args.branches,
-        every = %humantime::format_duration(args.poll_interval),
-        marks = marks.heads().len(),
-        first_sight = !marks.ever_polled(),
-        "observing"
-    );
-    let observer = Observer {
-        repo,
-        watched: Arc::new(Mutex::new(watched)),
+        watched,
         branches: args.branches,
-        nats,
+        poll_interval: args.poll_interval,
     };
-
-    let mut notices = Notices::subscribe(&observer.nats, &observer.repo).await?;
-    let mut trouble = Trouble::default();
-    while !shutdown.token.is_cancelled() {
-        // The notifies heard so far arrived before this poll starts, so it answers them.
-        let answering = notices.take();
-        let polled = observer.poll(&mut marks, &shutdown.token).await;
-        notices
-            .answer(answering, polled.published, &polled.outcome)
-            .await;
-        trouble.note(polled.outcome, args.poll_interval);
-        tokio::select! {
-            _ = shutdown.token.cancelled() => {}
-            _ = tokio::time::sleep(args.poll_interval) => {}
-            () = notices.heard() => {}
-        }
-    }
-    info!("stopped");
+    jetci::observer::run(nats, streams, config, shutdown.token).await?;
     Ok(())
 }
 

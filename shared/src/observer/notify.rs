@@ -16,8 +16,10 @@
 
 use async_nats::{Message, Subject, Subscriber};
 use futures::{FutureExt, StreamExt};
-use jetci::connect::Nats;
-use jetci::messages::{decode, encode, NotifyMsg, NotifyReply, VERSION};
+use crate::connect::Nats;
+use crate::messages::{decode, encode, NotifyMsg, NotifyReply, VERSION};
+
+use super::ObserveError;
 use tracing::{debug, info, warn};
 
 /// The notify subscription of one repository and the requests waiting for a poll.
@@ -34,13 +36,13 @@ pub struct Notices {
 impl Notices {
     /// Subscribes to `ci.notify.<repo>`. Done before the first poll, so no notify sent after the
     /// observer said "observing" goes unanswered.
-    pub async fn subscribe(nats: &Nats, repo: &str) -> anyhow::Result<Notices> {
+    pub async fn subscribe(nats: &Nats, repo: &str) -> Result<Notices, ObserveError> {
         let subject = nats.names.notify_subject(repo);
         let subscriber = nats
             .client
             .subscribe(subject.clone())
             .await
-            .map_err(|e| anyhow::anyhow!("cannot subscribe to {subject}: {e}"))?;
+            .map_err(|e| ObserveError::new(format!("cannot subscribe to {subject}"), &e))?;
         Ok(Notices {
             repo: repo.to_string(),
             nats: nats.clone(),
@@ -107,7 +109,7 @@ impl Notices {
         &self,
         waiting: Vec<Option<Subject>>,
         published: u32,
-        outcome: &anyhow::Result<()>,
+        outcome: &Result<(), ObserveError>,
     ) {
         if waiting.is_empty() {
             return;
@@ -116,7 +118,7 @@ impl Notices {
             v: VERSION,
             repo: self.repo.clone(),
             published,
-            error: outcome.as_ref().err().map(|e| format!("{e:#}")),
+            error: outcome.as_ref().err().map(|e| e.to_string()),
         };
         let payload = encode(&reply);
         for subject in waiting.into_iter().flatten() {

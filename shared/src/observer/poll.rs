@@ -11,18 +11,19 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use anyhow::Context;
 use git2::Oid;
 use glob::Pattern;
-use jetci::connect::Nats;
-use jetci::git::{GitError, Watched};
-use jetci::messages::CommitMsg;
-use jetci::shutdown::CancellationToken;
+use crate::connect::Nats;
+use crate::git::{GitError, Watched};
+use crate::messages::CommitMsg;
+use crate::protocol::commit::publish_commit;
+use crate::shutdown::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::commit::{self, short};
-use crate::marks::Marks;
-use crate::plan::{self, Step};
+use super::commit::{self, short};
+use super::ObserveError;
+use super::marks::Marks;
+use super::plan::{self, Step};
 
 /// One watched repository and where its commits go.
 pub struct Observer {
@@ -50,7 +51,7 @@ pub struct Polled {
     /// Commits acknowledged by the stream in this poll (duplicates it dropped included).
     pub published: u32,
     /// `Err` when the poll stopped early; the next poll picks up where it stopped.
-    pub outcome: anyhow::Result<()>,
+    pub outcome: Result<(), ObserveError>,
 }
 
 impl Observer {
@@ -67,7 +68,7 @@ impl Observer {
         marks: &mut Marks,
         shutdown: &CancellationToken,
         published: &mut u32,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), ObserveError> {
         let work = tokio::select! {
             work = self.read_git(marks) => work?,
             _ = shutdown.cancelled() => return Ok(()),
@@ -88,13 +89,16 @@ impl Observer {
         }
         marks.record_polled().await?;
         match work.failed.into_iter().next() {
-            Some((branch, e)) => Err(e).context(format!("cannot read branch {branch:?}")),
+            Some((branch, e)) => Err(ObserveError::new(
+                format!("cannot read branch {branch:?}"),
+                &e,
+            )),
             None => Ok(()),
         }
     }
 
     /// The git half of a poll, on the blocking pool.
-    async fn read_git(&self, marks: &Marks) -> anyhow::Result<Work> {
+    async fn read_git(&self, marks: &Marks) -> Result<Work, ObserveError> {
         let watched = self.watched.clone();
         let repo = self.repo.clone();
         let branches = self.branches.clone();
@@ -105,20 +109,21 @@ impl Observer {
             read_git(&watched, &repo, &branches, &heads, ever_polled)
         })
         .await
-        .context("the git task failed")?
-        .with_context(|| format!("cannot poll {}", self.repo))
+        .map_err(|e| ObserveError::new("the git task failed", &e))?
+        .map_err(|e| ObserveError::new(format!("cannot poll {}", self.repo), &e))
     }
 
     /// Publishes one commit and waits for its ack (the caller moves the mark only after this).
-    async fn publish(&self, msg: &CommitMsg) -> anyhow::Result<()> {
-        let ack = jetci::protocol::commit::publish_commit(&self.nats, msg).await.with_context(|| {
-            format!(
+    async fn publish(&self, msg: &CommitMsg) -> Result<(), ObserveError> {
+        let ack = publish_commit(&self.nats, msg).await.map_err(|e| {
+            let what = format!(
                 "commit {} of branch {:?} is not published yet: waiting for NATS and the {} \
                  stream to acknowledge it (its branch mark stays put until then)",
                 short(&msg.sha),
                 msg.branch,
                 self.nats.names.commits_stream()
-            )
+            );
+            ObserveError::new(what, &e)
         })?;
         let what = if ack.duplicate {
             "commit was already published (a duplicate the stream dropped)"
@@ -178,7 +183,7 @@ pub struct Trouble {
 
 impl Trouble {
     /// Logs the outcome of one poll; `retry` is the poll interval.
-    pub fn note(&mut self, outcome: anyhow::Result<()>, retry: Duration) {
+    pub fn note(&mut self, outcome: Result<(), ObserveError>, retry: Duration) {
         match outcome {
             Ok(()) => {
                 if self.last.take().is_some() {
@@ -186,7 +191,7 @@ impl Trouble {
                 }
             }
             Err(e) => {
-                let message = format!("{e:#}");
+                let message = e.to_string();
                 let every = humantime::format_duration(retry);
                 if self.last.as_ref() == Some(&message) {
                     debug!("{message}; still retrying every {every}");

@@ -1,13 +1,13 @@
 //! One commit's message: what git says about it (published to `CI_COMMITS` by
-//! [`jetci::protocol::commit::publish_commit`]).
+//! [`crate::protocol::commit::publish_commit`]).
 //!
 //! The message carries the runner labels the commit's own `.jetci.toml` asks for, so a dispatcher
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
 use git2::Oid;
-use jetci::git::Watched;
-use jetci::messages::{now, CommitMsg, VERSION};
-use jetci::repo_config::{RepoConfig, FILE_NAME};
+use crate::git::Watched;
+use crate::messages::{now, CommitMsg, VERSION};
+use crate::repo_config::{RepoConfig, FILE_NAME};
 
 /// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
 /// first line must not make the message too large to publish (invariant I5).
@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(msg.key(), format!("app.{good}.1"));
         assert_eq!(msg.url, w.url);
         // What goes on the wire passes the readers' strict checks.
-        let back: CommitMsg = jetci::messages::decode(&jetci::messages::encode(&msg)).unwrap();
+        let back: CommitMsg = crate::messages::decode(&crate::messages::encode(&msg)).unwrap();
         assert_eq!(back, msg);
 
         let bad = commit_with(&repo, &[(FILE_NAME, "labels = [\"a b\"]\n")], "x");

@@ -13,13 +13,14 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Context;
 use async_nats::jetstream::kv;
 use futures::TryStreamExt;
 use git2::Oid;
-use jetci::git::text_hash;
-use jetci::messages::{decode, encode, now, BranchMark, VERSION};
-use jetci::subjects::check_sha;
+use crate::git::text_hash;
+use crate::messages::{decode, encode, now, BranchMark, VERSION};
+use crate::subjects::check_sha;
+
+use super::ObserveError;
 
 /// The `ci-observer` key of one branch of `repo`.
 pub fn mark_key(repo: &str, branch: &str) -> String {
@@ -46,16 +47,16 @@ impl Marks {
     ///
     /// Errors: the name `repo` already belongs to another repository than `url` (two
     /// repositories whose paths end alike): they would share marks, subjects and results.
-    pub async fn load(kv: kv::Store, repo: &str, url: &str) -> anyhow::Result<Marks> {
+    pub async fn load(kv: kv::Store, repo: &str, url: &str) -> Result<Marks, ObserveError> {
         let what = || format!("cannot read the marks of {repo} from the observer bucket");
         let prefix = format!("{repo}.");
         let keys: Vec<String> = kv
             .keys()
             .await
-            .with_context(what)?
+            .map_err(|e| ObserveError::new(what(), &e))?
             .try_collect()
             .await
-            .with_context(what)?;
+            .map_err(|e| ObserveError::new(what(), &e))?;
         let mut marks = Marks {
             kv,
             repo: repo.to_string(),
@@ -70,17 +71,17 @@ impl Marks {
                     .kv
                     .get(&key)
                     .await
-                    .with_context(what)?
+                    .map_err(|e| ObserveError::new(what(), &e))?
                     .and_then(|v| decode::<BranchMark>(&v).ok())
                     .and_then(|m| m.url);
                 if let Some(owner) = owner.filter(|o| o != url) {
-                    anyhow::bail!(
+                    return Err(ObserveError(format!(
                         "the name {repo:?} is already used for the repository at {owner}; give this one another --name"
-                    );
+                    )));
                 }
                 continue;
             }
-            let Some(value) = marks.kv.get(&key).await.with_context(what)? else {
+            let Some(value) = marks.kv.get(&key).await.map_err(|e| ObserveError::new(what(), &e))? else {
                 continue; // deleted since the listing
             };
             match read_mark(repo, &key, &value) {
@@ -104,35 +105,35 @@ impl Marks {
     }
 
     /// Moves `branch`'s mark to `head`.
-    pub async fn set(&mut self, branch: &str, head: Oid) -> anyhow::Result<()> {
+    pub async fn set(&mut self, branch: &str, head: Oid) -> Result<(), ObserveError> {
         let mark = mark(&self.repo, branch, &head.to_string());
         self.kv
             .put(mark_key(&self.repo, branch), encode(&mark))
             .await
-            .with_context(|| format!("cannot save the mark of branch {branch:?}"))?;
+            .map_err(|e| ObserveError::new(format!("cannot save the mark of branch {branch:?}"), &e))?;
         self.heads.insert(branch.to_string(), head);
         Ok(())
     }
 
     /// Deletes the mark of a branch that no longer exists.
-    pub async fn forget(&mut self, branch: &str) -> anyhow::Result<()> {
+    pub async fn forget(&mut self, branch: &str) -> Result<(), ObserveError> {
         self.kv
             .delete(mark_key(&self.repo, branch))
             .await
-            .with_context(|| format!("cannot delete the mark of branch {branch:?}"))?;
+            .map_err(|e| ObserveError::new(format!("cannot delete the mark of branch {branch:?}"), &e))?;
         self.heads.remove(branch);
         Ok(())
     }
 
     /// Records that a poll completed; writes once, then does nothing.
-    pub async fn record_polled(&mut self) -> anyhow::Result<()> {
+    pub async fn record_polled(&mut self) -> Result<(), ObserveError> {
         if !self.ever_polled {
             let mut seen = mark(&self.repo, "", "");
             seen.url = Some(self.url.clone());
             self.kv
                 .put(polled_key(&self.repo), encode(&seen))
                 .await
-                .context("cannot record the first poll in the observer bucket")?;
+                .map_err(|e| ObserveError::new("cannot record the first poll in the observer bucket", &e))?;
             self.ever_polled = true;
         }
         Ok(())

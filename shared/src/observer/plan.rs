@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 
 use git2::Oid;
-use jetci::git::{GitError, Watched};
+use crate::git::{GitError, Watched};
 
 /// One thing a poll does to one branch, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
