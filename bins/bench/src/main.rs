@@ -8,7 +8,7 @@
 //! Everything is real: a nats-server on a free port with a temp store, the binaries found
 //! beside this executable, git repositories made with the git CLI (fast-import for long
 //! histories), results timestamped on arrival by a core-NATS subscription on `ci.results.>`.
-//! `--quick` runs a tiny version of every benchmark (the smoke test `tests/bench_smoke.rs`).
+//! `--quick` runs a tiny version of every benchmark (the smoke test `tests/e2e/bench_smoke.rs`).
 //!
 //! `sys.rs` is the world the benchmarks run in; `web.rs` is W (jetci-web with a full view),
 //! `dispatch.rs` is D (the dispatch rate) with the library's runner loop and an executor that runs nothing; the

@@ -8,7 +8,7 @@
 //!
 //! On a cluster the bucket is a replicated stream, and when the node leading it dies the bucket
 //! takes no writes until the survivors elect a new leader, which takes a raft election timeout
-//! (about 6 s in `tests/cluster.rs`); every write meanwhile fails at once with "no stream found"
+//! (about 6 s in `tests/e2e/cluster.rs`); every write meanwhile fails at once with "no stream found"
 //! (no responders). Reads go on, served by the followers. Left alone, that outage would break I3 in
 //! two ways, so this module hides it:
 //!

@@ -2,55 +2,46 @@
 //! everything, daemons that do not outlive their job, bounded logs and memory, clean workspaces,
 //! a built environment.
 
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
-use jetci::protocol::attempt;
 use jetci::messages::{self, JobMsg, JobPhase, JobState, Status, VERSION};
-use jetci_e2e::{
-    bin_path, js, spawn_runner, stream_raw_messages, wait_results, GitRepo, NatsServer, System,
-};
+use jetci::protocol::attempt;
 use serde_json::Value;
 
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::GitRepo;
+use crate::support::jetstream::{js, names, stream_raw_messages, wait_job, wait_results};
+use crate::support::nats::NatsServer;
+use crate::support::processes::{bin_path, marker_seconds, processes_with};
+use crate::support::system::{spawn_runner, System, REPO};
+use crate::support::waiting::{wait_until_async, BOUND};
 
 /// Waits for the first `n` results of the system.
 async fn results(sys: &System, n: usize) -> Vec<Value> {
-    wait_results(&sys.url, "CI_RESULTS", "ci.results.>", n, BOUND).await
+    wait_results(&sys.url, n, BOUND).await
 }
 
 fn toml(command: &str, extra: &str) -> String {
     format!("command = {command:?}\n{extra}")
 }
 
-/// Processes whose command line contains `needle` (a marker unique to one test).
-fn processes_with(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            let zombie = std::fs::read_to_string(entry.path().join("stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true);
-            if cmd.contains(needle) && !zombie {
-                found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
-
+/// Waits until no process has `marker` (a [`marker_seconds`]) on its command line.
 async fn none_left(marker: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !processes_with(marker).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            processes_with(marker)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        "no process left behind",
+        Duration::from_secs(10),
+        async || {
+            let left = processes_with(marker);
+            left.is_empty()
+                .then_some(())
+                .ok_or_else(|| format!("left behind: {left:?}"))
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,8 +56,8 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
     sys.add_runner("plain", &[], &[]);
 
     // `jetci status` says it waits, and for which labels.
-    let deadline = Instant::now() + BOUND;
-    loop {
+    let what = "the commit shown as waiting, and the runner present";
+    let (v, waiting) = wait_until_async(what, BOUND, async || {
         let out = std::process::Command::new(bin_path("jetci"))
             .args(["-s", &sys.url, "status", "--json"])
             .output()
@@ -91,17 +82,17 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
             .unwrap()
             .iter()
             .any(|r| r["id"] == "plain");
-        if let (Some(c), true) = (queued.first(), plain_seen) {
-            assert!(c["reason"].as_str().unwrap().contains("gpu"), "{v:#}");
-            assert_eq!(v["runners"][0]["id"], "plain", "{v:#}");
-            break;
+        match (queued.first(), plain_seen) {
+            (Some(&c), true) => Ok((v.clone(), c.clone())),
+            _ => Err(v.clone()),
         }
-        assert!(Instant::now() < deadline, "never shown as waiting: {v:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+    assert!(waiting["reason"].as_str().unwrap().contains("gpu"), "{v:#}");
+    assert_eq!(v["runners"][0]["id"], "plain", "{v:#}");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        stream_raw_messages(&sys.url, "CI_RESULTS", ">")
+        stream_raw_messages(&sys.url, &names().results_stream(), ">")
             .await
             .is_empty(),
         "no runner has gpu yet"
@@ -117,8 +108,9 @@ async fn a_job_waits_for_a_runner_with_its_labels() {
 async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() {
     let nats = NatsServer::start();
     let repo = GitRepo::new();
-    let slow = "33.2101";
-    let daemon = "44.3201";
+    // Markers no other process has, to find leftovers in /proc.
+    let slow = marker_seconds(33);
+    let daemon = marker_seconds(44);
     let a = repo.commit(
         "forks and hangs",
         &[(
@@ -138,7 +130,7 @@ async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() 
         r["signal"], 15,
         "SIGTERM ended it within the grace period: {r:#}"
     );
-    none_left(slow).await;
+    none_left(&slow).await;
 
     // A double-forked daemon in its own session, and a command that exits at once.
     repo.commit(
@@ -155,7 +147,7 @@ async fn a_timeout_kills_the_whole_test_and_a_daemon_does_not_outlive_its_job() 
     );
     let all = results(&sys, 2).await;
     assert_eq!(all[1]["status"], "passed", "{:#}", all[1]);
-    none_left(daemon).await;
+    none_left(&daemon).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -167,17 +159,9 @@ async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
     let mut sys = System::start(&nats, &repo, &[]);
     let pid = sys.add_runner("r0", &[], &[]).pid();
 
-    let mut peak_kib = 0u64;
-    let deadline = Instant::now() + BOUND;
-    while stream_raw_messages(&sys.url, "CI_RESULTS", ">")
-        .await
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "no result");
-        peak_kib = peak_kib.max(rss_kib(pid));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let rss = PeakRss::watch(pid);
     let r = &results(&sys, 1).await[0];
+    let peak_kib = rss.stop();
     assert_eq!(r["status"], "passed", "{r:#}");
     assert_eq!(
         r["log_bytes"],
@@ -190,7 +174,7 @@ async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
         "runner RSS peaked at {peak_kib} KiB while the test printed 200 MiB"
     );
 
-    let logs = stream_raw_messages(&sys.url, "CI_LOGS", ">").await;
+    let logs = stream_raw_messages(&sys.url, &names().logs_stream(), ">").await;
     let stored: usize = logs.iter().map(|m| m.payload.len()).sum();
     let text = String::from_utf8_lossy(&logs.last().unwrap().payload).into_owned();
     assert!(
@@ -202,6 +186,46 @@ async fn a_flood_of_output_keeps_the_runner_small_and_the_log_capped() {
         text.contains("log truncated"),
         "the log ends with the marker: {text:?}"
     );
+}
+
+/// The peak resident memory of a process, sampled every 20 ms on a thread of its own while the
+/// test waits for something else. The sampling ends with [`PeakRss::stop`], or when a failing
+/// test drops it.
+struct PeakRss {
+    stop: Arc<AtomicBool>,
+    sampler: Option<JoinHandle<u64>>,
+}
+
+impl PeakRss {
+    fn watch(pid: u32) -> PeakRss {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let sampler = std::thread::spawn(move || {
+            let mut peak_kib = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                peak_kib = rss_kib(pid).max(peak_kib);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak_kib
+        });
+        PeakRss {
+            stop,
+            sampler: Some(sampler),
+        }
+    }
+
+    /// The highest sample, in KiB.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let sampler = self.sampler.take().expect("stopped once");
+        sampler.join().expect("the RSS sampler panicked")
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -268,20 +292,15 @@ async fn every_job_starts_clean_with_a_built_environment() {
         jobs.is_dir(),
         "the runner's jobs directory {jobs:?} is missing"
     );
-    let deadline = Instant::now() + BOUND;
-    loop {
+    wait_until_async("every workspace deleted", BOUND, async || {
         let left: Vec<_> = std::fs::read_dir(&jobs)
             .map(|d| d.flatten().map(|e| e.file_name()).collect())
             .unwrap_or_default();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "workspaces left in {jobs:?}: {left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        left.is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("workspaces left in {jobs:?}: {left:?}"))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -385,8 +404,9 @@ fn assigned_state(job: &JobMsg, labels: &[&str]) -> JobState {
 }
 
 /// Writes `job`'s `assigned` state (labels `from-key`), then, unless `later` leaves it as it is,
-/// the state `later` makes of it (another writer), and publishes the job on `ci.jobs.r1` with the
-/// assignment's state (labels `from-headers`) and revision in its headers, as a dispatcher does.
+/// the state `later` makes of it (another writer), and publishes the job on runner `r1`'s subject
+/// with the assignment's state (labels `from-headers`) and revision in its headers, as a
+/// dispatcher does.
 async fn assign_and_send(
     js: &async_nats::jetstream::Context,
     kv: &kv::Store,
@@ -409,7 +429,7 @@ async fn assign_and_send(
     let publish = PublishMessage::build()
         .payload(messages::encode(job))
         .headers(attempt::assigned_headers(&carried, revision).expect("small state"));
-    js.send_publish("ci.jobs.r1", publish)
+    js.send_publish(names().jobs_subject("r1"), publish)
         .await
         .expect("publish")
         .await
@@ -445,17 +465,16 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
         ),
     ];
     let runner = spawn_runner(&nats.url(), "r1", work.path(), &[]);
-    assert!(
-        runner.wait_for_log_async("runner ready", BOUND).await,
-        "{}",
-        runner.log()
-    );
+    runner.wait_for_log_async("runner ready", BOUND).await;
     let js = js(&nats.url()).await;
-    let kv = js.get_key_value("ci-jobs").await.expect("ci-jobs");
+    let kv = js
+        .get_key_value(names().jobs_bucket())
+        .await
+        .expect("the jobs bucket");
 
     let job = |sha: &str| JobMsg {
         v: VERSION,
-        repo: "app".into(),
+        repo: REPO.into(),
         url: repo.path().to_string_lossy().into_owned(),
         branch: "main".into(),
         sha: sha.to_string(),
@@ -484,7 +503,7 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
     let third = job(&shas[2]);
     assign_and_send(&js, &kv, &third, |s| s.cancel = Some("by the test".into())).await;
 
-    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 3, BOUND).await;
+    let results = wait_results(&nats.url(), 3, BOUND).await;
     let status = |sha: &str| {
         let r = results.iter().find(|r| r["sha"] == sha).expect("a result");
         (r["status"].clone(), r["reason"].clone())
@@ -501,7 +520,12 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
     assert!(!ran.exists(), "the cancelled job's command ran");
 
     // The bucket keeps one revision per key, so the claim is seen through the final state,
-    // which the runner writes over its claim (compare-and-set on the claim's revision).
+    // which the runner writes over its claim (compare-and-set on the claim's revision), after it
+    // stored the result: wait for each.
+    for job in [&first, &second, &third] {
+        let key = job.key();
+        wait_job(&nats.url(), &key, "final", BOUND, |v| v["phase"] == "final").await;
+    }
     let done = state_now(&kv, &first.key()).await;
     assert_eq!(done.phase, JobPhase::Final, "{done:?}");
     assert_eq!(

@@ -7,22 +7,25 @@
 //! result); a marker set on `window` before the commit proves the page was not reloaded. A
 //! screenshot goes to `target/test-output/browser/dashboard.png`.
 //!
-//! Without `/usr/bin/chromium` and `chromedriver` the test prints why and passes, so a machine
-//! without a browser still runs the rest of the suite (`apt-get install chromium
-//! chromium-driver` brings them).
+//! Without `/usr/bin/chromium` and `chromedriver` the test fails under CI (`.ci/run` installs
+//! them) and, elsewhere, prints why and passes, so a machine without a browser still runs the
+//! rest of the suite (`apt-get install chromium chromium-driver` brings them).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
-use jetci_e2e::{
-    failing_test, free_addr, free_port, passing_test, spawn_web, wait_results, GitRepo, NatsServer,
-    Proc, System,
-};
 use serde_json::{json, Value};
 
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::processes::missing_tool;
+use crate::support::git::{failing_test, passing_test, GitRepo};
+use crate::support::jetstream::wait_results;
+use crate::support::nats::{free_addr, free_port, NatsServer};
+use crate::support::processes::{tail, Proc};
+use crate::support::system::{app_job, spawn_web, System};
+use crate::support::waiting::{wait_until_async, BOUND};
+
 const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// `chromedriver` on PATH (Debian puts it in /usr/bin), if any.
@@ -46,31 +49,39 @@ fn output_dir() -> PathBuf {
 
 /// Starts chromedriver on a free port and returns once it answers.
 async fn start_chromedriver(binary: &Path) -> (Proc, u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let bound = Duration::from_secs(30);
+    wait_until_async("chromedriver to start on a free port", bound, async || {
         let port = free_port();
         let driver = Proc::spawn_program(
             binary,
             &[&format!("--port={port}"), "--allowed-ips=127.0.0.1"],
             &[],
         );
-        while Instant::now() < deadline {
-            if driver.log().contains("started successfully")
+        // It answers, or says the port was taken meanwhile (then another port is tried).
+        let what = format!("chromedriver to answer on port {port}");
+        let started = wait_until_async(&what, bound, async || {
+            let log = driver.log();
+            if log.contains("started successfully")
                 && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
             {
-                return (driver, port);
+                Ok(true)
+            } else if log.contains("bind() failed") {
+                Ok(false)
+            } else {
+                Err(tail(&log, 30))
             }
-            if driver.log().contains("bind() failed") {
-                break; // the port was taken meanwhile: try another
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        })
+        .await;
+        if started {
+            Ok((driver, port))
+        } else {
+            Err(format!(
+                "port {port} was taken:\n{}",
+                tail(&driver.log(), 30)
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "chromedriver did not start:\n{}",
-            driver.log()
-        );
-    }
+    })
+    .await
 }
 
 /// A WebDriver session on headless Chromium with a fresh profile in `profile`.
@@ -104,45 +115,40 @@ async fn browser(driver_port: u16, profile: &Path) -> Client {
         .expect("cannot start a WebDriver session on chromium")
 }
 
-/// Runs `script` in the page until it returns `want`; panics after BOUND with the last value.
+/// Runs `script` in the page until it returns `want`; panics after BOUND with the last value,
+/// the page and what jetci-web logged.
 async fn wait_script(client: &Client, script: &str, want: &Value, web: &Proc) {
-    let deadline = Instant::now() + BOUND;
-    loop {
+    let what = format!("`{script}` to give {want}");
+    wait_until_async(&what, BOUND, async || {
         let got = client
             .execute(script, vec![])
             .await
             .unwrap_or_else(|e| Value::String(format!("error: {e}")));
         if &got == want {
-            return;
+            return Ok(());
         }
-        if Instant::now() >= deadline {
-            let html = client.source().await.unwrap_or_default();
-            panic!(
-                "timed out waiting for `{script}` to give {want}; last: {got}\npage:\n{html}\n\
-                 jetci-web:\n{}",
-                web.log()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        let html = client.source().await.unwrap_or_default();
+        Err(format!("{got}\npage:\n{html}\njetci-web:\n{}", web.log()))
+    })
+    .await
 }
 
-/// The status word the dashboard shows in the row of `repo.sha.1`, or null.
+/// The status word the dashboard shows in the row of run 1 of `sha` (its run key), or null.
 fn status_script(sha: &str) -> String {
     format!(
-        "var s = document.querySelector('tr[data-key=\"app.{sha}.1\"] .status'); \
-         return s ? s.textContent : null;"
+        "var s = document.querySelector('tr[data-key=\"{}\"] .status'); \
+         return s ? s.textContent : null;",
+        app_job(sha).run_key()
     )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_a_new_result_live() {
     let Some(driver_binary) = chromedriver().filter(|_| Path::new(CHROMIUM).is_file()) else {
-        println!(
-            "SKIPPED the_dashboard_shows_a_new_result_live: {CHROMIUM} or chromedriver is not \
-             installed (apt-get install -y chromium chromium-driver)"
+        return missing_tool(
+            &format!("{CHROMIUM} or chromedriver"),
+            "apt-get install -y chromium chromium-driver; .ci/run does",
         );
-        return;
     };
 
     let nats = NatsServer::start();
@@ -153,30 +159,27 @@ async fn the_dashboard_shows_a_new_result_live() {
     let sys = System::start(&nats, &repo, &["r1"]);
     let addr = free_addr();
     let web = spawn_web(&url, &addr, &[]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_results(&url, 1, BOUND).await;
 
     let (_driver, driver_port) = start_chromedriver(&driver_binary).await;
     let client = browser(driver_port, &sys.work.path().join("chromium-profile")).await;
 
     // The dashboard shows the first commit (reloading until jetci-web has it).
     let dashboard = format!("http://{addr}/");
-    let deadline = Instant::now() + BOUND;
-    loop {
+    let what = format!("the dashboard to show {first}");
+    wait_until_async(&what, BOUND, async || {
         client.goto(&dashboard).await.expect("open the dashboard");
         let shown = client
             .execute(&status_script(&first), vec![])
             .await
             .expect("script");
         if shown == json!("passed") {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{shown}\n{}", web.log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "the dashboard never showed {first}: {shown}\n{}",
-            web.log()
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    }
+    })
+    .await;
     // A marker that a reload would wipe out; then give the page a moment to open /events.
     client
         .execute("window.jetciMarker = 'still here'; return true;", vec![])

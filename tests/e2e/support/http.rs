@@ -2,19 +2,18 @@
 //!
 //! HTTP/1.0 is spoken by hand over a `TcpStream`, so the server closes the connection after the
 //! response and sends no chunked encoding: the tests need GET only, and this keeps an HTTP client
-//! out of the build. The calls block their thread (like [`crate::Proc::wait_for_log`]); inside a
+//! out of the build. The calls block their thread (like [`super::processes::Proc::wait_for_log`]); inside a
 //! `#[tokio::test(flavor = "multi_thread")]` that is the test's own thread, so servers the test
 //! runs as tokio tasks keep answering meanwhile.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::waiting::wait_until;
 
 /// How long one GET may wait for the server to send its response.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How often [`wait_http`] asks again.
-const RETRY: Duration = Duration::from_millis(200);
 
 /// A response: status code, headers (names in lower case) and body.
 #[derive(Debug)]
@@ -70,26 +69,19 @@ pub fn http_get(addr: &str, path: &str) -> Result<Response, String> {
     })
 }
 
-/// Asks `GET path` on `addr` every 200 ms until the response is a `200` for which `done` holds,
-/// and returns it. Nothing listening yet counts as "not yet" (a process may still be starting).
-/// Panics after `bound` with the last response or error.
+/// Asks `GET path` on `addr` until the response is a `200` for which `done` holds, and returns
+/// it. Nothing listening yet counts as "not yet" (a process may still be starting). Panics after
+/// `bound` with the last response or error.
 pub fn wait_http(
     addr: &str,
     path: &str,
     bound: Duration,
     done: impl Fn(&Response) -> bool,
 ) -> Response {
-    let deadline = Instant::now() + bound;
-    loop {
-        let last = match http_get(addr, path) {
-            Ok(r) if r.status == 200 && done(&r) => return r,
-            Ok(r) => format!("{} {}", r.status, r.body),
-            Err(e) => e,
-        };
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?} waiting on GET {path} at {addr}; last: {last}"
-        );
-        std::thread::sleep(RETRY);
-    }
+    let what = format!("GET {path} at {addr} to answer as expected");
+    wait_until(&what, bound, || match http_get(addr, path) {
+        Ok(r) if r.status == 200 && done(&r) => Ok(r),
+        Ok(r) => Err(format!("{} {}", r.status, r.body)),
+        Err(e) => Err(e),
+    })
 }

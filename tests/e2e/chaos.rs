@@ -4,24 +4,34 @@
 //! every commit has exactly one final result with the right status, and no healthy job ran
 //! twice. The figures are printed; with `JETCI_RELIABILITY=<path to RELIABILITY.md>` they also
 //! replace the figures section of that file (`scripts/reliability` does this).
+//!
+//! A job ran to the end when its command did: the command's last step appends a line to a file
+//! ([`Executions`]) and prints the pid of the runner process that runs it. An execution on a
+//! runner the monkey killed is not a healthy one, and does not count, unless its result was
+//! stored (a stored result's output shows that runner's pid): then the run was over, and running
+//! it again would be running a finished job twice.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{
-    spawn_dispatcher, spawn_observer, spawn_runner, stream_messages, wait_results, GitRepo,
-    NatsServer, Proc,
-};
 use serde_json::Value;
+
+use crate::support::executions::{Execution, Executions};
+use crate::support::git::GitRepo;
+use crate::support::heavy;
+use crate::support::jetstream::{js, names, stream_messages, wait_results};
+use crate::support::nats::NatsServer;
+use crate::support::processes::Proc;
+use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner};
 
 const COMMITS: usize = 200;
 const BRANCHES: [&str; 3] = ["main", "feature/a.b", "release/1.x"];
 const BOUND: Duration = Duration::from_secs(900);
 
-/// One of the processes the chaos monkey may kill; the processes it replaced are kept so their
-/// logs can be read at the end.
+/// One of the processes the chaos monkey may kill; the processes it replaced are kept, so the
+/// test knows which runner processes were killed (and their orphans are killed at the end).
 struct Slot {
     name: String,
     spawn: Box<dyn Fn() -> Proc + Send>,
@@ -45,14 +55,6 @@ impl Slot {
         let fresh = (self.spawn)();
         self.past.push(std::mem::replace(&mut self.current, fresh));
     }
-
-    fn logs(&self) -> Vec<String> {
-        self.past
-            .iter()
-            .chain(std::iter::once(&self.current))
-            .map(|p| p.log())
-            .collect()
-    }
 }
 
 /// A small deterministic random source (xorshift), seeded from the clock and printed.
@@ -72,6 +74,8 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_loses_nothing_and_duplicates_nothing() {
+    // Seven processes, kills every few seconds and a NATS restart: not beside another heavy test.
+    let _heavy = heavy().await;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -83,9 +87,16 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     let url = nats.url();
     let work = tempfile::tempdir().unwrap();
     let repo = Arc::new(GitRepo::new());
+    let executions = Executions::new();
     let toml = ".jetci.toml";
-    let command = "command = \"sleep 0.4; exit $(cat status)\"\n";
-    let first = repo.commit("first", &[(toml, command), ("status", "0")]);
+    let command = format!(
+        "command = {:?}\n",
+        format!(
+            "sleep 0.4; {}; echo \"runner pid $PPID\"; exit $(cat status)",
+            executions.record()
+        )
+    );
+    let first = repo.commit("first", &[(toml, &command), ("status", "0")]);
     for b in &BRANCHES[1..] {
         repo.run_git(&["branch", b]);
     }
@@ -113,7 +124,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
             Box::new(move || spawn_runner(&u, &id, &work, &[])),
         ));
     }
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_results(&url, 1, BOUND).await;
 
     // Pushes: bursts of commits on the three branches, each with the status it must get.
     let expected: Arc<Mutex<BTreeMap<String, &'static str>>> =
@@ -189,10 +200,11 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
 
     // Every commit, one result each, with its status.
     let expected = expected.lock().unwrap().clone();
-    let all = wait_results(&url, "CI_RESULTS", "ci.results.>", expected.len(), BOUND).await;
+    let all = wait_results(&url, expected.len(), BOUND).await;
     let drained = pushed_at.elapsed();
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let all_now = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
+    let n = names();
+    let all_now = stream_messages(&url, &n.results_stream(), &n.results_filter()).await;
     let mut per_sha: HashMap<String, Vec<Value>> = HashMap::new();
     for (_, r) in &all_now {
         per_sha
@@ -213,25 +225,35 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
         })
         .collect();
 
-    // Executions: a job counts as run twice when two attempts of it ran to the end.
-    let mut finished: HashMap<String, usize> = HashMap::new();
-    for slot in slots.iter().filter(|s| s.name.starts_with('r')) {
-        for log in slot.logs() {
-            for line in log.lines() {
-                let ended = line.contains("result published")
-                    || line.contains("was already published")
-                    || line.contains("superseded attempt");
-                if let (true, Some(job)) = (ended, field(line, "job=")) {
-                    let key = job
-                        .rsplit_once('.')
-                        .map_or(job.as_str(), |x| x.0)
-                        .to_string();
-                    *finished.entry(key).or_default() += 1;
-                }
-            }
+    // Executions: a job counts as run twice when two healthy executions of it ran to the end
+    // (see the module's doc).
+    let killed: HashSet<u32> = slots
+        .iter()
+        .filter(|s| s.name.starts_with('r'))
+        .flat_map(|s| s.past.iter().map(Proc::pid))
+        .collect();
+    let superseded = stream_messages(&url, &n.results_stream(), &n.superseded_filter()).await;
+    let stored: Vec<&Value> = all_now.iter().chain(&superseded).map(|(_, r)| r).collect();
+    let result_stored = |e: &Execution| {
+        stored.iter().any(|r| {
+            r["sha"] == e.sha.as_str()
+                && r["attempt"] == e.attempt
+                && r["output_tail"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&format!("runner pid {}\n", e.runner_pid)))
+        })
+    };
+    let mut twice: BTreeMap<String, Vec<Execution>> = BTreeMap::new();
+    for (sha, runs) in executions.per_sha() {
+        let healthy: Vec<Execution> = runs
+            .into_iter()
+            .filter(|e| !killed.contains(&e.runner_pid) || result_stored(e))
+            .collect();
+        if healthy.len() > 1 {
+            twice.insert(sha, healthy);
         }
     }
-    let extra: usize = finished.values().map(|n| n.saturating_sub(1)).sum();
+    let extra: usize = twice.values().map(|runs| runs.len() - 1).sum();
 
     recoveries.sort();
     let median = recoveries.get(recoveries.len() / 2).copied();
@@ -271,19 +293,13 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
         expected.len(),
         "one result per commit, nothing else"
     );
-    assert_eq!(extra, 0, "healthy jobs ran to the end twice: {finished:?}");
-}
-
-/// The value of `name` (`job=`) in a log line.
-fn field(line: &str, name: &str) -> Option<String> {
-    let start = line.find(name)? + name.len();
-    Some(line[start..].split_whitespace().next()?.to_string())
+    assert_eq!(extra, 0, "healthy jobs ran to the end twice: {twice:#?}");
 }
 
 /// Jobs running on `runner` now, from `ci-jobs`.
 async fn running_on(url: &str, runner: &str) -> Vec<String> {
-    let js = jetci_e2e::js(url).await;
-    let Ok(kv) = js.get_key_value("ci-jobs").await else {
+    let js = js(url).await;
+    let Ok(kv) = js.get_key_value(names().jobs_bucket()).await else {
         return Vec::new();
     };
     let Ok(mut keys) = kv.keys().await else {
@@ -303,10 +319,11 @@ async fn running_on(url: &str, runner: &str) -> Vec<String> {
 }
 
 /// How long after `since` job `key` ran on a runner other than `from` (or ended), if it did
-/// within a bound.
+/// within a bound. A measurement, not a wait that fails: a job that does not move in time is
+/// left out of the figures.
 async fn moved_after(url: &str, key: &str, from: &str, since: Instant) -> Option<Duration> {
-    let js = jetci_e2e::js(url).await;
-    let kv = js.get_key_value("ci-jobs").await.ok()?;
+    let js = js(url).await;
+    let kv = js.get_key_value(names().jobs_bucket()).await.ok()?;
     while since.elapsed() < Duration::from_secs(30) {
         if let Ok(Some(v)) = kv.get(key).await {
             let v: Value = serde_json::from_slice(&v).unwrap_or_default();

@@ -4,17 +4,16 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use jetci_e2e::{
-    failing_test, passing_test, spawn_observer, stream_messages, wait_job_phase, wait_results,
-    GitRepo, NatsServer, System,
-};
 use serde_json::Value;
 
-/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::{failing_test, passing_test, GitRepo};
+use crate::support::jetstream::{names, stream_messages, wait_job_phase, wait_results};
+use crate::support::nats::NatsServer;
+use crate::support::system::{app_job, spawn_observer, System, REPO};
+use crate::support::waiting::{wait_until_async, BOUND};
 
 async fn results(url: &str, count: usize) -> Vec<Value> {
-    wait_results(url, "CI_RESULTS", "ci.results.>", count, BOUND).await
+    wait_results(url, count, BOUND).await
 }
 
 fn by_sha(results: &[Value]) -> HashMap<String, Vec<Value>> {
@@ -32,7 +31,8 @@ async fn assert_exactly(url: &str, count: usize) -> Vec<Value> {
     let got = results(url, count).await;
     // Give a duplicate every chance to show up: the lease is 3 s, so 5 s covers a reassignment.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let all = stream_messages(url, "CI_RESULTS", "ci.results.>").await;
+    let n = names();
+    let all = stream_messages(url, &n.results_stream(), &n.results_filter()).await;
     assert_eq!(
         all.len(),
         count,
@@ -79,10 +79,9 @@ async fn every_new_commit_is_tested_once_with_its_branch_and_status() {
         assert_eq!(r["attempt"], 1);
         assert_eq!(r["repo"], "app");
         assert!(r["duration_ms"].is_u64());
-        assert!(r["log_subject"]
-            .as_str()
-            .unwrap()
-            .starts_with("ci.logs.app."));
+        // Attempt 1 of the run's only job logged on its own subject.
+        let log_subject = names().logs_subject(&app_job(sha), 1);
+        assert_eq!(r["log_subject"], log_subject.as_str(), "{r:#}");
     }
     let failed = &map[&c2][0];
     assert_eq!(failed["exit_code"], 1, "{failed:#}");
@@ -122,11 +121,7 @@ async fn a_restarted_observer_neither_misses_nor_repeats_a_commit() {
     // A second restart with nothing new publishes nothing.
     sys.observer.kill();
     sys.observer = spawn_observer(&sys.url, &repo, &[]);
-    assert!(
-        sys.observer.wait_for_log("observing", BOUND),
-        "{}",
-        sys.observer.log()
-    );
+    sys.observer.wait_for_log_async("observing", BOUND).await;
     assert_exactly(&sys.url, 3).await;
 }
 
@@ -141,8 +136,7 @@ async fn a_killed_runners_job_finishes_on_another_runner_with_one_result() {
     let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
 
     // Find the runner that runs the job, from the job's state, and kill it mid-test.
-    let key = format!("app.{sha}.1");
-    let holder = wait_job_phase(&sys.url, &key, "running", BOUND).await;
+    let holder = wait_job_phase(&sys.url, &app_job(&sha).key(), "running", BOUND).await;
     let index: usize = holder
         .trim_start_matches('r')
         .parse()
@@ -175,32 +169,39 @@ async fn malformed_messages_are_terminated_and_nothing_stops() {
         .await
         .expect("connect");
     let js = async_nats::jetstream::new(client);
+    let n = names();
+    let (commits, jobs) = (n.commits_subject(REPO), n.jobs_subject("r0"));
     for (subject, body) in [
-        ("ci.commits.app", &b"{not json"[..]),
-        ("ci.commits.app", br#"{"v":2,"repo":"app"}"#),
-        ("ci.commits.app", br#"{"v":1,"repo":"app","url":"/x","branch":"main","sha":"HEAD","run":1,"published_at":"2026-01-01T00:00:00Z"}"#),
-        ("ci.jobs.r0", b"\xff\xfe garbage"),
-        ("ci.jobs.r0", br#"{"v":1,"surprise":true}"#),
+        (&commits, &b"{not json"[..]),
+        (&commits, br#"{"v":2,"repo":"app"}"#),
+        (&commits, br#"{"v":1,"repo":"app","url":"/x","branch":"main","sha":"HEAD","run":1,"published_at":"2026-01-01T00:00:00Z"}"#),
+        (&jobs, b"\xff\xfe garbage"),
+        (&jobs, br#"{"v":1,"surprise":true}"#),
     ] {
-        js.publish(subject, body.to_vec().into())
+        js.publish(subject.clone(), body.to_vec().into())
             .await
             .expect("publish")
             .await
             .expect("stored");
     }
     // The processes say why they dropped each one, and the work queues are empty again.
-    let dispatcher_log = || sys.dispatcher.log();
-    let runner_log = || sys.runners[0].log();
-    wait_until("3 terminated commits", || {
-        dispatcher_log().matches("terminating a commit").count() >= 3
+    let terminated = |p: &crate::support::processes::Proc, what: &str, n: usize| {
+        let log = p.log();
+        let count = log.matches(what).count();
+        (count >= n)
+            .then_some(())
+            .ok_or_else(|| format!("{count} {what:?} lines in:\n{log}"))
+    };
+    wait_until_async("3 terminated commits", BOUND, async || {
+        terminated(&sys.dispatcher, "terminating a commit", 3)
     })
     .await;
-    wait_until("2 terminated jobs", || {
-        runner_log().matches("terminating a job").count() >= 2
+    wait_until_async("2 terminated jobs", BOUND, async || {
+        terminated(&sys.runners[0], "terminating a job", 2)
     })
     .await;
-    for stream in ["CI_COMMITS", "CI_JOBS"] {
-        let left = stream_messages(&sys.url, stream, ">").await;
+    for stream in [n.commits_stream(), n.jobs_stream()] {
+        let left = stream_messages(&sys.url, &stream, ">").await;
         assert!(left.is_empty(), "{stream} still holds {left:#?}");
     }
 
@@ -214,14 +215,6 @@ async fn malformed_messages_are_terminated_and_nothing_stops() {
     );
 }
 
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + BOUND;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn commits_wait_for_a_runner_and_start_when_one_registers() {
     let nats = NatsServer::start();
@@ -231,15 +224,20 @@ async fn commits_wait_for_a_runner_and_start_when_one_registers() {
     let mut sys = System::start(&nats, &repo, &[]);
 
     // No runner: the commit is taken by nobody and waits in CI_COMMITS; no result appears.
-    wait_until("the commit to be published", || {
-        sys.observer.log().contains("published commit")
-    })
-    .await;
+    sys.observer
+        .wait_for_log_async("published commit", BOUND)
+        .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(stream_messages(&sys.url, "CI_RESULTS", ">")
+    let n = names();
+    assert!(stream_messages(&sys.url, &n.results_stream(), ">")
         .await
         .is_empty());
-    assert_eq!(stream_messages(&sys.url, "CI_COMMITS", ">").await.len(), 1);
+    assert_eq!(
+        stream_messages(&sys.url, &n.commits_stream(), ">")
+            .await
+            .len(),
+        1
+    );
 
     sys.add_runner("late", &[], &[]);
     let all = assert_exactly(&sys.url, 1).await;

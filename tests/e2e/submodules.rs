@@ -2,13 +2,13 @@
 //! mirrors, resolving relative URLs like git, and a submodule it cannot fetch makes the commit's
 //! result `error`, naming the submodule.
 
-use std::time::Duration;
-
-use jetci_e2e::{wait_results, GitRepo, NatsServer, System};
 use serde_json::Value;
 
-/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::GitRepo;
+use crate::support::jetstream::wait_results;
+use crate::support::nats::NatsServer;
+use crate::support::system::System;
+use crate::support::waiting::BOUND;
 
 /// `git submodule add <url> <path>` in `repo`. Git >= 2.38 refuses local (`file`) submodules
 /// unless told otherwise; the setting is given to this command only.
@@ -32,7 +32,7 @@ fn sibling(other: &GitRepo) -> String {
 }
 
 async fn only_result(nats: &NatsServer) -> Value {
-    let results = wait_results(&nats.url(), "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    let results = wait_results(&nats.url(), 1, BOUND).await;
     results.into_iter().next().expect("one result")
 }
 

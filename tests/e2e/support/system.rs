@@ -8,18 +8,30 @@
 //!
 //! The defaults are part of what the tests check, so they are spelled out here once:
 //! - the observer polls every 200 ms, so a test waits for a new commit for a moment, not a
-//!   second, and calls the repository `app`, so subjects and job keys are predictable
-//!   (`ci.results.app.<sha>.<run>`, `app.<sha>.<run>`);
+//!   second, and calls the repository [`REPO`] (`app`), so subjects and job keys are
+//!   predictable ([`app_job`]);
 //! - a runner `ID` works in `WORK/ID`, so runners of one test never share a workspace.
 
 use std::path::Path;
 
+use jetci::subjects::JobRef;
 use tempfile::TempDir;
 
-use crate::{GitRepo, NatsServer, Proc};
+use super::git::GitRepo;
+use super::nats::NatsServer;
+use super::processes::Proc;
+
+/// The name the observer gives the repository under test (`--name app`).
+pub const REPO: &str = "app";
 
 /// The observer flags of every test that does not pass its own (see the module's doc).
-const OBSERVER_FLAGS: [&str; 4] = ["--poll-interval", "200ms", "--name", "app"];
+const OBSERVER_FLAGS: [&str; 4] = ["--poll-interval", "200ms", "--name", REPO];
+
+/// The only job of the first run of commit `sha` of [`REPO`]: its `key()` is the job's `ci-jobs`
+/// key, `run_key()` the run's, `attempt_id(n)` its attempt `n`.
+pub fn app_job(sha: &str) -> JobRef {
+    JobRef::only(REPO, sha, 1)
+}
 
 /// Starts `jetci-observer -s URL --poll-interval 200ms --name app EXTRA... REPO`.
 pub fn spawn_observer(url: &str, repo: &GitRepo, extra: &[&str]) -> Proc {
@@ -60,7 +72,7 @@ pub fn spawn_runner_with_env(
 }
 
 /// Starts `jetci-web -s URL --listen ADDR EXTRA...`; `addr` is `127.0.0.1:PORT` (see
-/// [`crate::free_addr`]).
+/// [`super::nats::free_addr`]).
 pub fn spawn_web(url: &str, addr: &str, extra: &[&str]) -> Proc {
     let args = [&["-s", url, "--listen", addr][..], extra].concat();
     Proc::spawn("jetci-web", &args, &[])

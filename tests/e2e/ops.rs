@@ -15,13 +15,16 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
-use jetci_e2e::{bin_path, GitRepo, NatsServer, System};
 use serde_json::Value;
 
-/// Generous bound for each wait; the tests wait on events, never for a fixed time.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::processes::missing_tool;
+use crate::support::git::GitRepo;
+use crate::support::jetstream::names;
+use crate::support::nats::NatsServer;
+use crate::support::processes::bin_path;
+use crate::support::system::{app_job, System};
+use crate::support::waiting::{wait_until_async, BOUND};
 
 // ---------------------------------------------------------------------------------------------
 // jetci status
@@ -60,18 +63,15 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
     sys.add_runner("r1", &["--labels", "linux"], &[]);
 
     // The slow job runs first, so the runner is busy when the second commit comes.
-    let deadline = Instant::now() + BOUND;
-    loop {
+    wait_until_async("the slow job to run", BOUND, async || {
         let v: Value = serde_json::from_str(&status(&url, &["--json"])).expect("JSON");
-        if with_sha(&v["in_flight"], &slow)
+        with_sha(&v["in_flight"], &slow)
             .first()
             .is_some_and(|j| j["phase"] == "running")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the slow job never ran: {v:#}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+            .then_some(())
+            .ok_or(v)
+    })
+    .await;
 
     // On branch gpu, a commit that needs a label no runner has.
     repo.checkout_new_branch("gpu");
@@ -85,9 +85,8 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
     // that the runner and the job are alive whatever the machine's load: `lease_left_ms` is then
     // this lease less the age of the job's last heartbeat.
     let lease_ms = 60_000;
-    let job_id = format!("app.{slow}.1.1");
-    let deadline = Instant::now() + BOUND;
-    let v = loop {
+    let job_id = app_job(&slow).attempt_id(1);
+    let v = wait_until_async("status to show both commits", BOUND, async || {
         let v: Value =
             serde_json::from_str(&status(&url, &["--json", "--lease", "60s"])).expect("JSON");
         let waiting = with_sha(&v["queue"]["not_taken"], &gpu).len()
@@ -96,14 +95,12 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
             .as_array()
             .is_some_and(|rs| rs.iter().any(|r| r["jobs"][0] == job_id.as_str()));
         if waiting > 0 && with_sha(&v["in_flight"], &slow).len() == 1 && listed {
-            break v;
+            Ok(v)
+        } else {
+            Err(v)
         }
-        assert!(
-            Instant::now() < deadline,
-            "never showed both commits: {v:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    })
+    .await;
 
     // The waiting commit: whether a dispatcher holds it (`waiting_for_runner`, from `ci-jobs`)
     // or it is still in CI_COMMITS (`not_taken`), it is listed once, with its labels and why.
@@ -154,13 +151,15 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
     assert!(r["last_heartbeat_ms"].as_u64().expect("number") < lease_ms);
     assert!(r["host"].as_str().is_some_and(|h| !h.is_empty()), "{v:#}");
 
-    // The streams: both commits unacked, the one job message unacked, no result yet.
-    let streams = &v["streams"];
-    assert_eq!(streams["CI_COMMITS"]["messages"], 2, "{v:#}");
-    assert!(streams["CI_COMMITS"]["bytes"].as_u64() > Some(0), "{v:#}");
-    assert_eq!(streams["CI_JOBS"]["messages"], 1, "{v:#}");
-    assert_eq!(streams["CI_RESULTS"]["messages"], 0, "{v:#}");
-    assert!(streams["CI_LOGS"]["messages"].is_u64(), "{v:#}");
+    // The streams, by name: both commits unacked, the one job message unacked, no result yet.
+    let n = names();
+    let (commits, results) = (n.commits_stream(), n.results_stream());
+    let stream = |name: &str| v["streams"][name].clone();
+    assert_eq!(stream(&commits)["messages"], 2, "{v:#}");
+    assert!(stream(&commits)["bytes"].as_u64() > Some(0), "{v:#}");
+    assert_eq!(stream(&n.jobs_stream())["messages"], 1, "{v:#}");
+    assert_eq!(stream(&results)["messages"], 0, "{v:#}");
+    assert!(stream(&n.logs_stream())["messages"].is_u64(), "{v:#}");
 
     // The text view names the same things.
     let text = status(&url, &["--lease", "60s"]);
@@ -180,8 +179,8 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
             "app  main  {}  run 1 attempt 1  on r1  running  lease left",
             &slow[..8]
         ),
-        "CI_COMMITS: 2 messages".to_string(),
-        "CI_RESULTS: 0 messages".to_string(),
+        format!("{commits}: 2 messages"),
+        format!("{results}: 0 messages"),
     ] {
         assert!(text.contains(&needle), "no {needle:?} in:\n{text}");
     }
@@ -194,14 +193,6 @@ async fn status_shows_the_waiting_commit_the_running_job_the_runner_and_the_stre
 /// The repository's `deploy/` directory.
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
-}
-
-/// Where a checking tool is missing: fail under CI (which must install it), skip elsewhere.
-fn missing_tool(tool: &str, install: &str) {
-    if std::env::var_os("CI").is_some() {
-        panic!("{tool} is missing; CI must provide it ({install})");
-    }
-    eprintln!("SKIPPED: {tool} is missing ({install})");
 }
 
 /// The first executable `name` on PATH.

@@ -1,13 +1,15 @@
 //! Users acting on jobs: `jetci cancel` (running and queued), `jetci rerun`, `jetci logs`.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use jetci_e2e::{
-    bin_path, stream_messages, wait_job_phase, wait_results, GitRepo, NatsServer, System,
+use crate::support::git::GitRepo;
+use crate::support::jetstream::{
+    names, stream_messages, wait_commits_acked, wait_job_phase, wait_results,
 };
-
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::nats::NatsServer;
+use crate::support::processes::{bin_path, marker_seconds, processes_with};
+use crate::support::system::{app_job, System};
+use crate::support::waiting::{wait_until_async, BOUND};
 
 /// Runs the `jetci` CLI to completion; returns (success, stdout, stderr).
 fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
@@ -23,26 +25,12 @@ fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     )
 }
 
-/// Processes whose command line contains `needle`.
-fn processes_with(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
-            }
-        }
-    }
-    found
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_stops_a_running_job_and_everything_it_started() {
     let nats = NatsServer::start();
     let repo = GitRepo::new();
-    // A marker no other test's process has, to find leftovers in /proc.
-    let marker = "61.4321";
+    // A marker no other process has, to find leftovers in /proc.
+    let marker = marker_seconds(61);
     let sha = repo.commit(
         "slow",
         &[(
@@ -51,12 +39,12 @@ async fn cancel_stops_a_running_job_and_everything_it_started() {
         )],
     );
     let sys = System::start(&nats, &repo, &["r0"]);
-    wait_job_phase(&sys.url, &format!("app.{sha}.1"), "running", BOUND).await;
-    let deadline = Instant::now() + BOUND;
-    while processes_with(marker).len() < 2 {
-        assert!(Instant::now() < deadline, "the test command never started");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_job_phase(&sys.url, &app_job(&sha).key(), "running", BOUND).await;
+    wait_until_async("the test command to start", BOUND, async || {
+        let found = processes_with(&marker);
+        (found.len() >= 2).then_some(()).ok_or(format!("{found:?}"))
+    })
+    .await;
 
     let (ok, stdout, stderr) = jetci(&sys.url, &["cancel", "app", &sha[..10]]);
     assert!(ok, "{stderr}");
@@ -65,13 +53,14 @@ async fn cancel_stops_a_running_job_and_everything_it_started() {
         "{}",
         String::from_utf8_lossy(&stdout)
     );
-    let r = &wait_results(&sys.url, "CI_RESULTS", "ci.results.>", 1, BOUND).await[0];
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
     assert_eq!(r["status"], "cancelled", "{r:#}");
     assert_eq!(r["runner"], "r0");
+    // The runner kills the job's whole process group before it reports the cancel.
     assert!(
-        processes_with(marker).is_empty(),
+        processes_with(&marker).is_empty(),
         "left behind: {:?}",
-        processes_with(marker)
+        processes_with(&marker)
     );
 
     // Cancelling it again says there is nothing to cancel.
@@ -86,34 +75,28 @@ async fn cancel_of_a_queued_job_gives_it_a_cancelled_result_without_a_runner() {
     let repo = GitRepo::new();
     let sha = repo.commit("a", &[("a.txt", "a")]);
     let mut sys = System::start(&nats, &repo, &[]);
-    let deadline = Instant::now() + BOUND;
-    while stream_messages(&sys.url, "CI_COMMITS", ">")
-        .await
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "never published");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let n = names();
+    let commits = n.commits_stream();
+    wait_until_async("the commit to be published", BOUND, async || {
+        let stored = stream_messages(&sys.url, &commits, ">").await;
+        (!stored.is_empty()).then_some(()).ok_or("nothing stored")
+    })
+    .await;
     let (ok, _, stderr) = jetci(&sys.url, &["cancel", "app", &sha[..7]]);
     assert!(ok, "{stderr}");
-    let r = &wait_results(&sys.url, "CI_RESULTS", "ci.results.>", 1, BOUND).await[0];
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
     assert_eq!(r["status"], "cancelled", "{r:#}");
     assert_eq!(r["runner"], "");
 
     // A runner that arrives later does not run it, and the commit is closed.
     sys.add_runner("late", &[], &[]);
-    let deadline = Instant::now() + BOUND;
-    while !stream_messages(&sys.url, "CI_COMMITS", ">")
-        .await
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the cancelled commit was never closed"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(stream_messages(&sys.url, "CI_RESULTS", ">").await.len(), 1);
+    wait_commits_acked(&sys.url, BOUND).await;
+    assert_eq!(
+        stream_messages(&sys.url, &n.results_stream(), ">")
+            .await
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -128,7 +111,7 @@ async fn rerun_makes_a_new_run_and_logs_print_the_output() {
         )],
     );
     let sys = System::start(&nats, &repo, &["r0"]);
-    wait_results(&sys.url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_results(&sys.url, 1, BOUND).await;
 
     let (ok, stdout, stderr) = jetci(&sys.url, &["logs", "app", &sha]);
     assert!(ok, "{stderr}");
@@ -146,7 +129,7 @@ async fn rerun_makes_a_new_run_and_logs_print_the_output() {
         "{}",
         String::from_utf8_lossy(&stdout)
     );
-    let all = wait_results(&sys.url, "CI_RESULTS", "ci.results.>", 2, BOUND).await;
+    let all = wait_results(&sys.url, 2, BOUND).await;
     assert_eq!(all[1]["run"], 2, "{all:#?}");
     assert_eq!(all[1]["status"], "passed");
     let (ok, stdout, _) = jetci(&sys.url, &["logs", "app", &sha]);

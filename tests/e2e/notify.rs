@@ -6,17 +6,17 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::Duration;
 
-use jetci_e2e::{
-    bin_path, passing_test, spawn_dispatcher, spawn_observer_at, spawn_runner, stream_messages,
-    wait_results, GitRepo, NatsServer,
-};
 use serde_json::Value;
 
-/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::{git_command, passing_test, GitRepo};
+use crate::support::jetstream::{names, stream_messages, wait_results};
+use crate::support::nats::{free_port, NatsServer};
+use crate::support::processes::bin_path;
+use crate::support::system::{spawn_dispatcher, spawn_observer_at, spawn_runner};
+use crate::support::waiting::BOUND;
 
 /// A bare repository named `app.git` with the hook installed, as an operator would install it.
 struct BareRepo {
@@ -48,16 +48,11 @@ impl BareRepo {
     }
 }
 
-/// Runs git in `dir` with only the repository's own config (as `GitRepo` does) and `env`.
+/// Runs git in `dir` with only the repository's own config (as `GitRepo` does) and `env`; the
+/// hook's `jetci notify` logs nothing beyond what it prints.
 fn git(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new("git");
-    cmd.args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
+    let mut cmd = git_command(dir);
+    cmd.args(args).env_remove("RUST_LOG");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -90,13 +85,14 @@ fn push(clone: &GitRepo, refspec: &str, nats_url: &str) -> String {
 }
 
 async fn results(url: &str, count: usize) -> Vec<Value> {
-    wait_results(url, "CI_RESULTS", "ci.results.>", count, BOUND).await
+    wait_results(url, count, BOUND).await
 }
 
 /// Waits a few seconds for anything extra to show up, then returns every stored result.
 async fn settled_results(url: &str) -> Vec<Value> {
     tokio::time::sleep(Duration::from_secs(5)).await;
-    stream_messages(url, "CI_RESULTS", "ci.results.>")
+    let n = names();
+    stream_messages(url, &n.results_stream(), &n.results_filter())
         .await
         .into_iter()
         .map(|(_, v)| v)
@@ -177,7 +173,7 @@ async fn a_push_is_tested_at_once_through_the_hook_and_only_once() {
     assert!(stdout.contains("app: nothing new"), "{stdout}");
 
     // A hook that cannot reach NATS reports it and still lets the push through.
-    let dead = format!("nats://127.0.0.1:{}", jetci_e2e::free_port());
+    let dead = format!("nats://127.0.0.1:{}", free_port());
     let said = push(&clone, "main:refs/heads/other", &dead);
     assert!(
         said.contains("notifying the observer of app failed"),

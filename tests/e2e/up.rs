@@ -2,12 +2,14 @@
 //! system, prints each result, writes `test_results/<sha>`, and Ctrl-C stops everything.
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
 
-use jetci_e2e::{failing_test, free_port, passing_test, wait_http, GitRepo, Proc};
 use nix::sys::signal::Signal;
 
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::{failing_test, passing_test, GitRepo};
+use crate::support::http::wait_http;
+use crate::support::nats::free_port;
+use crate::support::processes::Proc;
+use crate::support::waiting::{wait_until, BOUND};
 
 #[test]
 fn jetci_up_runs_everything_and_stops_everything() {
@@ -42,11 +44,7 @@ fn jetci_up_runs_everything_and_stops_everything() {
         ],
         &[],
     );
-    assert!(
-        up.wait_for_log(&format!("passed  {}", repo_name(&repo)), BOUND),
-        "{}",
-        up.log()
-    );
+    up.wait_for_log(&format!("passed  {}", repo_name(&repo)), BOUND);
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_ok(),
         "jetci up started a nats-server on {url}"
@@ -66,11 +64,7 @@ fn jetci_up_runs_everything_and_stops_everything() {
 
     let (bad_name, bad_body) = failing_test();
     let second = repo.commit("breaks", &[(bad_name, bad_body)]);
-    assert!(
-        up.wait_for_log(&format!("failed  {}", repo_name(&repo)), BOUND),
-        "{}",
-        up.log()
-    );
+    up.wait_for_log(&format!("failed  {}", repo_name(&repo)), BOUND);
 
     for (sha, status) in [(&first, "passed"), (&second, "failed")] {
         let file = results_dir.join(sha);
@@ -86,18 +80,22 @@ fn jetci_up_runs_everything_and_stops_everything() {
 
     // Ctrl-C: everything it started stops, the nats-server too.
     up.signal(Signal::SIGINT);
-    let status = up.wait_exit(BOUND).expect("jetci up exits after Ctrl-C");
+    let status = up.wait_exit(BOUND);
     assert!(status.success(), "{status:?}\n{}", up.log());
-    let deadline = Instant::now() + BOUND;
-    while TcpStream::connect(("127.0.0.1", port)).is_ok()
-        || TcpStream::connect(("127.0.0.1", web_port)).is_ok()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the nats-server or the dashboard it started is still running"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(
+        "the nats-server and the dashboard it started to stop",
+        BOUND,
+        || {
+            let listening: Vec<u16> = [port, web_port]
+                .into_iter()
+                .filter(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
+                .collect();
+            listening
+                .is_empty()
+                .then_some(())
+                .ok_or_else(|| format!("still listening on {listening:?}"))
+        },
+    );
 }
 
 fn repo_name(repo: &GitRepo) -> String {

@@ -6,14 +6,22 @@
 //! match what happened: runners running, started and stopped, the queue and the busy slots.
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use jetci_e2e::prom::{self, Samples};
-use jetci_e2e::{free_addr, stream_messages, wait_results, GitRepo, NatsServer, Proc};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// The manager's metrics (see `jetci::metrics::names`).
+use crate::support::git::GitRepo;
+use crate::support::heavy;
+use crate::support::jetstream::{names, stream_messages, wait_results};
+use crate::support::nats::{free_addr, NatsServer};
+use crate::support::processes::{process_table, Proc};
+use crate::support::prom::{self, Samples};
+use crate::support::system::{spawn_dispatcher, spawn_observer};
+use crate::support::waiting::wait_until_async;
+
+/// The manager's metrics (see `jetci::metrics::names`), spelled out: the test checks the names a
+/// Prometheus scraper sees.
 const RUNNERS: &str = "jetci_manager_runners";
 const STARTED: &str = "jetci_manager_runners_started_total";
 const STOPPED: &str = "jetci_manager_runners_stopped_total";
@@ -23,34 +31,14 @@ const BUSY: &str = "jetci_jobs_in_flight";
 /// Generous bound for each step; the test waits on events, never for a fixed time.
 const BOUND: Duration = Duration::from_secs(90);
 
-/// Pids of the `jetci-runner` processes whose parent is `parent`, from `/proc/*/stat`.
+/// Pids of the `jetci-runner` processes whose parent is `parent`, from the process table.
 fn runner_children(parent: u32) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let ppid = stat[close + 1..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
+    let mut pids: Vec<u32> = process_table()
+        .into_iter()
         // A zombie (state Z) has exited; the manager has not reaped it yet.
-        let state = stat[close + 1..].split_whitespace().next();
-        if comm == "jetci-runner" && ppid == Some(parent) && state != Some("Z") {
-            pids.push(pid);
-        }
-    }
+        .filter(|p| p.comm == "jetci-runner" && p.ppid == parent && p.state != 'Z')
+        .map(|p| p.pid)
+        .collect();
     pids.sort_unstable();
     pids
 }
@@ -79,57 +67,53 @@ async fn wait_metrics(
     bound: Duration,
     mut check: impl FnMut(&Samples) -> bool,
 ) -> Samples {
-    let deadline = Instant::now() + bound;
-    loop {
+    let what = format!("metrics with {what}");
+    wait_until_async(&what, bound, async || {
         let m = prom::scrape(addr);
         if check(&m) {
-            return m;
+            Ok(m)
+        } else {
+            Err(format!("{m:#?}\nmanager log:\n{}", manager.log()))
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?} waiting for metrics with {what}; last scrape: {m:#?}\nmanager log:\n{}",
-            manager.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await
 }
 
-/// Polls `check` every 100 ms until it is true; panics after `bound` with `what` and the log.
-async fn wait_until(what: &str, manager: &Proc, bound: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + bound;
-    while !check() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {bound:?} waiting for {what}; manager log:\n{}",
-            manager.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Waits until the manager's runners (its `jetci-runner` children) satisfy `check`; panics
+/// after `bound` with `what`, the runners and the manager's log.
+async fn wait_runners(
+    what: &str,
+    manager: &Proc,
+    bound: Duration,
+    mut check: impl FnMut(&[u32]) -> bool,
+) {
+    let pid = manager.pid();
+    wait_until_async(what, bound, async || {
+        let runners = runner_children(pid);
+        if check(&runners) {
+            Ok(())
+        } else {
+            Err(format!(
+                "runners {runners:?}\nmanager log:\n{}",
+                manager.log()
+            ))
+        }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
+    // Up to three runners and thirty commits: not beside another heavy test.
+    let _heavy = heavy().await;
     let nats = NatsServer::start();
     let url = nats.url();
     let repo = GitRepo::new();
     let first = repo.commit("first", &[(".jetci.toml", "command = \"sleep 2\"\n")]);
     let work = tempfile::tempdir().expect("tempdir");
-    let path = repo.path().to_str().expect("utf-8 path").to_string();
     let metrics = free_addr();
-    let _observer = Proc::spawn(
-        "jetci-observer",
-        &[
-            "-s",
-            &url,
-            "--poll-interval",
-            "200ms",
-            "--name",
-            "app",
-            &path,
-        ],
-        &[],
-    );
-    let _dispatcher = Proc::spawn("jetci-dispatcher", &["-s", &url], &[]);
+    let _observer = spawn_observer(&url, &repo, &[]);
+    let _dispatcher = spawn_dispatcher(&url, &[]);
     let mut manager = Proc::spawn(
         "jetci-manager",
         &[
@@ -158,11 +142,8 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     let pid = manager.pid();
 
     // --min 1: one runner, and the observer's first sight of the repository tests the head.
-    wait_until("the first runner", &manager, BOUND, || {
-        runner_children(pid).len() == 1
-    })
-    .await;
-    let initial = wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_runners("the first runner", &manager, BOUND, |r| r.len() == 1).await;
+    let initial = wait_results(&url, 1, BOUND).await;
     assert_eq!(initial[0]["sha"], first.as_str());
     wait_metrics(
         "one runner started and running",
@@ -179,8 +160,8 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
         shas.push(repo.commit(&format!("c{i}"), &[]));
     }
     let mut most = 0;
-    wait_until("3 runners", &manager, BOUND, || {
-        most = most.max(runner_children(pid).len());
+    wait_runners("3 runners", &manager, BOUND, |r| {
+        most = most.max(r.len());
         most >= 3
     })
     .await;
@@ -190,28 +171,30 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
         manager.log()
     );
 
-    // The queue drains while the pool stays at --max at most; the metrics say so too.
-    let deadline = Instant::now() + BOUND;
+    // The queue drains while the pool stays at --max at most; the metrics say so too. Each
+    // look samples the pool and the gauges.
     let (mut most_metric, mut most_queue, mut most_busy) = (0.0f64, 0.0f64, 0.0f64);
-    loop {
+    let n = names();
+    let (results_stream, results_filter) = (n.results_stream(), n.results_filter());
+    wait_until_async("every commit's result", BOUND, async || {
         most = most.max(runner_children(pid).len());
         let m = prom::scrape(&metrics);
         most_metric = most_metric.max(value(&m, RUNNERS));
         most_queue = most_queue.max(value(&m, QUEUE));
         most_busy = most_busy.max(value(&m, BUSY));
-        let done = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
+        let done = stream_messages(&url, &results_stream, &results_filter).await;
         if done.len() >= shas.len() {
-            break;
+            Ok(())
+        } else {
+            Err(format!(
+                "{} of {} results; manager log:\n{}",
+                done.len(),
+                shas.len(),
+                manager.log()
+            ))
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {} results after {BOUND:?}; manager log:\n{}",
-            done.len(),
-            shas.len(),
-            manager.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
     assert_eq!(
         most, 3,
         "the manager ran {most} runners at once, --max is 3"
@@ -226,10 +209,7 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     );
 
     // Idle for --idle-timeout: back down to --min.
-    wait_until("the pool to shrink to 1", &manager, BOUND, || {
-        runner_children(pid).len() == 1
-    })
-    .await;
+    wait_runners("the pool to shrink to 1", &manager, BOUND, |r| r.len() == 1).await;
     let log = manager.log();
     let decision = log
         .lines()
@@ -259,7 +239,7 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
 
     // Exactly one result per commit (the scale-down took over the idle timeout, time enough for
     // a duplicate to show), spread over all three runners.
-    let results = stream_messages(&url, "CI_RESULTS", "ci.results.>").await;
+    let results = stream_messages(&url, &results_stream, &results_filter).await;
     let mut per_sha: HashMap<String, usize> = HashMap::new();
     let mut runners = HashSet::new();
     for (_, r) in &results {
@@ -282,8 +262,7 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     // A killed runner is replaced, and the replacement takes work.
     let victim = runner_children(pid)[0];
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).expect("kill the runner");
-    wait_until("a replacement runner", &manager, BOUND, || {
-        let now = runner_children(pid);
+    wait_runners("a replacement runner", &manager, BOUND, |now| {
         now.len() == 1 && now[0] != victim
     })
     .await;
@@ -300,7 +279,7 @@ async fn manager_scales_with_the_queue_and_replaces_a_killed_runner() {
     })
     .await;
     let last = repo.commit("after the crash", &[]);
-    let all = wait_results(&url, "CI_RESULTS", "ci.results.>", shas.len() + 1, BOUND).await;
+    let all = wait_results(&url, shas.len() + 1, BOUND).await;
     assert!(all.iter().any(|r| r["sha"] == last.as_str()), "{all:#?}");
 
     // SIGTERM drains: the runner exits, then the manager, cleanly.

@@ -4,17 +4,21 @@
 //! credentials is refused everything outside its role (publishing a commit, reading another
 //! runner's jobs), and the server says so.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream::Stream};
 use futures::StreamExt;
-use jetci_e2e::{
-    passing_test, spawn_dispatcher, spawn_observer, spawn_runner, GitRepo, NatsServer, Proc,
-};
 use tokio::sync::mpsc;
 
+use crate::support::git::{passing_test, GitRepo};
+use crate::support::jetstream::{all_streams, names};
+use crate::support::nats::NatsServer;
+use crate::support::processes::Proc;
+use crate::support::system::{app_job, spawn_dispatcher, spawn_observer, spawn_runner, REPO};
+use crate::support::waiting::{wait_until_async, BOUND};
+
 /// The deployment's configuration itself, so the test checks what operators run.
-const CONF: &str = include_str!("../deploy/auth/nats-server.conf");
+const CONF: &str = include_str!("../../deploy/auth/nats-server.conf");
 
 /// The placeholder passwords of that configuration.
 const ADMIN: (&str, &str) = ("admin", "change-me-admin");
@@ -24,22 +28,8 @@ const RUNNER: (&str, &str) = ("runner-build-1", "change-me-runner-build-1");
 const VIEWER: (&str, &str) = ("viewer", "change-me-viewer");
 const NOTIFIER: (&str, &str) = ("notifier", "change-me-notifier");
 
-/// Generous bound for anything the system does; tests wait on events, never sleep for a result.
-const BOUND: Duration = Duration::from_secs(120);
-
 /// How long a refused subscription is watched for a message that must not arrive.
 const QUIET: Duration = Duration::from_secs(3);
-
-/// Every stream and bucket `jetci::streams::setup` makes (default prefix).
-const STREAMS: [&str; 7] = [
-    "CI_COMMITS",
-    "CI_JOBS",
-    "CI_RESULTS",
-    "CI_LOGS",
-    "KV_ci-observer",
-    "KV_ci-jobs",
-    "KV_ci-runners",
-];
 
 /// The flags that make any jetci binary connect as `who`.
 fn login<'a>(who: (&'a str, &'a str)) -> [&'a str; 4] {
@@ -98,30 +88,34 @@ async fn expect_server_error(errors: &mut mpsc::UnboundedReceiver<String>, needl
     );
 }
 
-/// Waits until every stream and bucket exists (read as admin).
+/// Waits until every stream and bucket `jetci::streams::setup` makes exists (read as admin).
 async fn wait_streams(js: &jetstream::Context) {
-    let deadline = Instant::now() + BOUND;
-    for name in STREAMS {
-        while js.get_stream(name).await.is_err() {
-            assert!(Instant::now() < deadline, "stream {name} was never created");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let streams = all_streams(&names());
+    wait_until_async("every stream and bucket", BOUND, async || {
+        let mut missing = Vec::new();
+        for name in &streams {
+            if js.get_stream(name).await.is_err() {
+                missing.push(name.as_str());
+            }
         }
-    }
+        missing
+            .is_empty()
+            .then_some(())
+            .ok_or_else(|| format!("missing: {missing:?}"))
+    })
+    .await
 }
 
 /// Waits for the final result on `subject` in `CI_RESULTS` and returns it as JSON.
 async fn wait_result(results: &Stream, subject: &str) -> serde_json::Value {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        if let Ok(raw) = results.get_last_raw_message_by_subject(subject).await {
-            return serde_json::from_slice(&raw.payload).expect("a result is JSON");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no result on {subject} within {BOUND:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let raw = wait_until_async(&format!("a result on {subject}"), BOUND, async || {
+        results
+            .get_last_raw_message_by_subject(subject)
+            .await
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    serde_json::from_slice(&raw.payload).expect("a result is JSON")
 }
 
 /// The server log's lines that report a permission violation.
@@ -138,6 +132,10 @@ fn violations(nats: &NatsServer) -> Vec<String> {
 async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outside_its_role() {
     let nats = NatsServer::start_with_config(CONF, ADMIN.0, ADMIN.1);
     let url = nats.url();
+    let names = names();
+    // The subjects the runner's role may not touch: commits, and another runner's jobs.
+    let commits = names.commits_subject(REPO);
+    let other_jobs = names.jobs_subject("other");
     let (admin, _admin_errors) = connect_as(&url, ADMIN).await;
     let admin_js = jetstream::new(admin.clone());
 
@@ -162,31 +160,32 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
     let _dispatcher = spawn_dispatcher(&url, &login(DISPATCHER));
     let runner = spawn_runner(&url, "build-1", work.path(), &login(RUNNER));
 
-    let results = admin_js.get_stream("CI_RESULTS").await.expect("CI_RESULTS");
-    let result = wait_result(&results, &format!("ci.results.app.{sha}.1")).await;
+    let results = admin_js
+        .get_stream(names.results_stream())
+        .await
+        .expect("CI_RESULTS");
+    let result = wait_result(&results, &names.results_subject(REPO, &sha, 1)).await;
     assert_eq!(result["status"], "passed", "{result:#}");
     assert_eq!(result["runner"], "build-1", "{result:#}");
     // The runner's output reached CI_LOGS under its permissions.
-    let logs = admin_js.get_stream("CI_LOGS").await.expect("CI_LOGS");
+    let logs = admin_js
+        .get_stream(names.logs_stream())
+        .await
+        .expect("CI_LOGS");
     assert!(
-        logs.get_last_raw_message_by_subject(&format!("ci.logs.app.{sha}.1.1"))
+        logs.get_last_raw_message_by_subject(&names.logs_subject(&app_job(&sha), 1))
             .await
             .is_ok(),
         "no log stored for the job"
     );
-    assert!(
-        viewer
-            .wait_for_log_async(&format!("passed  app  main  {}", &sha[..8]), BOUND)
-            .await,
-        "the viewer's `jetci tail` did not print the result:\n{}",
-        viewer.log()
-    );
+    // The viewer's `jetci tail` printed the result.
+    viewer
+        .wait_for_log_async(&format!("passed  app  main  {}", &sha[..8]), BOUND)
+        .await;
     // The git hook's `jetci notify`, as notifier, is answered by the observer.
     let second = repo.commit("second", &[("a.txt", "1")]);
     let mut notify = jetci_as(&url, NOTIFIER, &["notify", "app"]);
-    let status = notify
-        .wait_exit(BOUND)
-        .expect("jetci notify did not return");
+    let status = notify.wait_exit(BOUND);
     assert!(
         status.success()
             && notify.log().contains("jetci: app: ")
@@ -194,7 +193,7 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
         "jetci notify was not answered: {status}\n{}",
         notify.log()
     );
-    let result = wait_result(&results, &format!("ci.results.app.{second}.1")).await;
+    let result = wait_result(&results, &names.results_subject(REPO, &second, 1)).await;
     assert_eq!(result["status"], "passed", "{result:#}");
 
     // The roles did all of that without touching anything outside their permissions.
@@ -218,12 +217,20 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
 
     // 1. It cannot publish a commit: the server refuses the message, so JetStream never acks it
     //    and CI_COMMITS stores nothing.
-    let mut commits = admin_js.get_stream("CI_COMMITS").await.expect("CI_COMMITS");
-    let before = commits.info().await.expect("info").state.last_sequence;
+    let mut commits_stream = admin_js
+        .get_stream(names.commits_stream())
+        .await
+        .expect("CI_COMMITS");
+    let before = commits_stream
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
     let forged = serde_json::json!({"v": 1, "repo": "app", "sha": "f".repeat(40), "forged": true});
     let published = async {
         intruder_js
-            .publish("ci.commits.app", forged.to_string().into())
+            .publish(commits.clone(), forged.to_string().into())
             .await?
             .await
             .map_err(async_nats::Error::from)
@@ -237,10 +244,15 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
     );
     expect_server_error(
         &mut errors,
-        "Permissions Violation for Publish to \"ci.commits.app\"",
+        &format!("Permissions Violation for Publish to \"{commits}\""),
     )
     .await;
-    let after = commits.info().await.expect("info").state.last_sequence;
+    let after = commits_stream
+        .info()
+        .await
+        .expect("info")
+        .state
+        .last_sequence;
     assert_eq!(
         before, after,
         "CI_COMMITS stored the runner's forged commit"
@@ -248,20 +260,23 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
 
     // 2. It cannot read another runner's jobs, neither by subscribing to the subject ...
     let mut snoop = intruder
-        .subscribe("ci.jobs.other")
+        .subscribe(other_jobs.clone())
         .await
         .expect("subscribe is sent");
     intruder.flush().await.expect("flush");
     expect_server_error(
         &mut errors,
-        "Permissions Violation for Subscription to \"ci.jobs.other\"",
+        &format!("Permissions Violation for Subscription to \"{other_jobs}\""),
     )
     .await;
     // ... a job published there reaches an allowed subscriber (admin) but not the runner.
-    let mut control = admin.subscribe("ci.jobs.other").await.expect("subscribe");
+    let mut control = admin
+        .subscribe(other_jobs.clone())
+        .await
+        .expect("subscribe");
     admin.flush().await.expect("flush");
     admin_js
-        .publish("ci.jobs.other", "{\"v\":1,\"job\":\"for other\"}".into())
+        .publish(other_jobs.clone(), "{\"v\":1,\"job\":\"for other\"}".into())
         .await
         .expect("publish")
         .await
@@ -278,29 +293,33 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
 
     // ... nor through JetStream: a consumer on the other runner's subject is refused, whatever
     //     its name.
+    let jobs_stream = names.jobs_stream();
     let jobs = intruder_js
-        .get_stream("CI_JOBS")
+        .get_stream(&jobs_stream)
         .await
         .expect("CI_JOBS info is allowed");
-    for name in ["runner-other", "runner-build-1"] {
+    for name in [
+        names.runner_consumer("other"),
+        names.runner_consumer("build-1"),
+    ] {
         let created = jobs
             .create_consumer(pull::Config {
-                durable_name: Some(name.to_string()),
-                filter_subject: "ci.jobs.other".to_string(),
+                durable_name: Some(name.clone()),
+                filter_subject: other_jobs.clone(),
                 ..Default::default()
             })
             .await;
         assert!(
             created.is_err(),
-            "the runner made consumer {name} on ci.jobs.other"
+            "the runner made consumer {name} on {other_jobs}"
         );
         expect_server_error(
             &mut errors,
-            &format!("Permissions Violation for Publish to \"$JS.API.CONSUMER.CREATE.CI_JOBS.{name}.ci.jobs.other\""),
+            &format!("Permissions Violation for Publish to \"$JS.API.CONSUMER.CREATE.{jobs_stream}.{name}.{other_jobs}\""),
         )
         .await;
     }
-    let admin_jobs = admin_js.get_stream("CI_JOBS").await.expect("CI_JOBS");
+    let admin_jobs = admin_js.get_stream(&jobs_stream).await.expect("CI_JOBS");
     let mut names = admin_jobs.consumer_names();
     let mut found = Vec::new();
     while let Some(name) = names.next().await {
@@ -312,13 +331,13 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
         found.push((name, info.config.filter_subject.clone()));
     }
     assert!(
-        found.iter().all(|(_, filter)| filter != "ci.jobs.other"),
-        "a consumer reads ci.jobs.other: {found:?}"
+        found.iter().all(|(_, filter)| *filter != other_jobs),
+        "a consumer reads {other_jobs}: {found:?}"
     );
     // The other runner's job is still waiting for it.
     assert!(
         admin_jobs
-            .get_last_raw_message_by_subject("ci.jobs.other")
+            .get_last_raw_message_by_subject(&other_jobs)
             .await
             .is_ok(),
         "the other runner's job is gone"
@@ -326,7 +345,7 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
 
     // The server log names the refusals, for the operator.
     let logged = violations(&nats);
-    for subject in ["ci.commits.app", "ci.jobs.other"] {
+    for subject in [&commits, &other_jobs] {
         assert!(
             logged
                 .iter()

@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use super::waiting::wait_until;
 
 /// How long [`scrape`] retries while nothing answers at the address (the process may still be
 /// starting).
@@ -30,33 +32,22 @@ pub fn scrape(addr: &str) -> Samples {
 
 /// The body of `GET /metrics` at `addr`, once it answers `200`.
 fn fetch(addr: &str) -> String {
-    let deadline = Instant::now() + SCRAPE_BOUND;
-    loop {
-        let last;
-        match TcpStream::connect(addr) {
-            Ok(mut stream) => {
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-                let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-                let mut out = String::new();
-                match stream.read_to_string(&mut out) {
-                    Ok(_) => {
-                        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-                        if head.lines().next().is_some_and(|l| l.contains(" 200 ")) {
-                            return body.to_string();
-                        }
-                        last = head.lines().next().unwrap_or("an empty answer").to_string();
-                    }
-                    Err(e) => last = format!("cannot read the answer: {e}"),
-                }
-            }
-            Err(e) => last = format!("cannot connect: {e}"),
+    let what = format!("metrics at http://{addr}/metrics");
+    wait_until(&what, SCRAPE_BOUND, || {
+        let mut stream = TcpStream::connect(addr).map_err(|e| format!("cannot connect: {e}"))?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let mut out = String::new();
+        stream
+            .read_to_string(&mut out)
+            .map_err(|e| format!("cannot read the answer: {e}"))?;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        match head.lines().next() {
+            Some(status) if status.contains(" 200 ") => Ok(body.to_string()),
+            Some(status) => Err(status.to_string()),
+            None => Err("an empty answer".to_string()),
         }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics at http://{addr}/metrics after {SCRAPE_BOUND:?}: {last}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    })
 }
 
 /// Parses Prometheus text into its samples; see the module's doc for what is checked.

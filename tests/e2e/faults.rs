@@ -1,19 +1,28 @@
 //! Faults the core pipeline must survive (DESIGN.md, invariants I3 and I4): a dispatcher killed
 //! while a job runs, the NATS server killed and restarted mid-job, a test that finishes while
 //! NATS is away, a runner that died between storing its result and marking its job final.
+//!
+//! How many times a test command ran is counted from a file the command appends to
+//! ([`Executions`]), not from what the runners log.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use jetci::messages::{self, CommitMsg, JobPhase, JobState, ResultMsg, Status};
-use jetci::subjects::Names;
-use jetci_e2e::{
-    spawn_dispatcher, spawn_observer, spawn_runner, stream_messages, wait_job, wait_job_phase,
-    wait_results, GitRepo, NatsServer, Proc, System,
-};
+use jetci::subjects::run_key;
 use serde_json::Value;
 
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::executions::Executions;
+use crate::support::git::GitRepo;
+use crate::support::jetstream::{
+    js, names, stream_messages, stream_raw_messages, wait_commits_acked, wait_job, wait_job_phase,
+    wait_results,
+};
+use crate::support::nats::NatsServer;
+use crate::support::system::{
+    app_job, spawn_dispatcher, spawn_observer, spawn_runner, System, REPO,
+};
+use crate::support::waiting::{wait_until_async, BOUND};
 
 /// A repository whose one commit runs `command`.
 fn repo_running(command: &str) -> (GitRepo, String) {
@@ -23,19 +32,12 @@ fn repo_running(command: &str) -> (GitRepo, String) {
     (repo, sha)
 }
 
-/// Times the test command started, counted from every runner's log.
-fn executions(runners: &[Proc]) -> usize {
-    runners
-        .iter()
-        .map(|r| r.log().matches("running job").count())
-        .sum()
-}
-
 /// Exactly one final result for the run, after giving a duplicate time to appear.
 async fn the_one_result(url: &str) -> Value {
-    let got = wait_results(url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    let got = wait_results(url, 1, BOUND).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let all = stream_messages(url, "CI_RESULTS", "ci.results.>").await;
+    let n = names();
+    let all = stream_messages(url, &n.results_stream(), &n.results_filter()).await;
     assert_eq!(all.len(), 1, "exactly one final result: {all:#?}");
     got[0].clone()
 }
@@ -44,10 +46,11 @@ async fn the_one_result(url: &str) -> Value {
 async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
     let nats = NatsServer::start();
     let url = nats.url();
-    let (repo, sha) = repo_running("sleep 6; echo adopted");
+    let executions = Executions::new();
+    let (repo, sha) = repo_running(&format!("{}; sleep 6; echo adopted", executions.record()));
     let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
 
-    let holder = wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
+    let holder = wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     sys.dispatcher.kill();
     let _second = spawn_dispatcher(&url, &[]);
 
@@ -58,23 +61,25 @@ async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
         "the running job was adopted, not restarted: {r:#}"
     );
     assert_eq!(r["runner"], holder.as_str());
-    assert_eq!(executions(&sys.runners), 1, "the test ran once");
+    assert_eq!(
+        executions.count(),
+        1,
+        "the test ran once: {:?}",
+        executions.all()
+    );
     // The commit is closed: nothing is left in the work queue.
-    let deadline = Instant::now() + BOUND;
-    while !stream_messages(&url, "CI_COMMITS", ">").await.is_empty() {
-        assert!(Instant::now() < deadline, "the commit was never acked");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_commits_acked(&url, BOUND).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     let mut nats = NatsServer::start();
     let url = nats.url();
-    let (repo, sha) = repo_running("sleep 6; echo survived");
-    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let executions = Executions::new();
+    let (repo, sha) = repo_running(&format!("{}; sleep 6; echo survived", executions.record()));
+    let _sys = System::start(&nats, &repo, &["r0", "r1"]);
 
-    wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
+    wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     nats.kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     nats.restart();
@@ -82,7 +87,12 @@ async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     let r = the_one_result(&url).await;
     assert_eq!(r["status"], "passed", "{r:#}");
     assert!(r["output_tail"].as_str().unwrap().contains("survived"));
-    assert_eq!(executions(&sys.runners), 1, "the test ran once: {r:#}");
+    assert_eq!(
+        executions.count(),
+        1,
+        "the test ran once: {r:#}\n{:?}",
+        executions.all()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,14 +103,11 @@ async fn a_result_finished_during_a_nats_outage_is_published_when_nats_returns()
     let sys = System::start(&nats, &repo, &["r0"]);
     let r0 = &sys.runners[0];
 
-    wait_job_phase(&url, &format!("app.{sha}.1"), "running", BOUND).await;
+    wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     nats.kill();
     // The test ends while the server is down; the runner keeps the result.
-    assert!(
-        r0.wait_for_log("cannot publish the result yet", BOUND),
-        "{}",
-        r0.log()
-    );
+    r0.wait_for_log_async("cannot publish the result yet", BOUND)
+        .await;
     nats.restart();
 
     let r = the_one_result(&url).await;
@@ -118,7 +125,7 @@ async fn a_partitioned_runners_late_result_is_fenced() {
     let url = nats.url();
     let (repo, sha) = repo_running("sleep 5; echo attempt-$JETCI_ATTEMPT");
     let sys = System::start(&nats, &repo, &["r0", "r1"]);
-    let key = format!("app.{sha}.1");
+    let key = app_job(&sha).key();
 
     // A silent partition: the runner stops answering but its connection stays open.
     let holder = wait_job_phase(&url, &key, "running", BOUND).await;
@@ -144,20 +151,19 @@ async fn a_partitioned_runners_late_result_is_fenced() {
         "{r:#}"
     );
     // The late attempt 1 is kept for the record, apart from the verdicts.
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let fenced = stream_messages(&url, "CI_RESULTS", "ci.superseded.>").await;
-        if let Some((_, late)) = fenced.first() {
-            assert_eq!(late["attempt"], 1, "{late:#}");
-            assert_eq!(late["runner"], holder.as_str());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the late result was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let n = names();
+    let (stream, superseded) = (n.results_stream(), n.superseded_filter());
+    let late = wait_until_async("the late result to be recorded", BOUND, async || {
+        let fenced = stream_messages(&url, &stream, &superseded).await;
+        fenced
+            .into_iter()
+            .next()
+            .map(|(_, late)| late)
+            .ok_or(format!("nothing on {superseded}"))
+    })
+    .await;
+    assert_eq!(late["attempt"], 1, "{late:#}");
+    assert_eq!(late["runner"], holder.as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -173,30 +179,23 @@ async fn a_checkout_that_keeps_failing_is_retried_then_reported_as_error() {
     // Valid in shape, nonsense in content: a repository that does not exist.
     let client = async_nats::connect(url.as_str()).await.expect("connect");
     let js = async_nats::jetstream::new(client);
-    // Until a process has created the streams, the publish has nowhere to go.
     let sha = "0123456789abcdef0123456789abcdef01234567";
     let body = serde_json::json!({
         "v": 1, "repo": "ghost", "url": "/nonexistent/ghost.git", "branch": "main", "sha": sha,
         "run": 1, "published_at": "2026-11-30T00:00:00Z",
     });
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let sent = js
-            .send_publish(
-                "ci.commits.ghost",
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(body.to_string().into())
-                    .message_id(format!("ghost.{sha}.1")),
-            )
-            .await;
-        if let Ok(ack) = sent {
-            if ack.await.is_ok() {
-                break;
-            }
+    // Until a process has created the streams, the publish has nowhere to go.
+    let subject = names().commits_subject("ghost");
+    wait_until_async("the commit to be stored", BOUND, async || {
+        let publish = PublishMessage::build()
+            .payload(body.to_string().into())
+            .message_id(run_key("ghost", sha, 1));
+        match js.send_publish(subject.clone(), publish).await {
+            Ok(ack) => ack.await.map(drop).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
         }
-        assert!(Instant::now() < deadline, "cannot publish the commit");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 
     let r = the_one_result(&url).await;
     assert_eq!(r["status"], "error", "{r:#}");
@@ -225,35 +224,34 @@ async fn a_cancel_after_a_lost_attempts_stored_result_keeps_the_verdict() {
 async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
     let nats = NatsServer::start();
     let url = nats.url();
-    let (repo, sha) = repo_running("true");
+    let names = names();
+    let executions = Executions::new();
+    let (repo, sha) = repo_running(&format!("{}; true", executions.record()));
     let _observer = spawn_observer(&url, &repo, &[]);
-    let deadline = Instant::now() + BOUND;
-    let (seq, commit) = loop {
-        let stored = jetci_e2e::stream_raw_messages(&url, "CI_COMMITS", ">").await;
-        if let Some(m) = stored.first() {
-            let commit: CommitMsg = messages::decode(&m.payload).expect("a commit message");
-            break (m.sequence, commit);
-        }
-        assert!(Instant::now() < deadline, "the observer published nothing");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let commits = names.commits_stream();
+    let (seq, commit) = wait_until_async("the observer to publish the commit", BOUND, async || {
+        let stored = stream_raw_messages(&url, &commits, ">").await;
+        let m = stored.first().ok_or("nothing stored")?;
+        let commit: CommitMsg = messages::decode(&m.payload).expect("a commit message");
+        Ok::<_, &str>((m.sequence, commit))
+    })
+    .await;
     assert_eq!(commit.sha, sha);
 
     // What the lost attempt left: `running` on a runner that is gone, and its stored result.
-    let js = jetci_e2e::js(&url).await;
-    let key = format!("app.{sha}.1");
+    let js = js(&url).await;
+    let job = app_job(&sha);
     let mut running = JobState::queued(&commit, &commit.only_job());
     running.phase = JobPhase::Running;
     running.attempt = 1;
     running.runner = Some("ghost".into());
     running.cancel = cancel.map(str::to_string);
-    js.get_key_value("ci-jobs")
+    js.get_key_value(names.jobs_bucket())
         .await
-        .expect("ci-jobs")
-        .create(&key, messages::encode(&running))
+        .expect("the jobs bucket")
+        .create(job.key(), messages::encode(&running))
         .await
         .expect("create");
-    let names = Names::new("ci").expect("default prefix");
     let mut result = ResultMsg::without_run(
         &names,
         &commit,
@@ -265,10 +263,10 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
     );
     result.runner = "ghost".into();
     js.send_publish(
-        names.results_subject("app", &sha, 1),
+        names.results_subject(REPO, &sha, 1),
         PublishMessage::build()
             .payload(messages::encode(&result))
-            .message_id(&key),
+            .message_id(job.run_key()),
     )
     .await
     .expect("publish")
@@ -277,21 +275,22 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
 
     let dispatcher = spawn_dispatcher(&url, &[]);
     let work = tempfile::tempdir().unwrap();
-    let runner = spawn_runner(&url, "r1", work.path(), &[]);
+    let _runner = spawn_runner(&url, "r1", work.path(), &[]);
 
-    let state = wait_job(&url, &key, "final", BOUND, |v| v["phase"] == "final").await;
+    let state = wait_job(&url, &job.key(), "final", BOUND, |v| v["phase"] == "final").await;
     assert_eq!(state["status"], "failed", "the verdict's status: {state:#}");
     let r = the_one_result(&url).await;
     assert_eq!(
         (r["attempt"].clone(), r["runner"].clone()),
         (1.into(), "ghost".into())
     );
-    assert_eq!(executions(&[runner]), 0, "the run was not run again");
-    let deadline = Instant::now() + BOUND;
-    while !stream_messages(&url, "CI_COMMITS", ">").await.is_empty() {
-        assert!(Instant::now() < deadline, "the commit was never acked");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert_eq!(
+        executions.count(),
+        0,
+        "the run was not run again: {:?}",
+        executions.all()
+    );
+    wait_commits_acked(&url, BOUND).await;
     assert!(
         dispatcher
             .log()

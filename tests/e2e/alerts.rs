@@ -1,6 +1,6 @@
-//! End-to-end test of jetci-web's notifications and result files: the real observer, dispatcher,
-//! runner and web process on a real nats-server, a webhook receiver and an SMTP sink run by the
-//! test itself.
+//! jetci-web's break/fix alerts (webhooks and mail) and its result files: the real observer,
+//! dispatcher, runner and web process on a real nats-server, a webhook receiver and an SMTP sink
+//! run by the test itself.
 //!
 //! A branch goes pass → fail (one webhook and one email saying it broke, naming the failing
 //! test), fail → fail (nothing), fail → pass (one of each saying it is fixed); a restarted
@@ -9,18 +9,20 @@
 //! sees exactly what went over the wire and needs no server of its own in the build.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use jetci_e2e::{
-    failing_test, free_addr, passing_test, spawn_web, wait_http, wait_results, GitRepo, NatsServer,
-    Proc, System,
-};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
 
-/// Generous bound for anything the system does.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::{failing_test, passing_test, GitRepo};
+use crate::support::http::wait_http;
+use crate::support::jetstream::wait_results;
+use crate::support::nats::{free_addr, NatsServer};
+use crate::support::processes::Proc;
+use crate::support::system::{spawn_web, System};
+use crate::support::waiting::{wait_until_async, BOUND};
+
 /// How long "nothing more arrives" is watched for.
 const QUIET: Duration = Duration::from_secs(4);
 
@@ -193,16 +195,14 @@ fn snapshot(inbox: &Inbox) -> Vec<String> {
 
 /// Waits until `inbox` holds at least `n` messages; panics after BOUND with what `web` logged.
 async fn wait_count(inbox: &Inbox, n: usize, what: &str, web: &Proc) {
-    let deadline = Instant::now() + BOUND;
-    while count(inbox) < n {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {n} {what}; got {:#?}\njetci-web:\n{}",
-            snapshot(inbox),
-            web.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async(&format!("{n} {what}"), BOUND, async || {
+        if count(inbox) >= n {
+            Ok(())
+        } else {
+            Err(format!("{:#?}\njetci-web:\n{}", snapshot(inbox), web.log()))
+        }
+    })
+    .await
 }
 
 /// Waits until jetci-web at `addr` says its view is rebuilt and holds the result of `sha`.
@@ -259,7 +259,7 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
 
     // pass → fail: exactly one webhook and one mail, saying it broke and naming the test.
     let broke = repo.commit("make it fail", &[(bad_name, bad_body)]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 2, BOUND).await;
+    wait_results(&url, 2, BOUND).await;
     wait_count(&hooks, 1, "webhook", &web).await;
     wait_count(&mails, 1, "mail", &web).await;
 
@@ -305,10 +305,10 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     // gets its messages in order, so a notification for the second failing commit would be the
     // second message, before the fix.
     let still = repo.commit("still failing", &[("notes.txt", "x")]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 3, BOUND).await;
+    wait_results(&url, 3, BOUND).await;
     wait_web_has(&addr, &still);
     let fixed = repo.commit("fix it", &[(bad_name, ok_body)]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 4, BOUND).await;
+    wait_results(&url, 4, BOUND).await;
     wait_count(&hooks, 2, "webhooks", &web).await;
     wait_count(&mails, 2, "mails", &web).await;
     let hook: Value = serde_json::from_str(&snapshot(&hooks)[1]).expect("webhook body is JSON");
@@ -325,7 +325,7 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
 
     // A commit that keeps it green: nothing.
     let green = repo.commit("still green", &[("notes.txt", "y")]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 5, BOUND).await;
+    wait_results(&url, 5, BOUND).await;
     wait_web_has(&addr, &green);
     tokio::time::sleep(QUIET).await;
     assert_eq!(count(&hooks), 2, "{:#?}", snapshot(&hooks));
@@ -338,7 +338,7 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
     let web2 = notifying_web(&url, &addr2, hook_port, smtp_port, &results_dir);
     wait_web_has(&addr2, &green);
     let again = repo.commit("green again", &[("notes.txt", "z")]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 6, BOUND).await;
+    wait_results(&url, 6, BOUND).await;
     wait_web_has(&addr2, &again);
     tokio::time::sleep(QUIET).await;
     assert_eq!(
@@ -365,12 +365,12 @@ async fn one_webhook_and_one_mail_per_break_and_fix_and_none_on_restart() {
         (&again, "passed"),
     ] {
         let file = std::path::Path::new(&results_dir).join(sha);
-        let deadline = Instant::now() + BOUND;
-        while !file.exists() && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let text = std::fs::read_to_string(&file)
-            .unwrap_or_else(|e| panic!("no result file {}: {e}", file.display()));
+        // Written whole (a temporary file renamed), so once it is there it is complete.
+        let what = format!("result file {}", file.display());
+        let text = wait_until_async(&what, BOUND, async || {
+            std::fs::read_to_string(&file).map_err(|e| e.to_string())
+        })
+        .await;
         assert!(
             text.starts_with(&format!(
                 "status: {status}\nrepo: app\nbranch: main\nsha: {sha}\n"

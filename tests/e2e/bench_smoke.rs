@@ -4,12 +4,15 @@
 //! instant runners, T as history grows) measured.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use jetci_e2e::bin_path;
+use crate::support::heavy_blocking;
+use crate::support::processes::bin_path;
 
 #[test]
 fn quick_benchmark_writes_the_table() {
+    // It measures, and starts a system of its own: not beside another heavy test.
+    let _heavy = heavy_blocking();
     let bench = bin_path("jetci-bench");
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("BENCHMARKS.md");
@@ -26,11 +29,8 @@ fn quick_benchmark_writes_the_table() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "jetci-bench --quick took {:?}",
-        started.elapsed()
-    );
+    // How long it took is for BENCHMARKS.md, not a test: timing claims live in the benchmark.
+    eprintln!("jetci-bench --quick took {:?}", started.elapsed());
     let table = std::fs::read_to_string(&out).expect("BENCHMARKS.md was not written");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -2,20 +2,21 @@
 //! nats-server; assertions over HTTP on the JSON API, the escaping of the pages, the badges, the
 //! live events, and the view rebuilt from the stream after a restart.
 //!
-//! HTTP is spoken by hand (`jetci_e2e::http`); the live events are read line by line here.
+//! HTTP is spoken by hand ([`crate::support::http`]); the live events are read line by line
+//! here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use jetci_e2e::{
-    failing_test, free_addr, http_get, passing_test, spawn_web, wait_http, wait_results, GitRepo,
-    NatsServer, Response, System,
-};
 use serde_json::Value;
 
-/// Generous bound for anything the system does; the test waits on events, never sleeps for one.
-const BOUND: Duration = Duration::from_secs(120);
+use crate::support::git::{failing_test, passing_test, GitRepo};
+use crate::support::http::{http_get, wait_http, Response};
+use crate::support::jetstream::{js, names, wait_results};
+use crate::support::nats::{free_addr, NatsServer};
+use crate::support::system::{spawn_web, System, REPO};
+use crate::support::waiting::BOUND;
 
 /// `GET path` on `addr`; panics when nothing answers.
 fn get(addr: &str, path: &str) -> Response {
@@ -91,7 +92,7 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     let mut web = spawn_web(&url, &addr, &[]);
 
     // The first commit passes, and the API shows it.
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_results(&url, 1, BOUND).await;
     wait_get(&addr, "/api/results", |r| {
         r.json().as_array().is_some_and(|a| a.len() == 1)
     });
@@ -111,7 +112,7 @@ async fn the_web_shows_results_escaped_live_and_after_a_restart() {
     repo.checkout_new_branch(branch);
     let fixed = repo.commit("fix <b>it</b>", &[(bad_name, ok_body)]);
 
-    let all = wait_results(&url, "CI_RESULTS", "ci.results.>", 3, BOUND).await;
+    let all = wait_results(&url, 3, BOUND).await;
     let announced = events.join().expect("events thread");
     assert!(
         announced
@@ -276,12 +277,12 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
     let _sys = System::start(&nats, &repo, &["r1"]);
     let addr = free_addr();
     let web = spawn_web(&url, &addr, &[]);
-    wait_results(&url, "CI_RESULTS", "ci.results.>", 1, BOUND).await;
+    wait_results(&url, 1, BOUND).await;
 
     // A message that is not a result is logged and skipped, and the view goes on.
-    let js = jetci_e2e::js(&url).await;
+    let js = js(&url).await;
     js.publish(
-        format!("ci.results.app.{}.1", "0".repeat(40)),
+        names().results_subject(REPO, &"0".repeat(40), 1),
         "not json".into(),
     )
     .await

@@ -8,15 +8,14 @@
 //! are pushed while it is down and must be tested by the two survivors, then it is restarted on
 //! the same ports and store and must catch up. At the end every commit has exactly one final
 //! result with the status its test dictates, no test command ran twice (each run appends a line
-//! to a marker file), no jetci process died, and every stream and bucket has three current
-//! replicas. The figures are printed; run it with
-//! `cargo test -p jetci-e2e --test cluster -- --nocapture`.
+//! to a file, [`Executions`]), no jetci process died, and every stream and bucket has three
+//! current replicas. The figures are printed; run it with
+//! `cargo test -p jetci-e2e --test e2e cluster:: -- --nocapture`.
 //!
 //! The cluster helpers live here rather than in the support module: only this test needs them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
-use std::future::Future;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -24,15 +23,20 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, message::StreamMessage};
+use async_nats::jetstream;
 use jetci::subjects::Names;
-use jetci_e2e::{free_port, GitRepo, Proc};
 use serde_json::Value;
+
+use crate::support::executions::Executions;
+use crate::support::git::GitRepo;
+use crate::support::heavy;
+use crate::support::jetstream::{all_streams, names, read_stream};
+use crate::support::nats::free_port;
+use crate::support::processes::Proc;
+use crate::support::waiting::{wait_until, wait_until_async};
 
 /// Upper bound of every wait: generous, since the machine is small and shared.
 const BOUND: Duration = Duration::from_secs(180);
-/// How often a wait looks again.
-const POLL: Duration = Duration::from_millis(200);
 /// Commits pushed before the kill, while the node is down, and after it is back.
 const BEFORE: usize = 14;
 const DURING: usize = 14;
@@ -43,9 +47,9 @@ const BRANCHES: [&str; 2] = ["main", "feature/cluster.ha"];
 
 /// The shipped node configs, used as they are apart from the substitutions in [`node_config`].
 const CONFIGS: [&str; 3] = [
-    include_str!("../deploy/cluster/n1.conf"),
-    include_str!("../deploy/cluster/n2.conf"),
-    include_str!("../deploy/cluster/n3.conf"),
+    include_str!("../../deploy/cluster/n1.conf"),
+    include_str!("../../deploy/cluster/n2.conf"),
+    include_str!("../../deploy/cluster/n3.conf"),
 ];
 /// The ports the shipped configs use: client, route, monitoring (node i adds i).
 const SHIPPED_PORTS: [u16; 3] = [4511, 6511, 8511];
@@ -139,9 +143,14 @@ impl Cluster {
             .prefix("jetci-cluster-")
             .tempdir()
             .expect("cannot create the cluster's temp dir");
+        let mut cluster = Cluster {
+            nodes: Vec::new(),
+            dir,
+        };
         for attempt in 1..=3 {
             let ports = distinct_ports();
-            let mut nodes: Vec<Node> = (0..3)
+            let dir = &cluster.dir;
+            cluster.nodes = (0..3)
                 .map(|i| {
                     let name = format!("n{}", i + 1);
                     let store = dir.path().join(&name);
@@ -158,27 +167,32 @@ impl Cluster {
                     }
                 })
                 .collect();
-            nodes.iter_mut().for_each(Node::spawn);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if nodes.iter_mut().any(Node::exited) {
-                    eprintln!("cluster: a node exited at start (attempt {attempt}); new ports");
-                    nodes.iter_mut().for_each(Node::kill);
-                    break;
-                }
-                if nodes.iter().all(Node::healthy) {
-                    return Cluster { nodes, dir };
-                }
-                if Instant::now() > deadline {
-                    let tails: Vec<String> = nodes
+            cluster.nodes.iter_mut().for_each(Node::spawn);
+            // Healthy, or a node exited (its port was taken meanwhile). A panic here leaves the
+            // nodes to `Drop`, which kills them and prints their logs.
+            let nodes = &mut cluster.nodes;
+            let started = wait_until(
+                "the cluster to become healthy",
+                Duration::from_secs(60),
+                || {
+                    if nodes.iter_mut().any(Node::exited) {
+                        return Ok(false);
+                    }
+                    let sick: Vec<&str> = nodes
                         .iter()
-                        .map(|n| format!("--- {} ---\n{}", n.name, n.log_tail(30)))
+                        .filter(|n| !n.healthy())
+                        .map(|n| n.name.as_str())
                         .collect();
-                    nodes.iter_mut().for_each(Node::kill);
-                    panic!("the cluster did not become healthy:\n{}", tails.join("\n"));
-                }
-                std::thread::sleep(POLL);
+                    sick.is_empty()
+                        .then_some(true)
+                        .ok_or_else(|| format!("not healthy yet: {sick:?}"))
+                },
+            );
+            if started {
+                return cluster;
             }
+            eprintln!("cluster: a node exited at start (attempt {attempt}); new ports");
+            cluster.nodes.iter_mut().for_each(Node::kill);
         }
         panic!("could not start the cluster on free ports three times");
     }
@@ -199,22 +213,18 @@ impl Cluster {
     fn restart(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         node.kill();
-        let deadline = Instant::now() + BOUND;
         node.spawn();
-        while !node.healthy() {
+        let what = format!("{} to become healthy after its restart", node.name);
+        wait_until(&what, BOUND, || {
+            if node.healthy() {
+                return Ok(());
+            }
             if node.exited() {
                 eprintln!("cluster: {} exited at restart; trying again", node.name);
-                std::thread::sleep(Duration::from_millis(250));
                 node.spawn();
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not become healthy after its restart:\n{}",
-                node.name,
-                node.log_tail(40)
-            );
-            std::thread::sleep(POLL);
-        }
+            Err(node.log_tail(40))
+        });
     }
 
     /// A client of all three nodes, as jetci's processes are.
@@ -361,33 +371,11 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 // Reading the streams
 // ---------------------------------------------------------------------------------------------
 
-/// Every stored message of `stream` on `filter`, oldest first, read without a consumer. Errors
-/// (a leader election, a node going away) are returned for the caller to retry.
-async fn stored(
-    js: &jetstream::Context,
-    stream: &str,
-    filter: &str,
-) -> Result<Vec<StreamMessage>, String> {
-    let handle = js.get_stream(stream).await.map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    let mut next = 1;
-    loop {
-        match handle.get_first_raw_message_by_subject(filter, next).await {
-            Ok(m) => {
-                next = m.sequence + 1;
-                out.push(m);
-            }
-            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
-                return Ok(out)
-            }
-            Err(e) => return Err(format!("{stream} from {next}: {e}")),
-        }
-    }
-}
-
-/// The final results stored so far, as JSON.
+/// The final results stored so far, as JSON. Errors (a leader election, a node going away) are
+/// returned for the caller to look again.
 async fn results(js: &jetstream::Context) -> Result<Vec<Value>, String> {
-    Ok(stored(js, "CI_RESULTS", "ci.results.>")
+    let n = names();
+    Ok(read_stream(js, &n.results_stream(), &n.results_filter(), 1)
         .await?
         .iter()
         .map(|m| serde_json::from_slice(&m.payload).expect("a result is JSON"))
@@ -411,31 +399,26 @@ impl Fleet {
     }
 }
 
-/// Polls `check` until it gives a value; panics after [`BOUND`] with `what` and the last
-/// thing `check` said, or at once when a process of `fleet` has died (a process must survive
-/// the loss of a node, and nothing would happen after it).
-async fn wait_for<T, F, Fut>(what: &str, fleet: &Fleet, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, String>>,
-{
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let last = match check().await {
-            Ok(v) => return v,
-            Err(e) => e,
-        };
-        let dead = fleet.dead();
-        assert!(
-            dead.is_empty(),
-            "jetci processes died while waiting for {what}: {dead:?}"
-        );
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {BOUND:?} waiting for {what}; last: {last}"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+/// Asks `check` until it gives a value (see [`wait_until_async`]); panics after [`BOUND`] with
+/// `what` and the last thing `check` said, or at once when a process of `fleet` has died (a
+/// process must survive the loss of a node, and nothing would happen after it).
+async fn wait_for<T>(
+    what: &str,
+    fleet: &Fleet,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    wait_until_async(what, BOUND, async || {
+        let outcome = check().await;
+        if outcome.is_err() {
+            let dead = fleet.dead();
+            assert!(
+                dead.is_empty(),
+                "jetci processes died while waiting for {what}: {dead:?}"
+            );
+        }
+        outcome
+    })
+    .await
 }
 
 /// Waits until at least `n` final results are stored; returns how many there are.
@@ -497,19 +480,18 @@ impl Pusher<'_> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice() {
+    // Three nats-servers and six jetci processes: not beside another heavy test.
+    let _heavy = heavy().await;
     let started = Instant::now();
     let mut cluster = Cluster::start();
     let servers = cluster.urls().join(",");
-    let names = Names::new("ci").expect("default prefix");
+    let names = names();
     let work = tempfile::tempdir().expect("tempdir");
-    let marker = work.path().join("executions");
 
     // Every run of the test command appends one line: the executions are counted from it.
+    let executions = Executions::new();
     let repo = GitRepo::new();
-    let command = format!(
-        "echo \"$JETCI_COMMIT $JETCI_ATTEMPT $JETCI_RUNNER\" >> {}; sleep 1; exit $(cat status)",
-        marker.display()
-    );
+    let command = format!("{}; sleep 1; exit $(cat status)", executions.record());
     let toml = format!("command = {command:?}\n");
     let first = repo.commit("first", &[(".jetci.toml", toml.as_str()), ("status", "0")]);
     repo.run_git(&["branch", BRANCHES[1]]);
@@ -598,7 +580,7 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
     // While it is down: more commits, and the survivors must test some of them.
     pusher.push(DURING).await;
     let first_after_kill = &std::cell::Cell::new(None);
-    wait_for("results while a node is down", fleet, move || async move {
+    let counted = wait_for("results while a node is down", fleet, move || async move {
         let got = results(js).await?.len();
         if got > before_kill && first_after_kill.get().is_none() {
             first_after_kill.set(Some(killed_at.elapsed()));
@@ -610,7 +592,8 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         }
     })
     .await;
-    let while_down = results(js).await.map(|r| r.len()).unwrap_or(0) - before_kill;
+    // Read once more for the figure; if that read fails (an election), the wait's count stands.
+    let while_down = results(js).await.map_or(counted, |r| r.len()) - before_kill;
     let restart_at = Instant::now();
     cluster.restart(victim);
     let down_for = restart_at.duration_since(killed_at);
@@ -627,9 +610,10 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
     let drained = last_push.elapsed();
 
     // Settled: every commit acked, every runner idle, every replica current.
+    let commits_stream = &names.commits_stream();
     wait_for("every commit acked", fleet, move || async move {
         let left = js
-            .get_stream("CI_COMMITS")
+            .get_stream(commits_stream)
             .await
             .map_err(|e| e.to_string())?
             .get_info()
@@ -651,7 +635,7 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
 
     // The verdicts.
     let all = results(js).await.expect("results readable");
-    let superseded = stored(js, "CI_RESULTS", "ci.superseded.>")
+    let superseded = read_stream(js, &names.results_stream(), &names.superseded_filter(), 1)
         .await
         .expect("superseded results readable");
     let mut per_sha: HashMap<String, Vec<&Value>> = HashMap::new();
@@ -679,17 +663,7 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         .iter()
         .filter(|r| r["attempt"].as_u64() != Some(1))
         .count();
-    let mut executions: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in fs::read_to_string(&marker)
-        .expect("the marker file exists")
-        .lines()
-    {
-        let (sha, rest) = line.split_once(' ').unwrap_or((line, ""));
-        executions
-            .entry(sha.to_string())
-            .or_default()
-            .push(rest.to_string());
-    }
+    let executions = executions.per_sha();
     let twice: Vec<String> = executions
         .iter()
         .filter(|(_, runs)| runs.len() > 1)
@@ -756,23 +730,10 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
     );
 }
 
-/// jetci's streams and buckets (default prefix).
-fn stream_names(names: &Names) -> Vec<String> {
-    vec![
-        names.commits_stream(),
-        names.jobs_stream(),
-        names.results_stream(),
-        names.logs_stream(),
-        format!("KV_{}", names.observer_bucket()),
-        format!("KV_{}", names.jobs_bucket()),
-        format!("KV_{}", names.runners_bucket()),
-    ]
-}
-
 /// The jetci streams and buckets whose leader is `node`.
 async fn leaders_on(js: &jetstream::Context, names: &Names, node: &str) -> Vec<String> {
     let mut led = Vec::new();
-    for name in stream_names(names) {
+    for name in all_streams(names) {
         let Ok(stream) = js.get_stream(&name).await else {
             continue;
         };
@@ -837,7 +798,7 @@ async fn all_replicated(js: &jetstream::Context, names: &Names) -> Result<usize,
         Ok(())
     };
     let mut count = 0;
-    for name in stream_names(names) {
+    for name in all_streams(names) {
         let mut stream = js.get_stream(&name).await.map_err(|e| e.to_string())?;
         let info = stream.info().await.map_err(|e| e.to_string())?;
         assert_eq!(
