@@ -18,10 +18,10 @@ use fantoccini::{Client, ClientBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use serde_json::{json, Value};
 
-use crate::support::processes::missing_tool;
 use crate::support::git::{failing_test, passing_test, GitRepo};
 use crate::support::jetstream::wait_results;
 use crate::support::nats::{free_addr, free_port, NatsServer};
+use crate::support::processes::missing_tool;
 use crate::support::processes::{tail, Proc};
 use crate::support::system::{app_job, spawn_web, System};
 use crate::support::waiting::{wait_until_async, BOUND};

@@ -18,11 +18,11 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
-use crate::support::processes::missing_tool;
 use crate::support::git::GitRepo;
 use crate::support::jetstream::names;
 use crate::support::nats::NatsServer;
 use crate::support::processes::bin_path;
+use crate::support::processes::missing_tool;
 use crate::support::system::{app_job, System};
 use crate::support::waiting::{wait_until_async, BOUND};
 

@@ -206,8 +206,15 @@ fn run_dispatch(rt: &tokio::runtime::Runtime, runners: usize, slots: u32, n: usi
         let nats = connect(&url, "jetci-bench publisher").await?;
         for i in 0..runners {
             let dir = work.path().join(format!("i{i}"));
-            start_instant(&url, &format!("i{i}"), slots, dir, executed.clone(), stop.clone())
-                .await?;
+            start_instant(
+                &url,
+                &format!("i{i}"),
+                slots,
+                dir,
+                executed.clone(),
+                stop.clone(),
+            )
+            .await?;
         }
         anyhow::Ok(nats)
     })?;

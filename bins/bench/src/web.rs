@@ -326,7 +326,12 @@ fn make(
 async fn load(nats: &Nats, streams: &Streams, items: &[Item]) -> Result<()> {
     let results = futures::stream::iter(items.iter().map(|it| async move {
         if it.superseded {
-            publish_superseded(nats, &JobRef::only(&it.result.repo, &it.result.sha, it.result.run), &it.result).await?;
+            publish_superseded(
+                nats,
+                &JobRef::only(&it.result.repo, &it.result.sha, it.result.run),
+                &it.result,
+            )
+            .await?;
         } else if publish_final(nats, &it.result).await? == Published::AlreadyPublished {
             bail!("{} was published twice", it.result.key());
         }

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use jetci::connect::Nats;
-use jetci::protocol::store::{self, age_of};
 use jetci::messages::{decode, CommitMsg, JobPhase, RunnerInfo};
+use jetci::protocol::store::{self, age_of};
 use jetci::streams::Streams;
 
 use serde_json::{json, Value};

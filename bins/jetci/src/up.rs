@@ -183,7 +183,10 @@ fn start_processes(
     let (args, common, bins) = (setup.args, setup.common, setup.bins);
     let poll = humantime::format_duration(args.poll_interval).to_string();
     let mut observer = common.command(&bins.observer);
-    observer.arg("--poll-interval").arg(&poll).arg(&setup.repo.arg);
+    observer
+        .arg("--poll-interval")
+        .arg(&poll)
+        .arg(&setup.repo.arg);
     children.push(Proc::spawn(
         "observer",
         observer,

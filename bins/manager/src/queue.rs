@@ -19,8 +19,8 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::kv;
 use async_nats::jetstream::stream::RawMessageErrorKind;
 use jetci::connect::Nats;
-use jetci::protocol::store;
 use jetci::messages::{decode, CommitMsg, JobPhase};
+use jetci::protocol::store;
 use jetci::scaling::{covers, Demand};
 use jetci::streams::Streams;
 

@@ -70,7 +70,12 @@ pub struct ShellExecutor {
 }
 
 impl Executor for ShellExecutor {
-    async fn execute(&self, job: &JobMsg, result: ResultMsg, stop: &CancellationToken) -> Execution {
+    async fn execute(
+        &self,
+        job: &JobMsg,
+        result: ResultMsg,
+        stop: &CancellationToken,
+    ) -> Execution {
         self.run(job, result, stop).await
     }
 
@@ -109,7 +114,12 @@ impl ShellExecutor {
 
     /// Checks out and runs the job. A failure of the test or of its configuration becomes the
     /// result's status and reason; a failed checkout asks for another attempt.
-    async fn run(&self, job: &JobMsg, mut result: ResultMsg, stop: &CancellationToken) -> Execution {
+    async fn run(
+        &self,
+        job: &JobMsg,
+        mut result: ResultMsg,
+        stop: &CancellationToken,
+    ) -> Execution {
         let clock = std::time::Instant::now();
         let log_subject = result.log_subject.clone();
         match self.prepare(job).await {
@@ -263,7 +273,6 @@ impl ShellExecutor {
         ]);
         env
     }
-
 }
 
 /// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
@@ -378,4 +387,3 @@ mod tests {
         );
     }
 }
-

@@ -378,11 +378,7 @@ impl Sink {
 }
 
 /// The delivery task of one destination: each alert in turn, retried with backoff.
-async fn deliver_all(
-    sink: Sink,
-    mut rx: mpsc::Receiver<Arc<Alert>>,
-    stop: CancellationToken,
-) {
+async fn deliver_all(sink: Sink, mut rx: mpsc::Receiver<Arc<Alert>>, stop: CancellationToken) {
     let name = sink.name();
     loop {
         let n = tokio::select! {

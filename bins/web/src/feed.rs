@@ -12,8 +12,8 @@ use std::sync::{Arc, RwLock};
 
 use jetci::connect::Nats;
 use jetci::follow::{self, Event, Start};
-use jetci::protocol::store;
 use jetci::messages::{decode, ResultMsg, RunnerInfo};
+use jetci::protocol::store;
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
 use serde::Serialize;

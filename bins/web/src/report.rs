@@ -52,8 +52,7 @@ impl Reporter {
                     .transitions
                     .observe(&h.repo, &h.branch, &h.sha, h.status)
                 {
-                    self.alerter
-                        .send(Alert::new(kind, h, &self.base_url));
+                    self.alerter.send(Alert::new(kind, h, &self.base_url));
                 }
             }
         }

@@ -355,9 +355,7 @@ impl Core {
                 self.on_finished(&key, stored, &mut out)
             }
             Event::JobStored { key, stored } => self.on_job_stored(&key, stored),
-            Event::JobStateChanged { key, state } => {
-                self.on_job_state(&key, state, now, &mut out)
-            }
+            Event::JobStateChanged { key, state } => self.on_job_state(&key, state, now, &mut out),
             Event::RunnerSeen {
                 key,
                 info,
@@ -964,7 +962,8 @@ impl Core {
             JobPhase::Assigned | JobPhase::Running => {
                 if let Some(runner) = v.state.runner.clone() {
                     let written = self.since(v.age, now);
-                    self.active.insert(key.to_string(), Active { runner, written });
+                    self.active
+                        .insert(key.to_string(), Active { runner, written });
                 }
             }
             JobPhase::Final => {

@@ -163,7 +163,15 @@ fn result(i: u64, status: Status) -> ResultMsg {
     let c = commit(i);
     ResultMsg {
         runner: "r1".into(),
-        ..ResultMsg::without_run(&Names::default(), &c, &c.only_job(), i, 1, status, "x".into())
+        ..ResultMsg::without_run(
+            &Names::default(),
+            &c,
+            &c.only_job(),
+            i,
+            1,
+            status,
+            "x".into(),
+        )
     }
 }
 
@@ -222,7 +230,10 @@ fn a_new_commit_goes_to_a_free_runner_with_one_create_and_one_publish() {
             revision: 5,
             ..
         }] => {
-            assert_eq!((job.runner.as_str(), job.attempt, job.commit_seq), ("r1", 1, 1));
+            assert_eq!(
+                (job.runner.as_str(), job.attempt, job.commit_seq),
+                ("r1", 1, 1)
+            );
             assert_eq!(job.key(), key(1));
             assert_eq!(assigned.runner.as_deref(), Some("r1"));
         }
@@ -283,7 +294,10 @@ fn a_new_commit_with_no_free_runner_is_recorded_as_waiting_after_a_moment() {
     no_effects(&w.written(2, 7));
     // Recorded: the next beats leave it alone while no slot is free.
     w.later(MS(250));
-    assert!(!w.tick().iter().any(|e| matches!(e, Effect::WriteState { .. })));
+    assert!(!w
+        .tick()
+        .iter()
+        .any(|e| matches!(e, Effect::WriteState { .. })));
 }
 
 #[test]
@@ -395,7 +409,10 @@ fn a_live_job_is_adopted_after_a_dispatcher_restart() {
         matches!(&effects[..], [Effect::LookUpResult { .. }]),
         "{effects:?}"
     );
-    assert_eq!(w.looked_up(1, None), vec![Effect::ReadState { key: key(1) }]);
+    assert_eq!(
+        w.looked_up(1, None),
+        vec![Effect::ReadState { key: key(1) }]
+    );
     no_effects(&w.read(1, Some(versioned(live.clone(), 9, MS(900)))));
     // While the runner heartbeats, nothing moves it.
     for _ in 0..8 {
@@ -529,7 +546,9 @@ fn a_job_is_reassigned_once_its_heartbeats_stop_for_a_lease_and_its_message_dele
         w.runner_at("r2", &[], 1, 2);
         let effects = w.tick();
         assert!(
-            !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::ReadState { .. })),
             "{effects:?}"
         );
     }
@@ -537,7 +556,10 @@ fn a_job_is_reassigned_once_its_heartbeats_stop_for_a_lease_and_its_message_dele
     w.runner_at("r2", &[], 1, 3);
     assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
     let effects = w.read(1, Some(versioned(claimed, 2, LEASE + MS(100))));
-    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
     let second = assignment(&w.looked_up(1, None), "r2", 2);
     assert_eq!(second.job_seq, None);
     let effects = w.written(1, 3);
@@ -591,7 +613,10 @@ fn a_late_heartbeat_gets_one_probe_per_check_and_no_responders_moves_the_job_at_
     assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
     // The state is younger than the lease, but its runner is gone.
     let effects = w.read(1, Some(versioned(claimed, 2, MS(700))));
-    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
     assignment(&w.looked_up(1, None), "r2", 2);
 }
 
@@ -618,7 +643,9 @@ fn lease_clocks_restart_after_a_reconnect() {
     w.later(MS(500));
     let effects = w.tick();
     assert!(
-        !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::ReadState { .. })),
         "{effects:?}"
     );
     no_effects(&w.on(Event::ProbeAnswered {
@@ -636,13 +663,18 @@ fn lease_clocks_restart_after_a_reconnect() {
     w.runner_at("r1", &[], 1, 2);
     let effects = w.tick();
     assert!(
-        !effects.iter().any(|e| matches!(e, Effect::ReadState { .. })),
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::ReadState { .. })),
         "{effects:?}"
     );
     // A whole lease after the reconnect without a heartbeat: lost after all.
     w.later(MS(800));
     let effects = w.tick();
-    assert!(effects.contains(&Effect::ReadState { key: key(1) }), "{effects:?}");
+    assert!(
+        effects.contains(&Effect::ReadState { key: key(1) }),
+        "{effects:?}"
+    );
 }
 
 #[test]
@@ -671,7 +703,11 @@ fn the_last_attempt_lost_gives_the_run_an_error_result() {
                 Some("attempt 2 of 2 failed: runner r1 stopped heartbeating; giving up")
             );
             assert_eq!(result.runner, "");
-            assert_eq!(state.phase, JobPhase::Running, "the state as read, to finish");
+            assert_eq!(
+                state.phase,
+                JobPhase::Running,
+                "the state as read, to finish"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -720,7 +756,9 @@ fn a_handed_back_job_goes_to_another_runner_without_waiting_for_the_lease() {
     let mut w = World::new();
     w.runner("r1", &[], 1);
     let assigned = w.assigned(1, "r1", 1);
-    let back = assigned.claim(4).hand_back("handed back by runner r1".into());
+    let back = assigned
+        .claim(4)
+        .hand_back("handed back by runner r1".into());
     no_effects(&w.watched(1, back.clone(), 3, MS(0)));
     w.later(MS(250));
     assert!(w.tick().contains(&Effect::ReadState { key: key(1) }));
@@ -823,7 +861,10 @@ fn a_cancel_of_a_job_whose_runner_is_lost_is_finished_here() {
     w.looked_up(1, None);
     let cancelled = running(1, "r1", 1, 3).request_cancel("by ann".into());
     let effects = w.read(1, Some(versioned(cancelled, 3, LEASE * 2)));
-    assert!(matches!(&effects[..], [Effect::LookUpResult { .. }]), "{effects:?}");
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
     let effects = w.looked_up(1, None);
     assert!(
         matches!(&effects[..], [Effect::FinishWithoutRunner { result, .. }] if result.status == Status::Cancelled),
@@ -849,7 +890,10 @@ fn a_runner_found_gone_that_comes_back_gets_jobs_again() {
     match &effects[..] {
         [Effect::WriteState { state, .. }] => {
             assert_eq!(state.phase, JobPhase::Queued);
-            assert_eq!(state.runner, None, "the lost attempt's runner is cleared at once");
+            assert_eq!(
+                state.runner, None,
+                "the lost attempt's runner is cleared at once"
+            );
             assert_eq!(state.attempt, 1);
         }
         other => panic!("{other:?}"),
@@ -865,7 +909,9 @@ fn a_runner_found_gone_that_comes_back_gets_jobs_again() {
     }));
     let effects = w.tick();
     assert!(
-        effects.iter().any(|e| matches!(e, Effect::WriteState { state, .. }
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::WriteState { state, .. }
             if state.runner.as_deref() == Some("r1") && state.attempt == 2)),
         "{effects:?}"
     );

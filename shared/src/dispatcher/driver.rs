@@ -301,13 +301,7 @@ impl Driver {
     /// Publishes a job on its runner's subject with the `assigned` state in its headers (the
     /// runner claims with one compare-and-set on it, [`crate::protocol::attempt`]); the server's
     /// ack is awaited in its own task, so the next assignment does not wait for it.
-    async fn publish_job(
-        &self,
-        key: String,
-        job: JobMsg,
-        assigned: JobState,
-        revision: u64,
-    ) {
+    async fn publish_job(&self, key: String, job: JobMsg, assigned: JobState, revision: u64) {
         let mut publish = PublishMessage::build().payload(encode(&job));
         if let Some(headers) = assigned_headers(&assigned, revision) {
             publish = publish.headers(headers);

@@ -4,10 +4,10 @@
 //! The message carries the runner labels the commit's own `.jetci.toml` asks for, so a dispatcher
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
-use git2::Oid;
 use crate::git::Watched;
 use crate::messages::{now, CommitMsg, VERSION};
 use crate::repo_config::{RepoConfig, FILE_NAME};
+use git2::Oid;
 
 /// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
 /// first line must not make the message too large to publish (invariant I5).

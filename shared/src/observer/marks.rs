@@ -13,12 +13,12 @@
 
 use std::collections::BTreeMap;
 
-use async_nats::jetstream::kv;
-use futures::TryStreamExt;
-use git2::Oid;
 use crate::git::text_hash;
 use crate::messages::{decode, encode, now, BranchMark, VERSION};
 use crate::subjects::check_sha;
+use async_nats::jetstream::kv;
+use futures::TryStreamExt;
+use git2::Oid;
 
 use super::ObserveError;
 
@@ -81,7 +81,12 @@ impl Marks {
                 }
                 continue;
             }
-            let Some(value) = marks.kv.get(&key).await.map_err(|e| ObserveError::new(what(), &e))? else {
+            let Some(value) = marks
+                .kv
+                .get(&key)
+                .await
+                .map_err(|e| ObserveError::new(what(), &e))?
+            else {
                 continue; // deleted since the listing
             };
             match read_mark(repo, &key, &value) {
@@ -110,7 +115,9 @@ impl Marks {
         self.kv
             .put(mark_key(&self.repo, branch), encode(&mark))
             .await
-            .map_err(|e| ObserveError::new(format!("cannot save the mark of branch {branch:?}"), &e))?;
+            .map_err(|e| {
+                ObserveError::new(format!("cannot save the mark of branch {branch:?}"), &e)
+            })?;
         self.heads.insert(branch.to_string(), head);
         Ok(())
     }
@@ -120,7 +127,9 @@ impl Marks {
         self.kv
             .delete(mark_key(&self.repo, branch))
             .await
-            .map_err(|e| ObserveError::new(format!("cannot delete the mark of branch {branch:?}"), &e))?;
+            .map_err(|e| {
+                ObserveError::new(format!("cannot delete the mark of branch {branch:?}"), &e)
+            })?;
         self.heads.remove(branch);
         Ok(())
     }
@@ -133,7 +142,9 @@ impl Marks {
             self.kv
                 .put(polled_key(&self.repo), encode(&seen))
                 .await
-                .map_err(|e| ObserveError::new("cannot record the first poll in the observer bucket", &e))?;
+                .map_err(|e| {
+                    ObserveError::new("cannot record the first poll in the observer bucket", &e)
+                })?;
             self.ever_polled = true;
         }
         Ok(())

@@ -14,10 +14,10 @@
 //! - Notifies heard while waiting are coalesced: a push of ten refs (ten requests) costs one poll,
 //!   and polls never overlap, because the observer's one loop runs them.
 
-use async_nats::{Message, Subject, Subscriber};
-use futures::{FutureExt, StreamExt};
 use crate::connect::Nats;
 use crate::messages::{decode, encode, NotifyMsg, NotifyReply, VERSION};
+use async_nats::{Message, Subject, Subscriber};
+use futures::{FutureExt, StreamExt};
 
 use super::ObserveError;
 use tracing::{debug, info, warn};

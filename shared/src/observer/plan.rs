@@ -30,8 +30,8 @@
 
 use std::collections::BTreeMap;
 
-use git2::Oid;
 use crate::git::{GitError, Watched};
+use git2::Oid;
 
 /// One thing a poll does to one branch, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -11,19 +11,19 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use git2::Oid;
-use glob::Pattern;
 use crate::connect::Nats;
 use crate::git::{GitError, Watched};
 use crate::messages::CommitMsg;
 use crate::protocol::commit::publish_commit;
 use crate::shutdown::CancellationToken;
+use git2::Oid;
+use glob::Pattern;
 use tracing::{debug, info, warn};
 
 use super::commit::{self, short};
-use super::ObserveError;
 use super::marks::Marks;
 use super::plan::{self, Step};
+use super::ObserveError;
 
 /// One watched repository and where its commits go.
 pub struct Observer {

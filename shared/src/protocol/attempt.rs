@@ -266,7 +266,10 @@ pub async fn mark_final(
             Ok(Some(cur)) if cur.state.phase == JobPhase::Final => return,
             Ok(cur) => {
                 let revision = cur.as_ref().map(|c| c.revision);
-                let next = finish(cur.map(|c| c.state).unwrap_or_else(|| state_of(job, result)));
+                let next = finish(
+                    cur.map(|c| c.state)
+                        .unwrap_or_else(|| state_of(job, result)),
+                );
                 match store::write(store, &key, &next, revision).await {
                     Ok(_) => return,
                     Err(StateError::Conflict) => continue,

@@ -3,9 +3,9 @@
 //! new run of an old one, and the benchmark fills a backlog; a dispatcher accepts what it pulls
 //! with [`accept`].
 
+use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::publish::PublishAck;
 
 use crate::connect::Nats;

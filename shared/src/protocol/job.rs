@@ -181,12 +181,18 @@ mod tests {
         assert!(!assigned.names_attempt(&job, 1, "r2"));
 
         let running = assigned.claim(42);
-        assert_eq!((running.phase, running.job_seq), (JobPhase::Running, Some(42)));
+        assert_eq!(
+            (running.phase, running.job_seq),
+            (JobPhase::Running, Some(42))
+        );
         let renewed = running.clone().renew();
         assert!(renewed.updated_at >= running.updated_at);
 
         let done = renewed.finish(Status::Passed, None);
-        assert_eq!((done.phase, done.status), (JobPhase::Final, Some(Status::Passed)));
+        assert_eq!(
+            (done.phase, done.status),
+            (JobPhase::Final, Some(Status::Passed))
+        );
     }
 
     #[test]
@@ -194,7 +200,10 @@ mod tests {
         let c = commit();
         let running = JobState::queued(&c, &c.only_job()).assign("r1", 2).claim(7);
         let back = running.clone().hand_back("checkout failed".into());
-        assert_eq!((back.phase, back.attempt, back.runner.as_deref()), (JobPhase::Queued, 2, None));
+        assert_eq!(
+            (back.phase, back.attempt, back.runner.as_deref()),
+            (JobPhase::Queued, 2, None)
+        );
         assert_eq!(back.reason.as_deref(), Some("checkout failed"));
         // The lost attempt's job message stays known, so it can be deleted.
         assert_eq!(back.job_seq, Some(7));

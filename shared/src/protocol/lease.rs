@@ -204,11 +204,20 @@ mod tests {
     fn only_a_lost_attempt_is_looked_for_a_result() {
         let running = state(JobPhase::Running, 1);
         let queued = state(JobPhase::Queued, 1);
-        assert!(after_a_loss(Some(&running), &Decision::Assign { attempt: 2 }));
-        assert!(after_a_loss(Some(&running), &Decision::GiveUp { attempts: 3 }));
+        assert!(after_a_loss(
+            Some(&running),
+            &Decision::Assign { attempt: 2 }
+        ));
+        assert!(after_a_loss(
+            Some(&running),
+            &Decision::GiveUp { attempts: 3 }
+        ));
         assert!(after_a_loss(Some(&running), &Decision::Cancel));
         assert!(!after_a_loss(Some(&running), &Decision::Adopt));
-        assert!(!after_a_loss(Some(&queued), &Decision::Assign { attempt: 2 }));
+        assert!(!after_a_loss(
+            Some(&queued),
+            &Decision::Assign { attempt: 2 }
+        ));
         assert!(!after_a_loss(None, &Decision::Assign { attempt: 1 }));
     }
 

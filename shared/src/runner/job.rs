@@ -180,7 +180,9 @@ impl<E: Executor> Runner<E> {
             }
             (None | Some(Stop::Cancel), Execution::Done(result)) => {
                 match self.fence(job, written).await {
-                    Renewal::Held(fenced) => self.deliver(job, &result, Some(fenced), heartbeat).await,
+                    Renewal::Held(fenced) => {
+                        self.deliver(job, &result, Some(fenced), heartbeat).await
+                    }
                     Renewal::Unreachable => self.deliver(job, &result, None, heartbeat).await,
                     Renewal::Lost => {
                         heartbeat.abort();

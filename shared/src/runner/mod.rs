@@ -209,11 +209,7 @@ async fn take_jobs<E: Executor>(
 /// Refuses to start while another runner with the same id is alive: two processes on one job
 /// subject would steal each other's jobs. An entry refreshed within the lease is a live runner;
 /// this waits out two leases in case it is the previous life of this runner, killed a moment ago.
-async fn ensure_id_free(
-    runners: &kv::Store,
-    id: &str,
-    lease: Duration,
-) -> Result<(), StartError> {
+async fn ensure_id_free(runners: &kv::Store, id: &str, lease: Duration) -> Result<(), StartError> {
     let deadline = tokio::time::Instant::now() + lease * 2;
     loop {
         let live = match runners.entry(id).await {
