@@ -95,6 +95,36 @@ async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     );
 }
 
+/// The same, on a runner with a free slot, with the server stopped cleanly for two seconds:
+/// after the restart the server delivers the running job to that runner again (it lost track of
+/// the delivery), and the runner must not start the same attempt a second time beside the first
+/// (found by a break-it review: 3 runs in 4 ran it twice).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_delivered_again_to_the_runner_running_it_is_not_run_twice() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let executions = Executions::new();
+    let (repo, sha) = repo_running(&format!("{}; sleep 10; echo survived", executions.record()));
+    let mut sys = System::start(&nats, &repo, &[]);
+    sys.add_runner("r0", &["--jobs", "2"], &[]);
+
+    wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.stop();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.restart();
+
+    let r = the_one_result(&url).await;
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert!(r["output_tail"].as_str().unwrap().contains("survived"));
+    assert_eq!(
+        executions.count(),
+        1,
+        "the test ran once: {r:#}\n{:?}",
+        executions.all()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_result_finished_during_a_nats_outage_is_published_when_nats_returns() {
     let mut nats = NatsServer::start();

@@ -15,7 +15,7 @@ use jetci::connect::Nats;
 use jetci::messages::{self, decode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
 use jetci::protocol::commit::publish_commit;
 use jetci::protocol::store::{self, StateError, Versioned};
-use jetci::protocol::verdict::{final_result, finish_without_runner};
+use jetci::protocol::verdict::{final_result, finish_without_runner, Published};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
 use jetci::subjects::{is_token, repo_slug, JobRef};
@@ -297,11 +297,13 @@ async fn cancel_here(
     let finished =
         finish_without_runner(nats, &streams.job_states, &result, state, revision).await?;
     match finished.state {
-        // Another result was first, or ours is stored and the job is final.
-        None | Some(Ok(_)) => Ok(true),
+        // The job is final, with our verdict or the one that was there first.
+        Ok(_) => Ok(true),
+        // Another verdict was there first: the run is over, whoever marks it final.
+        Err(_) if finished.published == Published::AlreadyPublished => Ok(true),
         // A dispatcher assigned it meanwhile: the runner must stop it too.
-        Some(Err(StateError::Conflict)) => Ok(false),
-        Some(Err(e)) => Err(e.into()),
+        Err(StateError::Conflict) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -70,6 +70,25 @@ pub struct ShellExecutor {
 }
 
 impl Executor for ShellExecutor {
+    /// Workspaces of a previous life are garbage (earlier builds moved them to `trash` first;
+    /// kept results are the runner's, in `pending/`), and test processes it left running are
+    /// killed ([`exec::kill_orphans`]).
+    async fn prepare(&self) {
+        let work_dir = self.settings.work_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
+            let _ = std::fs::remove_dir_all(work_dir.join("trash"));
+        })
+        .await;
+        let orphans = exec::kill_orphans(&self.owner()).await;
+        if orphans > 0 {
+            tracing::warn!(
+                processes = orphans,
+                "killed test processes left by an earlier run of this runner"
+            );
+        }
+    }
+
     async fn execute(
         &self,
         job: &JobMsg,

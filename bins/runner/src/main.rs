@@ -146,13 +146,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             cache_dir,
         },
     );
-    let orphans = exec::kill_orphans(&executor.owner()).await;
-    if orphans > 0 {
-        tracing::warn!(
-            processes = orphans,
-            "killed test processes left by an earlier run of this runner"
-        );
-    }
     tracing::info!(%id, work_dir = %work_dir.display(), "starting runner");
     let config = jetci::runner::Config {
         id,
@@ -170,9 +163,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The work dir (`--work-dir`, or a default per id), created, with what a previous life left
-/// cleared: its workspaces are garbage (earlier builds moved them to `trash` first); its kept
-/// results are not.
+/// The work dir (`--work-dir`, or a default per id), created. What a previous life left there
+/// is cleared by the executor once the id is known to be free ([`ShellExecutor`]'s `prepare`).
 fn prepare_work_dir(args: &Args, id: &str) -> anyhow::Result<PathBuf> {
     let work_dir = match &args.work_dir {
         Some(d) => d.clone(),
@@ -180,8 +172,6 @@ fn prepare_work_dir(args: &Args, id: &str) -> anyhow::Result<PathBuf> {
     };
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
-    let _ = std::fs::remove_dir_all(work_dir.join("jobs"));
-    let _ = std::fs::remove_dir_all(work_dir.join("trash"));
     Ok(work_dir)
 }
 

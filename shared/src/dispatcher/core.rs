@@ -221,8 +221,12 @@ enum Step {
     Replacing,
     /// Writing `final` with the status of a result a lost attempt stored.
     RecordingFinal,
-    /// Giving the run its final result without a runner.
-    Finishing { stale: Option<u64> },
+    /// Giving the run its final result without a runner (`status`, `reason`, for the log).
+    Finishing {
+        stale: Option<u64>,
+        status: Status,
+        reason: String,
+    },
     /// The job is on a runner (assigned here, or adopted); its heartbeats are in `active`.
     OnRunner,
     /// Nothing in flight; decided again at the next tick (after an error, say).
@@ -533,7 +537,7 @@ impl Core {
                 reason, revision, ..
             }) => {
                 // Replace it (compare-and-set on its revision); the next tick decides afresh.
-                tracing::warn!(%key, %reason, "job state does not parse; starting the job afresh");
+                tracing::warn!(%key, %reason, "job state does not parse; starting the run afresh");
                 run.step = Step::Replacing;
                 out.push(Effect::WriteState {
                     key: key.to_string(),
@@ -786,14 +790,22 @@ impl Core {
                     // The state existed after all (a commit published again, a cancel request
                     // written early): decide again on what is there.
                     self.advance(key, now, out);
+                } else if matches!(e, StateError::Conflict) {
+                    tracing::debug!(%key, "another dispatcher moved the job first; deciding again next beat");
                 } else {
-                    tracing::debug!(%key, error = %e, "the job's state was not written; deciding again next beat");
+                    tracing::warn!(%key, error = %e, "cannot record the assignment; trying again next beat");
                 }
             }
-            (Step::Replacing | Step::RecordingFinal, result) => {
+            (Step::Replacing, result) => {
                 run.known = Known::Unknown;
                 if let Err(e) = result {
-                    tracing::warn!(%key, error = %e, "cannot write the job state; trying again next beat");
+                    tracing::warn!(%key, error = %e, "cannot replace the job state");
+                }
+            }
+            (Step::RecordingFinal, result) => {
+                run.known = Known::Unknown;
+                if let Err(e) = result {
+                    tracing::warn!(%key, error = %e, "cannot mark the run final; trying again next beat");
                 }
             }
             (other, _) => run.step = other,
@@ -881,7 +893,6 @@ impl Core {
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
-        tracing::warn!(%key, %status, %reason, "run finishes without a runner");
         let result = ResultMsg::without_run(
             &self.config.names,
             &run.commit,
@@ -896,7 +907,11 @@ impl Core {
             Some(c) => c.state,
             None => JobState::queued(&run.commit, &run.job),
         };
-        run.step = Step::Finishing { stale };
+        run.step = Step::Finishing {
+            stale,
+            status,
+            reason: result.reason.clone().unwrap_or_default(),
+        };
         out.push(Effect::FinishWithoutRunner {
             key: key.to_string(),
             result,
@@ -909,13 +924,19 @@ impl Core {
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
-        let Step::Finishing { stale } = std::mem::replace(&mut run.step, Step::Idle) else {
+        let Step::Finishing {
+            stale,
+            status,
+            reason,
+        } = std::mem::replace(&mut run.step, Step::Idle)
+        else {
             return;
         };
         if !stored {
             // Nothing was written: the next tick decides again.
             return;
         }
+        tracing::warn!(%key, %status, %reason, "run finished without a runner");
         if let Some(seq) = stale {
             out.push(Effect::DeleteJobMessage { seq });
         }

@@ -252,8 +252,8 @@ fn equal_runners_take_turns() {
     assignment(&w.deliver(2), "r2", 1);
     w.written(2, 2);
     // Now both have one free slot: r1 was picked longer ago.
-    assignment(&w.deliver(3), "r1", 1);
-    assert_eq!(first.runner.as_deref(), Some("r1"));
+    let third = assignment(&w.deliver(3), "r1", 1);
+    assert_eq!(first.runner, third.runner);
 }
 
 #[test]
@@ -877,17 +877,19 @@ fn a_cancel_of_a_job_whose_runner_is_lost_is_finished_here() {
 #[test]
 fn a_runner_found_gone_that_comes_back_gets_jobs_again() {
     let mut w = World::new();
-    w.runner("r1", &[], 1);
+    // Two slots: r1 has a free one even with the lost job counted, so only "gone" keeps it out.
+    w.runner("r1", &[], 2);
     let assigned = w.assigned(1, "r1", 1);
-    w.watched(1, assigned.clone().claim(2), 2, MS(0));
+    let claimed = assigned.claim(2);
+    w.watched(1, claimed.clone(), 2, MS(0));
     w.on(Event::ProbeAnswered {
         runner: "r1".into(),
         gone: true,
     });
     // Nobody else: the job waits, and r1 (gone at this revision) gets nothing.
-    w.read(1, Some(versioned(assigned.claim(2), 2, MS(10))));
+    w.read(1, Some(versioned(claimed, 2, MS(10))));
     let effects = w.looked_up(1, None);
-    match &effects[..] {
+    let queued = match &effects[..] {
         [Effect::WriteState { state, .. }] => {
             assert_eq!(state.phase, JobPhase::Queued);
             assert_eq!(
@@ -895,25 +897,46 @@ fn a_runner_found_gone_that_comes_back_gets_jobs_again() {
                 "the lost attempt's runner is cleared at once"
             );
             assert_eq!(state.attempt, 1);
+            state.clone()
         }
         other => panic!("{other:?}"),
-    }
+    };
     let effects = w.written(1, 3);
     assert_eq!(effects, vec![Effect::DeleteJobMessage { seq: 2 }]);
-    // r1 comes back (a new presence revision): the job goes to it as attempt 2.
+    no_effects(&w.deliver(2));
+    assert_eq!(w.core.wanted(w.now), 0, "a gone runner offers no slot");
+    // The watch shows the queued state: r1 no longer runs the lost job.
+    no_effects(&w.watched(1, queued, 3, MS(0)));
+    // r1 comes back (a new presence revision): the oldest job goes to it as attempt 2.
     w.later(MS(250));
-    w.runner_at("r1", &[], 1, 2);
-    no_effects(&w.on(Event::JobStateChanged {
-        key: key(1),
-        state: None,
-    }));
+    w.runner_at("r1", &[], 2, 2);
     let effects = w.tick();
     assert!(
         effects
             .iter()
-            .any(|e| matches!(e, Effect::WriteState { state, .. }
-            if state.runner.as_deref() == Some("r1") && state.attempt == 2)),
+            .any(|e| matches!(e, Effect::WriteState { key: k, state, .. }
+            if *k == key(1) && state.runner.as_deref() == Some("r1") && state.attempt == 2)),
         "{effects:?}"
+    );
+}
+
+#[test]
+fn a_reconnect_forgives_runners_a_probe_found_gone() {
+    let mut w = World::new();
+    w.runner("r1", &[], 2);
+    w.assigned(1, "r1", 1);
+    w.on(Event::ProbeAnswered {
+        runner: "r1".into(),
+        gone: true,
+    });
+    w.read(1, Some(versioned(running(1, "r1", 1, 2), 2, MS(10))));
+    w.looked_up(1, None);
+    assert_eq!(w.core.wanted(w.now), 0);
+    // The probe's "no responders" may have been this dispatcher's own outage.
+    w.on(Event::Reconnected);
+    assert!(
+        w.core.wanted(w.now) > 0,
+        "r1 counts again after a reconnect"
     );
 }
 
@@ -978,4 +1001,93 @@ fn gauges_count_waiting_and_running_jobs_and_the_oldest_heartbeat() {
     let g = w.core.gauges(w.now);
     assert_eq!((g.waiting, g.in_flight), (1, 1));
     assert_eq!(g.oldest_heartbeat, MS(700));
+}
+
+#[test]
+fn a_redelivered_commit_read_right_after_a_reconnect_is_adopted() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.later(LEASE * 2);
+    w.on(Event::Reconnected);
+    w.runner_at("r1", &[], 1, 2);
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    // Its last heartbeat is ten leases old, but the outage was this dispatcher's: adopted.
+    let effects = w.read(1, Some(versioned(running(1, "r1", 1, 2), 2, LEASE * 10)));
+    no_effects(&effects);
+    // A lease after the reconnect with no heartbeat, it is lost after all.
+    w.later(LEASE + MS(100));
+    w.runner_at("r1", &[], 1, 3);
+    let effects = w.tick();
+    assert!(
+        effects.contains(&Effect::ReadState { key: key(1) }),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_commit_published_again_after_its_job_is_final_is_acked() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    assignment(&w.deliver(1), "r1", 1);
+    let effects = w.on(Event::StateWritten {
+        key: key(1),
+        written: Err(StateError::Conflict),
+    });
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+    let done = running(1, "r1", 1, 2).finish(Status::Passed, None);
+    let effects = w.read(1, Some(versioned(done, 9, LEASE * 100)));
+    assert_eq!(
+        effects,
+        vec![Effect::AckCommit {
+            run: commit(1).key()
+        }]
+    );
+}
+
+#[test]
+fn a_waiting_record_that_finds_a_state_reads_it_and_decides_again() {
+    let mut w = World::new();
+    no_effects(&w.deliver(1));
+    w.later(MS(600));
+    let effects = w.tick();
+    assert!(
+        matches!(&effects[..], [Effect::WriteState { revision: None, .. }]),
+        "{effects:?}"
+    );
+    let effects = w.on(Event::StateWritten {
+        key: key(1),
+        written: Err(StateError::Conflict),
+    });
+    assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
+}
+
+#[test]
+fn a_cancel_of_a_lost_job_that_stored_its_result_keeps_that_verdict() {
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: commit(1),
+        seq: 1,
+        redelivered: true,
+    });
+    w.looked_up(1, None);
+    let cancelled = running(1, "ghost", 1, 3).request_cancel("by ann".into());
+    w.read(1, Some(versioned(cancelled, 4, LEASE * 2)));
+    let effects = w.looked_up(1, Some(result(1, Status::Passed)));
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: Some(4),
+            ..
+        }] => assert_eq!(
+            (state.phase, state.status),
+            (JobPhase::Final, Some(Status::Passed)),
+            "the stored verdict, not a cancel"
+        ),
+        other => panic!("{other:?}"),
+    }
 }

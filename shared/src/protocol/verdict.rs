@@ -131,19 +131,21 @@ pub enum FinalResultError {
 pub struct Finished {
     /// Whether the result given is the verdict, or another was there first.
     pub published: Published,
-    /// The `final` state's write, when the result given is the verdict (`None` otherwise: the
-    /// writer of the verdict marks the job final). A conflict means someone moved the job since
-    /// it was read (a dispatcher assigned it, a runner claimed it).
-    pub state: Option<Result<u64, StateError>>,
+    /// The `final` state's write (compare-and-set on the revision given). A conflict means
+    /// someone moved the job since it was read (a dispatcher assigned it, a runner claimed it).
+    pub state: Result<u64, StateError>,
 }
 
 /// Gives a run its final result without running anything (a dispatcher giving up after lost
 /// runners, a cancel of a job on no runner): the result first, first writer wins, then `final`
-/// (the state as read, finished with the result's status and reason, written with
-/// compare-and-set on `revision`) into `store`. In that order a crash in between leaves a result
-/// and never a closed run without one (I1).
+/// into `store` (compare-and-set on `revision`). In that order a crash in between leaves a
+/// result and never a closed run without one (I1).
 ///
 /// `state` is the job's state to finish (as read, or [`JobState::queued`] when there was none).
+/// When another result was there first, the state is finished with *that* result's status and
+/// reason (read back; ours when it cannot be read): a run closed without a `final` state would
+/// leave its job `running` on a lost runner in every dispatcher's count of busy slots.
+///
 /// Errors: the result could not be published (NATS unreachable); nothing was written.
 pub async fn finish_without_runner(
     nats: &Nats,
@@ -153,13 +155,25 @@ pub async fn finish_without_runner(
     revision: Option<u64>,
 ) -> Result<Finished, PublishError> {
     let published = publish_final(nats, result).await?;
-    let state = match published {
-        Published::Stored(_) => {
-            let done = state.finish(result.status, result.reason.clone());
-            Some(store::write(store, &done.job_ref().key(), &done, revision).await)
+    let (status, reason) = match published {
+        Published::Stored(_) => (result.status, result.reason.clone()),
+        Published::AlreadyPublished => {
+            let results = nats.js.get_stream(nats.names.results_stream()).await;
+            let stored = match results {
+                Ok(results) => final_result(nats, &results, &result.repo, &result.sha, result.run)
+                    .await
+                    .ok()
+                    .flatten(),
+                Err(_) => None,
+            };
+            match stored {
+                Some(verdict) => (verdict.status, verdict.reason),
+                None => (result.status, result.reason.clone()),
+            }
         }
-        Published::AlreadyPublished => None,
     };
+    let done = state.finish(status, reason);
+    let state = store::write(store, &done.job_ref().key(), &done, revision).await;
     Ok(Finished { published, state })
 }
 

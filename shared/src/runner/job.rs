@@ -56,7 +56,6 @@ impl<E: Executor> Runner<E> {
             return;
         };
         let attempt_id = job.attempt_id();
-        self.active.lock().expect("lock").insert(attempt_id.clone());
         let msg = Arc::new(msg);
         let stopping = Stopping::default();
         let written = Arc::new(Mutex::new(claimed));
@@ -102,13 +101,30 @@ impl<E: Executor> Runner<E> {
                 return None;
             }
         };
+        // The same attempt delivered again while it runs here (after a NATS restart the server
+        // redelivers a job whose ack it lost track of): the running one goes on, its heartbeats
+        // extend this delivery too and its ack ends it; running it twice would break I3.
+        let attempt_id = job.attempt_id();
+        if !self.active.lock().expect("lock").insert(attempt_id.clone()) {
+            tracing::info!(job = %attempt_id, "the job was delivered again while it runs here; ignoring the copy");
+            return None;
+        }
+        let taken = self.claim(msg, &job, seq).await;
+        if taken.is_none() {
+            self.active.lock().expect("lock").remove(&attempt_id);
+        }
+        taken.map(|written| (job, written))
+    }
+
+    /// Claims the job ([`Attempt::claim`]); `None` when it is not this runner's to run.
+    async fn claim(&self, msg: &jetstream::Message, job: &JobMsg, seq: u64) -> Option<Written> {
         let assigned = attempt::assigned_in(msg.headers.as_ref());
-        match self.attempt(&job).claim(seq, assigned, self.epoch()).await {
+        match self.attempt(job).claim(seq, assigned, self.epoch()).await {
             Ok(Some(written)) => {
                 if written.state.cancel.is_none() {
                     tracing::info!(job = %job.attempt_id(), branch = ?job.branch, "running job");
                 }
-                Some((job, written))
+                Some(written)
             }
             Ok(None) => {
                 tracing::info!(job = %job.attempt_id(), "job was superseded or is already final; skipping it");

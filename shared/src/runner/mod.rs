@@ -66,6 +66,14 @@ pub enum Execution {
 
 /// The work of a job: everything between the claim and the verdict.
 pub trait Executor: Send + Sync + 'static {
+    /// Called once, after the runner made sure no live runner has its id and before it takes
+    /// its first job: the place to clear what an earlier life of this runner left (workspaces,
+    /// processes). Never before that check: a second process started with a live runner's id
+    /// must not touch that runner's jobs.
+    fn prepare(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
+
     /// Runs `job`. `result` is the attempt's result as the runner starts it (status `error`, no
     /// output, started now); the executor fills it in. When `stop` is cancelled (a cancel, a lost
     /// lease, a hurried shutdown) it ends whatever it started and returns soon; the runner knows
@@ -120,6 +128,7 @@ pub async fn run<E: Executor>(
         reason: e.to_string(),
     })?;
     ensure_id_free(&streams.runners, &config.id, config.lease).await?;
+    executor.prepare().await;
     let consumer = job_consumer(&nats, &streams, &config).await?;
     let slots = config.slots;
     let runner = Arc::new(Runner {

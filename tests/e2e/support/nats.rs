@@ -138,6 +138,14 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server with SIGTERM, as an operator restarting it would (it shuts down cleanly,
+    /// SIGKILL after 10 s), and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            crate::support::processes::terminate(&mut child, Duration::from_secs(10));
+        }
+    }
+
     /// Starts the server again on the same port with the same store, and returns once JetStream
     /// answers. A server that is still running is killed first (SIGKILL).
     ///
