@@ -95,6 +95,12 @@ pub fn stream_configs(nats: &Nats) -> Vec<Config> {
             retention: RetentionPolicy::Limits,
             max_age: RESULTS_MAX_AGE,
             allow_direct: true,
+            // One message per subject, and the server refuses a second one: the first result
+            // of a run is its verdict whoever publishes after it, with or without the headers
+            // jetci's publishers send (nats-server >= 2.10, error 10077).
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
             ..base.clone()
         },
         Config {
@@ -159,7 +165,41 @@ async fn ensure_stream(
     .await?;
     check_compatible(&config, &found)?;
     warn_replicas(&name, found.num_replicas, replicas);
-    Ok(stream)
+    match enforced_update(&config, &found) {
+        Some(update) => upgrade(js, update).await,
+        None => Ok(stream),
+    }
+}
+
+/// The settings jetci has the server enforce that an older jetci did not set, and that can be
+/// changed in place: the per-subject limit of `CI_RESULTS` (one result per run, a second one
+/// refused). `None` when `found` has them already; else `found` with them set.
+///
+/// A stream that already holds a second message on a subject (stored before the limit) keeps
+/// only the newest once the limit applies: nats-server trims each subject to it.
+fn enforced_update(wanted: &Config, found: &Config) -> Option<Config> {
+    let per_subject = wanted.max_messages_per_subject > 0
+        && (found.max_messages_per_subject != wanted.max_messages_per_subject
+            || found.discard != wanted.discard
+            || found.discard_new_per_subject != wanted.discard_new_per_subject);
+    per_subject.then(|| Config {
+        max_messages_per_subject: wanted.max_messages_per_subject,
+        discard: wanted.discard,
+        discard_new_per_subject: wanted.discard_new_per_subject,
+        ..found.clone()
+    })
+}
+
+/// Updates a stream to `config` (created by an earlier jetci), saying so.
+async fn upgrade(js: &jetstream::Context, config: Config) -> Result<Stream, SetupError> {
+    let name = config.name.clone();
+    retry_setup(&name, || js.update_stream(config.clone())).await?;
+    tracing::info!(
+        stream = %name,
+        max_messages_per_subject = config.max_messages_per_subject,
+        "upgraded the stream: the server now refuses a second message on a subject"
+    );
+    retry_setup(&name, || js.get_stream(name.clone())).await
 }
 
 /// Says so when a stream or bucket has fewer or more replicas than `--replicas` asks for: it was
@@ -312,6 +352,37 @@ const ALL_KEYS: &str = ">";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_results_stream_without_the_per_subject_limit_is_upgraded_in_place() {
+        let wanted = Config {
+            name: "CI_RESULTS".into(),
+            max_messages_per_subject: 1,
+            discard: DiscardPolicy::New,
+            discard_new_per_subject: true,
+            max_age: Duration::from_secs(60),
+            ..Default::default()
+        };
+        let old = Config {
+            max_messages_per_subject: -1,
+            discard: DiscardPolicy::Old,
+            discard_new_per_subject: false,
+            max_age: Duration::from_secs(99),
+            ..wanted.clone()
+        };
+        let update = enforced_update(&wanted, &old).expect("an update");
+        assert_eq!(update.max_messages_per_subject, 1);
+        assert!(update.discard_new_per_subject);
+        assert_eq!(update.discard, DiscardPolicy::New);
+        // Only those fields change: the rest stays as the operator has it.
+        assert_eq!(update.max_age, Duration::from_secs(99));
+        assert!(enforced_update(&wanted, &wanted).is_none());
+        let commits = Config {
+            name: "CI_COMMITS".into(),
+            ..Default::default()
+        };
+        assert!(enforced_update(&commits, &old).is_none());
+    }
 
     #[test]
     fn conflicts_are_detected() {

@@ -31,4 +31,5 @@ mod pipeline;
 mod runner;
 mod submodules;
 mod up;
+mod verdicts;
 mod web;

@@ -15,10 +15,12 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::stream::Stream;
 use jetci::connect::Nats;
 use jetci::follow::{Event, Followed, Follower, Start};
-use jetci::messages::{decode, ResultMsg};
+use jetci::messages::ResultMsg;
+use jetci::protocol::verdict::result_on;
 pub use jetci::result_file::format_duration;
 use jetci::result_file::{clean, first_line};
 use jetci::shutdown::CancellationToken;
+use jetci::subjects::Names;
 use tokio::sync::mpsc;
 
 /// What to follow and what to do with each result.
@@ -65,7 +67,7 @@ pub async fn follow(
     let printer = async {
         while let Some(event) = rx.recv().await {
             if let Event::Message(msg) = event {
-                if !show(&msg, opts, files.as_ref()) {
+                if !show(&nats.names, &msg, opts, files.as_ref()) {
                     break;
                 }
             }
@@ -76,9 +78,10 @@ pub async fn follow(
     Ok(())
 }
 
-/// Handles one message; false when stdout is closed.
-fn show(msg: &Followed, opts: &FollowOptions, files: Option<&ResultFiles>) -> bool {
-    let result = match decode::<ResultMsg>(&msg.payload) {
+/// Handles one message; false when stdout is closed. A message that is not a valid result of
+/// the run its subject names is skipped with a warning ([`result_on`]: the subject is the truth).
+fn show(names: &Names, msg: &Followed, opts: &FollowOptions, files: Option<&ResultFiles>) -> bool {
+    let result = match result_on(names, &msg.subject, &msg.payload) {
         Ok(r) => r,
         Err(e) => {
             eprintln!(

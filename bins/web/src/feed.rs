@@ -12,8 +12,9 @@ use std::sync::{Arc, RwLock};
 
 use jetci::connect::Nats;
 use jetci::follow::{self, Event, Start};
-use jetci::messages::{decode, ResultMsg, RunnerInfo};
+use jetci::messages::{decode, RunnerInfo};
 use jetci::protocol::store;
+use jetci::protocol::verdict::result_on;
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
 use serde::Serialize;
@@ -155,10 +156,11 @@ async fn apply_results(
             shared.write(|v| v.last_seq = v.last_seq.max(msg.seq));
             continue;
         };
-        let result = match decode::<ResultMsg>(&msg.payload) {
+        // The subject is the truth: a payload that names another run is not that run's result.
+        let result = match result_on(&nats.names, &msg.subject, &msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(subject = %msg.subject, seq = msg.seq, error = %e, "skipped a result that does not decode");
+                tracing::warn!(subject = %msg.subject, seq = msg.seq, error = %e, "skipped a result that does not decode or does not match its subject");
                 shared.write(|v| {
                     v.skipped += 1;
                     v.last_seq = v.last_seq.max(msg.seq);

@@ -221,6 +221,13 @@ enum Step {
     Replacing,
     /// Writing `final` with the status of a result a lost attempt stored.
     RecordingFinal,
+    /// The job's state says `final` (`current`, seen first at `since`): is its run's result
+    /// stored? A run closes only on a stored result, never on a state anyone could have written.
+    CheckingFinal { current: Versioned, since: Instant },
+    /// A `final` state whose result was not found yet: looked for again every tick, for a
+    /// beat (a result just stored may not be readable from every replica at once), then the
+    /// state counts as forged and the job runs again.
+    UnconfirmedFinal { current: Versioned, since: Instant },
     /// Giving the run its final result without a runner (`status`, `reason`, for the log).
     Finishing {
         stale: Option<u64>,
@@ -245,6 +252,7 @@ impl Step {
                 | Step::Assigning { .. }
                 | Step::Replacing
                 | Step::RecordingFinal
+                | Step::CheckingFinal { .. }
                 | Step::Finishing { .. }
         )
     }
@@ -458,6 +466,14 @@ impl Core {
                 }
                 None => self.advance(key, now, out),
             },
+            Step::CheckingFinal { current, since } => {
+                let settled = now.saturating_duration_since(since) >= self.config.lease / 3;
+                match result {
+                    Some(_) => self.close(key, out),
+                    None if !settled => run.step = Step::UnconfirmedFinal { current, since },
+                    None => self.run_again(key, current, now, out),
+                }
+            }
             Step::CheckingLoss { current, decision } => match (result, current) {
                 (Some(result), Some(current)) => {
                     // The run is over: mark its state final with the stored result's status
@@ -597,7 +613,10 @@ impl Core {
         out: &mut Effects,
     ) {
         match decision {
-            Decision::Done => self.close(key, out),
+            Decision::Done => match current {
+                Some(current) => self.confirm_final(key, current, now, out),
+                None => self.close(key, out),
+            },
             Decision::Adopt => {
                 if let Some(run) = self.runs.get_mut(key) {
                     run.step = Step::OnRunner;
@@ -877,6 +896,37 @@ impl Core {
             .or_else(|| self.runs.get(key).and_then(|r| r.job_seq))
     }
 
+    /// The job's state says `final`: close the run once its result is found stored.
+    fn confirm_final(&mut self, key: &str, current: Versioned, now: Instant, out: &mut Effects) {
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
+        };
+        out.push(Effect::LookUpResult {
+            key: key.to_string(),
+            job: run.job.clone(),
+        });
+        run.step = Step::CheckingFinal {
+            current,
+            since: now,
+        };
+    }
+
+    /// A `final` state with no stored result (written by hand, or forged): the run has no
+    /// verdict, so its job runs again as the next attempt, or is given up after the last.
+    fn run_again(&mut self, key: &str, current: Versioned, now: Instant, out: &mut Effects) {
+        let attempts = current.state.attempt;
+        let max = self.config.max_attempts;
+        tracing::warn!(%key, attempt = attempts, "the job's state says final but its run has no stored result; running it again");
+        if attempts >= max {
+            let reason = format!(
+                "attempt {attempts} of {max}: the job's state said final but no result was stored; giving up"
+            );
+            self.finish(key, Some(current), attempts, Status::Error, reason, out);
+        } else {
+            self.assign(key, Some(current), attempts + 1, None, now, out);
+        }
+    }
+
     // ---- finishing ---------------------------------------------------------------------------
 
     /// Gives the run a final result without a runner (given up, or cancelled while not running).
@@ -994,7 +1044,9 @@ impl Core {
                         status: v.state.status,
                     });
                 }
-                self.close(key, out);
+                if held {
+                    self.confirm_final(key, v, now, out);
+                }
                 if freed {
                     self.assign_waiting(now, out);
                 }
@@ -1019,6 +1071,14 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
+        if info.id != key {
+            // An entry that claims to be another runner than its key (forged, or written by
+            // hand): trusted, it would send jobs to the subject of a runner that cannot take
+            // them. Ignored, and whatever the key held before is forgotten.
+            tracing::warn!(%key, id = %info.id, "ignoring a runner entry whose id is not its key");
+            self.runners.remove(&key);
+            return;
+        }
         let written = self.since(age, now);
         let new = !self.runners.contains_key(&key);
         if new {
@@ -1048,8 +1108,13 @@ impl Core {
             out.push(Effect::ExtendCommits);
         }
         let mut recheck = Vec::new();
+        let mut unconfirmed = Vec::new();
         for (key, run) in &self.runs {
             if run.step.in_flight() {
+                continue;
+            }
+            if matches!(run.step, Step::UnconfirmedFinal { .. }) {
+                unconfirmed.push(key.clone());
                 continue;
             }
             if matches!(run.step, Step::Waiting(_)) {
@@ -1075,6 +1140,19 @@ impl Core {
                     self.probed.insert(active.runner.clone(), now);
                     out.push(Effect::Probe {
                         runner: active.runner.clone(),
+                    });
+                }
+            }
+        }
+        for key in unconfirmed {
+            if let Some(run) = self.runs.get_mut(&key) {
+                if let Step::UnconfirmedFinal { current, since } =
+                    std::mem::replace(&mut run.step, Step::Idle)
+                {
+                    run.step = Step::CheckingFinal { current, since };
+                    out.push(Effect::LookUpResult {
+                        key: key.clone(),
+                        job: run.job.clone(),
                     });
                 }
             }

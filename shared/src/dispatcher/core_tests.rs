@@ -356,13 +356,21 @@ fn a_waiting_job_starts_when_a_slot_frees_and_the_finished_commit_is_acked() {
     match &effects[..] {
         [Effect::CountResult {
             status: Some(Status::Passed),
-        }, Effect::AckCommit { run }, Effect::WriteState { state, .. }] => {
-            assert_eq!(run, &commit(1).key());
+        }, Effect::LookUpResult { key: k, .. }, Effect::WriteState { state, .. }] => {
+            assert_eq!(k, &key(1));
             assert_eq!(state.runner.as_deref(), Some("r1"));
             assert_eq!(state.sha, commit(2).sha);
         }
         other => panic!("{other:?}"),
     }
+    // The run's result is stored: its commit is acked.
+    let effects = w.looked_up(1, Some(result(1, Status::Passed)));
+    assert_eq!(
+        effects,
+        vec![Effect::AckCommit {
+            run: commit(1).key()
+        }]
+    );
 }
 
 #[test]
@@ -795,6 +803,14 @@ fn a_stored_result_of_a_lost_attempt_ends_the_run_instead_of_another_attempt() {
     let done = running(1, "ghost", 1, 2).finish(Status::Failed, None);
     no_effects(&w.written(1, 6));
     let effects = w.watched(1, done, 6, MS(0));
+    assert!(
+        effects.contains(&Effect::LookUpResult {
+            key: key(1),
+            job: commit(1).only_job()
+        }),
+        "{effects:?}"
+    );
+    let effects = w.looked_up(1, Some(result(1, Status::Failed)));
     assert!(effects.contains(&Effect::AckCommit {
         run: commit(1).key()
     }));
@@ -1041,12 +1057,92 @@ fn a_commit_published_again_after_its_job_is_final_is_acked() {
     assert_eq!(effects, vec![Effect::ReadState { key: key(1) }]);
     let done = running(1, "r1", 1, 2).finish(Status::Passed, None);
     let effects = w.read(1, Some(versioned(done, 9, LEASE * 100)));
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
+    let effects = w.looked_up(1, Some(result(1, Status::Passed)));
     assert_eq!(
         effects,
         vec![Effect::AckCommit {
             run: commit(1).key()
         }]
     );
+}
+
+#[test]
+fn a_final_state_with_no_stored_result_runs_the_job_again() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.runner("r2", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    // Someone writes `final` over the running job; no result is stored.
+    let forged = assigned.claim(4).finish(Status::Passed, None);
+    let effects = w.watched(1, forged, 3, MS(0));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::LookUpResult { .. })),
+        "{effects:?}"
+    );
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::AckCommit { .. })),
+        "not closed on a state alone: {effects:?}"
+    );
+    // Not found at once: looked for again while a just-stored result may still be settling.
+    no_effects(&w.looked_up(1, None));
+    w.later(MS(250));
+    let effects = w.tick();
+    assert!(
+        effects.contains(&Effect::LookUpResult {
+            key: key(1),
+            job: commit(1).only_job()
+        }),
+        "{effects:?}"
+    );
+    no_effects(&w.looked_up(1, None));
+    // A beat later still nothing: the job runs again, as attempt 2, on the revision seen.
+    w.later(MS(1000));
+    w.runner_at("r2", &[], 1, 2);
+    w.tick();
+    let effects = w.looked_up(1, None);
+    match &effects[..] {
+        [Effect::WriteState {
+            state,
+            revision: Some(3),
+            ..
+        }] => {
+            assert_eq!((state.phase, state.attempt), (JobPhase::Assigned, 2));
+            assert_eq!(state.status, None, "an assigned job has no status");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_final_state_with_no_stored_result_after_the_last_attempt_is_given_up() {
+    let mut w = World::with_attempts(1);
+    w.runner("r1", &[], 1);
+    let assigned = w.assigned(1, "r1", 1);
+    let forged = assigned.claim(4).finish(Status::Passed, None);
+    w.watched(1, forged, 3, MS(0));
+    w.later(LEASE);
+    let effects = w.looked_up(1, None);
+    match &effects[..] {
+        [Effect::FinishWithoutRunner { result, .. }] => {
+            assert_eq!(result.status, Status::Error);
+            assert!(
+                result
+                    .reason
+                    .as_deref()
+                    .is_some_and(|r| r.contains("no result was stored")),
+                "{result:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]
@@ -1090,4 +1186,25 @@ fn a_cancel_of_a_lost_job_that_stored_its_result_keeps_that_verdict() {
         ),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_runner_entry_whose_id_is_not_its_key_is_ignored() {
+    let mut w = World::new();
+    w.runner("r0", &[], 1);
+    // Under key `ghost`, an entry that says it is r0 with eight slots.
+    no_effects(&w.on(Event::RunnerSeen {
+        key: "ghost".into(),
+        info: runner_info("r0", &[], 8, true),
+        age: Duration::ZERO,
+        revision: 1,
+    }));
+    assert_eq!(
+        w.core.wanted(w.now),
+        2,
+        "r0's one slot, free and held ready"
+    );
+    w.assigned(1, "r0", 1);
+    // r0 is full: nothing more goes to its subject.
+    no_effects(&w.deliver(2));
 }

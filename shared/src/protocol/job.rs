@@ -60,6 +60,7 @@ impl JobState {
         self.runner = Some(runner.to_string());
         self.job_seq = None;
         self.reason = None;
+        self.status = None;
         self.touch()
     }
 
@@ -85,6 +86,7 @@ impl JobState {
         self.phase = JobPhase::Queued;
         self.runner = None;
         self.reason = Some(reason);
+        self.status = None;
         self.touch()
     }
 

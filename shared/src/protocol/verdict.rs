@@ -65,8 +65,41 @@ pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published,
         Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
             Ok(Published::AlreadyPublished)
         }
+        Err(e) if refused_per_subject(&e.to_string()) => Ok(Published::AlreadyPublished),
         Err(e) => Err(err(e.to_string())),
     }
+}
+
+/// Whether a publish error is the server refusing a second message on a subject of a stream
+/// with one message per subject and discard-new per subject (nats-server's error 10077,
+/// "maximum messages per subject exceeded"; `CI_RESULTS`, [`crate::streams`]).
+fn refused_per_subject(error: &str) -> bool {
+    error.contains("maximum messages per subject exceeded")
+}
+
+/// Decodes a message read from `subject` of `CI_RESULTS` and checks that the payload names the
+/// run the subject names: `ci.results.<repo>.<sha>.<run>` for a final result,
+/// `ci.superseded.<repo>.<sha>.<run>.<attempt>` for a superseded one. The subject is the truth:
+/// whoever may publish on one run's subject must not make another run's verdict (every reader,
+/// the dispatcher, jetci-web and `jetci tail`, goes through this).
+///
+/// Errors: the payload does not decode ([`MessageError`]), or it names another run or attempt
+/// than its subject ([`MessageError::Invalid`]).
+pub fn result_on(names: &Names, subject: &str, payload: &[u8]) -> Result<ResultMsg, MessageError> {
+    let result: ResultMsg = decode(payload)?;
+    let job = JobRef::only(&result.repo, &result.sha, result.run);
+    let expected = [
+        names.results_subject(&result.repo, &result.sha, result.run),
+        names.superseded_subject(&job, result.attempt),
+    ];
+    if !expected.iter().any(|e| e == subject) {
+        return Err(MessageError::Invalid(format!(
+            "a result of {} attempt {} on subject {subject}",
+            job.run_key(),
+            result.attempt
+        )));
+    }
+    Ok(result)
 }
 
 /// Records the result of a superseded attempt of `job` under
@@ -106,7 +139,7 @@ pub async fn final_result(
 ) -> Result<Option<ResultMsg>, FinalResultError> {
     let subject = nats.names.results_subject(repo, sha, run);
     match results.get_last_raw_message_by_subject(&subject).await {
-        Ok(raw) => Ok(Some(decode(&raw.payload)?)),
+        Ok(raw) => Ok(Some(result_on(&nats.names, &subject, &raw.payload)?)),
         Err(e)
             if e.kind()
                 == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>

@@ -19,6 +19,7 @@ use crate::messages::{self, decode, JobMsg, ResultMsg, Status};
 use crate::metrics::names as m;
 use crate::protocol::attempt::{self, Attempt, Renewal, Written};
 use crate::protocol::verdict::{publish_final, publish_superseded, Published};
+use crate::subjects::JobRef;
 
 /// Why a running job was stopped before it finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,13 +295,13 @@ impl<E: Executor> Runner<E> {
         let store = &self.streams.job_states;
         let connected =
             self.nats.client.connection_state() == async_nats::connection::State::Connected;
-        let stored = connected && self.publish_once(result).await.is_ok();
+        let stored = connected && self.publish_once(&job.job_ref(), result).await.is_ok();
         if !stored {
             let pending = self.pending_path(result);
             if let Err(e) = save(&pending, result).await {
                 tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
             }
-            self.publish_until_stored(result).await;
+            self.publish_until_stored(&job.job_ref(), result).await;
             heartbeat.abort();
             attempt::mark_final(store, &job.job_ref(), result, None).await;
             let _ = tokio::fs::remove_file(&pending).await;
@@ -310,10 +311,12 @@ impl<E: Executor> Runner<E> {
         attempt::mark_final(store, &job.job_ref(), result, fenced).await;
     }
 
-    /// One attempt to publish a result; `Ok` when CI_RESULTS holds a result for the run (this
-    /// one, or an earlier one that is the verdict).
+    /// One attempt to publish a result of `job`; `Ok` when CI_RESULTS holds a result for the run
+    /// (this one, or an earlier one that is the verdict: then this one is kept as superseded, so
+    /// what the test really did is on record whoever published first).
     async fn publish_once(
         &self,
+        job: &JobRef,
         result: &ResultMsg,
     ) -> Result<(), crate::protocol::verdict::PublishError> {
         match publish_final(&self.nats, result).await? {
@@ -324,6 +327,9 @@ impl<E: Executor> Runner<E> {
             }
             Published::AlreadyPublished => {
                 tracing::info!(job = %result.job_id, "a result for this run was already published; ours is not the verdict");
+                if let Err(e) = publish_superseded(&self.nats, job, result).await {
+                    tracing::warn!(job = %result.job_id, error = %e, "cannot record our result as superseded");
+                }
             }
         }
         Ok(())
@@ -331,10 +337,10 @@ impl<E: Executor> Runner<E> {
 
     /// Publishes a result, retrying with backoff while NATS is unreachable (the test's work is
     /// never thrown away because the network was down when it ended).
-    async fn publish_until_stored(&self, result: &ResultMsg) {
+    async fn publish_until_stored(&self, job: &JobRef, result: &ResultMsg) {
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.publish_once(result).await {
+            match self.publish_once(job, result).await {
                 Ok(()) => return,
                 Err(e) => {
                     tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
@@ -381,9 +387,9 @@ impl<E: Executor> Runner<E> {
                 }
             };
             tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
-            self.publish_until_stored(&result).await;
             // A kept result is of a run's only job (its `job_id` has no job token).
-            let job = crate::subjects::JobRef::only(&result.repo, &result.sha, result.run);
+            let job = JobRef::only(&result.repo, &result.sha, result.run);
+            self.publish_until_stored(&job, &result).await;
             attempt::mark_final(&self.streams.job_states, &job, &result, None).await;
             let _ = tokio::fs::remove_file(&path).await;
         }
