@@ -14,6 +14,7 @@
 //! - [`streams`]: idempotent stream and bucket set-up;
 //! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
+//! - [`pipeline`]: a run of several jobs: expanding the file's jobs, and which may start;
 //! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
 //! - [`result_file`]: the `test_results/<sha>` files;
 //! - [`scaling`]: jetci-manager's pure scaling decision;
@@ -29,6 +30,7 @@ pub mod logging;
 pub mod messages;
 pub mod metrics;
 pub mod observer;
+pub mod pipeline;
 pub mod protocol;
 pub mod repo_config;
 pub mod result_file;

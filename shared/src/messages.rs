@@ -145,6 +145,94 @@ pub struct CommitMsg {
     pub summary: String,
     #[serde(with = "time::serde::rfc3339")]
     pub published_at: OffsetDateTime,
+    /// The pipeline's jobs, as the commit's `.jetci.toml` names them for this branch
+    /// ([`crate::pipeline::plan`]); empty for a run of one job.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobPlan>,
+    /// The first failed job cancels the rest of the run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fail_fast: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// One job of a pipeline in a commit message: what a dispatcher needs to place it and to know
+/// when it may start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobPlan {
+    /// What users see, such as `test (python=3.11, 2/4)`.
+    pub name: String,
+    /// Its token in keys and subjects ([`JobRef::job`]).
+    pub job: String,
+    /// Tokens of the jobs of this run that must pass before it starts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// Runner labels it needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    /// Its failure shows but does not fail the run.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_failure: bool,
+}
+
+impl From<&JobSummary> for JobPlan {
+    /// The job as planned, from a run's result (a rerun plans the same jobs).
+    fn from(job: &JobSummary) -> JobPlan {
+        JobPlan {
+            name: job.name.clone(),
+            job: job.job.clone(),
+            needs: job.needs.clone(),
+            labels: job.labels.clone(),
+            allow_failure: job.allow_failure,
+        }
+    }
+}
+
+impl From<&crate::pipeline::PlannedJob> for JobPlan {
+    fn from(job: &crate::pipeline::PlannedJob) -> JobPlan {
+        JobPlan {
+            name: job.name.clone(),
+            job: job.token.clone(),
+            needs: job.needs.clone(),
+            labels: job.labels.clone(),
+            allow_failure: job.allow_failure,
+        }
+    }
+}
+
+/// A pipeline's jobs in a commit message: at most [`crate::repo_config::MAX_JOBS`], tokens
+/// distinct, names short and printable, every need a job of the run.
+fn check_jobs(jobs: &[JobPlan]) -> Result<(), MessageError> {
+    if jobs.len() > crate::repo_config::MAX_JOBS {
+        return Err(MessageError::Invalid(format!(
+            "{} jobs (at most {})",
+            jobs.len(),
+            crate::repo_config::MAX_JOBS
+        )));
+    }
+    let tokens: std::collections::HashSet<&str> = jobs.iter().map(|j| j.job.as_str()).collect();
+    if tokens.len() != jobs.len() {
+        return Err(MessageError::Invalid("two jobs share a token".into()));
+    }
+    for j in jobs {
+        check_job(Some(&j.job))?;
+        if j.name.is_empty() || j.name.len() > 512 || j.name.chars().any(char::is_control) {
+            return Err(MessageError::Invalid(format!("job name {:?}", j.name)));
+        }
+        for l in &j.labels {
+            check_token("label", l)?;
+        }
+        if let Some(n) = j.needs.iter().find(|n| !tokens.contains(n.as_str())) {
+            return Err(MessageError::Invalid(format!(
+                "job {} needs {n:?}, not a job of the run",
+                j.job
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl CommitMsg {
@@ -152,9 +240,20 @@ impl CommitMsg {
     pub fn key(&self) -> String {
         run_key(&self.repo, &self.sha, self.run)
     }
-    /// The run's only job (a run has one job until pipelines name several).
+    /// The run's only job (a run of one job: [`CommitMsg::jobs`] is empty).
     pub fn only_job(&self) -> JobRef {
         JobRef::only(&self.repo, &self.sha, self.run)
+    }
+    /// Job `token` of this run (a pipeline's job).
+    pub fn job(&self, token: &str) -> JobRef {
+        JobRef::new(&self.repo, &self.sha, self.run, Some(token))
+    }
+    /// The name users see of job `token` of this run's pipeline.
+    pub fn job_name(&self, token: &str) -> Option<String> {
+        self.jobs
+            .iter()
+            .find(|j| j.job == token)
+            .map(|j| j.name.clone())
     }
 }
 
@@ -172,6 +271,7 @@ impl Wire for CommitMsg {
         if self.url.is_empty() {
             return Err(MessageError::Invalid("url is empty".into()));
         }
+        check_jobs(&self.jobs)?;
         check_branch(&self.branch)
     }
 }
@@ -190,6 +290,9 @@ pub struct JobMsg {
     /// Which job of the run; absent for a run's only job ([`JobRef::job`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<String>,
+    /// The job's name as users see it (a pipeline's job), such as `test (python=3.11, 2/4)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
     /// 1 for the first assignment; each reassignment after a lost runner adds one.
     pub attempt: u32,
     /// The runner this attempt is assigned to.
@@ -249,8 +352,11 @@ pub enum Status {
     Error,
     /// The command ran past its timeout and was killed.
     TimedOut,
-    /// A user cancelled the job.
+    /// A user cancelled the job (or `fail_fast` did, after another job failed).
     Cancelled,
+    /// A pipeline's job that did not run: a job it needs did not pass, or `fail_fast` stopped
+    /// the run before it started.
+    Skipped,
 }
 
 impl Status {
@@ -262,6 +368,7 @@ impl Status {
             Status::Error => "error",
             Status::TimedOut => "timed_out",
             Status::Cancelled => "cancelled",
+            Status::Skipped => "skipped",
         }
     }
 }
@@ -287,6 +394,10 @@ pub struct TestCounts {
 
 /// A final result on `ci.results.<repo>.<sha>.<run>` (stream `CI_RESULTS`): exactly one per run,
 /// first writer wins. The same shape goes to `ci.superseded.…` for a fenced attempt.
+///
+/// In a pipeline each job has its own result, on `ci.results.<repo>.<sha>.<run>.<job>` (with
+/// `job` set), and the run's result lists every job in `jobs` (its `job_id` is the run's key,
+/// its `runner` empty): `ci.results.*.*.*` takes run results alone.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ResultMsg {
@@ -329,12 +440,61 @@ pub struct ResultMsg {
     pub summary: String,
     #[serde(default)]
     pub tests: Option<TestCounts>,
+    /// The job's token, for a result of one job of a pipeline ([`JobRef::job`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// The job's name as users see it, for a result of one job of a pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_name: Option<String>,
+    /// A pipeline run's jobs, for the run's result.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<JobSummary>,
+    /// A pipeline run's `fail_fast`, for the run's result (a rerun keeps it).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub fail_fast: bool,
+}
+
+/// One job in a pipeline run's result.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSummary {
+    pub name: String,
+    /// Its token ([`JobRef::job`]): its own result is on `ci.results.<repo>.<sha>.<run>.<job>`.
+    pub job: String,
+    /// Tokens of the jobs it needs (the run's graph).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// Runner labels it needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub labels: Vec<String>,
+    pub status: Status,
+    /// The runner of its verdict; empty when it did not run.
+    #[serde(default)]
+    pub runner: String,
+    /// Attempts it took (0 when it did not run).
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// Its counts, without the failing tests' names (they are in its own result).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<TestCounts>,
+    /// Its `allow_failure`: when it did not pass, the run does not fail for it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_failure: bool,
+    /// Why it was skipped, cancelled or in error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl ResultMsg {
-    /// `<repo>.<sha>.<run>`: the run this is the result of (its `Nats-Msg-Id`).
+    /// `<repo>.<sha>.<run>`: the run this is the result of.
     pub fn key(&self) -> String {
         run_key(&self.repo, &self.sha, self.run)
+    }
+    /// The job this is the result of ([`JobRef::only`] for a run's result).
+    pub fn job_ref(&self) -> JobRef {
+        JobRef::new(&self.repo, &self.sha, self.run, self.job.as_deref())
     }
 }
 
@@ -345,6 +505,7 @@ impl Wire for ResultMsg {
     fn validate(&self) -> Result<(), MessageError> {
         check_token("repo", &self.repo)?;
         check_sha(&self.sha)?;
+        check_job(self.job.as_deref())?;
         check_run(self.run)
     }
 }
@@ -547,6 +708,8 @@ mod tests {
             author: "A <a@x>".into(),
             summary: "fix".into(),
             published_at: now(),
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 

@@ -10,8 +10,30 @@
 //! RUST_BACKTRACE = "1"
 //! ```
 //!
-//! The observer reads it for the labels; the runner parses it again from its checkout and turns
-//! an invalid file into the commit's `error` result, quoting the line and the problem.
+//! A pipeline names its jobs instead of one `command` (the top-level `timeout`, `labels`, `junit`
+//! and `env` are then every job's defaults):
+//!
+//! ```toml
+//! fail_fast = false                 # true: the first failed job cancels the rest of the run
+//! [jobs.lint]
+//! command = "ruff check ."
+//! [jobs.test]
+//! command = "pytest -q"
+//! needs = ["lint"]                  # starts once lint passed; otherwise `skipped`
+//! matrix = { python = ["3.11", "3.12"] }   # one job per value (several keys: the cross product)
+//! parallel = 4                      # each split into 4 shards
+//! labels = ["python"]
+//! timeout = "20m"
+//! env = { PYTHONHASHSEED = "0" }
+//! [jobs.docs]
+//! command = "make docs"
+//! branches = ["main", "release/*"]  # only on these branches (globs)
+//! allow_failure = true              # its failure shows but does not fail the run
+//! ```
+//!
+//! [`crate::pipeline`] expands the jobs for a branch. The observer reads the file for the labels
+//! and the pipeline; the runner parses it again from its checkout and turns an invalid file into
+//! the commit's `error` result, quoting the line and the problem.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -26,6 +48,12 @@ pub const FILE_NAME: &str = ".jetci.toml";
 /// The command when a repository has no `.jetci.toml` (the original design's test command).
 pub const DEFAULT_COMMAND: &str = "python3 -m unittest discover";
 
+/// Jobs a pipeline may have once its matrices and shards are expanded.
+pub const MAX_JOBS: usize = 256;
+
+/// Longest job name in the file, matrix key and matrix value, in bytes.
+pub const MAX_NAME: usize = 64;
+
 /// A parsed `.jetci.toml`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RepoConfig {
@@ -38,6 +66,35 @@ pub struct RepoConfig {
     /// Runner labels the job needs.
     pub labels: Vec<String>,
     /// Globs of JUnit XML files, relative to the checkout.
+    pub junit: Vec<String>,
+    /// The first failed job cancels the rest of the run (pipelines only).
+    pub fail_fast: bool,
+    /// The pipeline's jobs as the file names them, by name; empty for a file with one `command`
+    /// (or none), which is a run of one job.
+    pub jobs: Vec<JobSpec>,
+}
+
+/// One `[jobs.<name>]` table, before its matrix and shards are expanded
+/// ([`crate::pipeline::plan`]). Defaults from the top level are already applied.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JobSpec {
+    /// The table's name: `[A-Za-z0-9_-]+`, at most [`MAX_NAME`] bytes, not all digits.
+    pub name: String,
+    /// The line of its `[jobs.<name>]` header (1-based), for errors.
+    pub line: usize,
+    pub command: String,
+    /// Names of jobs (as in the file) that must pass before this one starts.
+    pub needs: Vec<String>,
+    /// Matrix keys with their values, keys in sorted order: one job per combination.
+    pub matrix: Vec<(String, Vec<String>)>,
+    /// Shards per matrix combination (1: not split).
+    pub parallel: u32,
+    pub labels: Vec<String>,
+    pub timeout: Option<Duration>,
+    pub env: BTreeMap<String, String>,
+    /// Branch globs it runs on (empty: every branch).
+    pub branches: Vec<String>,
+    pub allow_failure: bool,
     pub junit: Vec<String>,
 }
 
@@ -52,6 +109,29 @@ struct Raw {
     labels: Vec<String>,
     #[serde(default)]
     junit: Vec<String>,
+    #[serde(default)]
+    fail_fast: bool,
+    jobs: Option<BTreeMap<String, toml::Spanned<RawJob>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    command: Option<String>,
+    #[serde(default)]
+    needs: Vec<String>,
+    matrix: Option<BTreeMap<String, Vec<String>>>,
+    parallel: Option<u32>,
+    #[serde(default)]
+    labels: Vec<String>,
+    timeout: Option<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    branches: Vec<String>,
+    #[serde(default)]
+    allow_failure: bool,
+    junit: Option<Vec<String>>,
 }
 
 /// An invalid `.jetci.toml`; the message names the line where the parser knows it.
@@ -68,44 +148,232 @@ impl RepoConfig {
     pub fn parse(text: &str) -> Result<RepoConfig, ConfigError> {
         let raw: Raw = toml::from_str(text)
             .map_err(|e| ConfigError(e.to_string().trim().replace('\n', " ")))?;
-        let timeout = match raw.timeout {
-            None => None,
-            Some(t) => Some(humantime::parse_duration(&t).map_err(|e| {
-                ConfigError(format!(
-                    "timeout {t:?} is not a duration such as \"90s\" or \"10m\": {e}"
-                ))
-            })?),
-        };
-        if timeout.is_some_and(|t| t.is_zero()) {
-            return Err(ConfigError("timeout must be longer than zero".into()));
-        }
+        let timeout = parse_timeout(raw.timeout.as_deref())?;
         if let Some(c) = &raw.command {
             if c.trim().is_empty() {
                 return Err(ConfigError("command is empty".into()));
             }
         }
-        for l in &raw.labels {
-            if !is_token(l) {
-                return Err(ConfigError(format!(
-                    "label {l:?} must use only letters, digits, '-' and '_'"
-                )));
-            }
-        }
-        for k in raw.env.keys() {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(ConfigError(format!(
-                    "env name {k:?} is not a valid variable name"
-                )));
-            }
-        }
-        Ok(RepoConfig {
+        check_labels(&raw.labels)?;
+        check_env(&raw.env)?;
+        let mut config = RepoConfig {
             command: raw.command,
             timeout,
             env: raw.env,
             labels: raw.labels,
             junit: raw.junit,
-        })
+            fail_fast: raw.fail_fast,
+            jobs: vec![],
+        };
+        if let Some(jobs) = raw.jobs {
+            if config.command.is_some() {
+                return Err(ConfigError(
+                    "give either a top-level `command` or `[jobs.<name>]` tables, not both".into(),
+                ));
+            }
+            if jobs.is_empty() {
+                return Err(ConfigError("`jobs` names no job".into()));
+            }
+            for (name, job) in jobs {
+                let line = line_of(text, job.span().start);
+                let spec = job_spec(&config, name, line, job.into_inner())
+                    .map_err(|e| ConfigError(format!("line {line}: {e}")))?;
+                config.jobs.push(spec);
+            }
+            check_pipeline(&config.jobs)?;
+        }
+        Ok(config)
     }
+
+    /// Whether the file names a pipeline's jobs (rather than one `command`).
+    pub fn is_pipeline(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn parse_timeout(timeout: Option<&str>) -> Result<Option<Duration>, ConfigError> {
+    let Some(t) = timeout else {
+        return Ok(None);
+    };
+    let d = humantime::parse_duration(t).map_err(|e| {
+        ConfigError(format!(
+            "timeout {t:?} is not a duration such as \"90s\" or \"10m\": {e}"
+        ))
+    })?;
+    if d.is_zero() {
+        return Err(ConfigError("timeout must be longer than zero".into()));
+    }
+    Ok(Some(d))
+}
+
+fn check_labels(labels: &[String]) -> Result<(), ConfigError> {
+    match labels.iter().find(|l| !is_token(l)) {
+        Some(l) => Err(ConfigError(format!(
+            "label {l:?} must use only letters, digits, '-' and '_'"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_env(env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    match env
+        .keys()
+        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        Some(k) => Err(ConfigError(format!(
+            "env name {k:?} is not a valid variable name"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A job name, matrix key or value: short, and printable.
+fn check_text(what: &str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.len() > MAX_NAME || value.chars().any(char::is_control) {
+        return Err(ConfigError(format!(
+            "{what} {value:?} must be 1 to {MAX_NAME} bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// One job's table, checked, with the top level's defaults applied.
+fn job_spec(
+    top: &RepoConfig,
+    name: String,
+    line: usize,
+    raw: RawJob,
+) -> Result<JobSpec, ConfigError> {
+    check_text("job name", &name)?;
+    if !is_token(&name) || name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ConfigError(format!(
+            "job name {name:?} must use only letters, digits, '-' and '_', and not only digits"
+        )));
+    }
+    let command = raw
+        .command
+        .filter(|c| !c.trim().is_empty())
+        .ok_or_else(|| ConfigError(format!("job {name:?} has no command")))?;
+    let mut matrix = vec![];
+    for (key, values) in raw.matrix.into_iter().flatten() {
+        check_text("matrix key", &key)?;
+        if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(ConfigError(format!(
+                "matrix key {key:?} must use only letters, digits and '_' (it names JETCI_MATRIX_{})",
+                key.to_ascii_uppercase()
+            )));
+        }
+        if values.is_empty() {
+            return Err(ConfigError(format!(
+                "job {name:?}: matrix key {key:?} has no values"
+            )));
+        }
+        for v in &values {
+            check_text("matrix value", v)?;
+        }
+        matrix.push((key, values));
+    }
+    let parallel = raw.parallel.unwrap_or(1);
+    if parallel == 0 || parallel as usize > MAX_JOBS {
+        return Err(ConfigError(format!(
+            "job {name:?}: parallel must be 1 to {MAX_JOBS}, not {parallel}"
+        )));
+    }
+    check_labels(&raw.labels)?;
+    check_env(&raw.env)?;
+    for b in &raw.branches {
+        glob::Pattern::new(b)
+            .map_err(|e| ConfigError(format!("job {name:?}: branch glob {b:?}: {e}")))?;
+    }
+    let mut labels = top.labels.clone();
+    labels.extend(raw.labels.into_iter().filter(|l| !top.labels.contains(l)));
+    let mut env = top.env.clone();
+    env.extend(raw.env);
+    Ok(JobSpec {
+        line,
+        command,
+        needs: raw.needs,
+        matrix,
+        parallel,
+        labels,
+        timeout: parse_timeout(raw.timeout.as_deref())?.or(top.timeout),
+        env,
+        branches: raw.branches,
+        allow_failure: raw.allow_failure,
+        junit: raw.junit.unwrap_or_else(|| top.junit.clone()),
+        name,
+    })
+}
+
+/// The pipeline as a whole: every `needs` names a job, `needs` has no cycle, and at most
+/// [`MAX_JOBS`] jobs once matrices and shards are expanded.
+fn check_pipeline(jobs: &[JobSpec]) -> Result<(), ConfigError> {
+    let index: BTreeMap<&str, usize> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| (j.name.as_str(), i))
+        .collect();
+    for job in jobs {
+        if let Some(n) = job.needs.iter().find(|n| !index.contains_key(n.as_str())) {
+            return Err(ConfigError(format!(
+                "line {}: job {:?} needs {n:?}, which is not a job of this file",
+                job.line, job.name
+            )));
+        }
+    }
+    // Kahn's algorithm: what is left once every job without unmet needs is taken is a cycle.
+    let mut unmet: Vec<usize> = jobs.iter().map(|j| j.needs.len()).collect();
+    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| unmet[i] == 0).collect();
+    let mut taken = 0;
+    while let Some(i) = ready.pop() {
+        taken += 1;
+        for (k, job) in jobs.iter().enumerate() {
+            for _ in job.needs.iter().filter(|n| index[n.as_str()] == i) {
+                unmet[k] -= 1;
+                if unmet[k] == 0 {
+                    ready.push(k);
+                }
+            }
+        }
+    }
+    if taken < jobs.len() {
+        let cycle: Vec<&JobSpec> = jobs
+            .iter()
+            .filter(|j| unmet[index[j.name.as_str()]] > 0)
+            .collect();
+        let names: Vec<&str> = cycle.iter().map(|j| j.name.as_str()).collect();
+        return Err(ConfigError(format!(
+            "line {}: `needs` form a cycle among jobs {}",
+            cycle[0].line,
+            names.join(", ")
+        )));
+    }
+    let mut total: usize = 0;
+    for job in jobs {
+        let count = job
+            .matrix
+            .iter()
+            .fold(job.parallel as usize, |n, (_, values)| {
+                n.saturating_mul(values.len())
+            });
+        total = total.saturating_add(count);
+        if total > MAX_JOBS {
+            return Err(ConfigError(format!(
+                "line {}: job {:?} brings the pipeline to more than {MAX_JOBS} jobs once its matrix and shards are expanded",
+                job.line, job.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -137,5 +405,75 @@ mod tests {
         assert!(RepoConfig::parse("timeout = \"0s\"").is_err());
         assert!(RepoConfig::parse("command = \"  \"").is_err());
         assert!(RepoConfig::parse("command = ").is_err());
+    }
+
+    const PIPELINE: &str = r#"fail_fast = true
+timeout = "5m"
+labels = ["linux"]
+
+[jobs.lint]
+command = "ruff check ."
+
+[jobs.test]
+command = "pytest"
+needs = ["lint"]
+matrix = { python = ["3.11", "3.12"] }
+parallel = 2
+labels = ["python"]
+env = { A = "1" }
+
+[jobs.docs]
+command = "make docs"
+branches = ["main", "release/*"]
+allow_failure = true
+timeout = "1m"
+"#;
+
+    #[test]
+    fn a_pipeline_file() {
+        let c = RepoConfig::parse(PIPELINE).unwrap();
+        assert!(c.fail_fast && c.is_pipeline());
+        let names: Vec<&str> = c.jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, ["docs", "lint", "test"]);
+        let test = &c.jobs[2];
+        assert_eq!(test.line, 8);
+        assert_eq!(test.needs, ["lint"]);
+        assert_eq!(
+            test.matrix,
+            vec![(
+                "python".to_string(),
+                vec!["3.11".to_string(), "3.12".to_string()]
+            )]
+        );
+        assert_eq!(test.parallel, 2);
+        assert_eq!(test.labels, ["linux", "python"]);
+        assert_eq!(test.timeout, Some(Duration::from_secs(300)));
+        assert_eq!(c.jobs[0].timeout, Some(Duration::from_secs(60)));
+        assert!(c.jobs[0].allow_failure);
+        assert_eq!(c.jobs[0].branches, ["main", "release/*"]);
+    }
+
+    #[test]
+    fn bad_pipelines_say_which_line() {
+        let err = |text: &str| RepoConfig::parse(text).unwrap_err().to_string();
+        let e = err("[jobs.a]\ncommand = \"x\"\nneeds = [\"b\"]\n\n[jobs.b]\ncommand = \"y\"\nneeds = [\"a\"]\n");
+        assert!(
+            e.contains("cycle") && e.contains("line 1") && e.contains("a, b"),
+            "{e}"
+        );
+        let e = err("[jobs.a]\ncommand = \"x\"\nneeds = [\"lnt\"]\n");
+        assert!(e.contains("line 1") && e.contains("\"lnt\""), "{e}");
+        let e = err("\n[jobs.a]\ncommand = \"x\"\nmatrix = { a = [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\"], b = [\"1\",\"2\",\"3\",\"4\",\"5\",\"6\",\"7\",\"8\",\"9\",\"10\"] }\nparallel = 10\n");
+        assert!(e.contains("line 2") && e.contains("more than 256"), "{e}");
+        let e = err("[jobs.a]\ncommand = \"x\"\nmatrix = { py = [] }\n");
+        assert!(e.contains("no values"), "{e}");
+        let e = err("[jobs.a]\ncommand = \"x\"\ncolour = 1\n");
+        assert!(e.contains("colour") && e.contains("line 3"), "{e}");
+        assert!(err("command = \"x\"\n[jobs.a]\ncommand = \"y\"\n").contains("not both"));
+        assert!(err("[jobs.a]\n").contains("no command"));
+        assert!(err("[jobs.123]\ncommand = \"x\"\n").contains("not only digits"));
+        assert!(err("[jobs.a]\ncommand = \"x\"\nparallel = 0\n").contains("parallel"));
+        assert!(err("[jobs.a]\ncommand = \"x\"\nbranches = [\"[\"]\n").contains("glob"));
+        assert!(err("[jobs]\n").contains("no job"));
     }
 }

@@ -40,6 +40,22 @@ pub fn render(r: &ResultMsg) -> String {
     };
     let _ = writeln!(s, "reason: {reason}");
     let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
+    for j in &r.jobs {
+        let runner = if j.runner.is_empty() { "-" } else { &j.runner };
+        let allowed = if j.allow_failure {
+            " (allowed to fail)"
+        } else {
+            ""
+        };
+        let _ = writeln!(
+            s,
+            "job: {}{allowed}  {}  runner {}  {}",
+            j.status,
+            clean(&j.name, 200),
+            clean(runner, 64),
+            format_duration(j.duration_ms)
+        );
+    }
     s.push('\n');
     s.push_str(&r.output_tail);
     if !r.output_tail.is_empty() && !r.output_tail.ends_with('\n') {
@@ -54,6 +70,10 @@ pub fn render(r: &ResultMsg) -> String {
 ///
 /// Errors: the file cannot be written (`dir` must exist).
 pub fn write(dir: &Path, r: &ResultMsg) -> std::io::Result<bool> {
+    if r.job.is_some() {
+        // A pipeline's job: its run's result lists it, and the file is the run's.
+        return Ok(false);
+    }
     // `decode` checked that the sha is 40 hex digits, so it is a safe file name.
     let path = dir.join(&r.sha);
     let text = render(r);
@@ -161,6 +181,10 @@ mod tests {
             author: String::new(),
             summary: String::new(),
             tests: None,
+            job: None,
+            job_name: None,
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 

@@ -209,7 +209,17 @@ impl Names {
     pub fn results_subject(&self, repo: &str, sha: &str, run: u32) -> String {
         format!("{}.results.{}", self.prefix, run_key(repo, sha, run))
     }
-    /// `ci.results.>`.
+    /// `ci.results.<repo>.<sha>.<run>[.<job>]`: the result of one job; for a run's only job
+    /// ([`JobRef::only`]) the run's result. A pipeline's job results are one token longer than
+    /// run results, so [`Names::run_results_filter`] takes run results alone.
+    pub fn job_results_subject(&self, job: &JobRef) -> String {
+        format!("{}.results.{}", self.prefix, job.key())
+    }
+    /// `ci.results.*.*.*`: run results only (not a pipeline's job results).
+    pub fn run_results_filter(&self) -> String {
+        format!("{}.results.*.*.*", self.prefix)
+    }
+    /// `ci.results.>`: run results and a pipeline's job results.
     pub fn results_filter(&self) -> String {
         format!("{}.results.>", self.prefix)
     }

@@ -28,6 +28,7 @@ mod metrics;
 mod notify;
 mod ops;
 mod pipeline;
+mod pipelines;
 mod runner;
 mod submodules;
 mod up;

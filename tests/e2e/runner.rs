@@ -486,6 +486,7 @@ async fn a_runner_claims_in_one_write_from_the_state_its_job_carries() {
         summary: String::new(),
         commit_seq: 1,
         assigned_at: messages::now(),
+        job_name: None,
     };
     // The key is where the headers say: the claim writes the headers' state over it.
     let first = job(&shas[0]);

@@ -86,6 +86,8 @@ async fn publish_commits(nats: &Nats, repo: &str, range: std::ops::Range<usize>)
             author: "jetci bench <bench@jetci.invalid>".into(),
             summary: format!("commit {i}"),
             published_at: now(),
+            jobs: vec![],
+            fail_fast: false,
         };
         pending.push_back(send_commit(nats, &commit).await?);
         if pending.len() >= 256 {

@@ -185,6 +185,10 @@ fn corpus(n: usize, seed: u64, first_commit_seq: u64) -> Vec<Item> {
                 1000 + i
             ),
             tests: None,
+            job: None,
+            job_name: None,
+            jobs: vec![],
+            fail_fast: false,
         };
         // A runner lost its lease now and then: its fenced result, then attempt 2's verdict.
         if rng.chance(5) && items.len() + 2 <= n {
@@ -237,7 +241,7 @@ fn make(
         }
     }
     match status {
-        Status::Passed | Status::TimedOut | Status::Cancelled => {
+        Status::Passed | Status::TimedOut | Status::Cancelled | Status::Skipped => {
             if status == Status::Passed {
                 output.push_str(&format!(
                     "\n----------------------------------------------------------------------\n\

@@ -12,7 +12,9 @@ use anyhow::{bail, Context, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 use futures::StreamExt;
 use jetci::connect::Nats;
-use jetci::messages::{self, decode, CommitMsg, JobPhase, JobState, ResultMsg, Status, VERSION};
+use jetci::messages::{
+    self, decode, CommitMsg, JobPhase, JobPlan, JobState, ResultMsg, Status, VERSION,
+};
 use jetci::protocol::commit::publish_commit;
 use jetci::protocol::store::{self, StateError, Versioned};
 use jetci::protocol::verdict::{final_result, finish_without_runner, Published};
@@ -114,7 +116,7 @@ async fn latest_run(nats: &Nats, streams: &Streams, repo: &str, sha: &str) -> Re
         let next = run + 1;
         let key = JobRef::only(repo, sha, next).key();
         let state = store::read(&streams.job_states, &key).await?;
-        let result = final_result(nats, &streams.results, repo, sha, next).await?;
+        let result = final_result(nats, &streams.results, &JobRef::only(repo, sha, next)).await?;
         if state.is_none() && result.is_none() {
             break;
         }
@@ -138,7 +140,12 @@ pub async fn logs(
     stop: &CancellationToken,
 ) -> Result<()> {
     let state = store::read(&streams.job_states, &t.job().key()).await?;
-    let result = final_result(nats, &streams.results, &t.repo, &t.sha, t.run).await?;
+    let result = final_result(
+        nats,
+        &streams.results,
+        &JobRef::only(&t.repo, &t.sha, t.run),
+    )
+    .await?;
     let attempt = attempt
         .or_else(|| {
             result
@@ -175,9 +182,13 @@ pub async fn logs(
     loop {
         if pending == 0
             && (!follow
-                || final_result(nats, &streams.results, &t.repo, &t.sha, t.run)
-                    .await?
-                    .is_some())
+                || final_result(
+                    nats,
+                    &streams.results,
+                    &JobRef::only(&t.repo, &t.sha, t.run),
+                )
+                .await?
+                .is_some())
         {
             // Everything stored is printed; when following, the run is also over (the runner
             // stores the log before it publishes the result).
@@ -309,14 +320,18 @@ async fn cancel_here(
 
 /// `jetci rerun`: tests the commit again as a new run with its own result.
 pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Result<()> {
-    let last = final_result(nats, &streams.results, &t.repo, &t.sha, t.run)
-        .await?
-        .with_context(|| {
-            format!(
-                "run {} of {} has no result yet; rerun a finished run",
-                t.run, t.sha
-            )
-        })?;
+    let last = final_result(
+        nats,
+        &streams.results,
+        &JobRef::only(&t.repo, &t.sha, t.run),
+    )
+    .await?
+    .with_context(|| {
+        format!(
+            "run {} of {} has no result yet; rerun a finished run",
+            t.run, t.sha
+        )
+    })?;
     let labels = store::read(&streams.job_states, &t.job().key())
         .await?
         .map(|s| s.state.labels)
@@ -333,6 +348,9 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
         author: last.author.clone(),
         summary: last.summary.clone(),
         published_at: messages::now(),
+        // A pipeline's run plans the same jobs again.
+        jobs: last.jobs.iter().map(JobPlan::from).collect(),
+        fail_fast: last.fail_fast,
     };
     let ack = publish_commit(nats, &commit)
         .await
@@ -392,6 +410,8 @@ fn commit_from_state(s: &JobState) -> CommitMsg {
         author: String::new(),
         summary: String::new(),
         published_at: messages::now(),
+        jobs: vec![],
+        fail_fast: false,
     }
 }
 
@@ -403,7 +423,13 @@ async fn wait_result(
 ) -> Result<ResultMsg> {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
-        if let Some(r) = final_result(nats, &streams.results, &t.repo, &t.sha, t.run).await? {
+        if let Some(r) = final_result(
+            nats,
+            &streams.results,
+            &JobRef::only(&t.repo, &t.sha, t.run),
+        )
+        .await?
+        {
             return Ok(r);
         }
         if tokio::time::Instant::now() > deadline {

@@ -130,7 +130,8 @@ fn json_line(payload: &[u8]) -> String {
 /// One result as one line:
 /// `passed  myrepo  main  1a2b3c4d  run 1  attempt 1  runner r1  1.2s  "first line of summary"`.
 ///
-/// A result that did not pass also shows its exit code or signal and its reason. Free text from
+/// A pipeline's job result also names its job; a pipeline run's result lists its jobs below, one
+/// per line. A result that did not pass also shows its exit code or signal and its reason. Free text from
 /// the message (branch, runner, summary, reason) is cleaned of control characters so a hostile
 /// commit message cannot drive the terminal.
 pub fn result_line(r: &ResultMsg) -> String {
@@ -149,6 +150,9 @@ pub fn result_line(r: &ResultMsg) -> String {
         },
         format_duration(r.duration_ms),
     );
+    if let Some(name) = &r.job_name {
+        let _ = write!(line, "  job {:?}", clean(name, 80));
+    }
     if r.status != jetci::messages::Status::Passed {
         if let Some(how) = exit_text(r) {
             let _ = write!(line, "  {how}");
@@ -158,6 +162,29 @@ pub fn result_line(r: &ResultMsg) -> String {
         }
     }
     let _ = write!(line, "  {:?}", clean(first_line(&r.summary), 72));
+    for j in &r.jobs {
+        let allowed = if j.allow_failure { " (allowed)" } else { "" };
+        let _ = write!(
+            line,
+            "\n    {}{allowed}  {}  attempt {}  runner {}  {}",
+            j.status,
+            clean(&j.name, 80),
+            j.attempt,
+            if j.runner.is_empty() {
+                "-".to_string()
+            } else {
+                clean(&j.runner, 64)
+            },
+            format_duration(j.duration_ms),
+        );
+        if let Some(reason) = j
+            .reason
+            .as_deref()
+            .filter(|_| j.status != jetci::messages::Status::Passed)
+        {
+            let _ = write!(line, "  reason {:?}", clean(first_line(reason), 120));
+        }
+    }
     line
 }
 
@@ -241,6 +268,10 @@ mod tests {
             author: "A <a@x>".into(),
             summary: "first line of summary\n\nbody".into(),
             tests: None,
+            job: None,
+            job_name: None,
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 

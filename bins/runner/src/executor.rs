@@ -12,6 +12,7 @@ use std::time::Duration;
 use jetci::connect::Nats;
 use jetci::git::Mirror;
 use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
+use jetci::pipeline::{self, Resolved};
 use jetci::repo_config::{RepoConfig, FILE_NAME};
 use jetci::runner::{Execution, Executor};
 use jetci::test_report::{read_junit, OutputScanner};
@@ -188,7 +189,7 @@ impl ShellExecutor {
     /// disk, a repository that moved: worth another attempt, maybe on another runner);
     /// [`Prepare::Fail`] when the commit's own `.jetci.toml` is wrong (every attempt would fail
     /// the same way).
-    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, RepoConfig), Prepare> {
+    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, Resolved), Prepare> {
         let dir = self.job_dir(&job.attempt_id());
         let src = dir.join("src");
         let home = dir.join("home");
@@ -242,18 +243,21 @@ impl ShellExecutor {
             Some(text) => RepoConfig::parse(&text).map_err(|e| Prepare::Fail(e.to_string()))?,
             None => RepoConfig::default(),
         };
+        // The job the message names: a pipeline's job, or the run's only one.
+        let resolved = pipeline::resolve(&config, &job.branch, job.job.as_deref())
+            .map_err(|e| Prepare::Fail(e.to_string()))?;
         let spec = Spec {
-            command: config
+            command: resolved
                 .command
                 .clone()
                 .unwrap_or_else(|| self.settings.default_command.clone()),
             dir: src,
-            env: self.job_env(job, &home, &tmp, &config),
-            timeout: config.timeout.unwrap_or(self.settings.default_timeout),
+            env: self.job_env(job, &home, &tmp, &resolved.env),
+            timeout: resolved.timeout.unwrap_or(self.settings.default_timeout),
             grace: self.settings.grace,
             owner: self.owner(),
         };
-        Ok((spec, config))
+        Ok((spec, resolved))
     }
 
     /// The job's environment: a short allow-list from the runner's own, a fresh HOME and TMPDIR,
@@ -264,7 +268,7 @@ impl ShellExecutor {
         job: &JobMsg,
         home: &Path,
         tmp: &Path,
-        config: &RepoConfig,
+        repo_env: &[(String, String)],
     ) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = PASSED_ENV
             .iter()
@@ -281,7 +285,7 @@ impl ShellExecutor {
         if let Some(cache) = &self.settings.cache_dir {
             env.push(("JETCI_CACHE_DIR".into(), cache.display().to_string()));
         }
-        env.extend(config.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        env.extend(repo_env.iter().cloned());
         env.extend([
             ("JETCI_REPO".to_string(), job.repo.clone()),
             ("JETCI_BRANCH".to_string(), job.branch.clone()),

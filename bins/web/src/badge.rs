@@ -14,6 +14,7 @@ pub fn look(status: Option<Status>) -> (&'static str, &'static str) {
         Some(Status::TimedOut) => ("timed out", "#c4302b"),
         Some(Status::Error) => ("error", "#d9822b"),
         Some(Status::Cancelled) => ("cancelled", "#9f9f9f"),
+        Some(Status::Skipped) => ("skipped", "#9f9f9f"),
         None => ("unknown", "#9f9f9f"),
     }
 }

@@ -168,6 +168,11 @@ async fn apply_results(
                 continue;
             }
         };
+        if result.job.is_some() {
+            // A pipeline's job: the run's result lists it (the view holds runs).
+            shared.write(|v| v.last_seq = v.last_seq.max(msg.seq));
+            continue;
+        }
         let change = Change::Result {
             repo: result.repo.clone(),
             branch: result.branch.clone(),

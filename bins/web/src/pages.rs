@@ -68,6 +68,7 @@ pub fn status_word(s: Status) -> &'static str {
         Status::Error => "error",
         Status::TimedOut => "timed out",
         Status::Cancelled => "cancelled",
+        Status::Skipped => "skipped",
     }
 }
 

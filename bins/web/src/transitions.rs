@@ -33,12 +33,12 @@ pub enum Health {
 }
 
 impl Health {
-    /// The health a verdict means; `None` for `cancelled`, which changes nothing.
+    /// The health a verdict means; `None` for `cancelled` and `skipped`, which change nothing.
     pub fn of(status: Status) -> Option<Health> {
         match status {
             Status::Passed => Some(Health::Passing),
             Status::Failed | Status::Error | Status::TimedOut => Some(Health::Failing),
-            Status::Cancelled => None,
+            Status::Cancelled | Status::Skipped => None,
         }
     }
 }

@@ -454,6 +454,10 @@ pub(crate) mod tests {
             author: "A <a@x>".into(),
             summary: "s".into(),
             tests: None,
+            job: None,
+            job_name: None,
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 

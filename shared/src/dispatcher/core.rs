@@ -9,7 +9,12 @@
 //! runner as attempt n+1 (I2), a live one is adopted after a dispatcher restart (I3), and the
 //! commit is acked once the job's state is final (I1).
 //!
-//! Each held run's place in that protocol is a `Step`, an enum whose variants carry their own
+//! A pipeline's run (a commit whose message lists jobs) is held as a whole, and each of its jobs
+//! is held as a job of its own once it may start ([`crate::pipeline::Progress`] decides which):
+//! each job is placed, leased and closed exactly like a run's only job, and once every job has
+//! ended the core publishes the run's result (listing the jobs) and only then acks the commit.
+//!
+//! Each held job's place in that protocol is a `Step`, an enum whose variants carry their own
 //! data; the steps that wait for an answer (`Step::in_flight`) say what to do with it. Besides
 //! the runs it holds, the core keeps a cache of two buckets: the runners in `ci-runners` and the
 //! jobs `assigned` or `running` on them in `ci-jobs` (any dispatcher's), from which it counts
@@ -18,7 +23,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::messages::{CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status};
+use crate::messages::{
+    CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status, TestCounts,
+};
+use crate::pipeline::{Outcome, Progress};
 use crate::protocol::lease::{self, Decision};
 use crate::protocol::placement::{nobody_has_labels, pick_runner, Candidate};
 use crate::protocol::store::{StateError, Versioned};
@@ -51,6 +59,7 @@ pub struct Config {
 
 /// Something that happened, fed to [`Core::handle`].
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one at a time, moved straight into `handle`
 pub enum Event {
     /// A commit message was pulled from `CI_COMMITS` (decoded and accepted by the driver);
     /// `seq` is its stream sequence, `redelivered` true when JetStream delivered it before (to
@@ -102,6 +111,9 @@ pub enum Event {
     /// The answer to [`Effect::Probe`]: `gone` when NATS said "no responders", that is no
     /// connection subscribes to the runner's control subject any more.
     ProbeAnswered { runner: String, gone: bool },
+    /// The answer to [`Effect::PublishRunResult`]: whether the run's result is stored now (this
+    /// one, or one that was there first).
+    RunResultPublished { key: String, stored: bool },
     /// The connection to NATS came back after an outage.
     Reconnected,
     /// Time passed ([`CHECK_EVERY`]).
@@ -111,6 +123,7 @@ pub enum Event {
 /// Something the driver must do. Effects that ask a question are answered by the event their
 /// doc names, before the driver takes the next event.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // a few per event, carried out at once
 pub enum Effect {
     /// Is a final result of `job`'s run stored? Answer: [`Event::ResultLookedUp`].
     LookUpResult { key: String, job: JobRef },
@@ -145,6 +158,18 @@ pub enum Effect {
     },
     /// The run has its result: ack its commit message for good (the run's key).
     AckCommit { run: String },
+    /// Ask job `key` to stop (a pipeline's `fail_fast`): request a cancel in its state, as
+    /// `jetci cancel` does, creating a `queued` one from `queued` when it has none. Its runner,
+    /// or the dispatcher holding it when it is on none, ends it `cancelled`. No answer: the
+    /// state comes back on the watch.
+    CancelJob {
+        key: String,
+        queued: JobState,
+        by: String,
+    },
+    /// Publish a pipeline run's result (first writer wins) on `ci.results.<repo>.<sha>.<run>`.
+    /// Answer: [`Event::RunResultPublished`].
+    PublishRunResult { key: String, result: ResultMsg },
     /// Extend the ack deadline of every commit message held (an in-progress ack).
     ExtendCommits,
     /// Ask the runner's control subject whether it is there. Answer: [`Event::ProbeAnswered`].
@@ -278,7 +303,34 @@ struct Assignment {
     stale: Option<u64>,
 }
 
-/// A commit this dispatcher holds, and its one job.
+/// A pipeline's run this dispatcher holds: its commit and where its jobs are. Each started job
+/// is also held as a [`Run`] under its own key.
+#[derive(Debug)]
+struct Pipeline {
+    commit: CommitMsg,
+    seq: u64,
+    progress: Progress,
+    /// Whether the commit was delivered before: its jobs' states are read before deciding.
+    redelivered: bool,
+    step: Stage,
+    /// When this dispatcher took the commit, for the run's duration.
+    taken: Instant,
+}
+
+/// Where a held pipeline's run is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stage {
+    /// A redelivered commit: is its run's result stored already?
+    CheckingResult,
+    /// Its jobs run.
+    Running,
+    /// Every job has ended; the run's result is being published.
+    Publishing,
+    /// The run's result could not be published; tried again at the next tick.
+    Unpublished,
+}
+
+/// A commit this dispatcher holds, and its one job; or one job of a held pipeline.
 #[derive(Debug)]
 struct Run {
     commit: CommitMsg,
@@ -309,8 +361,10 @@ pub struct Core {
     /// Runners a probe found gone, with the presence revision they had then.
     gone: HashMap<String, u64>,
     active: HashMap<String, Active>,
-    /// Held runs by job key.
+    /// Held jobs by job key.
     runs: HashMap<String, Run>,
+    /// Held pipeline runs by run key.
+    pipelines: HashMap<String, Pipeline>,
     /// When each runner was last given a job (a counter), so equal runners take turns.
     picks: HashMap<String, u64>,
     pick_count: u64,
@@ -334,6 +388,7 @@ impl Core {
             gone: HashMap::new(),
             active: HashMap::new(),
             runs: HashMap::new(),
+            pipelines: HashMap::new(),
             picks: HashMap::new(),
             pick_count: 0,
             extended: now,
@@ -364,7 +419,10 @@ impl Core {
                 self.on_state_written(&key, written, now, &mut out)
             }
             Event::FinishedWithoutRunner { key, stored } => {
-                self.on_finished(&key, stored, &mut out)
+                self.on_finished(&key, stored, now, &mut out)
+            }
+            Event::RunResultPublished { key, stored } => {
+                self.on_run_result_published(&key, stored, &mut out)
             }
             Event::JobStored { key, stored } => self.on_job_stored(&key, stored),
             Event::JobStateChanged { key, state } => self.on_job_state(&key, state, now, &mut out),
@@ -406,7 +464,7 @@ impl Core {
         }
     }
 
-    /// The held runs' keys (the driver naks their commits when it stops).
+    /// How many jobs it holds.
     pub fn held(&self) -> usize {
         self.runs.len()
     }
@@ -421,6 +479,9 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
+        if !commit.jobs.is_empty() {
+            return self.on_pipeline(commit, seq, redelivered, now, out);
+        }
         let job = commit.only_job();
         let key = job.key();
         // A commit delivered for the first time cannot have a result yet, short of a
@@ -455,21 +516,24 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
+        if self.pipelines.contains_key(key) {
+            return self.on_pipeline_result(key, result.is_some(), now, out);
+        }
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
         match std::mem::replace(&mut run.step, Step::Idle) {
             Step::CheckingResult => match result {
-                Some(_) => {
+                Some(result) => {
                     tracing::debug!(%key, "commit already has its result");
-                    self.close(key, out);
+                    self.close(key, Some(&result), now, out);
                 }
                 None => self.advance(key, now, out),
             },
             Step::CheckingFinal { current, since } => {
                 let settled = now.saturating_duration_since(since) >= self.config.lease / 3;
                 match result {
-                    Some(_) => self.close(key, out),
+                    Some(result) => self.close(key, Some(&result), now, out),
                     None if !settled => run.step = Step::UnconfirmedFinal { current, since },
                     None => self.run_again(key, current, now, out),
                 }
@@ -615,7 +679,7 @@ impl Core {
         match decision {
             Decision::Done => match current {
                 Some(current) => self.confirm_final(key, current, now, out),
-                None => self.close(key, out),
+                None => self.close(key, None, now, out),
             },
             Decision::Adopt => {
                 if let Some(run) = self.runs.get_mut(key) {
@@ -970,7 +1034,7 @@ impl Core {
         });
     }
 
-    fn on_finished(&mut self, key: &str, stored: bool, out: &mut Effects) {
+    fn on_finished(&mut self, key: &str, stored: bool, now: Instant, out: &mut Effects) {
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
@@ -991,16 +1055,244 @@ impl Core {
             out.push(Effect::DeleteJobMessage { seq });
         }
         self.active.remove(key);
-        self.close(key, out);
+        let attempt = match &run.known {
+            Known::State(s, _) => s.attempt,
+            _ => 0,
+        };
+        let ended = Outcome {
+            status,
+            runner: String::new(),
+            attempt,
+            duration_ms: 0,
+            tests: None,
+            reason: Some(reason),
+        };
+        self.close_job(key, ended, now, out);
     }
 
-    /// The run has its final result: let go of it and ack its commit.
-    fn close(&mut self, key: &str, out: &mut Effects) {
-        if let Some(run) = self.runs.remove(key) {
-            out.push(Effect::AckCommit {
+    /// The job has its final `result` (found stored; `None` when it is not at hand): let go of
+    /// it, and ack its commit, or for a pipeline's job, go on with the run.
+    fn close(&mut self, key: &str, result: Option<&ResultMsg>, now: Instant, out: &mut Effects) {
+        let ended = match result {
+            Some(r) => Outcome {
+                status: r.status,
+                runner: r.runner.clone(),
+                attempt: r.attempt,
+                duration_ms: r.duration_ms,
+                tests: r.tests.clone(),
+                reason: r.reason.clone(),
+            },
+            None => {
+                let state = match self.runs.get(key).map(|r| &r.known) {
+                    Some(Known::State(s, _)) => Some(s.clone()),
+                    _ => None,
+                };
+                Outcome {
+                    status: state
+                        .as_ref()
+                        .and_then(|s| s.status)
+                        .unwrap_or(Status::Error),
+                    runner: state
+                        .as_ref()
+                        .and_then(|s| s.runner.clone())
+                        .unwrap_or_default(),
+                    attempt: state.as_ref().map_or(0, |s| s.attempt),
+                    duration_ms: 0,
+                    tests: None,
+                    reason: state.and_then(|s| s.reason),
+                }
+            }
+        };
+        self.close_job(key, ended, now, out);
+    }
+
+    fn close_job(&mut self, key: &str, ended: Outcome, now: Instant, out: &mut Effects) {
+        let Some(run) = self.runs.remove(key) else {
+            return;
+        };
+        match &run.job.job {
+            None => out.push(Effect::AckCommit {
                 run: run.commit.key(),
+            }),
+            Some(token) => self.job_ended(&run.commit.key(), token, ended, now, out),
+        }
+    }
+
+    // ---- pipelines ---------------------------------------------------------------------------
+
+    fn on_pipeline(
+        &mut self,
+        commit: CommitMsg,
+        seq: u64,
+        redelivered: bool,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let key = commit.key();
+        let job = commit.only_job();
+        let progress = Progress::new(&commit.jobs, commit.fail_fast);
+        tracing::info!(%key, jobs = commit.jobs.len(), "pipeline run taken");
+        self.pipelines.insert(
+            key.clone(),
+            Pipeline {
+                commit,
+                seq,
+                progress,
+                redelivered,
+                step: if redelivered {
+                    Stage::CheckingResult
+                } else {
+                    Stage::Running
+                },
+                taken: now,
+            },
+        );
+        if redelivered {
+            out.push(Effect::LookUpResult { key, job });
+        } else {
+            self.start_ready(&key, now, out);
+        }
+    }
+
+    /// The answer to whether a redelivered pipeline's run has its result.
+    fn on_pipeline_result(&mut self, key: &str, stored: bool, now: Instant, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        if p.step != Stage::CheckingResult {
+            return;
+        }
+        if stored {
+            tracing::debug!(%key, "pipeline run already has its result");
+            self.pipelines.remove(key);
+            out.push(Effect::AckCommit {
+                run: key.to_string(),
+            });
+        } else {
+            p.step = Stage::Running;
+            self.start_ready(key, now, out);
+        }
+    }
+
+    /// Holds every job of the run that may start now (each then goes its own way), and
+    /// publishes the run's result once every job has ended.
+    fn start_ready(&mut self, key: &str, now: Instant, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        let ready = p.progress.ready();
+        let (redelivered, seq) = (p.redelivered, p.seq);
+        let mut keys = Vec::with_capacity(ready.len());
+        for plan in ready {
+            let job = p.commit.job(&plan.job);
+            let commit = CommitMsg {
+                labels: plan.labels.clone(),
+                ..p.commit.clone()
+            };
+            let (known, step) = match redelivered {
+                true => (Known::Unknown, Step::Idle),
+                false => (Known::Absent, Step::Idle),
+            };
+            keys.push(job.key());
+            self.runs.insert(
+                job.key(),
+                Run {
+                    commit,
+                    job,
+                    seq,
+                    job_seq: None,
+                    known,
+                    step,
+                },
+            );
+        }
+        for job_key in keys {
+            self.advance(&job_key, now, out);
+        }
+        self.publish_if_done(key, now, out);
+    }
+
+    /// Job `token` of pipeline `key` ended: go on with the run.
+    fn job_ended(
+        &mut self,
+        key: &str,
+        token: &str,
+        ended: Outcome,
+        now: Instant,
+        out: &mut Effects,
+    ) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        tracing::info!(run = %key, job = token, status = %ended.status, "pipeline job ended");
+        for stop in p.progress.finish(token, ended) {
+            let job = p.commit.job(&stop.job);
+            let commit = CommitMsg {
+                labels: stop.labels.clone(),
+                ..p.commit.clone()
+            };
+            out.push(Effect::CancelJob {
+                key: job.key(),
+                queued: JobState::queued(&commit, &job),
+                by: p.progress.stopped().unwrap_or("fail_fast").to_string(),
             });
         }
+        self.start_ready(key, now, out);
+    }
+
+    fn publish_if_done(&mut self, key: &str, now: Instant, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        if !matches!(p.step, Stage::Running | Stage::Unpublished) {
+            return;
+        }
+        let Some(verdict) = p.progress.verdict() else {
+            return;
+        };
+        let mut result = ResultMsg::without_run(
+            &self.config.names,
+            &p.commit,
+            &p.commit.only_job(),
+            p.seq,
+            1,
+            verdict.status,
+            String::new(),
+        );
+        result.job_id = key.to_string();
+        result.reason = verdict.reason;
+        result.duration_ms = now.saturating_duration_since(p.taken).as_millis() as u64;
+        result.output_tail = verdict
+            .jobs
+            .iter()
+            .map(|j| format!("{}: {}\n", j.name, j.status))
+            .collect();
+        result.tests = sum_counts(verdict.jobs.iter().filter_map(|j| j.tests.as_ref()));
+        result.jobs = verdict.jobs;
+        result.fail_fast = p.commit.fail_fast;
+        p.step = Stage::Publishing;
+        out.push(Effect::PublishRunResult {
+            key: key.to_string(),
+            result,
+        });
+    }
+
+    fn on_run_result_published(&mut self, key: &str, stored: bool, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        if p.step != Stage::Publishing {
+            return;
+        }
+        if !stored {
+            // NATS did not take it: tried again at the next tick.
+            p.step = Stage::Unpublished;
+            return;
+        }
+        self.pipelines.remove(key);
+        out.push(Effect::AckCommit {
+            run: key.to_string(),
+        });
     }
 
     // ---- the buckets' watches ----------------------------------------------------------------
@@ -1157,6 +1449,15 @@ impl Core {
                 }
             }
         }
+        let unpublished: Vec<String> = self
+            .pipelines
+            .iter()
+            .filter(|(_, p)| p.step == Stage::Unpublished)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in unpublished {
+            self.publish_if_done(&key, now, out);
+        }
         let forget = self.config.lease * FORGET_AFTER_LEASES;
         self.runners
             .retain(|_, p| now.saturating_duration_since(p.written) < forget);
@@ -1308,6 +1609,19 @@ impl Core {
             .filter(|r| matches!(r.step, Step::Waiting(_)))
             .count() as u32
     }
+}
+
+/// The sum of jobs' test counts (failing test names are in each job's own result); `None` when
+/// no job counted tests.
+fn sum_counts<'a>(counts: impl Iterator<Item = &'a TestCounts>) -> Option<TestCounts> {
+    counts.fold(None, |sum, c| {
+        let mut sum = sum.unwrap_or_default();
+        sum.tests += c.tests;
+        sum.passed += c.passed;
+        sum.failed += c.failed;
+        sum.skipped += c.skipped;
+        Some(sum)
+    })
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! returns: no NATS server, no clock but the one the tests move.
 
 use super::*;
-use crate::messages::{now, VERSION};
+use crate::messages::{now, JobPlan, VERSION};
 
 const LEASE: Duration = Duration::from_secs(3);
 const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -120,6 +120,8 @@ fn commit(i: u64) -> CommitMsg {
         author: String::new(),
         summary: String::new(),
         published_at: now(),
+        jobs: vec![],
+        fail_fast: false,
     }
 }
 
@@ -1207,4 +1209,228 @@ fn a_runner_entry_whose_id_is_not_its_key_is_ignored() {
     w.assigned(1, "r0", 1);
     // r0 is full: nothing more goes to its subject.
     no_effects(&w.deliver(2));
+}
+
+// ---- pipelines -------------------------------------------------------------------------------
+
+/// Commit `i` as a pipeline: `lint`, `test` (needs lint), `build`; `fail_fast` as given.
+fn pipeline_commit(i: u64, fail_fast: bool) -> CommitMsg {
+    let job = |token: &str, needs: &[&str]| JobPlan {
+        name: token.to_string(),
+        job: token.to_string(),
+        needs: needs.iter().map(|n| n.to_string()).collect(),
+        labels: vec![],
+        allow_failure: false,
+    };
+    CommitMsg {
+        jobs: vec![job("lint", &[]), job("test", &["lint"]), job("build", &[])],
+        fail_fast,
+        ..commit(i)
+    }
+}
+
+fn job_key(i: u64, token: &str) -> String {
+    pipeline_commit(i, false).job(token).key()
+}
+
+/// The keys of the `assigned` writes among `effects`, and their runners.
+fn assignments(effects: &[Effect]) -> Vec<(String, String)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WriteState { key, state, .. } if state.phase == JobPhase::Assigned => {
+                Some((key.clone(), state.runner.clone().unwrap_or_default()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The stored result of pipeline job `token` of commit `i`.
+fn job_result(i: u64, token: &str, status: Status) -> ResultMsg {
+    let c = pipeline_commit(i, false);
+    ResultMsg {
+        runner: "r1".into(),
+        ..ResultMsg::without_run(
+            &Names::default(),
+            &c,
+            &c.job(token),
+            i,
+            1,
+            status,
+            "x".into(),
+        )
+    }
+}
+
+impl World {
+    /// Pipeline job `token` of commit `i` is seen final and its result found: returns the
+    /// effects of the result being found.
+    fn job_done(&mut self, i: u64, token: &str, status: Status, rev: u64) -> Vec<Effect> {
+        let c = pipeline_commit(i, false);
+        let done = JobState::queued(&c, &c.job(token))
+            .assign("r1", 1)
+            .claim(1)
+            .finish(status, None);
+        let effects = self.on(Event::JobStateChanged {
+            key: job_key(i, token),
+            state: Some(versioned(done, rev, Duration::ZERO)),
+        });
+        assert!(
+            effects.iter().any(
+                |e| matches!(e, Effect::LookUpResult { key, .. } if key == &job_key(i, token))
+            ),
+            "{effects:?}"
+        );
+        self.on(Event::ResultLookedUp {
+            key: job_key(i, token),
+            result: Some(job_result(i, token, status)),
+        })
+    }
+}
+
+#[test]
+fn a_pipeline_starts_its_ready_jobs_side_by_side_and_the_rest_as_needs_pass() {
+    let mut w = World::new();
+    w.runner("r1", &[], 2);
+    w.runner("r2", &[], 2);
+    let effects = w.on(Event::CommitDelivered {
+        commit: pipeline_commit(1, false),
+        seq: 1,
+        redelivered: false,
+    });
+    let started = assignments(&effects);
+    let keys: Vec<&str> = started.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [job_key(1, "lint"), job_key(1, "build")],
+        "{effects:?}"
+    );
+    assert_ne!(started[0].1, started[1].1, "spread over the runners");
+    let effects = w.job_done(1, "lint", Status::Passed, 10);
+    assert_eq!(
+        assignments(&effects)[0].0,
+        job_key(1, "test"),
+        "{effects:?}"
+    );
+    assert!(!effects
+        .iter()
+        .any(|e| matches!(e, Effect::AckCommit { .. })));
+    w.job_done(1, "build", Status::Passed, 11);
+    let effects = w.job_done(1, "test", Status::Failed, 12);
+    let result = match &effects[..] {
+        [Effect::PublishRunResult { key, result }] => {
+            assert_eq!(key, &pipeline_commit(1, false).key());
+            result.clone()
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(result.status, Status::Failed);
+    assert_eq!(result.job, None);
+    assert_eq!(result.jobs.len(), 3);
+    assert_eq!(result.reason.as_deref(), Some("test: failed (x)"));
+    // The commit is acked only once the run's result is stored.
+    let effects = w.on(Event::RunResultPublished {
+        key: pipeline_commit(1, false).key(),
+        stored: false,
+    });
+    no_effects(&effects);
+    let effects = w.tick();
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::PublishRunResult { .. })),
+        "tried again: {effects:?}"
+    );
+    let effects = w.on(Event::RunResultPublished {
+        key: pipeline_commit(1, false).key(),
+        stored: true,
+    });
+    assert_eq!(
+        effects,
+        [Effect::AckCommit {
+            run: pipeline_commit(1, false).key()
+        }]
+    );
+}
+
+#[test]
+fn a_failed_need_skips_without_a_runner_and_fail_fast_cancels_what_runs() {
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    w.on(Event::CommitDelivered {
+        commit: pipeline_commit(1, true),
+        seq: 1,
+        redelivered: false,
+    });
+    let effects = w.job_done(1, "lint", Status::Failed, 10);
+    // test is skipped (never assigned); build, running, is asked to stop.
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    match &effects[..] {
+        [Effect::CancelJob { key, by, .. }] => {
+            assert_eq!(key, &job_key(1, "build"));
+            assert!(by.contains("fail_fast"), "{by}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.job_done(1, "build", Status::Cancelled, 11);
+    match &effects[..] {
+        [Effect::PublishRunResult { result, .. }] => {
+            assert_eq!(result.status, Status::Failed);
+            let statuses: Vec<Status> = result.jobs.iter().map(|j| j.status).collect();
+            assert_eq!(
+                statuses,
+                [Status::Failed, Status::Skipped, Status::Cancelled]
+            );
+            assert!(result.fail_fast);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_redelivered_pipeline_with_a_result_is_acked_and_one_without_reads_its_jobs() {
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    let effects = w.on(Event::CommitDelivered {
+        commit: pipeline_commit(1, false),
+        seq: 1,
+        redelivered: true,
+    });
+    assert!(matches!(&effects[..], [Effect::LookUpResult { job, .. }] if job.job.is_none()));
+    let effects = w.on(Event::ResultLookedUp {
+        key: pipeline_commit(1, false).key(),
+        result: None,
+    });
+    // The jobs that may start are read first (another dispatcher may have run them).
+    let reads: Vec<&str> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::ReadState { key } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reads, [job_key(1, "lint"), job_key(1, "build")]);
+
+    let mut w = World::new();
+    w.on(Event::CommitDelivered {
+        commit: pipeline_commit(2, false),
+        seq: 2,
+        redelivered: true,
+    });
+    let c = pipeline_commit(2, false);
+    let stored = ResultMsg::without_run(
+        &Names::default(),
+        &c,
+        &c.only_job(),
+        2,
+        1,
+        Status::Passed,
+        "x".into(),
+    );
+    let effects = w.on(Event::ResultLookedUp {
+        key: c.key(),
+        result: Some(stored),
+    });
+    assert_eq!(effects, [Effect::AckCommit { run: c.key() }]);
 }

@@ -23,7 +23,7 @@ use crate::metrics::names as m;
 use crate::protocol::attempt::assigned_headers;
 use crate::protocol::commit::accept;
 use crate::protocol::store::{self, age_of};
-use crate::protocol::verdict::{final_result, finish_without_runner};
+use crate::protocol::verdict::{final_result, finish_without_runner, publish_final};
 use crate::streams::{watch_bucket, Streams};
 use crate::subjects::JobRef;
 
@@ -268,6 +268,26 @@ impl Driver {
                 tokio::spawn(probe(self.nats.clone(), runner, self.probes.clone()));
                 None
             }
+            Effect::CancelJob { key, queued, by } => {
+                if let Err(e) = store::request_cancel(store, &key, &queued, &by).await {
+                    tracing::warn!(%key, error = %e, "cannot cancel a job of a failed fail_fast run");
+                }
+                None
+            }
+            Effect::PublishRunResult { key, result } => {
+                let stored = match publish_final(&self.nats, &result).await {
+                    Ok(_) => {
+                        metrics::counter!(m::RESULTS, "status" => result.status.as_str())
+                            .increment(1);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "cannot publish the run's result; trying again next beat");
+                        false
+                    }
+                };
+                Some(Event::RunResultPublished { key, stored })
+            }
             Effect::CountResult { status } => {
                 let status = status.map(|s| s.as_str()).unwrap_or("unknown");
                 metrics::counter!(m::RESULTS, "status" => status).increment(1);
@@ -280,7 +300,7 @@ impl Driver {
     /// that follows is a run the verdict ignores: first writer wins).
     async fn look_up_result(&self, key: String, job: &JobRef) -> Event {
         let results = &self.streams.results;
-        let result = match final_result(&self.nats, results, &job.repo, &job.sha, job.run).await {
+        let result = match final_result(&self.nats, results, job).await {
             Ok(result) => result,
             Err(e) => {
                 tracing::warn!(%key, error = %e, "cannot check for a stored result; going on");

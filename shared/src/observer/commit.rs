@@ -5,7 +5,8 @@
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
 use crate::git::Watched;
-use crate::messages::{now, CommitMsg, VERSION};
+use crate::messages::{now, CommitMsg, JobPlan, VERSION};
+use crate::pipeline::plan;
 use crate::repo_config::{RepoConfig, FILE_NAME};
 use git2::Oid;
 
@@ -26,27 +27,32 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
         tracing::warn!(repo, branch, sha = short(&sha), "no author or summary: {e}");
         Default::default()
     });
+    let config = settings(watched, repo, branch, commit);
     CommitMsg {
         v: VERSION,
         repo: repo.to_string(),
         url: watched.url.clone(),
         branch: branch.to_string(),
-        labels: labels(watched, repo, branch, commit),
+        labels: config.labels.clone(),
         author: clip(&info.author, MAX_AUTHOR),
         summary: clip(&info.summary, MAX_SUMMARY),
+        jobs: plan(&config, branch).iter().map(JobPlan::from).collect(),
+        fail_fast: config.fail_fast,
         sha,
         run: 1,
         published_at: now(),
     }
 }
 
-/// The runner labels `.jetci.toml` asks for at `commit`. An invalid file gives none: the runner
-/// parses it again and reports the problem as the commit's `error` result.
-fn labels(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Vec<String> {
+/// The commit's `.jetci.toml` as far as a dispatcher needs it: the runner labels it asks for and
+/// the pipeline's jobs. An invalid file gives the defaults (one job, no labels): the runner
+/// parses it again and reports the problem as the run's `error` result, with the line, before
+/// any command runs.
+fn settings(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> RepoConfig {
     let sha = commit.to_string();
     let text = match watched.file_at(commit, FILE_NAME) {
         Ok(Some(bytes)) => bytes,
-        Ok(None) => return vec![],
+        Ok(None) => return RepoConfig::default(),
         Err(e) => {
             tracing::warn!(
                 repo,
@@ -54,22 +60,22 @@ fn labels(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Vec<Strin
                 sha = short(&sha),
                 "cannot read {FILE_NAME}: {e}"
             );
-            return vec![];
+            return RepoConfig::default();
         }
     };
     let parsed = std::str::from_utf8(&text)
         .map_err(|_| format!("{FILE_NAME} is not UTF-8"))
         .and_then(|t| RepoConfig::parse(t).map_err(|e| e.to_string()));
     match parsed {
-        Ok(config) => config.labels,
+        Ok(config) => config,
         Err(e) => {
             tracing::warn!(
                 repo,
                 branch,
                 sha = short(&sha),
-                "{e}; publishing without labels (the runner will report it)"
+                "{e}; publishing as one job without labels (the runner will report it)"
             );
-            vec![]
+            RepoConfig::default()
         }
     }
 }

@@ -80,6 +80,8 @@ mod tests {
             author: String::new(),
             summary: String::new(),
             published_at: now(),
+            jobs: vec![],
+            fail_fast: false,
         };
         let bytes = encode(&commit);
         assert_eq!(accept(&names, "ci.commits.app", &bytes).unwrap(), commit);

@@ -138,6 +138,7 @@ impl JobMsg {
             sha: commit.sha.clone(),
             run: commit.run,
             job: job.job.clone(),
+            job_name: job.job.as_deref().and_then(|t| commit.job_name(t)),
             attempt,
             runner: runner.to_string(),
             author: commit.author.clone(),
@@ -164,6 +165,8 @@ mod tests {
             author: "A <a@x>".into(),
             summary: "fix".into(),
             published_at: now(),
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 

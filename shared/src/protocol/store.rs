@@ -100,6 +100,36 @@ pub async fn read(store: &kv::Store, key: &str) -> Result<Option<Versioned>, Sta
     }
 }
 
+/// Asks job `key` to stop: writes a cancel request (`who`, for the record) into its state, or
+/// into `queued` when it has none, with compare-and-set, reading again after a conflict (a few
+/// times). A final job is left alone. Its runner stops the command and reports `cancelled`; a
+/// dispatcher holding a job on no runner gives it a `cancelled` result.
+///
+/// Errors: the bucket cannot be read or written, or the key kept moving.
+pub async fn request_cancel(
+    store: &kv::Store,
+    key: &str,
+    queued: &JobState,
+    who: &str,
+) -> Result<(), StateError> {
+    let mut last = StateError::Conflict;
+    for _ in 0..8 {
+        let (state, revision) = match read(store, key).await? {
+            Some(c) if c.state.phase == JobPhase::Final || c.state.cancel.is_some() => {
+                return Ok(())
+            }
+            Some(c) => (c.state, Some(c.revision)),
+            None => (queued.clone(), None),
+        };
+        match write(store, key, &state.request_cancel(who.to_string()), revision).await {
+            Ok(_) => return Ok(()),
+            Err(StateError::Conflict) => last = StateError::Conflict,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
 /// Writes `state` if the key is still at `revision` (`None`: only if the key does not exist).
 /// Returns the new revision.
 ///

@@ -40,12 +40,11 @@ pub struct PublishError {
 
 /// Publishes `result` as its run's final result, first writer wins.
 pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published, PublishError> {
-    let subject = nats
-        .names
-        .results_subject(&result.repo, &result.sha, result.run);
+    let job = result.job_ref();
+    let subject = nats.names.job_results_subject(&job);
     let msg = PublishMessage::build()
         .payload(encode(result))
-        .message_id(result.key())
+        .message_id(job.key())
         .expected_last_subject_sequence(0)
         .header("Jetci-Status", result.status.as_str())
         .header("Jetci-Runner", result.runner.as_str());
@@ -87,16 +86,20 @@ fn refused_per_subject(error: &str) -> bool {
 /// than its subject ([`MessageError::Invalid`]).
 pub fn result_on(names: &Names, subject: &str, payload: &[u8]) -> Result<ResultMsg, MessageError> {
     let result: ResultMsg = decode(payload)?;
-    let job = JobRef::only(&result.repo, &result.sha, result.run);
+    let job = result.job_ref();
     let expected = [
-        names.results_subject(&result.repo, &result.sha, result.run),
+        names.job_results_subject(&job),
         names.superseded_subject(&job, result.attempt),
     ];
     if !expected.iter().any(|e| e == subject) {
         return Err(MessageError::Invalid(format!(
-            "a result of {} attempt {} on subject {subject}",
-            job.run_key(),
+            "a result of {job} attempt {} on subject {subject}",
             result.attempt
+        )));
+    }
+    if job.job.is_some() && !result.jobs.is_empty() {
+        return Err(MessageError::Invalid(format!(
+            "a result of job {job} that lists jobs"
         )));
     }
     Ok(result)
@@ -126,18 +129,16 @@ pub async fn publish_superseded(
     Ok(())
 }
 
-/// The final result of a run, if one is stored.
+/// The final result of `job` (of a run's only job: the run's result), if one is stored.
 ///
 /// Errors: the stored message does not decode (reported, not hidden), or the server did not
 /// answer. "No message for that subject" is `Ok(None)`.
 pub async fn final_result(
     nats: &Nats,
     results: &async_nats::jetstream::stream::Stream,
-    repo: &str,
-    sha: &str,
-    run: u32,
+    job: &JobRef,
 ) -> Result<Option<ResultMsg>, FinalResultError> {
-    let subject = nats.names.results_subject(repo, sha, run);
+    let subject = nats.names.job_results_subject(job);
     match results.get_last_raw_message_by_subject(&subject).await {
         Ok(raw) => Ok(Some(result_on(&nats.names, &subject, &raw.payload)?)),
         Err(e)
@@ -193,7 +194,7 @@ pub async fn finish_without_runner(
         Published::AlreadyPublished => {
             let results = nats.js.get_stream(nats.names.results_stream()).await;
             let stored = match results {
-                Ok(results) => final_result(nats, &results, &result.repo, &result.sha, result.run)
+                Ok(results) => final_result(nats, &results, &result.job_ref())
                     .await
                     .ok()
                     .flatten(),
@@ -240,6 +241,10 @@ impl ResultMsg {
             author: job.author.clone(),
             summary: job.summary.clone(),
             tests: None,
+            job: job.job.clone(),
+            job_name: job.job_name.clone(),
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 
@@ -279,6 +284,10 @@ impl ResultMsg {
             author: commit.author.clone(),
             summary: commit.summary.clone(),
             tests: None,
+            job: job.job.clone(),
+            job_name: job.job.as_deref().and_then(|t| commit.job_name(t)),
+            jobs: vec![],
+            fail_fast: false,
         }
     }
 }

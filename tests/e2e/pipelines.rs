@@ -1,0 +1,236 @@
+//! Pipelines: a commit whose `.jetci.toml` names several jobs runs them as one run, spread over
+//! the runners, with `needs`, `matrix`, `parallel`, `fail_fast` and `allow_failure`; each job has
+//! its own result and the run one result listing them all.
+
+use serde_json::Value;
+
+use crate::support::git::GitRepo;
+use crate::support::jetstream::{names, stream_messages, wait_commits_acked, wait_results};
+use crate::support::nats::NatsServer;
+use crate::support::system::System;
+use crate::support::waiting::BOUND;
+
+/// The run's result (`ci.results.app.<sha>.<run>`) and its jobs' results, by job name.
+fn split(results: &[Value], sha: &str) -> (Value, Vec<Value>) {
+    let runs: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["sha"] == sha && r.get("job").is_none())
+        .collect();
+    assert_eq!(runs.len(), 1, "one run result: {results:#?}");
+    let jobs = results
+        .iter()
+        .filter(|r| r["sha"] == sha && r.get("job").is_some())
+        .cloned()
+        .collect();
+    (runs[0].clone(), jobs)
+}
+
+fn by_name<'a>(jobs: &'a [Value], name: &str) -> &'a Value {
+    jobs.iter()
+        .find(|j| j["job_name"] == name || j["name"] == name)
+        .unwrap_or_else(|| panic!("no job {name:?} in {jobs:#?}"))
+}
+
+const PIPELINE: &str = r#"
+[jobs.lint]
+command = "echo linted"
+
+[jobs.test]
+command = "echo \"job=$JETCI_JOB python=$JETCI_MATRIX_PYTHON shard=$JETCI_SHARD/$JETCI_SHARDS\"; sleep 1"
+needs = ["lint"]
+matrix = { python = ["3.11", "3.12"] }
+parallel = 2
+
+[jobs.build]
+command = "echo built"
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipeline_runs_every_job_with_its_own_result_and_one_run_result() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let sha = repo.commit("pipeline", &[(".jetci.toml", PIPELINE)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1", "r2"]);
+
+    // 6 jobs and the run: 7 results, and nothing else.
+    let results = wait_results(&sys.url, 7, BOUND).await;
+    wait_commits_acked(&sys.url, BOUND).await;
+    assert_eq!(
+        stream_messages(
+            &sys.url,
+            &names().results_stream(),
+            &names().results_filter()
+        )
+        .await
+        .len(),
+        7
+    );
+    let (run, jobs) = split(&results, &sha);
+    assert_eq!(run["status"], "passed", "{run:#}");
+    assert_eq!(run["runner"], "");
+    let listed = run["jobs"].as_array().expect("the run lists its jobs");
+    assert_eq!(listed.len(), 6, "{run:#}");
+    assert!(listed.iter().all(|j| j["status"] == "passed"), "{run:#}");
+    assert_eq!(jobs.len(), 6);
+
+    // Each job's result is on its own subject, below the run's.
+    let stored = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &format!("ci.results.app.{sha}.1.*"),
+    )
+    .await;
+    assert_eq!(stored.len(), 6);
+    for (subject, r) in &stored {
+        assert_eq!(
+            subject,
+            &format!("ci.results.app.{sha}.1.{}", r["job"].as_str().unwrap())
+        );
+    }
+    // Run results alone, with one filter.
+    let runs_only = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &names().run_results_filter(),
+    )
+    .await;
+    assert_eq!(runs_only.len(), 1);
+
+    // The matrix and the shards reached each job's environment.
+    for (python, shard) in [("3.11", 1), ("3.11", 2), ("3.12", 1), ("3.12", 2)] {
+        let name = format!("test (python={python}, {shard}/2)");
+        let job = by_name(&jobs, &name);
+        let tail = job["output_tail"].as_str().unwrap();
+        assert!(
+            tail.contains(&format!("job={name} python={python} shard={}/2", shard - 1)),
+            "{tail}"
+        );
+        // It started only once lint had passed.
+        let lint = by_name(&jobs, "lint");
+        assert!(
+            job["started_at"].as_str() >= lint["finished_at"].as_str(),
+            "{job:#} {lint:#}"
+        );
+    }
+    // The four shards ran side by side on more than one runner.
+    let runners: std::collections::BTreeSet<&str> = jobs
+        .iter()
+        .filter(|j| j["job_name"].as_str().unwrap().starts_with("test"))
+        .map(|j| j["runner"].as_str().unwrap())
+        .collect();
+    assert!(runners.len() >= 2, "{runners:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_job_skips_what_needs_it_and_fails_the_run_unless_allowed() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+[jobs.lint]
+command = "exit 3"
+
+[jobs.test]
+command = "echo tested"
+needs = ["lint"]
+
+[jobs.docs]
+command = "exit 1"
+allow_failure = true
+
+[jobs.build]
+command = "echo built"
+"#;
+    let sha = repo.commit("lint fails", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    // lint, docs, build ran; test did not (no result of its own).
+    let results = wait_results(&sys.url, 4, BOUND).await;
+    wait_commits_acked(&sys.url, BOUND).await;
+    let (run, jobs) = split(&results, &sha);
+    assert_eq!(jobs.len(), 3, "{jobs:#?}");
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert!(run["reason"].as_str().unwrap().contains("lint"), "{run:#}");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "lint")["status"], "failed");
+    assert_eq!(by_name(listed, "test")["status"], "skipped");
+    assert_eq!(by_name(listed, "test")["reason"], "lint did not pass");
+    assert_eq!(by_name(listed, "docs")["status"], "failed");
+    assert_eq!(by_name(listed, "docs")["allow_failure"], true);
+    assert_eq!(by_name(listed, "build")["status"], "passed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fail_fast_cancels_the_running_siblings_of_a_failed_job() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+fail_fast = true
+
+[jobs.quick]
+command = "sleep 1; exit 1"
+
+[jobs.slow]
+command = "sleep 120"
+
+[jobs.after]
+command = "echo never"
+needs = ["slow"]
+"#;
+    let sha = repo.commit("fail fast", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    // quick's, slow's (cancelled) and the run's.
+    let results = wait_results(&sys.url, 3, BOUND).await;
+    let (run, jobs) = split(&results, &sha);
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(by_name(&jobs, "slow")["status"], "cancelled", "{jobs:#?}");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "after")["status"], "skipped");
+    assert!(
+        by_name(listed, "after")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fail_fast"),
+        "{run:#}"
+    );
+    assert!(
+        run["duration_ms"].as_u64().unwrap() < 100_000,
+        "slow was not left to run out: {run:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let marker = repo.path().join("ran");
+    let cycle = format!(
+        "[jobs.a]\ncommand = \"touch {m}\"\nneeds = [\"b\"]\n\n[jobs.b]\ncommand = \"touch {m}\"\nneeds = [\"a\"]\n",
+        m = marker.display()
+    );
+    let values: Vec<String> = (0..1000).map(|i| format!("\"{i}\"")).collect();
+    let huge = format!(
+        "\n[jobs.t]\ncommand = \"touch {}\"\nmatrix = {{ n = [{}] }}\n",
+        marker.display(),
+        values.join(", ")
+    );
+    let unknown = "[jobs.a]\ncommand = \"true\"\nneeds = [\"lnt\"]\n";
+    // The observer's first look publishes a branch's head only: start on a good commit.
+    repo.commit("good", &[(".jetci.toml", "command = \"true\"\n")]);
+    let sys = System::start(&nats, &repo, &["r0"]);
+    wait_results(&sys.url, 1, BOUND).await;
+    let cycle_sha = repo.commit("cycle", &[(".jetci.toml", &cycle)]);
+    let huge_sha = repo.commit("huge", &[(".jetci.toml", &huge)]);
+    let unknown_sha = repo.commit("unknown", &[(".jetci.toml", unknown)]);
+    let results = wait_results(&sys.url, 4, BOUND).await;
+    let reason = |sha: &str| {
+        let r = results.iter().find(|r| r["sha"] == sha).expect("a result");
+        assert_eq!(r["status"], "error", "{r:#}");
+        r["reason"].as_str().unwrap().to_string()
+    };
+    let r = reason(&cycle_sha);
+    assert!(r.contains("line 1") && r.contains("cycle"), "{r}");
+    let r = reason(&huge_sha);
+    assert!(r.contains("line 2") && r.contains("more than 256"), "{r}");
+    let r = reason(&unknown_sha);
+    assert!(r.contains("line 1") && r.contains("\"lnt\""), "{r}");
+    assert!(!marker.exists(), "a job of a bad file ran");
+}
