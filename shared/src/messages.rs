@@ -219,7 +219,7 @@ fn check_jobs(jobs: &[JobPlan]) -> Result<(), MessageError> {
     }
     for j in jobs {
         check_job(Some(&j.job))?;
-        if j.name.is_empty() || j.name.len() > 512 || j.name.chars().any(char::is_control) {
+        if j.name.is_empty() || j.name.len() > 2048 || j.name.chars().any(char::is_control) {
             return Err(MessageError::Invalid(format!("job name {:?}", j.name)));
         }
         for l in &j.labels {

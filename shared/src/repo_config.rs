@@ -54,6 +54,9 @@ pub const MAX_JOBS: usize = 256;
 /// Longest job name in the file, matrix key and matrix value, in bytes.
 pub const MAX_NAME: usize = 64;
 
+/// Most keys in one job's matrix (a job's name holds every key and value).
+pub const MAX_MATRIX_KEYS: usize = 8;
+
 /// A parsed `.jetci.toml`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RepoConfig {
@@ -264,6 +267,12 @@ fn job_spec(
         .filter(|c| !c.trim().is_empty())
         .ok_or_else(|| ConfigError(format!("job {name:?} has no command")))?;
     let mut matrix = vec![];
+    let keys = raw.matrix.as_ref().map_or(0, |m| m.len());
+    if keys > MAX_MATRIX_KEYS {
+        return Err(ConfigError(format!(
+            "job {name:?}: a matrix of {keys} keys (at most {MAX_MATRIX_KEYS})"
+        )));
+    }
     for (key, values) in raw.matrix.into_iter().flatten() {
         check_text("matrix key", &key)?;
         if !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {

@@ -1262,11 +1262,17 @@ impl Core {
         result.job_id = key.to_string();
         result.reason = verdict.reason;
         result.duration_ms = now.saturating_duration_since(p.taken).as_millis() as u64;
-        result.output_tail = verdict
-            .jobs
-            .iter()
-            .map(|j| format!("{}: {}\n", j.name, j.status))
-            .collect();
+        // One line per job, within 16 KiB (the jobs are listed in full in `jobs`).
+        let mut tail = String::new();
+        for j in &verdict.jobs {
+            let line = format!("{}: {}\n", j.name, j.status);
+            if tail.len() + line.len() > 16 * 1024 {
+                tail.push_str("...\n");
+                break;
+            }
+            tail.push_str(&line);
+        }
+        result.output_tail = tail;
         result.tests = sum_counts(verdict.jobs.iter().filter_map(|j| j.tests.as_ref()));
         result.jobs = verdict.jobs;
         result.fail_fast = p.commit.fail_fast;

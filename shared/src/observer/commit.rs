@@ -28,6 +28,18 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
         Default::default()
     });
     let config = settings(watched, repo, branch, commit);
+    let jobs = match plan(&config, branch) {
+        Ok(jobs) => jobs.iter().map(JobPlan::from).collect(),
+        Err(e) => {
+            tracing::warn!(
+                repo,
+                branch,
+                sha = short(&sha),
+                "{e}; publishing as one job (the runner will report it)"
+            );
+            vec![]
+        }
+    };
     CommitMsg {
         v: VERSION,
         repo: repo.to_string(),
@@ -36,7 +48,7 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
         labels: config.labels.clone(),
         author: clip(&info.author, MAX_AUTHOR),
         summary: clip(&info.summary, MAX_SUMMARY),
-        jobs: plan(&config, branch).iter().map(JobPlan::from).collect(),
+        jobs,
         fail_fast: config.fail_fast,
         sha,
         run: 1,

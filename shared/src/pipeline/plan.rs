@@ -10,7 +10,9 @@
 //! - `needs = ["lint"]` needs every job expanded from `lint`.
 //!
 //! Limits and errors (a cycle, an unknown need, more than [`MAX_JOBS`] jobs) are checked when
-//! the file is parsed ([`RepoConfig::parse`]), whatever the branch.
+//! the file is parsed ([`RepoConfig::parse`]), whatever the branch; the plan's size (what the
+//! commit message carries) when it is made, so that the message stays far below NATS'
+//! `max_payload` however the jobs' needs multiply.
 
 use std::time::Duration;
 
@@ -41,8 +43,36 @@ pub struct PlannedJob {
     pub junit: Vec<String>,
 }
 
+/// The most bytes a plan's names, tokens, needs and labels may take (what a commit message
+/// carries of it): a quarter of NATS' default `max_payload` of 1 MiB.
+pub const MAX_PLAN_BYTES: usize = 256 * 1024;
+
 /// The jobs of a run of `branch` under `config` (empty for a file without `[jobs]`).
-pub fn plan(config: &RepoConfig, branch: &str) -> Vec<PlannedJob> {
+///
+/// Errors: the expanded plan takes more than [`MAX_PLAN_BYTES`] (many jobs that each need many
+/// matrix or shard jobs).
+pub fn plan(config: &RepoConfig, branch: &str) -> Result<Vec<PlannedJob>, ConfigError> {
+    let jobs = expand_all(config, branch);
+    let bytes: usize = jobs
+        .iter()
+        .map(|j| {
+            j.name.len()
+                + j.token.len()
+                + j.needs.iter().map(|n| n.len() + 3).sum::<usize>()
+                + j.labels.iter().map(|l| l.len() + 3).sum::<usize>()
+                + 64
+        })
+        .sum();
+    if bytes > MAX_PLAN_BYTES {
+        return Err(ConfigError(format!(
+            "the pipeline's jobs and their needs take {bytes} bytes once expanded, more than \
+             {MAX_PLAN_BYTES}: fewer jobs, or fewer needs on matrix and shard jobs"
+        )));
+    }
+    Ok(jobs)
+}
+
+fn expand_all(config: &RepoConfig, branch: &str) -> Vec<PlannedJob> {
     let on_branch: Vec<&JobSpec> = config.jobs.iter().filter(|j| runs_on(j, branch)).collect();
     let expanded: Vec<Vec<PlannedJob>> = on_branch.iter().map(|j| expand(j)).collect();
     let mut jobs = Vec::with_capacity(expanded.iter().map(Vec::len).sum::<usize>().min(MAX_JOBS));
@@ -161,9 +191,9 @@ pub fn resolve(
     token: Option<&str>,
 ) -> Result<Resolved, ConfigError> {
     match token {
-        None if config.is_pipeline() => Err(ConfigError(format!(
+        None if config.is_pipeline() => Err(plan(config, branch).err().unwrap_or_else(|| ConfigError(format!(
             "this commit's {FILE_NAME} names jobs, but the run was planned as one job (was the file unreadable to the observer?)"
-        ))),
+        )))),
         None => Ok(Resolved {
             name: None,
             command: config.command.clone(),
@@ -176,7 +206,7 @@ pub fn resolve(
             junit: config.junit.clone(),
         }),
         Some(token) => {
-            let job = plan(config, branch)
+            let job = plan(config, branch)?
                 .into_iter()
                 .find(|j| j.token == token)
                 .ok_or_else(|| {
@@ -221,7 +251,7 @@ branches = ["main", "release/*"]
     #[test]
     fn matrix_and_shards_expand_and_needs_follow() {
         let config = RepoConfig::parse(FILE).unwrap();
-        let jobs = plan(&config, "main");
+        let jobs = plan(&config, "main").unwrap();
         let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
         assert_eq!(
             names,
@@ -264,10 +294,10 @@ branches = ["main", "release/*"]
             "[jobs.a]\ncommand = \"x\"\nbranches = [\"release/*\"]\n[jobs.b]\ncommand = \"y\"\nneeds = [\"a\"]\n",
         )
         .unwrap();
-        let feature = plan(&config, "feature/x");
+        let feature = plan(&config, "feature/x").unwrap();
         assert_eq!(feature.len(), 1);
         assert!(feature[0].needs.is_empty());
-        let release = plan(&config, "release/1.0");
+        let release = plan(&config, "release/1.0").unwrap();
         assert_eq!(release.len(), 2);
         assert_eq!(release[1].needs, ["a"]);
     }
@@ -275,7 +305,7 @@ branches = ["main", "release/*"]
     #[test]
     fn resolve_finds_the_job_the_message_names() {
         let config = RepoConfig::parse(FILE).unwrap();
-        let token = plan(&config, "main")[4].token.clone();
+        let token = plan(&config, "main").unwrap()[4].token.clone();
         let r = resolve(&config, "main", Some(&token)).unwrap();
         assert_eq!(r.name.as_deref(), Some("test (os=a, python=3.11, 2/2)"));
         assert_eq!(r.command.as_deref(), Some("test"));
@@ -287,5 +317,20 @@ branches = ["main", "release/*"]
         assert_eq!(r.command.as_deref(), Some("make"));
         assert_eq!(r.env, [("A".to_string(), "1".to_string())]);
         assert_eq!(r.name, None);
+    }
+
+    #[test]
+    fn a_plan_too_large_for_a_message_is_refused_by_both_sides() {
+        // 128 shards, and 128 jobs that each need all of them: 16,384 needs.
+        let mut file = String::from("[jobs.a]\ncommand = \"x\"\nparallel = 128\n");
+        for i in 0..128 {
+            file.push_str(&format!("[jobs.b{i}]\ncommand = \"y\"\nneeds = [\"a\"]\n"));
+        }
+        let config = RepoConfig::parse(&file).unwrap();
+        let e = plan(&config, "main").unwrap_err().to_string();
+        assert!(e.contains("more than 262144"), "{e}");
+        // The observer then publishes one job; the runner says why.
+        let e = resolve(&config, "main", None).unwrap_err().to_string();
+        assert!(e.contains("more than 262144"), "{e}");
     }
 }
