@@ -12,7 +12,7 @@ use crate::support::system::{app_job, System};
 use crate::support::waiting::{wait_until_async, BOUND};
 
 /// Runs the `jetci` CLI to completion; returns (success, stdout, stderr).
-fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
+pub(crate) fn jetci(url: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     let out = Command::new(bin_path("jetci"))
         .args(["-s", url])
         .args(args)

@@ -4,8 +4,13 @@
 
 use serde_json::Value;
 
+use jetci::subjects::JobRef;
+
+use crate::jobs::jetci;
 use crate::support::git::GitRepo;
-use crate::support::jetstream::{names, stream_messages, wait_commits_acked, wait_results};
+use crate::support::jetstream::{
+    names, stream_messages, wait_commits_acked, wait_job_phase, wait_results,
+};
 use crate::support::nats::NatsServer;
 use crate::support::system::System;
 use crate::support::waiting::BOUND;
@@ -233,4 +238,114 @@ async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
     let r = reason(&unknown_sha);
     assert!(r.contains("line 1") && r.contains("\"lnt\""), "{r}");
     assert!(!marker.exists(), "a job of a bad file ran");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_act_on_a_pipelines_run_and_on_one_of_its_jobs() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+[jobs.slow]
+command = "echo from-slow; sleep 120"
+
+[jobs.quick]
+command = "echo from-quick"
+
+[jobs.after]
+command = "echo never"
+needs = ["slow"]
+"#;
+    let sha = repo.commit("pipeline", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let slow = JobRef::new("app", &sha, 1, Some("slow")).key();
+    wait_job_phase(&sys.url, &slow, "running", BOUND).await;
+    wait_results(&sys.url, 1, BOUND).await; // quick's
+
+    // Logs name a job; without one, the command says which there are.
+    let (ok, out, err) = jetci(&sys.url, &["logs", "app", &sha[..8], "--job", "quick"]);
+    assert!(ok, "{err}");
+    assert_eq!(String::from_utf8_lossy(&out), "from-quick\n");
+    let (ok, _, err) = jetci(&sys.url, &["logs", "app", &sha[..8]]);
+    assert!(
+        !ok && err.contains("--job") && err.contains("\"slow\""),
+        "{err}"
+    );
+    let (ok, _, err) = jetci(&sys.url, &["logs", "app", &sha[..8], "--job", "nope"]);
+    assert!(!ok && err.contains("has no job \"nope\""), "{err}");
+
+    // Cancelling the run stops what runs and skips what needs it.
+    let (ok, out, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("cancelled  app"), "{out}");
+    let results = wait_results(&sys.url, 3, BOUND).await;
+    let (run, jobs) = split(&results, &sha);
+    assert_eq!(run["status"], "cancelled", "{run:#}");
+    assert_eq!(by_name(&jobs, "slow")["status"], "cancelled");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "after")["status"], "skipped");
+    assert_eq!(by_name(listed, "quick")["status"], "passed");
+
+    // A rerun runs the same jobs as run 2; cancelling one job leaves the others be.
+    let (ok, _, err) = jetci(&sys.url, &["rerun", "app", &sha[..8], "--no-wait"]);
+    assert!(ok, "{err}");
+    let slow2 = JobRef::new("app", &sha, 2, Some("slow")).key();
+    wait_job_phase(&sys.url, &slow2, "running", BOUND).await;
+    let (ok, out, err) = jetci(
+        &sys.url,
+        &["cancel", "app", &sha[..8], "--run", "2", "--job", "slow"],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        String::from_utf8_lossy(&out).contains("job \"slow\""),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
+    wait_commits_acked(&sys.url, BOUND).await;
+    let all = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &names().run_results_filter(),
+    )
+    .await;
+    let run2 = &all
+        .iter()
+        .find(|(_, r)| r["run"] == 2)
+        .expect("run 2's result")
+        .1;
+    assert_eq!(run2["status"], "cancelled", "{run2:#}");
+    let listed = run2["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "quick")["status"], "passed");
+    assert_eq!(by_name(listed, "after")["status"], "skipped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_killed_in_the_middle_of_one_job_moves_only_that_job() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+[jobs.x]
+command = "sleep 3; echo x-done"
+
+[jobs.y]
+command = "sleep 3; echo y-done"
+"#;
+    let sha = repo.commit("two jobs", &[(".jetci.toml", file)]);
+    let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let x = JobRef::new("app", &sha, 1, Some("x")).key();
+    let y = JobRef::new("app", &sha, 1, Some("y")).key();
+    let x_runner = wait_job_phase(&sys.url, &x, "running", BOUND).await;
+    let y_runner = wait_job_phase(&sys.url, &y, "running", BOUND).await;
+    assert_ne!(x_runner, y_runner, "side by side");
+    let victim = if x_runner == "r0" { 0 } else { 1 };
+    sys.runners[victim].kill();
+
+    let results = wait_results(&sys.url, 3, BOUND).await;
+    let (run, jobs) = split(&results, &sha);
+    assert_eq!(run["status"], "passed", "{run:#}");
+    let (x, y) = (by_name(&jobs, "x"), by_name(&jobs, "y"));
+    assert_eq!(x["attempt"], 2, "x moved: {x:#}");
+    assert_eq!(x["runner"], y_runner.as_str());
+    assert_eq!(y["attempt"], 1, "y stayed: {y:#}");
+    assert_eq!(y["runner"], y_runner.as_str());
 }

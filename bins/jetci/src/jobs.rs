@@ -34,19 +34,38 @@ pub struct CommitRef {
     /// Run number (default: the latest).
     #[arg(long)]
     pub run: Option<u32>,
+    /// One job of a pipeline's run: its name as `jetci tail` shows it (`test (python=3.11, 2/4)`)
+    /// or its token (the last part of its result's subject).
+    #[arg(long, value_name = "NAME")]
+    pub job: Option<String>,
 }
 
-/// A resolved commit: repository slug, full id, run.
+/// A resolved commit: repository slug, full id, run, and the pipeline job named, if any.
 pub struct Target {
     pub repo: String,
     pub sha: String,
     pub run: u32,
+    /// A pipeline job's token (`--job`).
+    pub job: Option<String>,
 }
 
 impl Target {
-    /// The run's only job.
+    /// The job named (`--job`), else the run's only job.
     fn job(&self) -> JobRef {
+        JobRef::new(&self.repo, &self.sha, self.run, self.job.as_deref())
+    }
+
+    /// The run's result (not a job's).
+    fn run_only(&self) -> JobRef {
         JobRef::only(&self.repo, &self.sha, self.run)
+    }
+
+    /// What the target names, for messages: `run 2 of <sha>` or `job "lint" of run 2 of <sha>`.
+    fn describe(&self) -> String {
+        match &self.job {
+            Some(job) => format!("job {job} of run {} of {}", self.run, self.sha),
+            None => format!("run {} of {}", self.run, self.sha),
+        }
     }
 }
 
@@ -70,7 +89,45 @@ pub async fn resolve(nats: &Nats, streams: &Streams, r: &CommitRef) -> Result<Ta
             latest
         }
     };
-    Ok(Target { repo, sha, run })
+    let mut target = Target {
+        repo,
+        sha,
+        run,
+        job: None,
+    };
+    if let Some(name) = &r.job {
+        let jobs = pipeline_jobs(nats, streams, &target)
+            .await?
+            .with_context(|| {
+                format!(
+                    "run {run} of {} is not a pipeline: it has no job {name:?}",
+                    target.sha
+                )
+            })?;
+        let found = jobs.iter().find(|j| &j.name == name || &j.job == name);
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        let found = found.with_context(|| {
+            format!(
+                "run {run} of {} has no job {name:?}; its jobs: {}",
+                target.sha,
+                names.join(", ")
+            )
+        })?;
+        target.job = Some(found.job.clone());
+    }
+    Ok(target)
+}
+
+/// The jobs of a pipeline's run: from its commit message while it is held, else from its
+/// result; `None` for a run of one job (or one jetci knows nothing of).
+async fn pipeline_jobs(nats: &Nats, streams: &Streams, t: &Target) -> Result<Option<Vec<JobPlan>>> {
+    if let Some(c) = find_commit(nats, streams, t).await? {
+        return Ok((!c.jobs.is_empty()).then_some(c.jobs));
+    }
+    let result = final_result(nats, &streams.results, &t.run_only()).await?;
+    Ok(result
+        .filter(|r| !r.jobs.is_empty())
+        .map(|r| r.jobs.iter().map(JobPlan::from).collect()))
 }
 
 async fn full_sha(nats: &Nats, streams: &Streams, repo: &str, sha: &str) -> Result<String> {
@@ -139,13 +196,18 @@ pub async fn logs(
     follow: bool,
     stop: &CancellationToken,
 ) -> Result<()> {
+    if t.job.is_none() {
+        if let Some(jobs) = pipeline_jobs(nats, streams, t).await? {
+            let names: Vec<String> = jobs.iter().map(|j| format!("{:?}", j.name)).collect();
+            bail!(
+                "{} is a pipeline: name one of its jobs with --job ({})",
+                t.describe(),
+                names.join(", ")
+            );
+        }
+    }
     let state = store::read(&streams.job_states, &t.job().key()).await?;
-    let result = final_result(
-        nats,
-        &streams.results,
-        &JobRef::only(&t.repo, &t.sha, t.run),
-    )
-    .await?;
+    let result = final_result(nats, &streams.results, &t.job()).await?;
     let attempt = attempt
         .or_else(|| {
             result
@@ -182,13 +244,9 @@ pub async fn logs(
     loop {
         if pending == 0
             && (!follow
-                || final_result(
-                    nats,
-                    &streams.results,
-                    &JobRef::only(&t.repo, &t.sha, t.run),
-                )
-                .await?
-                .is_some())
+                || final_result(nats, &streams.results, &t.job())
+                    .await?
+                    .is_some())
         {
             // Everything stored is printed; when following, the run is also over (the runner
             // stores the log before it publishes the result).
@@ -213,18 +271,17 @@ pub async fn logs(
     Ok(())
 }
 
-/// `jetci cancel`: stops a queued or running job; its result is `cancelled`.
+/// `jetci cancel`: stops a queued or running job; its result is `cancelled`. For a pipeline's
+/// run without `--job`, every job of the run that has started is asked to stop (the jobs that
+/// need them are then skipped), and the run's result is awaited.
 pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
-    let who = format!(
-        "by {} on {} at {}",
-        std::env::var("USER").unwrap_or_else(|_| "someone".into()),
-        hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        messages::now()
-    );
-    let job = t.job();
-    let key = job.key();
+    if t.job.is_none() {
+        if let Some(jobs) = pipeline_jobs(nats, streams, t).await? {
+            return cancel_pipeline(nats, streams, t, &jobs).await;
+        }
+    }
+    let who = who();
+    let key = t.job().key();
     loop {
         let current = store::read(&streams.job_states, &key).await?;
         let phase = current.as_ref().map(|c| c.state.phase);
@@ -235,9 +292,8 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
                     .map(|s| s.to_string())
                     .unwrap_or_default();
                 bail!(
-                    "nothing to cancel: run {} of {} already finished ({status})",
-                    t.run,
-                    t.sha
+                    "nothing to cancel: {} already finished ({status})",
+                    t.describe()
                 );
             }
             (Some(JobPhase::Assigned | JobPhase::Running), Some(c)) => {
@@ -256,11 +312,60 @@ pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
             }
         }
     }
+    println!("cancel requested for {} in {}", t.describe(), t.repo);
+    let result = wait_result(nats, streams, &t.job(), Duration::from_secs(60)).await?;
+    println!("{}", result_line(&result));
+    Ok(())
+}
+
+/// Who asks, for the record in the job's state: `by ann on host-1 at <time>`.
+fn who() -> String {
+    format!(
+        "by {} on {} at {}",
+        std::env::var("USER").unwrap_or_else(|_| "someone".into()),
+        hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        messages::now()
+    )
+}
+
+/// Cancels a pipeline's run: every job that has a state and has not ended is asked to stop (its
+/// runner, or the dispatcher holding it, ends it `cancelled`); jobs that need them end
+/// `skipped`. Waits for the run's result.
+async fn cancel_pipeline(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    jobs: &[JobPlan],
+) -> Result<()> {
+    if final_result(nats, &streams.results, &t.run_only())
+        .await?
+        .is_some()
+    {
+        bail!("nothing to cancel: {} already finished", t.describe());
+    }
+    let who = who();
+    let mut asked = 0;
+    for plan in jobs {
+        let job = JobRef::new(&t.repo, &t.sha, t.run, Some(&plan.job));
+        let key = job.key();
+        let Some(current) = store::read(&streams.job_states, &key).await? else {
+            continue;
+        };
+        if current.state.phase == JobPhase::Final {
+            continue;
+        }
+        store::request_cancel(&streams.job_states, &key, &current.state, &who).await?;
+        asked += 1;
+    }
     println!(
-        "cancel requested for run {} of {} in {}",
-        t.run, t.sha, t.repo
+        "cancel requested for {} in {} ({asked} of its {} jobs were started)",
+        t.describe(),
+        t.repo,
+        jobs.len()
     );
-    let result = wait_result(nats, streams, t, Duration::from_secs(60)).await?;
+    let result = wait_result(nats, streams, &t.run_only(), Duration::from_secs(60)).await?;
     println!("{}", result_line(&result));
     Ok(())
 }
@@ -320,18 +425,17 @@ async fn cancel_here(
 
 /// `jetci rerun`: tests the commit again as a new run with its own result.
 pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Result<()> {
-    let last = final_result(
-        nats,
-        &streams.results,
-        &JobRef::only(&t.repo, &t.sha, t.run),
-    )
-    .await?
-    .with_context(|| {
-        format!(
-            "run {} of {} has no result yet; rerun a finished run",
-            t.run, t.sha
-        )
-    })?;
+    if t.job.is_some() {
+        bail!("rerun runs a whole run again; --job is not for rerun");
+    }
+    let last = final_result(nats, &streams.results, &t.run_only())
+        .await?
+        .with_context(|| {
+            format!(
+                "run {} of {} has no result yet; rerun a finished run",
+                t.run, t.sha
+            )
+        })?;
     let labels = store::read(&streams.job_states, &t.job().key())
         .await?
         .map(|s| s.state.labels)
@@ -364,8 +468,15 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
             repo: t.repo.clone(),
             sha: t.sha.clone(),
             run: commit.run,
+            job: None,
         };
-        let result = wait_result(nats, streams, &target, Duration::from_secs(24 * 3600)).await?;
+        let result = wait_result(
+            nats,
+            streams,
+            &target.run_only(),
+            Duration::from_secs(24 * 3600),
+        )
+        .await?;
         println!("{}", result_line(&result));
     }
     Ok(())
@@ -418,25 +529,17 @@ fn commit_from_state(s: &JobState) -> CommitMsg {
 async fn wait_result(
     nats: &Nats,
     streams: &Streams,
-    t: &Target,
+    job: &JobRef,
     bound: Duration,
 ) -> Result<ResultMsg> {
     let deadline = tokio::time::Instant::now() + bound;
     loop {
-        if let Some(r) = final_result(
-            nats,
-            &streams.results,
-            &JobRef::only(&t.repo, &t.sha, t.run),
-        )
-        .await?
-        {
+        if let Some(r) = final_result(nats, &streams.results, job).await? {
             return Ok(r);
         }
         if tokio::time::Instant::now() > deadline {
             bail!(
-                "no result for run {} of {} within {}",
-                t.run,
-                t.sha,
+                "no result for {job} within {}",
                 humantime::format_duration(bound)
             );
         }

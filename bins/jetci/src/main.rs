@@ -82,9 +82,11 @@ enum Cmd {
     /// Reads the results stream, so it works from any machine that reaches NATS. Without --all
     /// only new results are shown; --json prints each result's JSON message instead.
     Tail(TailArgs),
-    /// Print a job's output (the latest run's); -f follows it live until the result.
+    /// Print a job's output (the latest run's; a pipeline's job with --job NAME); -f follows it
+    /// live until the result.
     Logs(LogsArgs),
-    /// Stop a queued or running job; its result is `cancelled`.
+    /// Stop a queued or running run (every job of a pipeline), or one job of a pipeline with
+    /// --job NAME; its result is `cancelled`.
     Cancel(jobs::CommitRef),
     /// Test a commit again, as a new run with its own result.
     Rerun(RerunArgs),
