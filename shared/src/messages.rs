@@ -176,6 +176,10 @@ pub struct JobPlan {
     /// Its failure shows but does not fail the run.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_failure: bool,
+    /// The passed result of an earlier run that stands for this job (`jetci rerun --failed`):
+    /// the job does not run again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried: Option<JobSummary>,
 }
 
 impl From<&JobSummary> for JobPlan {
@@ -187,6 +191,7 @@ impl From<&JobSummary> for JobPlan {
             needs: job.needs.clone(),
             labels: job.labels.clone(),
             allow_failure: job.allow_failure,
+            carried: None,
         }
     }
 }
@@ -199,6 +204,7 @@ impl From<&crate::pipeline::PlannedJob> for JobPlan {
             needs: job.needs.clone(),
             labels: job.labels.clone(),
             allow_failure: job.allow_failure,
+            carried: None,
         }
     }
 }
@@ -485,6 +491,10 @@ pub struct JobSummary {
     /// Why it was skipped, cancelled or in error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The run whose result this is, when it was carried over into a later run
+    /// (`jetci rerun --failed` does not run a job that passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carried_from: Option<u32>,
 }
 
 impl ResultMsg {

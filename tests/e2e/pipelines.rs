@@ -349,3 +349,56 @@ command = "sleep 3; echo y-done"
     assert_eq!(y["attempt"], 1, "y stayed: {y:#}");
     assert_eq!(y["runner"], y_runner.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rerun_failed_runs_only_the_jobs_that_did_not_pass() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+[jobs.lint]
+command = "echo linted"
+
+[jobs.test]
+command = "echo testing; exit 1"
+needs = ["lint"]
+
+[jobs.docs]
+command = "echo docs"
+needs = ["test"]
+"#;
+    let sha = repo.commit("red", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0"]);
+    // lint's, test's and the run's.
+    wait_results(&sys.url, 3, BOUND).await;
+    wait_commits_acked(&sys.url, BOUND).await;
+
+    let (ok, out, err) = jetci(&sys.url, &["rerun", "app", &sha[..8], "--failed"]);
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("queued run 2"), "{out}");
+    let results = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &names().results_filter(),
+    )
+    .await;
+    let run2: Vec<&Value> = results
+        .iter()
+        .map(|(_, r)| r)
+        .filter(|r| r["run"] == 2)
+        .collect();
+    // Only test ran again (its own result), and the run's result.
+    assert_eq!(run2.len(), 2, "{run2:#?}");
+    let run = run2.iter().find(|r| r.get("job").is_none()).unwrap();
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "lint")["status"], "passed");
+    assert_eq!(by_name(listed, "lint")["carried_from"], 1);
+    assert_eq!(by_name(listed, "test")["status"], "failed");
+    assert!(by_name(listed, "test").get("carried_from").is_none());
+    assert_eq!(by_name(listed, "docs")["status"], "skipped");
+    assert!(
+        run2.iter().any(|r| r["job_name"] == "test"),
+        "test ran again: {run2:#?}"
+    );
+}

@@ -423,8 +423,15 @@ async fn cancel_here(
     }
 }
 
-/// `jetci rerun`: tests the commit again as a new run with its own result.
-pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Result<()> {
+/// `jetci rerun`: tests the commit again as a new run with its own result. With `failed`, a
+/// pipeline's jobs that passed are not run again: their results are carried over.
+pub async fn rerun(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    wait: bool,
+    failed: bool,
+) -> Result<()> {
     if t.job.is_some() {
         bail!("rerun runs a whole run again; --job is not for rerun");
     }
@@ -453,7 +460,7 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
         summary: last.summary.clone(),
         published_at: messages::now(),
         // A pipeline's run plans the same jobs again.
-        jobs: last.jobs.iter().map(JobPlan::from).collect(),
+        jobs: rerun_jobs(&last, failed)?,
         fail_fast: last.fail_fast,
     };
     let ack = publish_commit(nats, &commit)
@@ -480,6 +487,35 @@ pub async fn rerun(nats: &Nats, streams: &Streams, t: &Target, wait: bool) -> Re
         println!("{}", result_line(&result));
     }
     Ok(())
+}
+
+/// The jobs of a rerun of the run that gave `last`: all of them, or with `failed` only those that
+/// did not pass (the others carry their results over).
+///
+/// Errors: with `failed`, a run that passed, or every job of which passed.
+fn rerun_jobs(last: &ResultMsg, failed: bool) -> Result<Vec<JobPlan>> {
+    let plans = last.jobs.iter().map(|j| {
+        let mut plan = JobPlan::from(j);
+        if failed && j.status == Status::Passed {
+            plan.carried = Some(messages::JobSummary {
+                carried_from: Some(j.carried_from.unwrap_or(last.run)),
+                ..j.clone()
+            });
+        }
+        plan
+    });
+    let plans: Vec<JobPlan> = plans.collect();
+    if failed
+        && (last.status == Status::Passed
+            || (!plans.is_empty() && plans.iter().all(|p| p.carried.is_some())))
+    {
+        bail!(
+            "run {} of {} passed: nothing failed to run again",
+            last.run,
+            last.sha
+        );
+    }
+    Ok(plans)
 }
 
 /// The commit message of the run, if it is still in `CI_COMMITS` (not yet closed).

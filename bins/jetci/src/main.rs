@@ -134,6 +134,10 @@ struct RerunArgs {
     /// Return once the run is queued instead of waiting for its result.
     #[arg(long)]
     no_wait: bool,
+    /// Run again only the jobs of a pipeline that did not pass; the jobs that passed carry their
+    /// results over into the new run (marked `carried_from` in its result).
+    #[arg(long)]
+    failed: bool,
 }
 
 /// `jetci tail` flags.
@@ -216,7 +220,7 @@ async fn run(cli: Cli, quiet_default: bool) -> Result<()> {
         Cmd::Rerun(args) => {
             let (nats, streams) = connect(&cli.connect, "jetci-rerun").await?;
             let target = jobs::resolve(&nats, &streams, &args.commit).await?;
-            jobs::rerun(&nats, &streams, &target, !args.no_wait).await
+            jobs::rerun(&nats, &streams, &target, !args.no_wait, args.failed).await
         }
     }
 }

@@ -1066,6 +1066,7 @@ impl Core {
             duration_ms: 0,
             tests: None,
             reason: Some(reason),
+            carried_from: None,
         };
         self.close_job(key, ended, now, out);
     }
@@ -1081,6 +1082,7 @@ impl Core {
                 duration_ms: r.duration_ms,
                 tests: r.tests.clone(),
                 reason: r.reason.clone(),
+                carried_from: None,
             },
             None => {
                 let state = match self.runs.get(key).map(|r| &r.known) {
@@ -1100,6 +1102,7 @@ impl Core {
                     duration_ms: 0,
                     tests: None,
                     reason: state.and_then(|s| s.reason),
+                    carried_from: None,
                 }
             }
         };

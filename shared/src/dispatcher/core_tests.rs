@@ -1221,6 +1221,7 @@ fn pipeline_commit(i: u64, fail_fast: bool) -> CommitMsg {
         needs: needs.iter().map(|n| n.to_string()).collect(),
         labels: vec![],
         allow_failure: false,
+        carried: None,
     };
     CommitMsg {
         jobs: vec![job("lint", &[]), job("test", &["lint"]), job("build", &[])],

@@ -23,6 +23,8 @@ pub struct Outcome {
     pub duration_ms: u64,
     pub tests: Option<TestCounts>,
     pub reason: Option<String>,
+    /// The earlier run it was carried over from (`jetci rerun --failed`).
+    pub carried_from: Option<u32>,
 }
 
 impl Outcome {
@@ -35,6 +37,7 @@ impl Outcome {
             duration_ms: 0,
             tests: None,
             reason: Some(reason),
+            carried_from: None,
         }
     }
 }
@@ -66,10 +69,23 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A run of `jobs` (as in the commit message), none started.
+    /// A run of `jobs` (as in the commit message), none started but those carried over from an
+    /// earlier run, which count as ended with their result.
     pub fn new(jobs: &[JobPlan], fail_fast: bool) -> Progress {
+        let place = |j: &JobPlan| match &j.carried {
+            Some(c) => Place::Done(Outcome {
+                status: c.status,
+                runner: c.runner.clone(),
+                attempt: c.attempt,
+                duration_ms: c.duration_ms,
+                tests: c.tests.clone(),
+                reason: c.reason.clone(),
+                carried_from: c.carried_from,
+            }),
+            None => Place::Pending,
+        };
         Progress {
-            jobs: jobs.iter().map(|j| (j.clone(), Place::Pending)).collect(),
+            jobs: jobs.iter().map(|j| (j.clone(), place(j))).collect(),
             fail_fast,
             stopped: None,
         }
@@ -189,6 +205,7 @@ impl Progress {
                 tests: counts,
                 allow_failure: plan.allow_failure,
                 reason: o.reason.as_ref().map(|r| r.chars().take(300).collect()),
+                carried_from: o.carried_from,
             });
         }
         let (status, reason) = match worst {
@@ -239,6 +256,7 @@ mod tests {
             needs: needs.iter().map(|n| n.to_string()).collect(),
             labels: vec![],
             allow_failure: false,
+            carried: None,
         }
     }
 
@@ -250,6 +268,7 @@ mod tests {
             duration_ms: 5,
             tests: None,
             reason: None,
+            carried_from: None,
         }
     }
 
@@ -357,5 +376,28 @@ mod tests {
             Status::Cancelled,
             "first end counts"
         );
+    }
+
+    #[test]
+    fn carried_results_stand_and_their_dependents_start_at_once() {
+        let mut p = Progress::new(&[job("lint", &[]), job("test", &["lint"])], false);
+        p.ready();
+        p.finish("lint", ended(Status::Passed));
+        p.ready();
+        p.finish("test", ended(Status::Failed));
+        let first = p.verdict().unwrap();
+        let mut lint = job("lint", &[]);
+        lint.carried = Some(JobSummary {
+            carried_from: Some(1),
+            ..first.jobs[0].clone()
+        });
+        let mut again = Progress::new(&[lint, job("test", &["lint"])], false);
+        assert_eq!(tokens(again.ready()), ["test"], "lint does not run again");
+        again.finish("test", ended(Status::Passed));
+        let v = again.verdict().unwrap();
+        assert_eq!(v.status, Status::Passed);
+        assert_eq!(v.jobs[0].carried_from, Some(1));
+        assert_eq!(v.jobs[0].runner, "r1");
+        assert_eq!(v.jobs[1].carried_from, None);
     }
 }
