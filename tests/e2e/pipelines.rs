@@ -273,6 +273,14 @@ needs = ["slow"]
     let (ok, _, err) = jetci(&sys.url, &["logs", "app", &sha[..8], "--job", "nope"]);
     assert!(!ok && err.contains("has no job \"nope\""), "{err}");
 
+    // Status lists the run's jobs and what each waits for.
+    let (ok, out, err) = jetci(&sys.url, &["status"]);
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("    quick: passed\n"), "{out}");
+    assert!(out.contains("    slow: running on r"), "{out}");
+    assert!(out.contains("    after: waits for slow\n"), "{out}");
+
     // Cancelling the run stops what runs and skips what needs it.
     let (ok, out, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
     assert!(ok, "{err}");

@@ -1,14 +1,14 @@
 //! `jetci status`: what waits, who runs what, and how big the streams are — read from the
 //! streams and buckets themselves, so it answers "why is my job not running?" from any machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_nats::jetstream::kv;
 use futures::StreamExt;
 use jetci::connect::Nats;
-use jetci::messages::{decode, CommitMsg, JobPhase, RunnerInfo};
+use jetci::messages::{decode, CommitMsg, JobPhase, JobState, RunnerInfo, Status};
 use jetci::protocol::store::{self, age_of};
 use jetci::streams::Streams;
 
@@ -39,14 +39,16 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
     // Jobs the dispatchers hold: waiting for a runner, or in flight.
     let mut waiting = Vec::new();
     let mut in_flight = Vec::new();
+    let mut states = HashMap::new();
     for entry in bucket_entries(&streams.job_states).await? {
         let Ok(Some(v)) = store::from_entry(&entry) else {
             continue;
         };
+        states.insert(entry.key.clone(), v.state.clone());
         let s = &v.state;
         let common = json!({
             "repo": s.repo, "branch": s.branch, "sha": s.sha, "run": s.run, "attempt": s.attempt,
-            "labels": s.labels,
+            "labels": s.labels, "job": s.job,
         });
         match s.phase {
             JobPhase::Queued => {
@@ -81,8 +83,9 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
         .state
         .clone();
     let mut not_taken = Vec::new();
+    let mut pipelines = Vec::new();
     let mut seq = commits_state.first_sequence.max(1);
-    while not_taken.len() < LIST_LIMIT {
+    while not_taken.len() < LIST_LIMIT && pipelines.len() < LIST_LIMIT {
         let Ok(raw) = streams
             .commits
             .get_first_raw_message_by_subject(nats.names.commits_filter(), seq)
@@ -92,6 +95,10 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
         };
         seq = raw.sequence + 1;
         if let Ok(c) = decode::<CommitMsg>(&raw.payload) {
+            if !c.jobs.is_empty() {
+                pipelines.push(pipeline_view(&c, &states));
+                continue;
+            }
             let held = waiting
                 .iter()
                 .chain(in_flight.iter())
@@ -147,8 +154,37 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
         },
         "runners": runners,
         "in_flight": in_flight,
+        "pipelines": pipelines,
         "streams": sizes,
     }))
+}
+
+/// A pipeline's run in the queue: each job with where it is, and the jobs it still waits for.
+fn pipeline_view(c: &CommitMsg, states: &HashMap<String, JobState>) -> Value {
+    let state_of = |token: &str| states.get(&c.job(token).key());
+    let jobs: Vec<Value> = c
+        .jobs
+        .iter()
+        .map(|j| {
+            let state = state_of(&j.job);
+            let waits_for: Vec<&str> = j
+                .needs
+                .iter()
+                .filter(|n| state_of(n).and_then(|s| s.status) != Some(Status::Passed))
+                .filter_map(|n| c.jobs.iter().find(|o| &o.job == n))
+                .map(|o| o.name.as_str())
+                .collect();
+            json!({
+                "name": j.name, "job": j.job, "labels": j.labels,
+                "phase": state.map(|s| s.phase),
+                "status": state.and_then(|s| s.status),
+                "runner": state.and_then(|s| s.runner.clone()),
+                "reason": state.and_then(|s| s.reason.clone()),
+                "waits_for": waits_for,
+            })
+        })
+        .collect();
+    json!({"repo": c.repo, "branch": c.branch, "sha": c.sha, "run": c.run, "jobs": jobs})
 }
 
 async fn bucket_entries(store: &kv::Store) -> Result<Vec<kv::Entry>> {
@@ -234,6 +270,41 @@ pub fn render(v: &Value) -> String {
             j["lease_left_ms"],
         ));
     }
+    let pipelines = list(&v["pipelines"]);
+    if !pipelines.is_empty() {
+        out.push_str(&format!("Pipelines: {}\n", pipelines.len()));
+    }
+    for p in &pipelines {
+        out.push_str(&format!(
+            "  {}  {}  {}  run {}\n",
+            p["repo"].as_str().unwrap_or(""),
+            p["branch"].as_str().unwrap_or(""),
+            short(&p["sha"]),
+            p["run"],
+        ));
+        for j in list(&p["jobs"]) {
+            let waits: Vec<&str> = j["waits_for"]
+                .as_array()
+                .map(|w| w.iter().filter_map(|n| n.as_str()).collect())
+                .unwrap_or_default();
+            let place = match (j["status"].as_str(), j["phase"].as_str()) {
+                (Some(status), _) => status.to_string(),
+                (None, Some(phase @ ("assigned" | "running"))) => {
+                    format!("{phase} on {}", j["runner"].as_str().unwrap_or(""))
+                }
+                (None, Some(_)) => j["reason"]
+                    .as_str()
+                    .unwrap_or("waiting for a runner")
+                    .to_string(),
+                (None, None) if !waits.is_empty() => format!("waits for {}", waits.join(", ")),
+                (None, None) => "not started".to_string(),
+            };
+            out.push_str(&format!(
+                "    {}: {place}\n",
+                j["name"].as_str().unwrap_or("")
+            ));
+        }
+    }
     out.push_str("Streams:\n");
     if let Some(m) = v["streams"].as_object() {
         for (name, s) in m {
@@ -262,6 +333,11 @@ mod tests {
             "in_flight": [{"repo": "app", "branch": "main", "sha": "fedcba9876543210", "run": 1, "attempt": 2,
                             "runner": "r1", "phase": "running", "lease_left_ms": 2500}],
             "streams": {"CI_COMMITS": {"messages": 2, "bytes": 900}},
+            "pipelines": [{"repo": "app", "branch": "main", "sha": "abcdef0123", "run": 1, "jobs": [
+                {"name": "lint", "status": "passed", "phase": "final", "waits_for": []},
+                {"name": "test (python=3.11, 1/2)", "status": null, "phase": "running", "runner": "r1", "waits_for": []},
+                {"name": "docs", "status": null, "phase": null, "waits_for": ["test (python=3.11, 1/2)"]},
+            ]}],
         });
         let text = render(&v);
         assert!(text.contains("Queue: 1 commit(s) waiting"), "{text}");
@@ -280,5 +356,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("CI_COMMITS: 2 messages, 900 bytes"), "{text}");
+        assert!(
+            text.contains("  app  main  abcdef01  run 1\n    lint: passed\n    test (python=3.11, 1/2): running on r1\n    docs: waits for test (python=3.11, 1/2)\n"),
+            "{text}"
+        );
     }
 }
