@@ -55,6 +55,7 @@ fn quick_benchmark_writes_the_table() {
         ("W", "| W | jetci-web RSS, restarted"),
         ("D", "| D | assignments/s: backlog"),
         ("S", "| S | T as history grows"),
+        ("P", "| P | an 8 s suite as 4 shards"),
     ] {
         let row = table
             .lines()

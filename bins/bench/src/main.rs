@@ -15,6 +15,7 @@
 //! other benchmarks are in this file.
 
 mod dispatch;
+mod pipelines;
 mod sys;
 mod web;
 
@@ -94,7 +95,7 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,W,I,D,B,S]\n\
+                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,W,I,D,B,S,P]\n\
                      Runs nats-server and the jetci binaries found beside this executable."
                 );
                 return;
@@ -141,7 +142,7 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
     let started = Instant::now();
 
     type Bench = fn(&tokio::runtime::Runtime, &Opts, &mut Report) -> Result<()>;
-    let benches: [(&str, Bench); 9] = [
+    let benches: [(&str, Bench); 10] = [
         ("L", bench_latency),
         ("T", bench_throughput),
         ("R", bench_recovery),
@@ -151,6 +152,7 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
         ("D", dispatch::bench_dispatch),
         ("B", bench_burst),
         ("S", bench_scaling),
+        ("P", pipelines::bench_pipelines),
     ];
     for (id, f) in benches {
         if !wanted(opts, id) {

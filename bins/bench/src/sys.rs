@@ -459,7 +459,8 @@ impl Listener {
                         return;
                     }
                 };
-                let mut sub = match client.subscribe("ci.results.>").await {
+                // Run results only: a pipeline's job results are one token deeper.
+                let mut sub = match client.subscribe("ci.results.*.*.*").await {
                     Ok(s) => s,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e.to_string()));
