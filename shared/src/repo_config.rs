@@ -6,6 +6,7 @@
 //! timeout = "10m"                 # humantime duration
 //! labels = ["linux", "python"]    # what a runner must have
 //! junit = ["target/*.xml"]        # JUnit XML files to read counts from
+//! network = false                 # no network but loopback in the job's sandbox
 //! [env]
 //! RUST_BACKTRACE = "1"
 //! ```
@@ -39,6 +40,9 @@ pub struct RepoConfig {
     pub labels: Vec<String>,
     /// Globs of JUnit XML files, relative to the checkout.
     pub junit: Vec<String>,
+    /// `Some(false)`: the job's sandbox has no network but loopback (`None`: the runner's
+    /// `--network` decides).
+    pub network: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +56,7 @@ struct Raw {
     labels: Vec<String>,
     #[serde(default)]
     junit: Vec<String>,
+    network: Option<bool>,
 }
 
 /// An invalid `.jetci.toml`; the message names the line where the parser knows it.
@@ -104,6 +109,7 @@ impl RepoConfig {
             env: raw.env,
             labels: raw.labels,
             junit: raw.junit,
+            network: raw.network,
         })
     }
 }
@@ -123,6 +129,10 @@ mod tests {
         assert_eq!(c.labels, vec!["linux"]);
         assert_eq!(c.env["A"], "1");
         assert_eq!(RepoConfig::parse("").unwrap(), RepoConfig::default());
+        assert_eq!(
+            RepoConfig::parse("network = false").unwrap().network,
+            Some(false)
+        );
     }
 
     #[test]

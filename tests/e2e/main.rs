@@ -29,6 +29,7 @@ mod notify;
 mod ops;
 mod pipeline;
 mod runner;
+mod sandbox;
 mod submodules;
 mod up;
 mod verdicts;
