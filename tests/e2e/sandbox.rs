@@ -364,14 +364,14 @@ async fn network_off_leaves_a_job_loopback_only_and_ro_bind_shows_a_dir() {
     let repo = GitRepo::new();
     let tool = tempfile::tempdir().unwrap();
     std::fs::write(tool.path().join("tool.txt"), "from the operator\n").unwrap();
-    let bind = format!("{}:/opt/jetci-tool", tool.path().display());
+    let bind = format!("{}:/jetci-tool", tool.path().display());
     let port = sys_port(&nats.url());
     let mut sys = System::start(&nats, &repo, &[]);
     sandboxed(sys.add_runner("r0", &["--ro-bind", &bind], &[]));
     // The NATS server listens on the host's loopback: out of reach in a network namespace.
     let probe = format!(
         "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2)' \
-         && echo REACHED; cat /opt/jetci-tool/tool.txt; touch /opt/jetci-tool/x || echo read-only"
+         && echo REACHED; cat /jetci-tool/tool.txt; touch /jetci-tool/x || echo read-only"
     );
     let sha = repo.commit(
         "offline",
@@ -395,4 +395,26 @@ async fn network_off_leaves_a_job_loopback_only_and_ro_bind_shows_a_dir() {
 /// The port of a `nats://127.0.0.1:PORT` URL.
 fn sys_port(url: &str) -> u16 {
     url.rsplit(':').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_runner_whose_sandbox_cannot_be_set_up_does_not_start() {
+    let nats = NatsServer::start();
+    let work = tempfile::tempdir().unwrap();
+    // /usr is read-only in a job's sandbox: a directory cannot be mounted on a path it lacks.
+    let mut runner = crate::support::system::spawn_runner(
+        &nats.url(),
+        "r0",
+        work.path(),
+        &["--ro-bind", "/usr/share:/usr/jetci-no-such-dir"],
+    );
+    let status = runner.wait_exit(BOUND);
+    assert!(!status.success(), "{}", runner.log());
+    assert!(
+        runner
+            .log()
+            .contains("error: a job's sandbox cannot be set up"),
+        "{}",
+        runner.log()
+    );
 }

@@ -26,7 +26,7 @@ use jetci::shutdown::Shutdown;
 use jetci::subjects::{check_token, repo_slug};
 
 use crate::executor::{Settings, ShellExecutor};
-use crate::sandbox::{Mode, Sandbox};
+use crate::sandbox::{Mode, ProbeError, Sandbox};
 
 /// jetci's test runner: checks out each commit it is given, runs the repository's test command
 /// and publishes the result.
@@ -229,13 +229,13 @@ async fn choose_sandbox(
             tracing::info!(network = ?args.network, max_procs = args.max_procs, "jobs run in a bwrap sandbox");
             Ok((Some(sandbox), Vec::new()))
         }
-        (Err(why), Mode::Bwrap) => {
-            anyhow::bail!("--sandbox bwrap, but the sandbox does not work here: {why}")
-        }
-        (Err(why), _) => {
+        // Settings that cannot work are the operator's to fix, not a reason to run unsandboxed.
+        (Err(e @ ProbeError::Setup(_)), _) => anyhow::bail!("{e}"),
+        (Err(e), Mode::Bwrap) => anyhow::bail!("--sandbox bwrap, but {e}"),
+        (Err(e), _) => {
             let warning = format!(
-                "jobs run without a sandbox: bwrap does not work here ({why}); install \
-                 bubblewrap and allow user namespaces, or pass --sandbox none to accept this"
+                "jobs run without a sandbox: {e}; install bubblewrap and allow user \
+                 namespaces, or pass --sandbox none to accept this"
             );
             tracing::warn!("{warning}");
             Ok((None, vec![warning]))

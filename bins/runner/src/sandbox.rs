@@ -148,12 +148,27 @@ impl Sandbox {
         a.0
     }
 
-    /// Runs a trivial command in a sandbox built like a job's, in `<work_dir>/probe`, to learn
-    /// whether bwrap works here (installed, user namespaces allowed). Blocking; called once at
-    /// start.
+    /// Learns whether bwrap works here (installed, user namespaces allowed) by running a trivial
+    /// command in the plainest sandbox, then whether a sandbox built like a job's works (in
+    /// `<work_dir>/probe`: the operator's `--ro-bind`s may not). Blocking; called once at start.
     ///
-    /// Errors: why it does not work, in one line (bwrap's own message when it gave one).
-    pub fn probe(&self) -> Result<(), String> {
+    /// Errors: [`ProbeError`], with bwrap's own message when it gave one.
+    pub fn probe(&self) -> Result<(), ProbeError> {
+        let plain: Vec<OsString> = [
+            "--unshare-user",
+            "--unshare-pid",
+            "--ro-bind",
+            "/",
+            "/",
+            "--proc",
+            "/proc",
+            "--",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        self.try_run(&plain, "true")
+            .map_err(ProbeError::Unavailable)?;
         let base = self.work_dir.join("probe");
         let dirs = JobDirs {
             checkout: base.join("src"),
@@ -163,15 +178,24 @@ impl Sandbox {
         };
         for d in [&dirs.checkout, &dirs.home, &dirs.tmp] {
             std::fs::create_dir_all(d)
-                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+                .map_err(|e| ProbeError::Setup(format!("cannot create {}: {e}", d.display())))?;
         }
+        let tried = self.try_run(
+            &self.command(&dirs, true),
+            "test -w . && test ! -e ../../pending",
+        );
+        let _ = std::fs::remove_dir_all(&base);
+        tried.map_err(ProbeError::Setup)
+    }
+
+    /// Runs `sh -c script` under bwrap with `args`; its failure in one line.
+    fn try_run(&self, args: &[OsString], script: &str) -> Result<(), String> {
         let output = Command::new(&self.program)
-            .args(self.command(&dirs, true))
-            .args(["/bin/sh", "-c", "test -w . && test ! -e ../../pending"])
+            .args(args)
+            .args(["/bin/sh", "-c", script])
             .env_clear()
             .stdin(Stdio::null())
             .output();
-        let _ = std::fs::remove_dir_all(&base);
         match output {
             Err(e) => Err(format!("cannot run {}: {e}", self.program.display())),
             Ok(o) if o.status.success() => Ok(()),
@@ -187,6 +211,17 @@ impl Sandbox {
             }
         }
     }
+}
+
+/// Why [`Sandbox::probe`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// bwrap does not work on this host at all (missing, or no user namespaces).
+    #[error("bwrap does not work here ({0})")]
+    Unavailable(String),
+    /// bwrap works, but not with this runner's settings (an `--ro-bind` it cannot mount, say).
+    #[error("a job's sandbox cannot be set up with these settings ({0})")]
+    Setup(String),
 }
 
 /// Parses `--ro-bind SRC[:DEST]`: DEST is SRC when not given; both absolute.
