@@ -1,17 +1,23 @@
-//! Running a job's command: `sh -c COMMAND` in its own process group, output captured, with a
-//! timeout and cancellation that stop the whole group.
+//! Running a job's command: `sh -c COMMAND`, output captured, with a timeout and cancellation
+//! that stop everything it started.
 //!
-//! - The command gets a new process group (`setpgid(0, 0)`), so a signal to `-pgid` reaches
-//!   every process it started, forked children included.
+//! - In a sandbox ([`Spec::sandbox`], [`crate::sandbox`]) the runner starts bwrap, which runs the
+//!   command in a PID namespace of its own: when the command exits, bwrap's init exits and the
+//!   kernel kills every process left in the namespace, wherever it went (`setsid`, `env -i`,
+//!   double forks). On timeout or cancel the job's processes (found under bwrap's pid) get
+//!   SIGTERM, then after `grace` bwrap gets SIGKILL and takes them all with it. The number of
+//!   processes is bounded (`RLIMIT_NPROC`, and a count every [`PID_SAMPLE_EVERY`] that ends the
+//!   job with [`Ended::Bound`]).
+//! - Without one, the command gets a new process group (`setpgid(0, 0)`), so a signal to `-pgid`
+//!   reaches every process it started, forked children included; on timeout or cancel: SIGTERM to
+//!   the group, `grace` to exit, then SIGKILL. A daemon that left the group (`setsid`, double
+//!   fork) is still found: every process of the job carries `JETCI_JOB_TOKEN=<unique>` in its
+//!   environment, and when the job ends every process whose `/proc/<pid>/environ` holds that
+//!   entry is killed (the way Jenkins' ProcessTreeKiller finds a build's daemons by `BUILD_ID`).
+//!   Only a process that clears its own environment escapes this: the reason for the sandbox.
 //! - stdout and stderr share one pipe, so the log keeps their interleaving in arrival order.
-//! - On timeout or cancel: SIGTERM to the group, `grace` to exit, then SIGKILL.
 //! - A job ends when its command exits, even if a background child still holds the pipe open:
 //!   the group is killed then and the pipe is drained for at most [`DRAIN_AFTER_EXIT`].
-//! - A daemon that left the group (`setsid`, double fork) is still found: every process of the
-//!   job carries `JETCI_JOB_TOKEN=<unique>` in its environment, and when the job ends every
-//!   process whose `/proc/<pid>/environ` holds that entry is killed (the way Jenkins'
-//!   ProcessTreeKiller finds a build's daemons by `BUILD_ID`). Only a process that clears its own
-//!   environment escapes this.
 
 use std::collections::VecDeque;
 use std::io;
