@@ -83,7 +83,8 @@ struct Args {
     #[arg(long)]
     keep_workspaces: bool,
     /// A directory shared by all jobs (dependency caches and the like), given to them as
-    /// JETCI_CACHE_DIR. Without it nothing survives from one job to the next.
+    /// JETCI_CACHE_DIR and writable in their sandbox; it must not hold the work dir. Without it
+    /// nothing survives from one job to the next.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// More environment variables to pass from the runner to jobs (by name, repeatable).
@@ -150,7 +151,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
-            Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+            // Jobs may write all of it: it must not hold the runner's own files.
+            anyhow::ensure!(
+                !work_dir.starts_with(&dir),
+                "--cache-dir {} holds the work dir {}; give jobs a directory of their own",
+                dir.display(),
+                work_dir.display()
+            );
+            Some(dir)
         }
         None => None,
     };
@@ -203,10 +212,13 @@ async fn choose_sandbox(
     work_dir: &std::path::Path,
 ) -> anyhow::Result<(Option<Sandbox>, Vec<String>)> {
     if args.sandbox == Mode::None {
-        let warning = "jobs run without a sandbox (--sandbox none): they see the runner's files \
-                       and processes";
+        let warning = format!(
+            "jobs run without a sandbox (--sandbox none): they see the runner's files and \
+             processes{}",
+            unenforced(args)
+        );
         tracing::warn!("{warning}");
-        return Ok((None, vec![warning.to_string()]));
+        return Ok((None, vec![warning]));
     }
     let c = &args.connect;
     let sandbox = Sandbox {
@@ -235,11 +247,22 @@ async fn choose_sandbox(
         (Err(e), _) => {
             let warning = format!(
                 "jobs run without a sandbox: {e}; install bubblewrap and allow user \
-                 namespaces, or pass --sandbox none to accept this"
+                 namespaces, or pass --sandbox none to accept this{}",
+                unenforced(args)
             );
             tracing::warn!("{warning}");
             Ok((None, vec![warning]))
         }
+    }
+}
+
+/// What a runner without a sandbox cannot honour, for its warning: `--network off` (and a
+/// repository's `network = false`) and `--ro-bind` need one.
+fn unenforced(args: &Args) -> &'static str {
+    if args.network == Network::Off || !args.ro_bind.is_empty() {
+        "; --network off and --ro-bind mean nothing without one"
+    } else {
+        ""
     }
 }
 

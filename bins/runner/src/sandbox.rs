@@ -11,7 +11,8 @@
 //! - **its own mount namespace**: a fresh root in which the system directories ([`SYSTEM_DIRS`],
 //!   and the operator's `--ro-bind`s) are read-only, `/dev` and `/tmp` are fresh, and only the
 //!   job's checkout, HOME, TMPDIR and the opt-in cache dir are writable, each at the same path as
-//!   on the host (so `JETCI_*`, HOME and the working directory read as documented). The runner's
+//!   on the host (so `JETCI_*`, HOME and the working directory read as documented), and `/tmp`
+//!   (in memory, [`TMP_BYTES`]). The runner's
 //!   work dir (mirrors, `pending/` results, other jobs' workspaces) is not there at all; nor are
 //!   `/home`, `/root`, `/var` or `/run`; `/etc/jetci` and the runner's credential files are
 //!   covered.
@@ -38,6 +39,10 @@ pub const SYSTEM_DIRS: &[&str] = &[
 /// runner's configuration directory of the systemd units (deploy/systemd), which may hold the
 /// NATS credentials.
 pub const HIDDEN_DIRS: &[&str] = &["/etc/jetci"];
+
+/// The size of a job's `/tmp`, in bytes (it lives in memory; `TMPDIR` is on disk, in the job's
+/// workspace).
+pub const TMP_BYTES: &str = "536870912";
 
 /// How the runner isolates a job (`--sandbox`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -121,7 +126,9 @@ impl Sandbox {
                 a.path3("--ro-bind", dir, dir);
             }
         }
-        a.push(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]);
+        a.push([
+            "--dev", "/dev", "--proc", "/proc", "--size", TMP_BYTES, "--tmpfs", "/tmp",
+        ]);
         for (src, dest) in &self.ro_binds {
             a.path3("--ro-bind", src, dest);
         }
@@ -143,6 +150,10 @@ impl Sandbox {
         {
             a.path3("--bind", dir, dir);
         }
+        // The empty work dir and the root are read-only (both live in memory); the places bound
+        // on them stay writable.
+        a.path2("--remount-ro", &self.work_dir);
+        a.push(["--remount-ro", "/"]);
         a.path2("--chdir", &dirs.checkout);
         a.push(["--"]);
         a.0
@@ -306,7 +317,8 @@ mod tests {
             "--tmpfs /w/runner-1 --bind /w/runner-1/jobs/a.1/src /w/runner-1/jobs/a.1/src",
             "--bind /w/runner-1/jobs/a.1/home /w/runner-1/jobs/a.1/home",
             "--bind /cache /cache",
-            "--chdir /w/runner-1/jobs/a.1/src --",
+            "--size 536870912 --tmpfs /tmp",
+            "--remount-ro /w/runner-1 --remount-ro / --chdir /w/runner-1/jobs/a.1/src --",
         ] {
             assert!(w.contains(part), "{part:?} missing in {w}");
         }
