@@ -613,6 +613,10 @@ pub struct RunnerInfo {
     pub started_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// What its operator should know, e.g. that its jobs run without a sandbox. Absent when
+    /// empty, so a runner without warnings writes what older readers expect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 impl Wire for RunnerInfo {

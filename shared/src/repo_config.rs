@@ -6,6 +6,7 @@
 //! timeout = "10m"                 # humantime duration
 //! labels = ["linux", "python"]    # what a runner must have
 //! junit = ["target/*.xml"]        # JUnit XML files to read counts from
+//! network = false                 # no network but loopback in the job's sandbox
 //! [env]
 //! RUST_BACKTRACE = "1"
 //! ```
@@ -75,6 +76,9 @@ pub struct RepoConfig {
     /// The pipeline's jobs as the file names them, by name; empty for a file with one `command`
     /// (or none), which is a run of one job.
     pub jobs: Vec<JobSpec>,
+    /// `Some(false)`: the job's sandbox has no network but loopback (`None`: the runner's
+    /// `--network` decides).
+    pub network: Option<bool>,
 }
 
 /// One `[jobs.<name>]` table, before its matrix and shards are expanded
@@ -115,6 +119,7 @@ struct Raw {
     #[serde(default)]
     fail_fast: bool,
     jobs: Option<BTreeMap<String, toml::Spanned<RawJob>>>,
+    network: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -167,6 +172,7 @@ impl RepoConfig {
             junit: raw.junit,
             fail_fast: raw.fail_fast,
             jobs: vec![],
+            network: raw.network,
         };
         if let Some(jobs) = raw.jobs {
             if config.command.is_some() {
@@ -400,6 +406,10 @@ mod tests {
         assert_eq!(c.labels, vec!["linux"]);
         assert_eq!(c.env["A"], "1");
         assert_eq!(RepoConfig::parse("").unwrap(), RepoConfig::default());
+        assert_eq!(
+            RepoConfig::parse("network = false").unwrap().network,
+            Some(false)
+        );
     }
 
     #[test]

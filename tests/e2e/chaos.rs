@@ -6,10 +6,12 @@
 //! replace the figures section of that file (`scripts/reliability` does this).
 //!
 //! A job ran to the end when its command did: the command's last step appends a line to a file
-//! ([`Executions`]) and prints the pid of the runner process that runs it. An execution on a
-//! runner the monkey killed is not a healthy one, and does not count, unless its result was
-//! stored (a stored result's output shows that runner's pid): then the run was over, and running
-//! it again would be running a finished job twice.
+//! ([`Executions`]) and prints the life of the runner process that runs it (a number each runner
+//! process gets from the test in its environment and passes to its jobs: a job in its sandbox
+//! sees nothing of the runner's process). An execution on a runner the monkey killed is not a
+//! healthy one, and does not count, unless its result was stored (a stored result's output shows
+//! that runner's life): then the run was over, and running it again would be running a finished
+//! job twice.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
@@ -18,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::executions::{Execution, Executions};
+use crate::support::executions::{Execution, Executions, LIFE_VAR};
 use crate::support::git::GitRepo;
 use crate::support::heavy;
 use crate::support::jetstream::{js, names, stream_messages, wait_results};
 use crate::support::nats::NatsServer;
 use crate::support::processes::Proc;
-use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner};
+use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner_with_env};
 
 const COMMITS: usize = 200;
 const BRANCHES: [&str; 3] = ["main", "feature/a.b", "release/1.x"];
@@ -92,7 +94,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     let command = format!(
         "command = {:?}\n",
         format!(
-            "sleep 0.4; {}; echo \"runner pid $PPID\"; exit $(cat status)",
+            "sleep 0.4; {}; echo \"runner life ${LIFE_VAR}\"; exit $(cat status)",
             executions.record()
         )
     );
@@ -116,12 +118,25 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
             Box::new(move || spawn_dispatcher(&u, &["--max-attempts", "5"])),
         ));
     }
+    // Each runner process's life, by its pid.
+    let lives: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
     for r in 0..3 {
         let (u, work) = (url.clone(), work.path().to_path_buf());
         let id = format!("r{r}");
+        let flags: Vec<String> = executions.runner_flags().map(String::from).to_vec();
+        let lives = lives.clone();
         slots.push(Slot::new(
             &id.clone(),
-            Box::new(move || spawn_runner(&u, &id, &work, &[])),
+            Box::new(move || {
+                let mut lives = lives.lock().unwrap();
+                let life = lives.len() as u32 + 1;
+                let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+                let env = [(LIFE_VAR, life.to_string())];
+                let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let runner = spawn_runner_with_env(&u, &id, &work, &flags, &env);
+                lives.insert(runner.pid(), life);
+                runner
+            }),
         ));
     }
     wait_results(&url, 1, BOUND).await;
@@ -227,10 +242,11 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
 
     // Executions: a job counts as run twice when two healthy executions of it ran to the end
     // (see the module's doc).
+    let lives = lives.lock().unwrap().clone();
     let killed: HashSet<u32> = slots
         .iter()
         .filter(|s| s.name.starts_with('r'))
-        .flat_map(|s| s.past.iter().map(Proc::pid))
+        .flat_map(|s| s.past.iter().map(|p| lives[&p.pid()]))
         .collect();
     let superseded = stream_messages(&url, &n.results_stream(), &n.superseded_filter()).await;
     let stored: Vec<&Value> = all_now.iter().chain(&superseded).map(|(_, r)| r).collect();
@@ -240,14 +256,14 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
                 && r["attempt"] == e.attempt
                 && r["output_tail"]
                     .as_str()
-                    .is_some_and(|t| t.contains(&format!("runner pid {}\n", e.runner_pid)))
+                    .is_some_and(|t| t.contains(&format!("runner life {}\n", e.runner_life)))
         })
     };
     let mut twice: BTreeMap<String, Vec<Execution>> = BTreeMap::new();
     for (sha, runs) in executions.per_sha() {
         let healthy: Vec<Execution> = runs
             .into_iter()
-            .filter(|e| !killed.contains(&e.runner_pid) || result_stored(e))
+            .filter(|e| !killed.contains(&e.runner_life) || result_stored(e))
             .collect();
         if healthy.len() > 1 {
             twice.insert(sha, healthy);

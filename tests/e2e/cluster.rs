@@ -524,7 +524,16 @@ async fn a_node_lost_and_restarted_mid_run_loses_nothing_and_runs_nothing_twice(
         let dir = dir.to_str().expect("utf-8 path");
         procs.push((
             id.clone(),
-            spawn("jetci-runner", with(&["--id", &id, "--work-dir", dir])),
+            spawn(
+                "jetci-runner",
+                with(
+                    &[
+                        &["--id", &id, "--work-dir", dir][..],
+                        &executions.runner_flags(),
+                    ]
+                    .concat(),
+                ),
+            ),
         ));
     }
 

@@ -48,7 +48,7 @@ async fn a_new_dispatcher_adopts_a_running_job_instead_of_running_it_again() {
     let url = nats.url();
     let executions = Executions::new();
     let (repo, sha) = repo_running(&format!("{}; sleep 6; echo adopted", executions.record()));
-    let mut sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let mut sys = System::start_with(&nats, &repo, &["r0", "r1"], &executions.runner_flags());
 
     let holder = wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     sys.dispatcher.kill();
@@ -77,7 +77,7 @@ async fn a_nats_restart_mid_job_loses_nothing_and_runs_nothing_twice() {
     let url = nats.url();
     let executions = Executions::new();
     let (repo, sha) = repo_running(&format!("{}; sleep 6; echo survived", executions.record()));
-    let _sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let _sys = System::start_with(&nats, &repo, &["r0", "r1"], &executions.runner_flags());
 
     wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     nats.kill();
@@ -106,7 +106,11 @@ async fn a_job_delivered_again_to_the_runner_running_it_is_not_run_twice() {
     let executions = Executions::new();
     let (repo, sha) = repo_running(&format!("{}; sleep 10; echo survived", executions.record()));
     let mut sys = System::start(&nats, &repo, &[]);
-    sys.add_runner("r0", &["--jobs", "2"], &[]);
+    sys.add_runner(
+        "r0",
+        &[&["--jobs", "2"][..], &executions.runner_flags()].concat(),
+        &[],
+    );
 
     wait_job_phase(&url, &app_job(&sha).key(), "running", BOUND).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -305,7 +309,7 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
 
     let dispatcher = spawn_dispatcher(&url, &[]);
     let work = tempfile::tempdir().unwrap();
-    let _runner = spawn_runner(&url, "r1", work.path(), &[]);
+    let _runner = spawn_runner(&url, "r1", work.path(), &executions.runner_flags());
 
     let state = wait_job(&url, &job.key(), "final", BOUND, |v| v["phase"] == "final").await;
     assert_eq!(state["status"], "failed", "the verdict's status: {state:#}");

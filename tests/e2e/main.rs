@@ -30,6 +30,7 @@ mod ops;
 mod pipeline;
 mod pipelines;
 mod runner;
+mod sandbox;
 mod submodules;
 mod up;
 mod verdicts;

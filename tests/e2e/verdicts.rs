@@ -99,7 +99,7 @@ async fn a_job_state_forged_final_does_not_close_its_commit() {
     let url = nats.url();
     let executions = Executions::new();
     let (repo, sha) = repo_running(&format!("{}; sleep 4; exit 1", executions.record()));
-    let _sys = System::start(&nats, &repo, &["r0"]);
+    let _sys = System::start_with(&nats, &repo, &["r0"], &executions.runner_flags());
     let key = app_job(&sha).key();
     wait_job_phase(&url, &key, "running", BOUND).await;
 
@@ -236,6 +236,7 @@ async fn a_runner_entry_whose_id_is_not_its_key_gets_no_job() {
                     accepting: true,
                     started_at: messages::now(),
                     updated_at: messages::now(),
+                    warnings: Vec::new(),
                 };
                 let _ = kv.put("ghost", messages::encode(&info)).await;
                 tokio::time::sleep(Duration::from_millis(300)).await;

@@ -141,6 +141,7 @@ async fn start_instant(
         drain_timeout: Duration::from_secs(5),
         work_dir,
         consumer_inactive: Duration::from_secs(3600),
+        warnings: Vec::new(),
     };
     let shutdown = Shutdown {
         token: stop,

@@ -30,6 +30,10 @@ use nix::sys::signal::Signal;
 use sys::{cpu_seconds, floor_once, vm_kib, Listener, Proc, Repo, Server};
 
 const TRUE_TOML: &str = "command = \"true\"\n";
+
+/// `--runner-sandbox`: the `--sandbox` every runner of a benchmark gets (unset: the runner's
+/// default), to measure the job sandbox's cost (L and T with and without it).
+static RUNNER_SANDBOX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 const WAIT: Duration = Duration::from_secs(60);
 
 struct Opts {
@@ -84,6 +88,10 @@ fn main() {
         match a.as_str() {
             "--quick" => opts.quick = true,
             "--out" => opts.out = PathBuf::from(it.next().expect("--out FILE")),
+            "--runner-sandbox" => {
+                let mode = it.next().expect("--runner-sandbox auto|bwrap|none").clone();
+                let _ = RUNNER_SANDBOX.set(mode);
+            }
             "--only" => {
                 opts.only = Some(
                     it.next()
@@ -95,8 +103,10 @@ fn main() {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,W,I,D,B,S,P]\n\
-                     Runs nats-server and the jetci binaries found beside this executable."
+                    "usage: jetci-bench [--quick] [--out BENCHMARKS.md] [--only L,T,R,M,W,I,D,B,S,P] \
+                     [--runner-sandbox auto|bwrap|none]\n\
+                     Runs nats-server and the jetci binaries found beside this executable; \
+                     --runner-sandbox is the runners' --sandbox (default: theirs, auto)."
                 );
                 return;
             }
@@ -306,6 +316,8 @@ impl Stack {
                 work.to_str().unwrap(),
                 "--default-command",
                 "true",
+                "--sandbox",
+                RUNNER_SANDBOX.get().map_or("auto", String::as_str),
             ],
             self.dir.path(),
         )?;

@@ -430,6 +430,7 @@ async fn seed_live(streams: &Streams, stop: CancellationToken) -> Result<()> {
             accepting: true,
             started_at: now,
             updated_at: now,
+            warnings: Vec::new(),
         });
     }
     for _ in 0..QUEUED {

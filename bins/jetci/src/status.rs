@@ -33,6 +33,7 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
             "id": info.id, "host": info.host, "labels": info.labels, "capacity": info.capacity,
             "busy": info.jobs.len(), "jobs": info.jobs, "accepting": info.accepting,
             "last_heartbeat_ms": age.as_millis() as u64, "alive": age < lease,
+            "warnings": info.warnings,
         }));
     }
 
@@ -254,6 +255,9 @@ pub fn render(v: &Value) -> String {
                 "  (draining)"
             },
         ));
+        for w in list(&r["warnings"]) {
+            out.push_str(&format!("    warning: {}\n", w.as_str().unwrap_or("")));
+        }
     }
     let jobs = list(&v["in_flight"]);
     out.push_str(&format!("In flight: {}\n", jobs.len()));
@@ -329,7 +333,8 @@ mod tests {
             ], "waiting_for_runner": []},
             "runners": [{"id": "r1", "host": "h", "labels": ["linux"], "busy": 1, "capacity": 2,
                           "jobs": ["app.fedcba9876543210.1.2"],
-                          "last_heartbeat_ms": 200, "alive": true, "accepting": true}],
+                          "last_heartbeat_ms": 200, "alive": true, "accepting": true,
+                          "warnings": ["jobs run without a sandbox"]}],
             "in_flight": [{"repo": "app", "branch": "main", "sha": "fedcba9876543210", "run": 1, "attempt": 2,
                             "runner": "r1", "phase": "running", "lease_left_ms": 2500}],
             "streams": {"CI_COMMITS": {"messages": 2, "bytes": 900}},
@@ -358,6 +363,10 @@ mod tests {
         assert!(text.contains("CI_COMMITS: 2 messages, 900 bytes"), "{text}");
         assert!(
             text.contains("  app  main  abcdef01  run 1\n    lint: passed\n    test (python=3.11, 1/2): running on r1\n    docs: waits for test (python=3.11, 1/2)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n    warning: jobs run without a sandbox\n"),
             "{text}"
         );
     }

@@ -1,17 +1,23 @@
-//! Running a job's command: `sh -c COMMAND` in its own process group, output captured, with a
-//! timeout and cancellation that stop the whole group.
+//! Running a job's command: `sh -c COMMAND`, output captured, with a timeout and cancellation
+//! that stop everything it started.
 //!
-//! - The command gets a new process group (`setpgid(0, 0)`), so a signal to `-pgid` reaches
-//!   every process it started, forked children included.
+//! - In a sandbox ([`Spec::sandbox`], [`crate::sandbox`]) the runner starts bwrap, which runs the
+//!   command in a PID namespace of its own: when the command exits, bwrap's init exits and the
+//!   kernel kills every process left in the namespace, wherever it went (`setsid`, `env -i`,
+//!   double forks). On timeout or cancel the job's processes (found under bwrap's pid) get
+//!   SIGTERM, then after `grace` bwrap gets SIGKILL and takes them all with it. The number of
+//!   processes is bounded (`RLIMIT_NPROC`, and a count every [`PID_SAMPLE_EVERY`] that ends the
+//!   job with [`Ended::Bound`]).
+//! - Without one, the command gets a new process group (`setpgid(0, 0)`), so a signal to `-pgid`
+//!   reaches every process it started, forked children included; on timeout or cancel: SIGTERM to
+//!   the group, `grace` to exit, then SIGKILL. A daemon that left the group (`setsid`, double
+//!   fork) is still found: every process of the job carries `JETCI_JOB_TOKEN=<unique>` in its
+//!   environment, and when the job ends every process whose `/proc/<pid>/environ` holds that
+//!   entry is killed (the way Jenkins' ProcessTreeKiller finds a build's daemons by `BUILD_ID`).
+//!   Only a process that clears its own environment escapes this: the reason for the sandbox.
 //! - stdout and stderr share one pipe, so the log keeps their interleaving in arrival order.
-//! - On timeout or cancel: SIGTERM to the group, `grace` to exit, then SIGKILL.
 //! - A job ends when its command exits, even if a background child still holds the pipe open:
 //!   the group is killed then and the pipe is drained for at most [`DRAIN_AFTER_EXIT`].
-//! - A daemon that left the group (`setsid`, double fork) is still found: every process of the
-//!   job carries `JETCI_JOB_TOKEN=<unique>` in its environment, and when the job ends every
-//!   process whose `/proc/<pid>/environ` holds that entry is killed (the way Jenkins'
-//!   ProcessTreeKiller finds a build's daemons by `BUILD_ID`). Only a process that clears its own
-//!   environment escapes this.
 
 use std::collections::VecDeque;
 use std::io;
@@ -47,6 +53,21 @@ pub struct Spec {
     /// Who runs it: the start of every job token, so a restarted runner can find what a killed
     /// one left running ([`kill_orphans`]).
     pub owner: String,
+    /// How it is isolated: `None` runs `sh` directly in its own process group.
+    pub sandbox: Option<Sandboxed>,
+}
+
+/// A command run in a sandbox ([`crate::sandbox`]): the sandbox program and its arguments up to
+/// the `--` before `sh -c COMMAND`, and the job's bound on processes.
+#[derive(Debug, Clone)]
+pub struct Sandboxed {
+    pub program: PathBuf,
+    pub args: Vec<std::ffi::OsString>,
+    /// At most this many processes (and threads) at once in the job: `RLIMIT_NPROC`, which the
+    /// kernel counts in the job's own user namespace (for a runner that is not root), and a
+    /// count of the sandbox's processes every [`PID_SAMPLE_EVERY`], which ends a job that
+    /// reaches it with [`Ended::Bound`].
+    pub max_procs: Option<u32>,
 }
 
 /// How the command ended.
@@ -60,6 +81,8 @@ pub enum Ended {
     TimedOut { signal: Option<i32> },
     /// It was cancelled; `signal` is the one that finally ended it.
     Cancelled { signal: Option<i32> },
+    /// It was killed for reaching a bound of its sandbox: this many processes at once.
+    Bound { processes: u32 },
 }
 
 /// What a finished command left.
@@ -96,22 +119,39 @@ pub async fn run(
     let (reader, writer) = io::pipe()?;
     // An absolute path: with a relative one and PATH in the environment, std cannot use
     // posix_spawn (vfork) and forks the whole runner, page tables and all.
-    let mut cmd = tokio::process::Command::new(SHELL);
+    let mut cmd = match &spec.sandbox {
+        None => tokio::process::Command::new(SHELL),
+        Some(sandbox) => {
+            let mut cmd = tokio::process::Command::new(&sandbox.program);
+            cmd.args(&sandbox.args).arg(SHELL);
+            if let Some(n) = sandbox.max_procs {
+                limit_processes(&mut cmd, n);
+            }
+            cmd
+        }
+    };
     cmd.arg("-c")
         .arg(&spec.command)
         .current_dir(&spec.dir)
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env(TOKEN_VAR, &token)
         .stdin(Stdio::null())
         .stdout(Stdio::from(writer.try_clone()?))
         .stderr(Stdio::from(writer))
         .process_group(0)
         .kill_on_drop(true);
+    if spec.sandbox.is_none() {
+        cmd.env(TOKEN_VAR, &token);
+    }
     let mut child = cmd.spawn()?;
     // The parent's copies of the pipe's write end must close, or the reader never sees EOF.
     drop(cmd);
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
+    let job = Job {
+        pgid,
+        sandboxed: spec.sandbox.is_some(),
+    };
+    let max_procs = spec.sandbox.as_ref().and_then(|s| s.max_procs);
     let mut pids = PidClock::start(pgid.as_raw());
     let mut pid_sample = Instant::now() + PID_SAMPLE_EVERY;
     let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())?;
@@ -125,7 +165,7 @@ pub async fn run(
     let mut drain_until = far;
     let mut eof = false;
     let mut status = None;
-    let mut stopped: Option<fn(Option<i32>) -> Ended> = None;
+    let mut stopped: Option<Stop> = None;
 
     loop {
         if eof && status.is_some() {
@@ -143,43 +183,62 @@ pub async fn run(
             exit = child.wait(), if status.is_none() => {
                 status = Some(exit?);
                 // Whatever the command left behind in its group goes with it.
-                let _ = killpg(pgid, Signal::SIGKILL);
+                job.kill();
                 drain_until = Instant::now() + DRAIN_AFTER_EXIT;
             }
             _ = sleep_until(deadline), if status.is_none() && stopped.is_none() => {
-                stopped = Some(|signal| Ended::TimedOut { signal });
-                let _ = killpg(pgid, Signal::SIGTERM);
+                stopped = Some(Stop::Timeout);
+                job.terminate();
                 kill_at = Instant::now() + spec.grace;
             }
             _ = cancel.cancelled(), if status.is_none() && stopped.is_none() => {
-                stopped = Some(|signal| Ended::Cancelled { signal });
-                let _ = killpg(pgid, Signal::SIGTERM);
+                stopped = Some(Stop::Cancel);
+                job.terminate();
                 kill_at = Instant::now() + spec.grace;
             }
             _ = sleep_until(kill_at), if status.is_none() => {
-                let _ = killpg(pgid, Signal::SIGKILL);
+                job.kill();
                 kill_at = far;
             }
             _ = sleep_until(drain_until), if status.is_some() => break,
             _ = sleep_until(pid_sample), if status.is_none() => {
-                pids.sample();
                 pid_sample = Instant::now() + PID_SAMPLE_EVERY;
+                if !job.sandboxed {
+                    pids.sample();
+                } else if let Some(max) = max_procs.filter(|_| stopped.is_none()) {
+                    let processes = job.processes();
+                    if processes >= max as usize {
+                        stopped = Some(Stop::Bound(max));
+                        job.kill();
+                    }
+                }
             }
         }
     }
     let status = status.expect("the loop ends only after the command exited");
-    // Every process of the job was created after its shell, so only newer pids are looked at,
-    // unless the pid counter wrapped around meanwhile.
-    pids.sample();
-    let escaped = kill_marked(marker.into_bytes(), true, pids.newer_than()).await;
-    if escaped > 0 {
-        tracing::info!(
-            processes = escaped,
-            "killed processes the job left outside its group"
-        );
+    if !job.sandboxed {
+        // Every process of the job was created after its shell, so only newer pids are looked
+        // at, unless the pid counter wrapped around meanwhile. (In a sandbox the kernel ended
+        // them all with its PID namespace.)
+        pids.sample();
+        let escaped = kill_marked(marker.into_bytes(), true, pids.newer_than()).await;
+        if escaped > 0 {
+            tracing::info!(
+                processes = escaped,
+                "killed processes the job left outside its group"
+            );
+        }
     }
-    let ended = match (stopped, status.code(), status.signal()) {
-        (Some(stop), _, signal) => stop(signal),
+    // bwrap reports a command killed by signal N as exit code 128 + N, as a shell does; when the
+    // runner stopped it, that is the runner's signal.
+    let signal = match (job.sandboxed, status.code()) {
+        (true, Some(code)) if code > 128 && stopped.is_some() => Some(code - 128),
+        _ => status.signal(),
+    };
+    let ended = match (stopped, status.code(), signal) {
+        (Some(Stop::Timeout), _, signal) => Ended::TimedOut { signal },
+        (Some(Stop::Cancel), _, signal) => Ended::Cancelled { signal },
+        (Some(Stop::Bound(processes)), _, _) => Ended::Bound { processes },
         (None, Some(code), _) => Ended::Exited(code),
         (None, None, Some(signal)) => Ended::Signaled(signal),
         (None, None, None) => Ended::Exited(-1),
@@ -189,6 +248,100 @@ pub async fn run(
         output_bytes: total,
         tail: tail.into_vec(),
     })
+}
+
+/// Why the runner stopped a command before it exited.
+#[derive(Debug, Clone, Copy)]
+enum Stop {
+    Timeout,
+    Cancel,
+    /// It reached its bound of processes.
+    Bound(u32),
+}
+
+/// The processes of one running command, as the runner reaches them.
+struct Job {
+    /// The group of the process the runner started (`sh`, or bwrap's outer process).
+    pgid: Pid,
+    /// Whether that process is bwrap's.
+    sandboxed: bool,
+}
+
+impl Job {
+    /// Asks the command to stop (SIGTERM). In a sandbox the signal goes to the job's processes
+    /// and not to bwrap, whose death would SIGKILL them all at once, without the grace.
+    fn terminate(&self) {
+        if self.sandboxed {
+            for pid in sandbox_processes(self.pgid.as_raw()) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+        } else {
+            let _ = killpg(self.pgid, Signal::SIGTERM);
+        }
+    }
+
+    /// SIGKILLs the group; in a sandbox bwrap's death takes every process of the job with it
+    /// (`--die-with-parent` and the PID namespace).
+    fn kill(&self) {
+        let _ = killpg(self.pgid, Signal::SIGKILL);
+    }
+
+    /// How many processes and threads run in the sandbox (bwrap's init included, as the kernel
+    /// counts them against `RLIMIT_NPROC`).
+    fn processes(&self) -> usize {
+        let mut count = 0;
+        let mut stack = children(self.pgid.as_raw());
+        while let Some(pid) = stack.pop() {
+            count += std::fs::read_dir(format!("/proc/{pid}/task"))
+                .map(|d| d.count())
+                .unwrap_or(1);
+            stack.extend(children(pid));
+        }
+        count
+    }
+}
+
+/// The processes of a sandbox whose bwrap has pid `bwrap`: every descendant but bwrap's init.
+fn sandbox_processes(bwrap: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    let mut stack: Vec<i32> = children(bwrap).into_iter().flat_map(children).collect();
+    while let Some(pid) = stack.pop() {
+        found.push(pid);
+        stack.extend(children(pid));
+    }
+    found
+}
+
+/// The children of `pid`'s threads (`/proc/<pid>/task/<tid>/children`).
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// Sets `RLIMIT_NPROC` to `n` in the process `cmd` starts (bwrap), before it makes the job's
+/// user namespace; the job cannot raise it (that needs `CAP_SYS_RESOURCE` outside).
+fn limit_processes(cmd: &mut tokio::process::Command, n: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    // SAFETY: the closure only makes two system calls (getrlimit, setrlimit), which are
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Never above the runner's own hard limit, which only root could raise.
+            let (_, hard) = getrlimit(Resource::RLIMIT_NPROC)?;
+            let n = u64::from(n).min(hard);
+            setrlimit(Resource::RLIMIT_NPROC, n, n).map_err(io::Error::from)
+        });
+    }
 }
 
 /// The environment variable that marks every process of one job.
@@ -384,6 +537,7 @@ mod tests {
             timeout,
             grace: Duration::from_millis(500),
             owner: "test".into(),
+            sandbox: None,
         }
     }
 
@@ -483,6 +637,60 @@ mod tests {
         });
         let (o, _) = run_collect(&spec("sleep 1000", Duration::from_secs(60)), &cancel).await;
         assert!(matches!(o.ended, Ended::Cancelled { .. }), "{:?}", o.ended);
+    }
+
+    /// A spec that runs `command` in a bwrap sandbox like a job's, in `dir`.
+    fn sandboxed(command: &str, dir: &std::path::Path, max_procs: Option<u32>) -> Spec {
+        use crate::sandbox::{JobDirs, Sandbox, BWRAP};
+        let dirs = JobDirs {
+            checkout: dir.join("src"),
+            home: dir.join("home"),
+            tmp: dir.join("tmp"),
+            cache: None,
+        };
+        for d in [&dirs.checkout, &dirs.home, &dirs.tmp] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let sandbox = Sandbox {
+            program: BWRAP.into(),
+            work_dir: dir.to_path_buf(),
+            ro_binds: Vec::new(),
+            hidden_files: Vec::new(),
+            network: true,
+        };
+        let mut s = spec(command, Duration::from_secs(30));
+        s.dir = dirs.checkout.clone();
+        s.sandbox = Some(Sandboxed {
+            program: sandbox.program.clone(),
+            args: sandbox.command(&dirs, true),
+            max_procs,
+        });
+        s
+    }
+
+    #[tokio::test]
+    async fn in_a_sandbox_nothing_outlives_the_command() {
+        let never = CancellationToken::new();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let command = "env -i setsid sh -c 'while :; do date >> f; sleep 0.1; done' \
+                       < /dev/null > /dev/null 2>&1 & sleep 0.5; echo started";
+        let (o, out) = run_collect(&sandboxed(command, &dir, None), &never).await;
+        assert_eq!((o.ended, out), (Ended::Exited(0), b"started\n".to_vec()));
+        let f = dir.join("src/f");
+        let before = std::fs::read(&f).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(std::fs::read(&f).unwrap(), before, "the loop still runs");
+    }
+
+    #[tokio::test]
+    async fn a_sandboxed_job_that_reaches_its_bound_of_processes_is_killed() {
+        let never = CancellationToken::new();
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let command = "for i in $(seq 100); do sleep 30 & done; wait";
+        let (o, _) = run_collect(&sandboxed(command, &dir, Some(20)), &never).await;
+        assert_eq!(o.ended, Ended::Bound { processes: 20 });
     }
 
     #[test]

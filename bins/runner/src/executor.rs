@@ -19,8 +19,9 @@ use jetci::test_report::{read_junit, OutputScanner};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::exec::{self, Ended, Spec};
+use crate::exec::{self, Ended, Sandboxed, Spec};
 use crate::logs::LogSink;
+use crate::sandbox::{JobDirs, Sandbox};
 
 /// Variables passed from the runner's environment to a job; everything else is built.
 const PASSED_ENV: &[&str] = &[
@@ -60,6 +61,11 @@ pub struct Settings {
     /// A directory shared by every job, exposed as `JETCI_CACHE_DIR`: the only thing one job
     /// may leave for the next.
     pub cache_dir: Option<PathBuf>,
+    /// The sandbox every job runs in (`None`: `--sandbox none`, or `auto` where bwrap does not
+    /// work).
+    pub sandbox: Option<Sandbox>,
+    /// At most this many processes at once per job (in a sandbox only).
+    pub max_procs: Option<u32>,
 }
 
 /// Checks a job out into a fresh workspace and runs its command there.
@@ -246,16 +252,31 @@ impl ShellExecutor {
         // The job the message names: a pipeline's job, or the run's only one.
         let resolved = pipeline::resolve(&config, &job.branch, job.job.as_deref())
             .map_err(|e| Prepare::Fail(e.to_string()))?;
+        let env = self.job_env(job, &home, &tmp, &resolved.env);
+        let sandbox = self.settings.sandbox.as_ref().map(|sandbox| {
+            let dirs = JobDirs {
+                checkout: src.clone(),
+                home,
+                tmp,
+                cache: self.settings.cache_dir.clone(),
+            };
+            Sandboxed {
+                program: sandbox.program.clone(),
+                args: sandbox.command(&dirs, config.network.unwrap_or(true)),
+                max_procs: self.settings.max_procs,
+            }
+        });
         let spec = Spec {
             command: resolved
                 .command
                 .clone()
                 .unwrap_or_else(|| self.settings.default_command.clone()),
             dir: src,
-            env: self.job_env(job, &home, &tmp, &resolved.env),
+            env,
             timeout: resolved.timeout.unwrap_or(self.settings.default_timeout),
             grace: self.settings.grace,
             owner: self.owner(),
+            sandbox,
         };
         Ok((spec, resolved))
     }
@@ -373,6 +394,15 @@ fn verdict(ended: Ended, timeout: Duration) -> (Status, Option<i32>, Option<i32>
             signal,
             Some("the job was cancelled".into()),
         ),
+        Ended::Bound { processes } => (
+            Status::Error,
+            None,
+            Some(9),
+            Some(format!(
+                "the job was killed for reaching its bound of {processes} processes \
+                 (the runner's --max-procs)"
+            )),
+        ),
     }
 }
 
@@ -408,5 +438,8 @@ mod tests {
             verdict(Ended::Cancelled { signal: None }, t).0,
             Status::Cancelled
         );
+        let (s, _, _, reason) = verdict(Ended::Bound { processes: 64 }, t);
+        assert_eq!(s, Status::Error);
+        assert!(reason.unwrap().contains("bound of 64 processes"));
     }
 }

@@ -11,6 +11,7 @@
 mod exec;
 mod executor;
 mod logs;
+mod sandbox;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use jetci::shutdown::Shutdown;
 use jetci::subjects::{check_token, repo_slug};
 
 use crate::executor::{Settings, ShellExecutor};
+use crate::sandbox::{Mode, ProbeError, Sandbox};
 
 /// jetci's test runner: checks out each commit it is given, runs the repository's test command
 /// and publishes the result.
@@ -81,12 +83,38 @@ struct Args {
     #[arg(long)]
     keep_workspaces: bool,
     /// A directory shared by all jobs (dependency caches and the like), given to them as
-    /// JETCI_CACHE_DIR. Without it nothing survives from one job to the next.
+    /// JETCI_CACHE_DIR and writable in their sandbox; it must not hold the work dir. Without it
+    /// nothing survives from one job to the next.
     #[arg(long, value_name = "DIR")]
     cache_dir: Option<PathBuf>,
     /// More environment variables to pass from the runner to jobs (by name, repeatable).
     #[arg(long = "pass-env", value_name = "NAME")]
     pass_env: Vec<String>,
+    /// How jobs are isolated: bwrap runs each in a sandbox of its own (bubblewrap, /usr/bin/bwrap:
+    /// own PID, mount and user namespaces; only its checkout, HOME, TMPDIR and --cache-dir
+    /// writable; nothing of the runner visible); auto is bwrap where it works here, else none
+    /// with a warning; none runs jobs as plain processes of the runner's user.
+    #[arg(long, value_enum, default_value = "auto")]
+    sandbox: Mode,
+    /// Whether jobs have the network: off leaves them loopback only (in a sandbox). A repository
+    /// can turn it off for its own jobs with `network = false` in .jetci.toml.
+    #[arg(long, value_enum, default_value = "on")]
+    network: Network,
+    /// A host directory jobs may read (a toolchain, say), at DEST or its own path inside the
+    /// sandbox; absolute paths, repeatable.
+    #[arg(long = "ro-bind", value_name = "SRC[:DEST]", value_parser = sandbox::parse_ro_bind)]
+    ro_bind: Vec<(PathBuf, PathBuf)>,
+    /// At most this many processes (threads included) at once per job, in a sandbox; a job that
+    /// reaches it is killed with an `error` result saying so.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..))]
+    max_procs: u32,
+}
+
+/// `--network`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Network {
+    On,
+    Off,
 }
 
 #[tokio::main]
@@ -123,10 +151,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create cache dir {}", dir.display()))?;
-            Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()))
+            let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone());
+            // Jobs may write all of it: it must not hold the runner's own files.
+            anyhow::ensure!(
+                !work_dir.starts_with(&dir),
+                "--cache-dir {} holds the work dir {}; give jobs a directory of their own",
+                dir.display(),
+                work_dir.display()
+            );
+            Some(dir)
         }
         None => None,
     };
+
+    let (sandbox, warnings) = choose_sandbox(&args, &work_dir).await?;
 
     args.metrics.install()?;
     let shutdown = Shutdown::install()?;
@@ -144,6 +182,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             keep_workspaces: args.keep_workspaces,
             pass_env: args.pass_env,
             cache_dir,
+            sandbox,
+            max_procs: Some(args.max_procs),
         },
     );
     tracing::info!(%id, work_dir = %work_dir.display(), "starting runner");
@@ -158,9 +198,72 @@ async fn run(args: Args) -> anyhow::Result<()> {
         work_dir,
         // A runner id that never comes back should not leave its consumer forever.
         consumer_inactive: Duration::from_secs(7 * 24 * 3600),
+        warnings,
     };
     jetci::runner::run(nats, streams, config, Arc::new(executor), shutdown).await?;
     Ok(())
+}
+
+/// The sandbox jobs run in, and the warnings for the runner's presence: `--sandbox auto` tries
+/// bwrap once (a trivial job in a sandbox like every job's) and falls back to none, saying why;
+/// `bwrap` refuses to start without it.
+async fn choose_sandbox(
+    args: &Args,
+    work_dir: &std::path::Path,
+) -> anyhow::Result<(Option<Sandbox>, Vec<String>)> {
+    if args.sandbox == Mode::None {
+        let warning = format!(
+            "jobs run without a sandbox (--sandbox none): they see the runner's files and \
+             processes{}",
+            unenforced(args)
+        );
+        tracing::warn!("{warning}");
+        return Ok((None, vec![warning]));
+    }
+    let c = &args.connect;
+    let sandbox = Sandbox {
+        program: sandbox::BWRAP.into(),
+        work_dir: work_dir.to_path_buf(),
+        ro_binds: args.ro_bind.clone(),
+        hidden_files: [&c.creds, &c.nkey, &c.tlskey]
+            .into_iter()
+            .flatten()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
+            .collect(),
+        network: args.network == Network::On,
+    };
+    let probe = sandbox.clone();
+    let works = tokio::task::spawn_blocking(move || probe.probe())
+        .await
+        .context("the sandbox check failed")?;
+    match (works, args.sandbox) {
+        (Ok(()), _) => {
+            tracing::info!(network = ?args.network, max_procs = args.max_procs, "jobs run in a bwrap sandbox");
+            Ok((Some(sandbox), Vec::new()))
+        }
+        // Settings that cannot work are the operator's to fix, not a reason to run unsandboxed.
+        (Err(e @ ProbeError::Setup(_)), _) => anyhow::bail!("{e}"),
+        (Err(e), Mode::Bwrap) => anyhow::bail!("--sandbox bwrap, but {e}"),
+        (Err(e), _) => {
+            let warning = format!(
+                "jobs run without a sandbox: {e}; install bubblewrap and allow user \
+                 namespaces, or pass --sandbox none to accept this{}",
+                unenforced(args)
+            );
+            tracing::warn!("{warning}");
+            Ok((None, vec![warning]))
+        }
+    }
+}
+
+/// What a runner without a sandbox cannot honour, for its warning: `--network off` (and a
+/// repository's `network = false`) and `--ro-bind` need one.
+fn unenforced(args: &Args) -> &'static str {
+    if args.network == Network::Off || !args.ro_bind.is_empty() {
+        "; --network off and --ro-bind mean nothing without one"
+    } else {
+        ""
+    }
 }
 
 /// The work dir (`--work-dir`, or a default per id), created. What a previous life left there
@@ -172,7 +275,9 @@ fn prepare_work_dir(args: &Args, id: &str) -> anyhow::Result<PathBuf> {
     };
     std::fs::create_dir_all(&work_dir)
         .with_context(|| format!("cannot create work dir {}", work_dir.display()))?;
-    Ok(work_dir)
+    // Absolute: the sandbox binds a job's places by path.
+    std::fs::canonicalize(&work_dir)
+        .with_context(|| format!("cannot resolve work dir {}", work_dir.display()))
 }
 
 fn default_work_dir(id: &str) -> PathBuf {

@@ -562,6 +562,7 @@ pub(crate) mod tests {
             accepting: true,
             started_at: now,
             updated_at: now,
+            warnings: Vec::new(),
         };
         v.set_runner("r1", Some(info.clone()), now - Duration::from_secs(120));
         v.set_runner(

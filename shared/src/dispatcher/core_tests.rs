@@ -140,6 +140,7 @@ fn runner_info(id: &str, labels: &[&str], capacity: u32, accepting: bool) -> Run
         accepting,
         started_at: now(),
         updated_at: now(),
+        warnings: Vec::new(),
     }
 }
 

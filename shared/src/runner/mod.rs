@@ -51,6 +51,9 @@ pub struct Config {
     pub work_dir: PathBuf,
     /// How long the job consumer of a runner id that never comes back outlives it.
     pub consumer_inactive: Duration,
+    /// What an operator should know about this runner (jobs without a sandbox, say): shown in
+    /// its presence entry.
+    pub warnings: Vec<String>,
 }
 
 /// What running a job came to.
@@ -331,6 +334,7 @@ async fn register<E: Executor>(runner: Arc<Runner<E>>, draining: CancellationTok
             accepting: !draining.is_cancelled(),
             started_at: started,
             updated_at: messages::now(),
+            warnings: runner.config.warnings.clone(),
         };
         metrics::gauge!(m::JOBS_IN_FLIGHT).set(info.jobs.len() as f64);
         match runner

@@ -5,6 +5,11 @@
 //! executions that started; put last (before the exit) it counts executions that ran to the end.
 //! Lines are appended with `>>` (`O_APPEND`, one short write), so runners writing at once do not
 //! mix them.
+//!
+//! Jobs run in a sandbox that shows them nothing of the host but their own places, so the
+//! runners that run such a command need [`Executions::runner_flags`]: the file's directory as
+//! the runner's `--cache-dir` (the one writable place jobs share, bound at its own path), and
+//! [`LIFE_VAR`] passed through, which tells a runner apart from its restarted self.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,10 +29,14 @@ pub struct Execution {
     pub attempt: u32,
     /// The runner's id (`JETCI_RUNNER`).
     pub runner: String,
-    /// The pid of the runner process that ran the command (the shell's parent), which tells a
-    /// runner apart from its restarted self with the same id.
-    pub runner_pid: u32,
+    /// The life of the runner process that ran the command: [`LIFE_VAR`] in the runner's
+    /// environment (0 when the test gave none), which tells a runner apart from its restarted
+    /// self with the same id.
+    pub runner_life: u32,
 }
+
+/// The runner's environment variable the record reads its life from (see [`Execution`]).
+pub const LIFE_VAR: &str = "JETCI_TEST_LIFE";
 
 impl Executions {
     pub fn new() -> Executions {
@@ -42,10 +51,17 @@ impl Executions {
         self.dir.path().join("executions")
     }
 
+    /// The flags a runner needs to run [`Executions::record`] in its jobs' sandbox: the file's
+    /// directory as its `--cache-dir`, and `--pass-env` [`LIFE_VAR`].
+    pub fn runner_flags(&self) -> [&str; 4] {
+        let dir = self.dir.path().to_str().expect("utf-8 temp dir");
+        ["--cache-dir", dir, "--pass-env", LIFE_VAR]
+    }
+
     /// The shell statement that appends this execution's line (no trailing `;`).
     pub fn record(&self) -> String {
         format!(
-            "echo \"$JETCI_COMMIT $JETCI_RUN $JETCI_ATTEMPT $JETCI_RUNNER $PPID\" >> '{}'",
+            "echo \"$JETCI_COMMIT $JETCI_RUN $JETCI_ATTEMPT $JETCI_RUNNER ${{{LIFE_VAR}:-0}}\" >> '{}'",
             self.path().display()
         )
     }
@@ -67,7 +83,7 @@ impl Executions {
                     run: number(1),
                     attempt: number(2),
                     runner: fields.get(3).unwrap_or(&"").to_string(),
-                    runner_pid: number(4),
+                    runner_life: number(4),
                 }
             })
             .collect()

@@ -97,13 +97,24 @@ impl System {
     /// Starts the observer on `repo`, a dispatcher, and one runner per id in `runners` (none is
     /// fine: jobs then wait for one).
     pub fn start(nats: &NatsServer, repo: &GitRepo, runners: &[&str]) -> System {
+        System::start_with(nats, repo, runners, &[])
+    }
+
+    /// [`System::start`] with `runner_flags` for every runner (such as
+    /// [`super::executions::Executions::runner_flags`]).
+    pub fn start_with(
+        nats: &NatsServer,
+        repo: &GitRepo,
+        runners: &[&str],
+        runner_flags: &[&str],
+    ) -> System {
         let url = nats.url();
         let work = tempfile::tempdir().expect("cannot create a work dir for the runners");
         let observer = spawn_observer(&url, repo, &[]);
         let dispatcher = spawn_dispatcher(&url, &[]);
         let runners = runners
             .iter()
-            .map(|id| spawn_runner(&url, id, work.path(), &[]))
+            .map(|id| spawn_runner(&url, id, work.path(), runner_flags))
             .collect();
         System {
             url,
