@@ -5,12 +5,14 @@
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
 use crate::git::Watched;
+use crate::limits::clip;
 use crate::messages::{now, CommitMsg, VERSION};
-use crate::repo_config::{RepoConfig, FILE_NAME};
+use crate::repo_config::{RepoConfig, FILE_NAME, MAX_FILE_BYTES};
 use git2::Oid;
 
-/// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
-/// first line must not make the message too large to publish (invariant I5).
+/// Longest author and summary carried, in characters (a longer one is clipped and says so): a
+/// commit is input, and a megabyte-long first line must not make the message too large to
+/// publish (invariant I5).
 const MAX_AUTHOR: usize = 256;
 const MAX_SUMMARY: usize = 1000;
 
@@ -44,7 +46,7 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
 /// parses it again and reports the problem as the commit's `error` result.
 fn labels(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Vec<String> {
     let sha = commit.to_string();
-    let text = match watched.file_at(commit, FILE_NAME) {
+    let text = match watched.file_at(commit, FILE_NAME, MAX_FILE_BYTES) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return vec![],
         Err(e) => {
@@ -72,10 +74,6 @@ fn labels(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Vec<Strin
             vec![]
         }
     }
-}
-
-fn clip(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 #[cfg(test)]
@@ -120,9 +118,23 @@ mod tests {
         assert!(message(&w, "app", "main", bad).labels.is_empty());
         let garbage = commit_with(&repo, &[(FILE_NAME, "\u{0}\u{ff}")], "x");
         assert!(message(&w, "app", "main", garbage).labels.is_empty());
+        // A file over the cap is not read (its size comes from the object header): no labels.
+        let padding = "# padding\n".repeat(MAX_FILE_BYTES as usize / 10);
+        let huge = format!("labels = [\"linux\"]\n{padding}");
+        let huge = commit_with(&repo, &[(FILE_NAME, &huge)], "x");
+        assert!(message(&w, "app", "main", huge).labels.is_empty());
         let none = commit_with(&repo, &[("a", "1")], &"long ".repeat(1000));
         let msg = message(&w, "app", "main", none);
         assert!(msg.labels.is_empty());
-        assert_eq!(msg.summary.chars().count(), MAX_SUMMARY);
+        assert!(
+            msg.summary.starts_with(&"long ".repeat(200)),
+            "{}",
+            msg.summary
+        );
+        assert!(
+            msg.summary.ends_with("… [4999 bytes in all]"),
+            "{}",
+            msg.summary
+        );
     }
 }
