@@ -21,11 +21,14 @@ pub struct GitError {
     pub message: String,
 }
 
+/// The most characters of a libgit2 message kept: it may quote a ref name of any length.
+const MAX_GIT_MESSAGE: usize = 1000;
+
 fn err(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
     let context = context.into();
     move |e| GitError {
         context,
-        message: e.message().to_string(),
+        message: crate::limits::clip(e.message(), MAX_GIT_MESSAGE),
     }
 }
 
