@@ -99,8 +99,8 @@ pub struct Nats {
     pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
-/// Room left for the headers of a message jetci builds (message id, expected sequence, a job's
-/// state), in bytes: [`Nats::message_limit`] is this much below the server's `max_payload`.
+/// Room left for the headers of a result (message id, expected sequence, status, runner), in
+/// bytes: [`Nats::message_limit`] is this much below the server's `max_payload`.
 pub const HEADER_ROOM: usize = 8 * 1024;
 
 impl Nats {

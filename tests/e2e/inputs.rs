@@ -7,7 +7,7 @@
 //! - a commit too large to send to a runner; a branch name too long to send at all;
 //! - a `.jetci.toml` of several MiB.
 
-use std::process::Command;
+use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
 use jetci::messages::{self, CommitMsg, VERSION};
@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::support::git::GitRepo;
 use crate::support::jetstream::{js, names, stream_messages, wait_job_phase};
 use crate::support::nats::NatsServer;
-use crate::support::processes::bin_path;
+use crate::support::processes::Proc;
 use crate::support::system::{app_job, spawn_dispatcher, spawn_runner, System, REPO};
 use crate::support::waiting::{wait_until_async, BOUND};
 
@@ -64,8 +64,9 @@ async fn a_timeout_past_what_a_clock_holds_is_the_commits_error_and_the_runner_g
 fn every_duration_flag_is_bounded_with_a_clear_error() {
     let repo = GitRepo::new();
     let path = repo.path().to_str().expect("utf-8 path");
+    let store = tempfile::tempdir().expect("a store dir for jetci up");
+    let store = store.path().to_str().expect("utf-8 path");
     let absurd = "9223372036854775807s";
-    let server = ["-s", "nats://127.0.0.1:1"];
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("jetci-runner", vec!["--timeout", absurd], "--timeout"),
         (
@@ -99,21 +100,19 @@ fn every_duration_flag_is_bounded_with_a_clear_error() {
         ),
         (
             "jetci",
-            vec!["up", "--poll-interval", absurd, path],
+            vec!["up", "--store", store, "--poll-interval", absurd, path],
             "--poll-interval",
         ),
     ];
     for (bin, args, flag) in cases {
-        let out = Command::new(bin_path(bin))
-            .args(server)
-            .args(&args)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {bin}: {e}"));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let said = format!("{bin} {}: {stderr}", args.join(" "));
-        assert!(!out.status.success(), "{said}");
-        assert!(stderr.contains(flag), "{said}");
-        assert!(stderr.contains("longer than the limit of"), "{said}");
+        // A server nobody listens on: a binary that took the value fails later, and differently.
+        let all = [&["-s", "nats://127.0.0.1:1"][..], &args].concat();
+        let mut process = Proc::spawn(bin, &all, &[]);
+        let status = process.wait_exit(Duration::from_secs(60));
+        let said = format!("{bin} {}: {}", args.join(" "), process.log());
+        assert!(!status.success(), "{said}");
+        assert!(said.contains(flag), "{said}");
+        assert!(said.contains("longer than the limit of"), "{said}");
     }
 }
 
