@@ -76,7 +76,7 @@ impl RepoConfig {
                 return Err(ConfigError("command is empty".into()));
             }
         }
-        check_label_count(&raw.labels)?;
+        check_labels_bounds(&raw.labels)?;
         for l in &raw.labels {
             if !is_token(l) {
                 return Err(ConfigError(format!(
@@ -127,7 +127,7 @@ fn parse_timeout(text: &str) -> Result<Duration, ConfigError> {
 }
 
 /// At most [`MAX_LABELS`] labels of at most [`MAX_LABEL_BYTES`] each.
-fn check_label_count(labels: &[String]) -> Result<(), ConfigError> {
+fn check_labels_bounds(labels: &[String]) -> Result<(), ConfigError> {
     if labels.len() > MAX_LABELS {
         return Err(ConfigError(format!(
             "{} labels are more than the limit of {MAX_LABELS}",
