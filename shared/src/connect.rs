@@ -99,6 +99,22 @@ pub struct Nats {
     pub connections: tokio::sync::watch::Receiver<u64>,
 }
 
+/// Room left for the headers of a result (message id, expected sequence, status, runner), in
+/// bytes: [`Nats::message_limit`] is this much below the server's `max_payload`.
+pub const HEADER_ROOM: usize = 8 * 1024;
+
+impl Nats {
+    /// The most bytes a payload jetci builds from user data may have: the server's
+    /// `max_payload` (from its INFO; headers count towards it) or
+    /// [`crate::messages::MAX_MESSAGE_BYTES`], whichever is smaller, less [`HEADER_ROOM`].
+    pub fn message_limit(&self) -> usize {
+        self.client
+            .max_payload()
+            .min(crate::messages::MAX_MESSAGE_BYTES)
+            .saturating_sub(HEADER_ROOM)
+    }
+}
+
 impl ConnectArgs {
     /// Builds the async-nats options from the flags.
     async fn options(

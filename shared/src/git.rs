@@ -21,11 +21,14 @@ pub struct GitError {
     pub message: String,
 }
 
+/// The most characters of a libgit2 message kept: it may quote a ref name of any length.
+const MAX_GIT_MESSAGE: usize = 1000;
+
 fn err(context: impl Into<String>) -> impl FnOnce(git2::Error) -> GitError {
     let context = context.into();
     move |e| GitError {
         context,
-        message: e.message().to_string(),
+        message: crate::limits::clip(e.message(), MAX_GIT_MESSAGE),
     }
 }
 
@@ -186,7 +189,15 @@ impl Watched {
     }
 
     /// The content of `path` in the tree of commit `oid`, or `None` when there is no such file.
-    pub fn file_at(&self, oid: Oid, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+    ///
+    /// Errors: the tree cannot be read, or the file is larger than `max_bytes` (its size is read
+    /// from the object's header, so a huge blob is never inflated).
+    pub fn file_at(
+        &self,
+        oid: Oid,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<Option<Vec<u8>>, GitError> {
         let tree = self
             .repo
             .find_commit(oid)
@@ -195,6 +206,20 @@ impl Watched {
         let Ok(entry) = tree.get_path(Path::new(path)) else {
             return Ok(None);
         };
+        if entry.kind() != Some(git2::ObjectType::Blob) {
+            return Ok(None);
+        }
+        let (size, _) = self
+            .repo
+            .odb()
+            .and_then(|odb| odb.read_header(entry.id()))
+            .map_err(err(format!("cannot read {path} at {oid}")))?;
+        if size as u64 > max_bytes {
+            return Err(GitError {
+                context: format!("{path} at {oid}"),
+                message: format!("the file is {size} bytes, more than the limit of {max_bytes}"),
+            });
+        }
         match entry
             .to_object(&self.repo)
             .ok()
@@ -677,8 +702,16 @@ mod tests {
         );
         assert_eq!(w.new_commits(c, &[a]).unwrap(), vec![b, c]);
         assert_eq!(w.new_commits(f, &[c]).unwrap(), vec![f]);
-        assert_eq!(w.file_at(b, "b.txt").unwrap().as_deref(), Some(&b"2"[..]));
-        assert_eq!(w.file_at(c, "nope").unwrap(), None);
+        assert_eq!(
+            w.file_at(b, "b.txt", 1).unwrap().as_deref(),
+            Some(&b"2"[..])
+        );
+        assert_eq!(w.file_at(c, "nope", 1).unwrap(), None);
+        let e = w.file_at(b, "b.txt", 0).unwrap_err();
+        assert!(
+            e.to_string().contains("1 bytes, more than the limit of 0"),
+            "{e}"
+        );
         assert!(w.is_ancestor(a, c));
         assert!(!w.is_ancestor(f, c));
         repo.set_head("refs/heads/feature/x.y").unwrap();

@@ -14,6 +14,7 @@
 //! - [`streams`]: idempotent stream and bucket set-up;
 //! - [`git`]: repository access with git2 (branches, new commits, mirrors, checkouts);
 //! - [`repo_config`]: the watched repository's `.jetci.toml`;
+//! - [`limits`]: bounds on durations and text users give;
 //! - [`pipeline`]: a run of several jobs: expanding the file's jobs, and which may start;
 //! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
 //! - [`result_file`]: the `test_results/<sha>` files;
@@ -26,6 +27,7 @@ pub mod connect;
 pub mod dispatcher;
 pub mod follow;
 pub mod git;
+pub mod limits;
 pub mod logging;
 pub mod messages;
 pub mod metrics;

@@ -271,6 +271,13 @@ impl Wire for CommitMsg {
         check_token("repo", &self.repo)?;
         check_sha(&self.sha)?;
         check_run(self.run)?;
+        if self.labels.len() > crate::repo_config::MAX_LABELS {
+            return Err(MessageError::Invalid(format!(
+                "{} labels are more than the limit of {}",
+                self.labels.len(),
+                crate::repo_config::MAX_LABELS
+            )));
+        }
         for l in &self.labels {
             check_token("label", l)?;
         }
@@ -769,6 +776,12 @@ mod tests {
         ));
         let mut v = serde_json::to_value(commit()).unwrap();
         v["branch"] = "a\nb".into();
+        assert!(matches!(
+            decode::<CommitMsg>(v.to_string().as_bytes()),
+            Err(MessageError::Invalid(_))
+        ));
+        let mut v = serde_json::to_value(commit()).unwrap();
+        v["labels"] = vec!["a"; 33].into();
         assert!(matches!(
             decode::<CommitMsg>(v.to_string().as_bytes()),
             Err(MessageError::Invalid(_))

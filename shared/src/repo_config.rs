@@ -151,12 +151,14 @@ impl RepoConfig {
     /// Parses the file's text.
     ///
     /// Errors: TOML syntax, unknown keys, wrong types (with line and column, as the `toml` crate
-    /// reports them), an unparsable `timeout`, an empty `command`, a label that is not
-    /// `[A-Za-z0-9_-]+`, an `env` name that is empty or holds `=`.
+    /// reports them), a `timeout` that is not a duration of up to a week, an empty `command`, a
+    /// label that is not `[A-Za-z0-9_-]+`, more than [`MAX_LABELS`] labels or a longer one than
+    /// [`MAX_LABEL_BYTES`], an `env` name that is empty or holds `=`. The caller checks the
+    /// file's size first ([`check_size`]).
     pub fn parse(text: &str) -> Result<RepoConfig, ConfigError> {
         let raw: Raw = toml::from_str(text)
             .map_err(|e| ConfigError(e.to_string().trim().replace('\n', " ")))?;
-        let timeout = parse_timeout(raw.timeout.as_deref())?;
+        let timeout = raw.timeout.as_deref().map(parse_timeout).transpose()?;
         if let Some(c) = &raw.command {
             if c.trim().is_empty() {
                 return Err(ConfigError("command is empty".into()));
@@ -209,22 +211,8 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-fn parse_timeout(timeout: Option<&str>) -> Result<Option<Duration>, ConfigError> {
-    let Some(t) = timeout else {
-        return Ok(None);
-    };
-    let d = humantime::parse_duration(t).map_err(|e| {
-        ConfigError(format!(
-            "timeout {t:?} is not a duration such as \"90s\" or \"10m\": {e}"
-        ))
-    })?;
-    if d.is_zero() {
-        return Err(ConfigError("timeout must be longer than zero".into()));
-    }
-    Ok(Some(d))
-}
-
 fn check_labels(labels: &[String]) -> Result<(), ConfigError> {
+    check_labels_bounds(labels)?;
     match labels.iter().find(|l| !is_token(l)) {
         Some(l) => Err(ConfigError(format!(
             "label {l:?} must use only letters, digits, '-' and '_'"
@@ -320,7 +308,12 @@ fn job_spec(
         matrix,
         parallel,
         labels,
-        timeout: parse_timeout(raw.timeout.as_deref())?.or(top.timeout),
+        timeout: raw
+            .timeout
+            .as_deref()
+            .map(parse_timeout)
+            .transpose()?
+            .or(top.timeout),
         env,
         branches: raw.branches,
         allow_failure: raw.allow_failure,
@@ -389,6 +382,48 @@ fn check_pipeline(jobs: &[JobSpec]) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// The largest `.jetci.toml` read, in bytes (1 MiB): observers and runners check a file's size
+/// before they read it, so a huge one costs nothing but an `error` result.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The most labels a job may ask for: they travel in every commit, job and state message.
+pub const MAX_LABELS: usize = 32;
+
+/// The most bytes of one label.
+pub const MAX_LABEL_BYTES: usize = 64;
+
+/// Refuses a `.jetci.toml` of `len` bytes when it is larger than [`MAX_FILE_BYTES`].
+pub fn check_size(len: u64) -> Result<(), ConfigError> {
+    if len > MAX_FILE_BYTES {
+        return Err(ConfigError(format!(
+            "the file is {len} bytes, more than the limit of {MAX_FILE_BYTES} bytes (1 MiB)"
+        )));
+    }
+    Ok(())
+}
+
+/// `timeout`: a duration of more than zero and at most [`crate::limits::MAX_JOB_TIME`].
+fn parse_timeout(text: &str) -> Result<Duration, ConfigError> {
+    crate::limits::job_time(text).map_err(|e| ConfigError(format!("timeout {e}")))
+}
+
+/// At most [`MAX_LABELS`] labels of at most [`MAX_LABEL_BYTES`] each.
+fn check_labels_bounds(labels: &[String]) -> Result<(), ConfigError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ConfigError(format!(
+            "{} labels are more than the limit of {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    match labels.iter().find(|l| l.len() > MAX_LABEL_BYTES) {
+        Some(l) => Err(ConfigError(format!(
+            "label {} is longer than {MAX_LABEL_BYTES} bytes",
+            crate::limits::clip(l, MAX_LABEL_BYTES)
+        ))),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -494,5 +529,29 @@ timeout = "1m"
         assert!(err("[jobs.a]\ncommand = \"x\"\nparallel = 0\n").contains("parallel"));
         assert!(err("[jobs.a]\ncommand = \"x\"\nbranches = [\"[\"]\n").contains("glob"));
         assert!(err("[jobs]\n").contains("no job"));
+    }
+
+    #[test]
+    fn bounds() {
+        let e = RepoConfig::parse("timeout = \"9223372036854775807s\"").unwrap_err();
+        assert!(
+            e.to_string().contains("longer than the limit of 7days"),
+            "{e}"
+        );
+        assert!(RepoConfig::parse("timeout = \"7days\"").is_ok());
+        let many = format!("labels = [{}]", vec!["\"a\""; MAX_LABELS + 1].join(","));
+        assert!(RepoConfig::parse(&many)
+            .unwrap_err()
+            .to_string()
+            .contains("limit of 32"));
+        let long = format!("labels = [\"{}\"]", "a".repeat(MAX_LABEL_BYTES + 1));
+        assert!(RepoConfig::parse(&long).is_err());
+        assert!(check_size(MAX_FILE_BYTES).is_ok());
+        let e = check_size(MAX_FILE_BYTES + 1).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("more than the limit of 1048576 bytes"),
+            "{e}"
+        );
     }
 }

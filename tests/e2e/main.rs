@@ -22,6 +22,7 @@ mod browser;
 mod chaos;
 mod cluster;
 mod faults;
+mod inputs;
 mod jobs;
 mod manager;
 mod metrics;

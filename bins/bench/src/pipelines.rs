@@ -84,7 +84,9 @@ pub fn bench_pipelines(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report)
     let per_job = median(&many) / jobs as f64;
     rep.rows.push(Row {
         id: "P",
-        what: format!("per job of a {jobs}-job pipeline of `true` on 1 runner (run latency / {jobs})"),
+        what: format!(
+            "per job of a {jobs}-job pipeline of `true` on 1 runner (run latency / {jobs})"
+        ),
         n: (n * 2).to_string(),
         median: fms(per_job),
         p95: fms(pct(&many, 95.0) / jobs as f64),

@@ -32,7 +32,7 @@ struct Args {
     metrics: jetci::metrics::MetricsArgs,
     /// The lease: a job whose runner has not heartbeaten for this long goes to another runner,
     /// and a commit whose dispatcher died goes to another dispatcher after it.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "3s")]
     ack_wait: Duration,
     /// Attempts per run before it is given up as `error` (a failing test is never retried; only
     /// lost runners count).

@@ -109,7 +109,7 @@ struct StatusArgs {
     #[arg(long)]
     json: bool,
     /// The dispatchers' lease (--ack-wait): what counts as a live runner and the lease left.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "3s")]
     lease: std::time::Duration,
 }
 

@@ -35,7 +35,7 @@ pub struct NotifyArgs {
     #[arg(value_name = "NEW")]
     new: Option<String>,
     /// How long to wait for the observer's answer (it answers when its poll has published).
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = jetci::limits::interval)]
     timeout: Duration,
 }
 

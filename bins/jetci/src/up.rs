@@ -33,7 +33,7 @@ pub struct UpArgs {
     #[arg(long, value_name = "DIR", default_value = ".jetci")]
     pub store: PathBuf,
     /// How often the observer looks for new commits (e.g. 1s, 500ms, 1m).
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = jetci::limits::interval)]
     pub poll_interval: Duration,
     /// Where to write one `<sha>` file per result.
     #[arg(long, value_name = "DIR", default_value = "test_results")]

@@ -75,10 +75,10 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     labels: Vec<String>,
     /// How long a runner must have had no job before it is stopped (e.g. 30s, 5m).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DUR")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "30s", value_name = "DUR")]
     idle_timeout: Duration,
     /// How often the queue is measured and a decision taken.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s", value_name = "DUR")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "1s", value_name = "DUR")]
     interval: Duration,
     /// This manager's name, the prefix of its runners' ids (default: the host name's first
     /// label). Give every manager its own.

@@ -54,7 +54,7 @@ struct Args {
     #[arg(long)]
     name: Option<String>,
     /// How often to look for new commits, e.g. 500ms, 5s, 1m.
-    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = parse_interval)]
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = jetci::limits::interval)]
     poll_interval: Duration,
     /// Watch only branches whose name matches this glob, e.g. 'main' or 'release/*' ('*' also
     /// matches '/', so the default watches every branch).
@@ -120,14 +120,6 @@ async fn observe(args: Args, repo: String, watched: Watched) -> anyhow::Result<(
     Ok(())
 }
 
-fn parse_interval(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("the poll interval must be more than zero".into()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e} (write e.g. 500ms, 5s or 1m)")),
-    }
-}
-
 fn parse_glob(s: &str) -> Result<Pattern, String> {
     Pattern::new(s).map_err(|e| e.to_string())
 }
@@ -171,6 +163,7 @@ mod tests {
         assert!(a.branches.matches("release/1.0"));
         assert!(!a.branches.matches("main"));
         assert!(Args::try_parse_from(["jetci-observer", "--poll-interval", "0s", "x"]).is_err());
+        assert!(Args::try_parse_from(["jetci-observer", "--poll-interval", "2days", "x"]).is_err());
         assert!(Args::try_parse_from(["jetci-observer", "--branches", "[", "x"]).is_err());
     }
 }

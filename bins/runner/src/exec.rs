@@ -159,8 +159,11 @@ pub async fn run(
     let mut tail = Tail::default();
     let mut total = 0u64;
     let mut buf = vec![0u8; 32 * 1024];
-    let deadline = Instant::now() + spec.timeout;
+    // Durations are bounded where users give them (`jetci::limits`); a deadline past what an
+    // `Instant` holds is never, not a panic.
     let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let after = |d: Duration| Instant::now().checked_add(d).unwrap_or(far).min(far);
+    let deadline = after(spec.timeout);
     let mut kill_at = far;
     let mut drain_until = far;
     let mut eof = false;
@@ -189,12 +192,12 @@ pub async fn run(
             _ = sleep_until(deadline), if status.is_none() && stopped.is_none() => {
                 stopped = Some(Stop::Timeout);
                 job.terminate();
-                kill_at = Instant::now() + spec.grace;
+                kill_at = after(spec.grace);
             }
             _ = cancel.cancelled(), if status.is_none() && stopped.is_none() => {
                 stopped = Some(Stop::Cancel);
                 job.terminate();
-                kill_at = Instant::now() + spec.grace;
+                kill_at = after(spec.grace);
             }
             _ = sleep_until(kill_at), if status.is_none() => {
                 job.kill();

@@ -13,7 +13,7 @@ use jetci::connect::Nats;
 use jetci::git::Mirror;
 use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
 use jetci::pipeline::{self, Resolved};
-use jetci::repo_config::{RepoConfig, FILE_NAME};
+use jetci::repo_config::{check_size, RepoConfig, FILE_NAME};
 use jetci::runner::{Execution, Executor};
 use jetci::test_report::{read_junit, OutputScanner};
 use time::OffsetDateTime;
@@ -38,6 +38,9 @@ const PASSED_ENV: &[&str] = &[
     "PYENV_ROOT",
     "PYENV_VERSION",
 ];
+
+/// The most characters of a command quoted in a reason (a command may be megabytes long).
+const SHOWN_COMMAND: usize = 200;
 
 /// How a job's command is run: the runner's flags that shape a job.
 #[derive(Debug, Clone)]
@@ -168,7 +171,8 @@ impl ShellExecutor {
                     test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
                 match outcome {
                     Err(e) => {
-                        result.reason = Some(format!("cannot start `sh -c {}`: {e}", spec.command))
+                        let command = jetci::limits::clip(&spec.command, SHOWN_COMMAND);
+                        result.reason = Some(format!("cannot start `sh -c {command}`: {e}"))
                     }
                     Ok(o) => {
                         result.log_bytes = o.output_bytes;
@@ -225,18 +229,7 @@ impl ShellExecutor {
             });
             drop(guard);
             checkout.map_err(|e| Prepare::Retry(format!("checkout failed on runner {id}: {e}")))?;
-            // Read only a regular file: a symlink could point outside the checkout.
-            let config_path = src_dir.join(FILE_NAME);
-            match std::fs::symlink_metadata(&config_path) {
-                Ok(m) if !m.file_type().is_file() => Err(Prepare::Fail(format!(
-                    "{FILE_NAME} must be a regular file (not a symlink or a directory)"
-                ))),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                _ => match std::fs::read_to_string(&config_path) {
-                    Ok(text) => Ok(Some(text)),
-                    Err(e) => Err(Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"))),
-                },
-            }
+            read_config(&src_dir.join(FILE_NAME))
         })
         .await
         .map_err(|e| {
@@ -342,6 +335,25 @@ async fn test_counts(
         }
     }
     scanner.finish()
+}
+
+/// The checkout's `.jetci.toml`, `None` when it has none. Only a regular file is read (a
+/// symlink could point outside the checkout), and only when its size is within the limit
+/// ([`check_size`]): a huge file is the commit's `error`, not the runner's memory.
+fn read_config(path: &Path) -> Result<Option<String>, Prepare> {
+    let cannot_read = |e: std::io::Error| Prepare::Fail(format!("cannot read {FILE_NAME}: {e}"));
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(cannot_read(e)),
+        Ok(meta) => meta,
+    };
+    if !meta.file_type().is_file() {
+        return Err(Prepare::Fail(format!(
+            "{FILE_NAME} must be a regular file (not a symlink or a directory)"
+        )));
+    }
+    check_size(meta.len()).map_err(|e| Prepare::Fail(e.to_string()))?;
+    std::fs::read_to_string(path).map(Some).map_err(cannot_read)
 }
 
 /// Why a job could not be prepared.

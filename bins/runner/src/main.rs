@@ -55,8 +55,8 @@ struct Args {
     /// Test command for repositories without a `.jetci.toml` command.
     #[arg(long, default_value = DEFAULT_COMMAND)]
     default_command: String,
-    /// Timeout for repositories whose `.jetci.toml` sets none (e.g. 90s, 10m, 1h).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+    /// Timeout for repositories whose `.jetci.toml` sets none (e.g. 90s, 10m, 1h; at most 7days).
+    #[arg(long, value_parser = jetci::limits::job_time, default_value = "1h")]
     timeout: Duration,
     /// Labels this runner offers (comma-separated); a job that asks for labels runs only on a
     /// runner that has them all.
@@ -66,18 +66,18 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     jobs: u32,
     /// How often the runner proves it is alive while a job runs.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "1s")]
     heartbeat: Duration,
     /// Lease on the job message: a job not extended for this long counts as lost. Keep it about
     /// three heartbeats and equal to the dispatcher's --ack-wait.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    #[arg(long, value_parser = jetci::limits::interval, default_value = "3s")]
     lease: Duration,
     /// Bytes of output stored per job in CI_LOGS; the rest is cut with a marker.
     #[arg(long, default_value_t = 10 * 1024 * 1024)]
     log_cap: u64,
     /// On SIGTERM, how long to let running jobs finish before handing them back to another
     /// runner (a second SIGTERM hands them back at once).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    #[arg(long, value_parser = jetci::limits::drain_time, default_value = "5m")]
     drain_timeout: Duration,
     /// Keep each job's workspace after it ends (for debugging).
     #[arg(long)]

@@ -94,6 +94,9 @@ pub enum Event {
         key: String,
         stored: Result<u64, String>,
     },
+    /// The answer to [`Effect::PublishJob`] when the job message can never be published: it is
+    /// larger than the server takes (`reason`), because of what its commit carries.
+    JobRefused { key: String, reason: String },
     /// A `ci-jobs` entry went by on the bucket's watch; `None` for a deleted one.
     JobStateChanged {
         key: String,
@@ -138,7 +141,7 @@ pub enum Effect {
     },
     /// Publish `job` on its runner's subject, with the `assigned` state and its revision in the
     /// headers (the runner claims on them). Answer, whenever the server acks:
-    /// [`Event::JobStored`].
+    /// [`Event::JobStored`]; at once when it can never be published: [`Event::JobRefused`].
     PublishJob {
         key: String,
         job: JobMsg,
@@ -425,6 +428,7 @@ impl Core {
                 self.on_run_result_published(&key, stored, &mut out)
             }
             Event::JobStored { key, stored } => self.on_job_stored(&key, stored),
+            Event::JobRefused { key, reason } => self.on_job_refused(&key, reason, &mut out),
             Event::JobStateChanged { key, state } => self.on_job_state(&key, state, now, &mut out),
             Event::RunnerSeen {
                 key,
@@ -950,6 +954,29 @@ impl Core {
                 tracing::warn!(%key, error = %e, "the job was not stored; it is retried after the lease")
             }
         }
+    }
+
+    /// The job's message can never be published (larger than the server takes): publishing it
+    /// again after every lease would keep its runner counted busy forever, so the run ends now
+    /// with an `error` result (clipped to fit when it is published) that says why.
+    fn on_job_refused(&mut self, key: &str, reason: String, out: &mut Effects) {
+        let Some(run) = self.runs.get(key) else {
+            return;
+        };
+        let current = match &run.known {
+            Known::State(state, revision) => Some(Versioned {
+                state: state.clone(),
+                revision: *revision,
+                age: Duration::ZERO,
+            }),
+            Known::Absent | Known::Unknown => None,
+        };
+        let attempt = current.as_ref().map_or(0, |c| c.state.attempt);
+        self.active.remove(key);
+        let reason = format!(
+            "the job cannot be sent to a runner: {reason} (its commit's branch, author or summary is too long)"
+        );
+        self.finish(key, current, attempt, Status::Error, reason, out);
     }
 
     /// Where the previous attempt's job message is: recorded in its state by the runner that

@@ -1436,3 +1436,50 @@ fn a_redelivered_pipeline_with_a_result_is_acked_and_one_without_reads_its_jobs(
     });
     assert_eq!(effects, [Effect::AckCommit { run: c.key() }]);
 }
+
+#[test]
+fn a_job_too_large_to_publish_ends_its_run_with_an_error_and_frees_its_runner() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    w.deliver(2);
+    let effects = w.on(Event::JobRefused {
+        key: key(1),
+        reason: "max payload size exceeded".into(),
+    });
+    match &effects[..] {
+        [Effect::FinishWithoutRunner {
+            result,
+            state,
+            revision: Some(1),
+            ..
+        }] => {
+            assert_eq!((result.status, result.attempt), (Status::Error, 1));
+            let reason = result.reason.as_deref().unwrap_or_default();
+            assert!(
+                reason.contains("cannot be sent to a runner: max payload"),
+                "{reason}"
+            );
+            assert_eq!(
+                state.phase,
+                JobPhase::Assigned,
+                "the state as written, to finish"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.on(Event::FinishedWithoutRunner {
+        key: key(1),
+        stored: true,
+    });
+    assert!(
+        effects.contains(&Effect::AckCommit {
+            run: commit(1).key()
+        }),
+        "{effects:?}"
+    );
+    // The runner is free again: the next commit goes to it.
+    w.later(MS(250));
+    let effects = w.tick();
+    assignment(&effects, "r1", 1);
+}

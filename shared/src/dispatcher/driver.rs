@@ -10,6 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
+use async_nats::jetstream::context::PublishErrorKind;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{kv, AckKind, Message};
 use futures::StreamExt;
@@ -248,10 +249,7 @@ impl Driver {
                 job,
                 assigned,
                 revision,
-            } => {
-                self.publish_job(key, job, assigned, revision).await;
-                None
-            }
+            } => self.publish_job(key, job, assigned, revision).await,
             Effect::DeleteJobMessage { seq } => {
                 let _ = self.streams.jobs.delete_message(seq).await;
                 None
@@ -320,8 +318,15 @@ impl Driver {
 
     /// Publishes a job on its runner's subject with the `assigned` state in its headers (the
     /// runner claims with one compare-and-set on it, [`crate::protocol::attempt`]); the server's
-    /// ack is awaited in its own task, so the next assignment does not wait for it.
-    async fn publish_job(&self, key: String, job: JobMsg, assigned: JobState, revision: u64) {
+    /// ack is awaited in its own task, so the next assignment does not wait for it. A job too
+    /// large for the server is answered at once with [`Event::JobRefused`].
+    async fn publish_job(
+        &self,
+        key: String,
+        job: JobMsg,
+        assigned: JobState,
+        revision: u64,
+    ) -> Option<Event> {
         let mut publish = PublishMessage::build().payload(encode(&job));
         if let Some(headers) = assigned_headers(&assigned, revision) {
             publish = publish.headers(headers);
@@ -340,11 +345,20 @@ impl Driver {
                     let stored = ack.await.map(|a| a.sequence).map_err(|e| e.to_string());
                     let _ = report.send(Event::JobStored { key, stored }).await;
                 });
+                None
+            }
+            Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                tracing::warn!(%key, runner = %job.runner, error = %e, "the job is too large to publish; ending its run with an error result");
+                Some(Event::JobRefused {
+                    key,
+                    reason: e.to_string(),
+                })
             }
             Err(e) => {
                 // The state says `assigned`; with no heartbeat it goes stale after the lease and
                 // the job is assigned again.
                 tracing::warn!(%key, runner = %job.runner, error = %e, "cannot publish the job; it is retried after the lease");
+                None
             }
         }
     }

@@ -5,13 +5,15 @@
 //! places the job without touching git (DESIGN.md, "The watched repository's own settings").
 
 use crate::git::Watched;
+use crate::limits::clip;
 use crate::messages::{now, CommitMsg, JobPlan, VERSION};
 use crate::pipeline::plan;
-use crate::repo_config::{RepoConfig, FILE_NAME};
+use crate::repo_config::{RepoConfig, FILE_NAME, MAX_FILE_BYTES};
 use git2::Oid;
 
-/// Longest author and summary carried, in characters: a commit is input, and a megabyte-long
-/// first line must not make the message too large to publish (invariant I5).
+/// Longest author and summary carried, in characters (a longer one is clipped and says so): a
+/// commit is input, and a megabyte-long first line must not make the message too large to
+/// publish (invariant I5).
 const MAX_AUTHOR: usize = 256;
 const MAX_SUMMARY: usize = 1000;
 
@@ -62,7 +64,7 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
 /// any command runs.
 fn settings(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> RepoConfig {
     let sha = commit.to_string();
-    let text = match watched.file_at(commit, FILE_NAME) {
+    let text = match watched.file_at(commit, FILE_NAME, MAX_FILE_BYTES) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return RepoConfig::default(),
         Err(e) => {
@@ -90,10 +92,6 @@ fn settings(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> RepoCon
             RepoConfig::default()
         }
     }
-}
-
-fn clip(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 #[cfg(test)]
@@ -138,9 +136,23 @@ mod tests {
         assert!(message(&w, "app", "main", bad).labels.is_empty());
         let garbage = commit_with(&repo, &[(FILE_NAME, "\u{0}\u{ff}")], "x");
         assert!(message(&w, "app", "main", garbage).labels.is_empty());
+        // A file over the cap is not read (its size comes from the object header): no labels.
+        let padding = "# padding\n".repeat(MAX_FILE_BYTES as usize / 10);
+        let huge = format!("labels = [\"linux\"]\n{padding}");
+        let huge = commit_with(&repo, &[(FILE_NAME, &huge)], "x");
+        assert!(message(&w, "app", "main", huge).labels.is_empty());
         let none = commit_with(&repo, &[("a", "1")], &"long ".repeat(1000));
         let msg = message(&w, "app", "main", none);
         assert!(msg.labels.is_empty());
-        assert_eq!(msg.summary.chars().count(), MAX_SUMMARY);
+        assert!(
+            msg.summary.starts_with(&"long ".repeat(200)),
+            "{}",
+            msg.summary
+        );
+        assert!(
+            msg.summary.ends_with("… [4999 bytes in all]"),
+            "{}",
+            msg.summary
+        );
     }
 }

@@ -101,6 +101,7 @@ pub async fn run(
         watched: Arc::new(Mutex::new(watched)),
         branches,
         nats,
+        refused: Default::default(),
     };
     let mut notices = Notices::subscribe(&observer.nats, &observer.repo).await?;
     let mut trouble = Trouble::default();

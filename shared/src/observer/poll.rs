@@ -7,7 +7,7 @@
 //! commit's ack is awaited before its branch mark moves (DESIGN.md, "One commit's life", step 1),
 //! and the first NATS error ends the poll, leaving the remaining commits to the next one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -24,6 +24,7 @@ use super::commit::{self, short};
 use super::marks::Marks;
 use super::plan::{self, Step};
 use super::ObserveError;
+use crate::limits::MAX_BRANCH_BYTES;
 
 /// One watched repository and where its commits go.
 pub struct Observer {
@@ -34,6 +35,8 @@ pub struct Observer {
     /// Which branches to watch (`--branches`).
     pub branches: Pattern,
     pub nats: Nats,
+    /// Branches refused for their name's length, by hash, so each is logged once.
+    pub refused: Mutex<HashSet<String>>,
 }
 
 /// What the git half of a poll found.
@@ -44,6 +47,8 @@ struct Work {
     gone: Vec<String>,
     /// Branches git could not read.
     failed: Vec<(String, GitError)>,
+    /// Watched branches whose name is longer than [`MAX_BRANCH_BYTES`]: not watched.
+    refused: Vec<String>,
 }
 
 /// What one poll did: the commits it published, and whether it finished.
@@ -73,6 +78,7 @@ impl Observer {
             work = self.read_git(marks) => work?,
             _ = shutdown.cancelled() => return Ok(()),
         };
+        self.warn_refused(&work.refused);
         for (step, msg) in &work.steps {
             if shutdown.is_cancelled() {
                 return Ok(());
@@ -113,6 +119,21 @@ impl Observer {
         .map_err(|e| ObserveError::new(format!("cannot poll {}", self.repo), &e))
     }
 
+    /// Says once per branch that a name too long to send is not watched.
+    fn warn_refused(&self, refused: &[String]) {
+        let mut said = self.refused.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in refused {
+            if said.insert(crate::git::text_hash(name)) {
+                warn!(
+                    repo = self.repo,
+                    branch = crate::limits::clip(name, 100),
+                    "not watching a branch whose name is longer than {MAX_BRANCH_BYTES} bytes: \
+                     its commits could not be sent to runners; rename it to have it tested"
+                );
+            }
+        }
+    }
+
     /// Publishes one commit and waits for its ack (the caller moves the mark only after this).
     async fn publish(&self, msg: &CommitMsg) -> Result<(), ObserveError> {
         let ack = publish_commit(&self.nats, msg).await.map_err(|e| {
@@ -151,11 +172,11 @@ fn read_git(
 ) -> Result<Work, GitError> {
     watched.refresh()?;
     let all = watched.branches()?;
-    let chosen: Vec<_> = all
+    let (chosen, refused): (Vec<_>, Vec<_>) = all
         .iter()
         .filter(|(name, _)| branches.matches(name))
         .cloned()
-        .collect();
+        .partition(|(name, _)| name.len() <= MAX_BRANCH_BYTES);
     let plan = plan::plan(watched, &chosen, &all, heads, ever_polled);
     let steps = plan
         .steps
@@ -171,6 +192,7 @@ fn read_git(
         steps,
         gone: plan.gone,
         failed: plan.failed,
+        refused: refused.into_iter().map(|(name, _)| name).collect(),
     })
 }
 

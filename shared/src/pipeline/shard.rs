@@ -21,7 +21,7 @@ pub fn split(tests: &[String], durations: &HashMap<String, u64>, shards: u32) ->
         .filter_map(|t| durations.get(t).map(|d| (t.as_str(), *d)))
         .collect();
     // Longest first; ties in the tests' own order (a stable sort keeps it).
-    known.sort_by(|a, b| b.1.cmp(&a.1));
+    known.sort_by_key(|k| std::cmp::Reverse(k.1));
     for (test, ms) in known {
         let least = least_loaded(&load);
         load[least] += ms;

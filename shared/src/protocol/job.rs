@@ -25,7 +25,8 @@ impl JobState {
         JobState {
             v: VERSION,
             repo: commit.repo.clone(),
-            branch: commit.branch.clone(),
+            // Bookkeeping, not identity: a name too long to fit a state is clipped.
+            branch: crate::limits::clip(&commit.branch, crate::limits::MAX_BRANCH_BYTES),
             sha: commit.sha.clone(),
             run: commit.run,
             job: job.job.clone(),
@@ -150,7 +151,7 @@ impl JobMsg {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn commit() -> CommitMsg {

@@ -15,6 +15,7 @@ use async_nats::jetstream::message::PublishMessage;
 
 use super::store::{self, StateError};
 use crate::connect::Nats;
+use crate::limits::{clip, clip_start};
 use crate::messages::{
     decode, encode, now, CommitMsg, JobMsg, JobState, MessageError, ResultMsg, Status, VERSION,
 };
@@ -29,17 +30,34 @@ pub enum Published {
     AlreadyPublished,
 }
 
-/// Publishing failed for a reason other than "already published" (NATS unreachable, stream
-/// missing); the caller keeps the result and tries again.
+/// Publishing failed for a reason other than "already published": NATS unreachable or the
+/// stream missing (the caller keeps the result and tries again), or the message too large for
+/// the server (`too_large`: trying again cannot help, [`ResultMsg::unstorable`] can).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot publish the result of {job}: {reason}")]
 pub struct PublishError {
     pub job: String,
     pub reason: String,
+    pub too_large: bool,
 }
 
-/// Publishes `result` as its run's final result, first writer wins.
+impl PublishError {
+    fn new(result: &ResultMsg, error: &async_nats::jetstream::context::PublishError) -> Self {
+        PublishError {
+            job: result.job_id.clone(),
+            reason: error.to_string(),
+            too_large: error.kind() == PublishErrorKind::MaxPayloadExceeded
+                // nats-server's 10054, a stream's max_msg_size.
+                || error.to_string().contains("message size exceeds maximum"),
+        }
+    }
+}
+
+/// Publishes `result` as its run's final result, first writer wins. A result larger than
+/// [`Nats::message_limit`] is clipped first ([`ResultMsg::fitted`]).
 pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published, PublishError> {
+    let fitted = result.fitted(nats.message_limit());
+    let result = fitted.as_ref().unwrap_or(result);
     let job = result.job_ref();
     let subject = nats.names.job_results_subject(&job);
     let msg = PublishMessage::build()
@@ -48,15 +66,11 @@ pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published,
         .expected_last_subject_sequence(0)
         .header("Jetci-Status", result.status.as_str())
         .header("Jetci-Runner", result.runner.as_str());
-    let err = |reason: String| PublishError {
-        job: result.job_id.clone(),
-        reason,
-    };
     let ack = nats
         .js
         .send_publish(subject, msg)
         .await
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| PublishError::new(result, &e))?
         .await;
     match ack {
         Ok(ack) if ack.duplicate => Ok(Published::AlreadyPublished),
@@ -65,7 +79,7 @@ pub async fn publish_final(nats: &Nats, result: &ResultMsg) -> Result<Published,
             Ok(Published::AlreadyPublished)
         }
         Err(e) if refused_per_subject(&e.to_string()) => Ok(Published::AlreadyPublished),
-        Err(e) => Err(err(e.to_string())),
+        Err(e) => Err(PublishError::new(result, &e)),
     }
 }
 
@@ -112,20 +126,18 @@ pub async fn publish_superseded(
     job: &JobRef,
     result: &ResultMsg,
 ) -> Result<(), PublishError> {
+    let fitted = result.fitted(nats.message_limit());
+    let result = fitted.as_ref().unwrap_or(result);
     let subject = nats.names.superseded_subject(job, result.attempt);
     let msg = PublishMessage::build()
         .payload(encode(result))
         .message_id(format!("superseded.{}", job.attempt_id(result.attempt)));
-    let err = |reason: String| PublishError {
-        job: result.job_id.clone(),
-        reason,
-    };
     nats.js
         .send_publish(subject, msg)
         .await
-        .map_err(|e| err(e.to_string()))?
+        .map_err(|e| PublishError::new(result, &e))?
         .await
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| PublishError::new(result, &e))?;
     Ok(())
 }
 
@@ -211,7 +223,64 @@ pub async fn finish_without_runner(
     Ok(Finished { published, state })
 }
 
+/// How a result is clipped to fit a message, from gentle to drastic: the most characters of
+/// each text field taken from the commit or the test (reason, branch, author, summary, URL),
+/// the most bytes of the output's tail, and the most failing tests named.
+const FITS: [(usize, usize, usize); 2] = [(2000, 4096, 100), (100, 0, 0)];
+
 impl ResultMsg {
+    /// This result clipped to at most `max_bytes` encoded, or `None` when it fits already. Each
+    /// clipped text says it was (`… [N bytes in all]`); the status, the counts and the ids stay.
+    /// A result that cannot be made that small is returned as small as it gets (publishing it
+    /// then fails with `too_large`).
+    pub fn fitted(&self, max_bytes: usize) -> Option<ResultMsg> {
+        if encode(self).len() <= max_bytes {
+            return None;
+        }
+        let mut fitted = self.clone();
+        for (chars, tail, failures) in FITS {
+            fitted.reason = fitted.reason.map(|r| clip(&r, chars));
+            fitted.branch = clip(&fitted.branch, chars);
+            fitted.author = clip(&fitted.author, chars);
+            fitted.summary = clip(&fitted.summary, chars);
+            fitted.url = clip(&fitted.url, chars);
+            fitted.output_tail = clip_start(&fitted.output_tail, tail);
+            if let Some(tests) = &mut fitted.tests {
+                tests.failures.truncate(failures);
+                for name in &mut tests.failures {
+                    *name = clip(name, chars);
+                }
+            }
+            if encode(&fitted).len() <= max_bytes {
+                break;
+            }
+        }
+        Some(fitted)
+    }
+
+    /// A small `error` result of the same attempt in place of this one, which the server
+    /// refuses (`why`): what the test did is lost, but the run gets a verdict instead of a
+    /// result tried again forever.
+    pub fn unstorable(&self, why: &str) -> ResultMsg {
+        let reason = format!(
+            "the attempt's {} result could not be stored: {why}",
+            self.status
+        );
+        ResultMsg {
+            status: Status::Error,
+            exit_code: None,
+            signal: None,
+            reason: Some(clip(&reason, 300)),
+            output_tail: String::new(),
+            tests: None,
+            branch: clip(&self.branch, 100),
+            author: clip(&self.author, 100),
+            summary: clip(&self.summary, 100),
+            url: clip(&self.url, 300),
+            ..self.clone()
+        }
+    }
+
     /// The result of attempt `job` on `runner` before anything ran: status `error`, no reason,
     /// no output, the current time as start and finish. The runner fills it in as the attempt
     /// goes on.
@@ -289,5 +358,84 @@ impl ResultMsg {
             jobs: vec![],
             fail_fast: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::TestCounts;
+
+    fn huge() -> ResultMsg {
+        let commit = crate::protocol::job::tests::commit();
+        let job = commit.only_job();
+        let mut r = ResultMsg::without_run(
+            &Names::default(),
+            &commit,
+            &job,
+            1,
+            1,
+            Status::Failed,
+            format!("cannot start `sh -c {}`", "\"".repeat(700_000)),
+        );
+        r.branch = "b".repeat(300_000);
+        r.output_tail = "o".repeat(4096);
+        r.tests = Some(TestCounts {
+            tests: 5000,
+            failed: 5000,
+            failures: vec!["t".repeat(300); 5000],
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn a_result_is_clipped_to_fit_and_says_so() {
+        let small = crate::protocol::job::tests::commit();
+        let ok = ResultMsg::without_run(
+            &Names::default(),
+            &small,
+            &small.only_job(),
+            1,
+            1,
+            Status::Passed,
+            "fine".into(),
+        );
+        assert_eq!(
+            ok.fitted(64 * 1024),
+            None,
+            "a result that fits is left alone"
+        );
+
+        let big = huge();
+        let fitted = big.fitted(64 * 1024).expect("clipped");
+        let bytes = encode(&fitted);
+        assert!(bytes.len() <= 64 * 1024, "{}", bytes.len());
+        assert_eq!(fitted.status, Status::Failed);
+        assert_eq!(fitted.tests.as_ref().map(|t| t.failed), Some(5000));
+        let reason = fitted.reason.as_deref().unwrap_or_default();
+        assert!(reason.starts_with("cannot start `sh -c \"\"\""), "{reason}");
+        assert!(reason.ends_with(" bytes in all]"), "{reason}");
+        assert!(fitted.branch.ends_with("[300000 bytes in all]"));
+        // Decodes as every reader decodes it.
+        let back: ResultMsg = crate::messages::decode(&bytes).unwrap();
+        assert_eq!(back, fitted);
+
+        // A tiny limit gets the drastic cut.
+        let tiny = big.fitted(2000).expect("clipped");
+        assert!(encode(&tiny).len() <= 2000, "{}", encode(&tiny).len());
+    }
+
+    #[test]
+    fn an_unstorable_result_becomes_a_small_error() {
+        let small = huge().unstorable("max payload size exceeded");
+        assert_eq!(small.status, Status::Error);
+        assert!(encode(&small).len() < 4096, "{}", encode(&small).len());
+        let reason = small.reason.unwrap_or_default();
+        assert!(
+            reason.contains("failed result could not be stored: max payload"),
+            "{reason}"
+        );
+        assert_eq!(small.job_id, huge().job_id);
     }
 }

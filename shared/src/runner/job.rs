@@ -60,6 +60,7 @@ impl<E: Executor> Runner<E> {
         let msg = Arc::new(msg);
         let stopping = Stopping::default();
         let written = Arc::new(Mutex::new(claimed));
+        let leaving = hurry.clone();
         let heartbeat = tokio::spawn(self.clone().heartbeat(
             job.clone(),
             msg.clone(),
@@ -77,7 +78,8 @@ impl<E: Executor> Runner<E> {
         }
         let cancelled = written.lock().expect("lock").state.cancel.clone();
         let execution = self.execute(&job, cancelled, &stopping.token).await;
-        self.conclude(&job, &msg, execution, stopping.why(), &written, heartbeat)
+        let why = stopping.why();
+        self.conclude(&job, &msg, execution, why, &written, heartbeat, &leaving)
             .await;
         stopping.token.cancel();
         self.active.lock().expect("lock").remove(&attempt_id);
@@ -164,7 +166,10 @@ impl<E: Executor> Runner<E> {
 
     /// What the attempt comes to, by why it stopped (`why`) and what the executor returned:
     /// handed back, recorded as superseded, or fenced and delivered as the verdict; then the job
-    /// message is acked (except for a hand-back, which the next attempt replaces).
+    /// message is acked (except for a hand-back, which the next attempt replaces). `leaving` is
+    /// cancelled when the runner must stop now: a verdict NATS does not take by then stays on
+    /// disk.
+    #[allow(clippy::too_many_arguments)]
     async fn conclude(
         &self,
         job: &JobMsg,
@@ -173,6 +178,7 @@ impl<E: Executor> Runner<E> {
         why: Option<Stop>,
         written: &Mutex<Written>,
         heartbeat: tokio::task::JoinHandle<()>,
+        leaving: &CancellationToken,
     ) {
         let id = &self.config.id;
         match (why, execution) {
@@ -198,9 +204,12 @@ impl<E: Executor> Runner<E> {
             (None | Some(Stop::Cancel), Execution::Done(result)) => {
                 match self.fence(job, written).await {
                     Renewal::Held(fenced) => {
-                        self.deliver(job, &result, Some(fenced), heartbeat).await
+                        self.deliver(job, &result, Some(fenced), heartbeat, leaving)
+                            .await
                     }
-                    Renewal::Unreachable => self.deliver(job, &result, None, heartbeat).await,
+                    Renewal::Unreachable => {
+                        self.deliver(job, &result, None, heartbeat, leaving).await
+                    }
                     Renewal::Lost => {
                         heartbeat.abort();
                         self.record_superseded(job, &result).await;
@@ -283,15 +292,20 @@ impl<E: Executor> Runner<E> {
     }
 
     /// Publishes the verdict, marks the job final, and stops the heartbeat only then, so the
-    /// lease holds while the result is on its way. A result NATS does not take at once (an
-    /// outage) is kept on disk until it does, and published again by a restarted runner.
+    /// lease holds while the result is on its way. A result larger than a message may be is
+    /// clipped first ([`ResultMsg::fitted`]). A result NATS does not take at once (an outage) is
+    /// kept on disk until it does, and published again by a restarted runner; one still not
+    /// taken when the runner must stop (`leaving`) stays there for the next start.
     async fn deliver(
         &self,
         job: &JobMsg,
         result: &ResultMsg,
         fenced: Option<Written>,
         heartbeat: tokio::task::JoinHandle<()>,
+        leaving: &CancellationToken,
     ) {
+        let fitted = result.fitted(self.nats.message_limit());
+        let result = fitted.as_ref().unwrap_or(result);
         let store = &self.streams.job_states;
         let connected =
             self.nats.client.connection_state() == async_nats::connection::State::Connected;
@@ -301,9 +315,15 @@ impl<E: Executor> Runner<E> {
             if let Err(e) = save(&pending, result).await {
                 tracing::warn!(job = %result.job_id, error = %e, "cannot keep the result on disk; publishing it from memory only");
             }
-            self.publish_until_stored(&job.job_ref(), result).await;
+            let stored = self
+                .publish_until_stored(&job.job_ref(), result, leaving)
+                .await;
             heartbeat.abort();
-            attempt::mark_final(store, &job.job_ref(), result, None).await;
+            let Some(stored) = stored else {
+                tracing::warn!(job = %result.job_id, file = %pending.display(), "stopping with the result not published; it is kept and published at the next start");
+                return;
+            };
+            attempt::mark_final(store, &job.job_ref(), &stored, None).await;
             let _ = tokio::fs::remove_file(&pending).await;
             return;
         }
@@ -336,17 +356,41 @@ impl<E: Executor> Runner<E> {
     }
 
     /// Publishes a result, retrying with backoff while NATS is unreachable (the test's work is
-    /// never thrown away because the network was down when it ended).
-    async fn publish_until_stored(&self, job: &JobRef, result: &ResultMsg) {
+    /// never thrown away because the network was down when it ended), until `leaving` is
+    /// cancelled (then `None`). A result the server refuses for its size is replaced once by a
+    /// small `error` result ([`ResultMsg::unstorable`]); if even that is refused, it is given
+    /// up (`None`, logged) rather than tried forever. Returns the result stored (or found
+    /// superseded by an earlier one).
+    async fn publish_until_stored(
+        &self,
+        job: &JobRef,
+        result: &ResultMsg,
+        leaving: &CancellationToken,
+    ) -> Option<ResultMsg> {
+        let mut result = result.clone();
+        let mut replaced = false;
         let mut delay = Duration::from_millis(200);
         loop {
-            match self.publish_once(job, result).await {
-                Ok(()) => return,
+            match self.publish_once(job, &result).await {
+                Ok(()) => return Some(result),
+                Err(e) if e.too_large && !replaced => {
+                    tracing::warn!(job = %result.job_id, error = %e, "the server refuses the result for its size; publishing a small error result instead");
+                    result = result.unstorable(&e.reason);
+                    replaced = true;
+                    continue;
+                }
+                Err(e) if e.too_large => {
+                    tracing::error!(job = %result.job_id, error = %e, "the server refuses even a small error result for its size; giving the result up");
+                    return None;
+                }
                 Err(e) => {
                     tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
                 }
             }
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = leaving.cancelled() => return None,
+            }
             delay = (delay * 2).min(Duration::from_secs(5));
         }
     }
@@ -389,8 +433,10 @@ impl<E: Executor> Runner<E> {
             tracing::info!(job = %result.job_id, "publishing a result kept from an earlier run");
             // A kept result is of a run's only job (its `job_id` has no job token).
             let job = JobRef::only(&result.repo, &result.sha, result.run);
-            self.publish_until_stored(&job, &result).await;
-            attempt::mark_final(&self.streams.job_states, &job, &result, None).await;
+            let forever = CancellationToken::new();
+            if let Some(stored) = self.publish_until_stored(&job, &result, &forever).await {
+                attempt::mark_final(&self.streams.job_states, &job, &stored, None).await;
+            }
             let _ = tokio::fs::remove_file(&path).await;
         }
     }

@@ -29,6 +29,9 @@ use crate::protocol::store::age_of;
 use crate::shutdown::Shutdown;
 use crate::streams::Streams;
 
+/// How long a stopping runner tries to delete its presence and flush what it sent.
+const GOODBYE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What a runner is, and how it keeps its leases.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -170,8 +173,12 @@ pub async fn run<E: Executor>(
     }
     presence.abort();
     probes.abort();
-    let _ = runner.streams.runners.delete(&runner.config.id).await;
-    let _ = nats.client.flush().await;
+    // With NATS away these would wait for it: a stopping runner does not (its entry ages out).
+    let goodbye = async {
+        let _ = runner.streams.runners.delete(&runner.config.id).await;
+        let _ = nats.client.flush().await;
+    };
+    let _ = tokio::time::timeout(GOODBYE_TIMEOUT, goodbye).await;
     tracing::info!("runner stopped");
     Ok(())
 }
