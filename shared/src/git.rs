@@ -7,6 +7,7 @@
 //! clone. Submodules are checked out the same way, each from its own mirror beside the others
 //! ([`Mirror::checkout`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use git2::{build::CheckoutBuilder, FetchOptions, ObjectType, Oid, Repository, Sort};
@@ -14,7 +15,7 @@ use git2::{build::CheckoutBuilder, FetchOptions, ObjectType, Oid, Repository, So
 use crate::subjects::repo_slug;
 
 /// A git operation failed; the message says which and on what.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{context}: {message}")]
 pub struct GitError {
     pub context: String,
@@ -47,6 +48,17 @@ pub fn text_hash(text: &str) -> String {
     Oid::hash_object(ObjectType::Blob, text.as_bytes())
         .map(|o| o.to_string()[..16].to_string())
         .unwrap_or_else(|_| "0".repeat(16))
+}
+
+/// A set of commits in topological order, from [`Watched::new_history`].
+#[derive(Debug, Default)]
+pub struct History {
+    /// The commits, parents before children.
+    pub commits: Vec<Oid>,
+    /// Each commit's position in `commits`.
+    pub index: HashMap<Oid, usize>,
+    /// For each position in `commits`, the positions of its parents that are in the set.
+    pub parents: Vec<Vec<usize>>,
 }
 
 /// The bits of a commit that travel with it.
@@ -137,20 +149,46 @@ impl Watched {
         target.strip_prefix("refs/heads/").map(str::to_string)
     }
 
-    /// Commits reachable from `head` but from none of `seen`, oldest first (topological order,
-    /// parents before children). Ids in `seen` that no longer exist are ignored.
-    pub fn new_commits(&self, head: Oid, seen: &[Oid]) -> Result<Vec<Oid>, GitError> {
+    /// Every commit reachable from one of `heads` but from none of `hidden`, parents before
+    /// children, with the parents of each that are in the set too. Ids in `hidden` that no longer
+    /// exist are ignored (a mark left by a force-push may have been garbage collected).
+    ///
+    /// One history walk for all heads: its cost grows with the commits it returns and the
+    /// number of heads and hidden ids, not with their product (a walk per branch, each hiding
+    /// every other branch's mark, took minutes with 10,000 branches).
+    pub fn new_history(&self, heads: &[Oid], hidden: &[Oid]) -> Result<History, GitError> {
         let mut walk = self.repo.revwalk().map_err(err("cannot walk history"))?;
         walk.set_sorting(Sort::TOPOLOGICAL | Sort::REVERSE)
             .map_err(err("cannot walk history"))?;
-        walk.push(head)
-            .map_err(err(format!("cannot walk from {head}")))?;
-        for s in seen {
-            // A mark left by a force-push may have been garbage collected: nothing to hide then.
-            let _ = walk.hide(*s);
+        for head in heads {
+            walk.push(*head)
+                .map_err(err(format!("cannot walk from {head}")))?;
         }
-        walk.map(|r| r.map_err(err("cannot walk history")))
-            .collect()
+        for h in hidden {
+            let _ = walk.hide(*h);
+        }
+        let commits = walk
+            .map(|r| r.map_err(err("cannot walk history")))
+            .collect::<Result<Vec<Oid>, _>>()?;
+        let index: HashMap<Oid, usize> = commits.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        let parents = commits
+            .iter()
+            .map(|c| {
+                let commit = self
+                    .repo
+                    .find_commit(*c)
+                    .map_err(err(format!("cannot read commit {c}")))?;
+                Ok(commit
+                    .parent_ids()
+                    .filter_map(|p| index.get(&p).copied())
+                    .collect())
+            })
+            .collect::<Result<_, GitError>>()?;
+        Ok(History {
+            commits,
+            index,
+            parents,
+        })
     }
 
     /// True when the repository holds commit `oid` (a mark can point at a commit that a
@@ -528,7 +566,6 @@ impl Drop for RemoveOnDrop<'_> {
 
 /// The process-wide lock of the mirror at `path` (see [`Mirror`]'s "Concurrency").
 fn path_lock(path: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
-    use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
     static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
     let mut map = LOCKS
@@ -675,8 +712,12 @@ mod tests {
             branches,
             vec![("feature/x.y".to_string(), f), ("main".to_string(), c)]
         );
-        assert_eq!(w.new_commits(c, &[a]).unwrap(), vec![b, c]);
-        assert_eq!(w.new_commits(f, &[c]).unwrap(), vec![f]);
+        assert_eq!(w.new_history(&[c], &[a]).unwrap().commits, vec![b, c]);
+        assert_eq!(w.new_history(&[f], &[c]).unwrap().commits, vec![f]);
+        let both = w.new_history(&[c, f], &[a]).unwrap();
+        assert_eq!(both.commits.len(), 3);
+        assert_eq!(both.parents[both.index[&f]], vec![both.index[&b]]);
+        assert!(both.parents[both.index[&b]].is_empty(), "a is hidden");
         assert_eq!(w.file_at(b, "b.txt").unwrap().as_deref(), Some(&b"2"[..]));
         assert_eq!(w.file_at(c, "nope").unwrap(), None);
         assert!(w.is_ancestor(a, c));

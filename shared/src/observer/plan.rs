@@ -28,9 +28,9 @@
 //! half-way (NATS down, killed) resumes from the last acknowledged commit and publishes each
 //! commit once (invariant I4).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use crate::git::{GitError, Watched};
+use crate::git::{GitError, History, Watched};
 use git2::Oid;
 
 /// One thing a poll does to one branch, in order.
@@ -75,39 +75,70 @@ pub fn plan(
         (
             !marks.contains_key(name),
             Some(name) != head_branch.as_ref(),
-            name.clone(),
+            name.as_str(),
         )
     });
 
-    // Everything already published, or deliberately skipped: every mark, plus the head of every
-    // branch handled earlier in this poll.
-    let mut seen: Vec<Oid> = marks.values().copied().collect();
-    for (name, head) in ordered {
-        let mark = marks.get(name).copied();
-        if mark == Some(*head) {
-            continue;
-        }
-        // A mark whose commit is gone (force-push, then garbage collection): what was tested
-        // is unknown, so this branch starts over like a first sight instead of flooding the
-        // runners with its whole history.
-        let lost = mark.is_some_and(|m| !watched.has_commit(m));
-        if lost {
-            tracing::warn!(branch = ?name, "the branch's last seen commit is gone from the repository; testing only its head");
-        }
-        let new = if (!ever_polled && mark.is_none()) || lost {
-            // First sight: the head only, once per distinct head.
-            if seen.contains(head) {
-                vec![]
-            } else {
-                vec![*head]
+    // How each branch is read, before any history is walked: the walk is one for all branches.
+    let reads: Vec<(&String, Oid, Read)> = ordered
+        .into_iter()
+        .filter_map(|(name, head)| {
+            let mark = marks.get(name).copied();
+            if mark == Some(*head) {
+                return None;
             }
-        } else {
-            match watched.new_commits(*head, &seen) {
-                Ok(new) => new,
-                Err(e) => {
-                    plan.failed.push((name.clone(), e));
+            // A mark whose commit is gone (force-push, then garbage collection): what was tested
+            // is unknown, so this branch starts over like a first sight instead of flooding the
+            // runners with its whole history.
+            let lost = mark.is_some_and(|m| !watched.has_commit(m));
+            if lost {
+                tracing::warn!(branch = ?name, "the branch's last seen commit is gone from the repository; testing only its head");
+            }
+            let read = if (!ever_polled && mark.is_none()) || lost {
+                Read::HeadOnly
+            } else {
+                Read::Walk
+            };
+            Some((name, *head, read))
+        })
+        .collect();
+
+    // Every commit that is new on some walked branch: reachable from its head, from no mark.
+    let walked: Vec<Oid> = reads
+        .iter()
+        .filter(|(_, _, read)| *read == Read::Walk)
+        .map(|(_, head, _)| *head)
+        .collect();
+    let marked: Vec<Oid> = marks.values().copied().collect();
+    let history = if walked.is_empty() {
+        Ok(History::default())
+    } else {
+        watched.new_history(&walked, &marked)
+    };
+    let (history, walk_error) = match history {
+        Ok(history) => (history, None),
+        Err(e) => (History::default(), Some(e)),
+    };
+
+    // Each new commit goes to the first branch, in order, whose head reaches it: a commit that
+    // an earlier branch's head reaches (its own or one that branch only marked) is not new for
+    // a later one. Each commit is claimed once, so the whole poll stays linear in the new
+    // commits and the branches.
+    let mut claimed = vec![false; history.commits.len()];
+    // The exact heads handled so far (and every mark): a first-sight head among them is not
+    // published again.
+    let mut seen: HashSet<Oid> = marked.iter().copied().collect();
+    for (name, head, read) in reads {
+        let reached = claim(&history, &mut claimed, head);
+        let new = match read {
+            Read::HeadOnly if seen.contains(&head) => vec![],
+            Read::HeadOnly => vec![head],
+            Read::Walk => {
+                if let Some(e) = &walk_error {
+                    plan.failed.push((name.clone(), e.clone()));
                     continue;
                 }
+                reached.into_iter().map(|i| history.commits[i]).collect()
             }
         };
         let step = |commit: Oid, publish: bool| Step {
@@ -116,18 +147,45 @@ pub fn plan(
             publish,
         };
         plan.steps.extend(new.iter().map(|c| step(*c, true)));
-        if new.last() != Some(head) {
-            plan.steps.push(step(*head, false));
+        if new.last() != Some(&head) {
+            plan.steps.push(step(head, false));
         }
-        seen.push(*head);
+        seen.insert(head);
     }
 
+    let existing: HashSet<&String> = all_branches.iter().map(|(name, _)| name).collect();
     plan.gone = marks
         .keys()
-        .filter(|m| !all_branches.iter().any(|(name, _)| name == *m))
+        .filter(|m| !existing.contains(m))
         .cloned()
         .collect();
     plan
+}
+
+/// How a poll reads one branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// First sight (or a lost mark): its head only.
+    HeadOnly,
+    /// Everything new since the marks.
+    Walk,
+}
+
+/// Claims the commits of `history` that `head` reaches and no earlier call claimed; returns
+/// their positions, oldest first (the history's order puts parents first). A claimed commit's
+/// ancestors in the history are claimed too, so the search stops at one.
+fn claim(history: &History, claimed: &mut [bool], head: Oid) -> Vec<usize> {
+    let mut reached = Vec::new();
+    let mut stack: Vec<usize> = history.index.get(&head).copied().into_iter().collect();
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut claimed[i], true) {
+            continue;
+        }
+        reached.push(i);
+        stack.extend(history.parents[i].iter().copied().filter(|p| !claimed[*p]));
+    }
+    reached.sort_unstable();
+    reached
 }
 
 #[cfg(test)]
