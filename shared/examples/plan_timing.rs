@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use git2::{Oid, Repository, Signature};
+use jetci::git::BranchName;
 use jetci::observer::plan::plan;
 
 fn commit(repo: &Repository, branch: &str, parent: Option<Oid>, text: &str) -> Oid {
@@ -50,7 +51,7 @@ fn main() {
         }
         let w = jetci::git::Watched::open(path.to_str().expect("path"), dir.path()).expect("open");
         let b = w.branches().expect("branches");
-        let time = |what: &str, marks: &BTreeMap<String, Oid>, ever_polled: bool| {
+        let time = |what: &str, marks: &BTreeMap<BranchName, Oid>, ever_polled: bool| {
             let t = Instant::now();
             let p = plan(&w, &b, &b, marks, ever_polled);
             let publish = p.steps.iter().filter(|s| s.publish).count();
@@ -67,7 +68,7 @@ fn main() {
             .map(|s| (s.branch.clone(), s.commit))
             .collect();
         time("nothing new", &all, true);
-        let only_main = BTreeMap::from([("main".to_string(), root)]);
+        let only_main = BTreeMap::from([(BranchName::from("main"), root)]);
         time("all branches new", &only_main, true);
         commit(&repo, "main", Some(root), "pushed");
         let b = w.branches().expect("branches");

@@ -42,12 +42,66 @@ pub fn is_url(spec: &str) -> bool {
     }
 }
 
-/// A short stable hash of any bytes (git's blob id), for keys and directory names derived from
+/// A short stable hash of any text (git's blob id), for keys and directory names derived from
 /// free text such as branch names and URLs.
 pub fn text_hash(text: &str) -> String {
-    Oid::hash_object(ObjectType::Blob, text.as_bytes())
+    bytes_hash(text.as_bytes())
+}
+
+/// [`text_hash`] of raw bytes: 16 lowercase hex digits.
+pub fn bytes_hash(bytes: &[u8]) -> String {
+    Oid::hash_object(ObjectType::Blob, bytes)
         .map(|o| o.to_string()[..16].to_string())
         .unwrap_or_else(|_| "0".repeat(16))
+}
+
+/// A branch's name as git stores it, without `refs/heads/`: bytes, which git does not require to
+/// be UTF-8 (`refs/heads/lat\xe9n1` is a valid branch).
+///
+/// The bytes are the branch's identity (its mark in `ci-observer` is keyed by them, so two names
+/// that differ only in bytes that are not UTF-8 never share a mark); [`BranchName::text`] is what
+/// people and messages see, with U+FFFD for each byte sequence that is not UTF-8.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BranchName(Vec<u8>);
+
+impl BranchName {
+    /// The name from git's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> BranchName {
+        BranchName(bytes.to_vec())
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The name as text; bytes that are not UTF-8 become U+FFFD.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+
+    /// True when the name is UTF-8 (so [`BranchName::text`] is exact).
+    pub fn is_utf8(&self) -> bool {
+        std::str::from_utf8(&self.0).is_ok()
+    }
+}
+
+impl From<&str> for BranchName {
+    fn from(name: &str) -> BranchName {
+        BranchName(name.as_bytes().to_vec())
+    }
+}
+
+impl std::fmt::Display for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::fmt::Debug for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
 }
 
 /// A set of commits in topological order, from [`Watched::new_history`].
@@ -117,9 +171,9 @@ impl Watched {
         Ok(())
     }
 
-    /// Every branch (`refs/heads/*`) and its head commit. Branches whose name is not UTF-8 or
-    /// whose head is not a commit are skipped.
-    pub fn branches(&self) -> Result<Vec<(String, Oid)>, GitError> {
+    /// Every branch (`refs/heads/*`) and its head commit, sorted by name (bytes). A name need not
+    /// be UTF-8 ([`BranchName`]); a branch whose head is not a commit is skipped.
+    pub fn branches(&self) -> Result<Vec<(BranchName, Oid)>, GitError> {
         let mut out = Vec::new();
         let refs = self
             .repo
@@ -127,13 +181,13 @@ impl Watched {
             .map_err(err("cannot list branches"))?;
         for r in refs {
             let r = r.map_err(err("cannot read a branch"))?;
-            let Some(name) = r.name().ok().and_then(|n| n.strip_prefix("refs/heads/")) else {
+            let Some(name) = r.name_bytes().strip_prefix(b"refs/heads/") else {
                 continue;
             };
             let Ok(commit) = r.peel_to_commit() else {
                 continue;
             };
-            out.push((name.to_string(), commit.id()));
+            out.push((BranchName::from_bytes(name), commit.id()));
         }
         out.sort();
         Ok(out)
@@ -143,10 +197,12 @@ impl Watched {
     /// the default branch of a bare one. `None` when `HEAD` is detached or names no branch. For a
     /// mirrored URL this is the mirror's own `HEAD`, which fetching does not move. The observer
     /// handles this branch first, so a commit on several branches is attributed to it.
-    pub fn head_branch(&self) -> Option<String> {
+    pub fn head_branch(&self) -> Option<BranchName> {
         let head = self.repo.find_reference("HEAD").ok()?;
-        let target = head.symbolic_target().ok()??;
-        target.strip_prefix("refs/heads/").map(str::to_string)
+        let target = head.symbolic_target_bytes()?;
+        target
+            .strip_prefix(b"refs/heads/")
+            .map(BranchName::from_bytes)
     }
 
     /// Every commit reachable from one of `heads` but from none of `hidden`, parents before
@@ -710,7 +766,7 @@ mod tests {
         let branches = w.branches().unwrap();
         assert_eq!(
             branches,
-            vec![("feature/x.y".to_string(), f), ("main".to_string(), c)]
+            vec![("feature/x.y".into(), f), ("main".into(), c)]
         );
         assert_eq!(w.new_history(&[c], &[a]).unwrap().commits, vec![b, c]);
         assert_eq!(w.new_history(&[f], &[c]).unwrap().commits, vec![f]);
@@ -723,7 +779,7 @@ mod tests {
         assert!(w.is_ancestor(a, c));
         assert!(!w.is_ancestor(f, c));
         repo.set_head("refs/heads/feature/x.y").unwrap();
-        assert_eq!(w.head_branch().as_deref(), Some("feature/x.y"));
+        assert_eq!(w.head_branch(), Some("feature/x.y".into()));
         repo.set_head_detached(c).unwrap();
         assert_eq!(w.head_branch(), None);
 

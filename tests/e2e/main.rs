@@ -22,6 +22,7 @@ mod browser;
 mod chaos;
 mod cluster;
 mod faults;
+mod inputs_observer;
 mod jobs;
 mod manager;
 mod metrics;

@@ -1,0 +1,179 @@
+//! Input that wedges or floods the observer and jetci-web (issue 17): what a repository, its
+//! refs and its URL control is hostile, and none of it may stall a process or leak a secret.
+//! Each test failed on the code before its fix.
+
+use std::ffi::OsStr;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::process::Stdio;
+use std::time::Duration;
+
+use jetci::git::BranchName;
+use jetci::observer::marks::mark_key;
+use serde_json::Value;
+
+use crate::support::git::{git_command, GitRepo};
+use crate::support::jetstream::{js, names, stream_messages};
+use crate::support::nats::NatsServer;
+use crate::support::system::{spawn_observer, REPO};
+use crate::support::waiting::{wait_until_async, BOUND};
+
+/// The commit the `ci-observer` mark of `branch` (raw bytes) names, if any.
+async fn mark(url: &str, branch: &[u8]) -> Option<Value> {
+    let kv = js(url)
+        .await
+        .get_key_value(names().observer_bucket())
+        .await
+        .ok()?;
+    let key = mark_key(REPO, &BranchName::from_bytes(branch));
+    let value = kv.get(&key).await.ok()??;
+    serde_json::from_slice(&value).ok()
+}
+
+/// Waits until the mark of `branch` names `sha`: the observer published it and got its ack.
+async fn wait_mark(url: &str, branch: &[u8], sha: &str, bound: Duration) {
+    let what = format!(
+        "the mark of branch {:?} at {sha}",
+        String::from_utf8_lossy(branch)
+    );
+    wait_until_async(&what, bound, async || match mark(url, branch).await {
+        Some(m) if m["sha"] == sha => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
+}
+
+/// Every commit message in `CI_COMMITS`, in order.
+async fn commits(url: &str) -> Vec<Value> {
+    let n = names();
+    stream_messages(url, &n.commits_stream(), &n.commits_filter())
+        .await
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// Makes a commit on top of `parent` without touching the working tree or any ref.
+fn commit_on(repo: &GitRepo, parent: &str, message: &str) -> String {
+    let tree = repo.run_git(&["rev-parse", &format!("{parent}^{{tree}}")]);
+    repo.run_git(&["commit-tree", &tree, "-p", parent, "-m", message])
+}
+
+/// Points `refs/heads/<name>` (any bytes) at `sha`.
+fn set_branch(repo: &GitRepo, name: &[u8], sha: &str) {
+    let mut full = b"refs/heads/".to_vec();
+    full.extend_from_slice(name);
+    let out = git_command(repo.path())
+        .arg("update-ref")
+        .arg(OsStr::from_bytes(&full))
+        .arg(sha)
+        .output()
+        .expect("cannot run git");
+    assert!(
+        out.status.success(),
+        "git update-ref: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Adds `count` branches `many/<i>`, each one commit of its own on top of `base`, in one
+/// `git fast-import` (seconds, where one `git` call per branch would take minutes).
+fn add_branches(repo: &GitRepo, count: usize, base: &str) {
+    let mut script = String::new();
+    for i in 0..count {
+        let msg = format!("branch {i}");
+        script.push_str(&format!(
+            "commit refs/heads/many/{i}\ncommitter t <t@t> {} +0000\ndata {}\n{msg}\nfrom {base}\n\n",
+            1_700_000_000 + i,
+            msg.len()
+        ));
+    }
+    let mut child = git_command(repo.path())
+        .args(["fast-import", "--quiet"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cannot run git fast-import");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("cannot feed git fast-import");
+    assert!(child.wait().expect("git fast-import").success());
+}
+
+/// 10,000 new branches used to take the observer's planning minutes (a history walk per branch,
+/// each hiding every other branch's mark): a commit pushed to `main` meanwhile waited for all of
+/// it. Planning is now one walk, linear in the new commits and branches, and `main` goes first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_to_main_is_published_soon_beside_ten_thousand_new_branches() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let repo = GitRepo::new();
+    let first = repo.commit("first", &[]);
+    let mut observer = spawn_observer(&url, &repo, &[]);
+    wait_mark(&url, b"main", &first, BOUND).await;
+
+    // All of it lands between two polls: the observer is away while the refs are written.
+    observer.kill();
+    add_branches(&repo, 10_000, &first);
+    let pushed = repo.commit("pushed", &[]);
+    let _observer = spawn_observer(&url, &repo, &[]);
+    // Generous for a loaded machine, and far below what planning took before (over 10 minutes).
+    wait_mark(&url, b"main", &pushed, Duration::from_secs(90)).await;
+    let published = commits(&url).await;
+    let main: Vec<_> = published
+        .iter()
+        .filter(|c| c["branch"] == "main")
+        .map(|c| c["sha"].clone())
+        .collect();
+    assert_eq!(main, vec![first.clone(), pushed.clone()], "main's commits");
+}
+
+/// A branch whose name is not UTF-8 (git accepts `refs/heads/lat\xe9n1`) used to be skipped
+/// without a word. It is tested, shown with U+FFFD for the bad bytes, and marked by its bytes, so
+/// two names that read the same keep two marks.
+#[tokio::test(flavor = "multi_thread")]
+async fn branches_whose_names_are_not_utf8_are_tested_and_marked_apart() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let repo = GitRepo::new();
+    let first = repo.commit("first", &[]);
+    let _observer = spawn_observer(&url, &repo, &[]);
+    wait_mark(&url, b"main", &first, BOUND).await;
+
+    let (e9, e8) = (&b"lat\xe9n1"[..], &b"lat\xe8n1"[..]);
+    let a = commit_on(&repo, &first, "on e9");
+    let b = commit_on(&repo, &first, "on e8");
+    set_branch(&repo, e9, &a);
+    set_branch(&repo, e8, &b);
+    wait_mark(&url, e9, &a, BOUND).await;
+    wait_mark(&url, e8, &b, BOUND).await;
+
+    // One more commit on one of them: only it is new.
+    let a2 = commit_on(&repo, &a, "again on e9");
+    set_branch(&repo, e9, &a2);
+    wait_mark(&url, e9, &a2, BOUND).await;
+
+    let published: Vec<(String, String)> = commits(&url)
+        .await
+        .iter()
+        .map(|c| {
+            let text = |k: &str| c[k].as_str().expect("a string").to_string();
+            (text("branch"), text("sha"))
+        })
+        .collect();
+    let shown = "lat\u{fffd}n1".to_string();
+    let mut expected = vec![
+        ("main".to_string(), first),
+        (shown.clone(), b),
+        (shown.clone(), a),
+        (shown, a2),
+    ];
+    let mut sorted = published.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "each commit once, in {published:?}");
+    let e8_mark = mark(&url, e8).await.expect("the mark of lat\\xe8n1");
+    assert_eq!(e8_mark["branch_hex"], "6c6174e86e31", "{e8_mark}");
+}
