@@ -42,6 +42,151 @@ pub fn is_url(spec: &str) -> bool {
     }
 }
 
+/// A user name and password (or token) for fetching over HTTP(S).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Login({:?}, <password>)", self.user)
+    }
+}
+
+/// Splits the credentials off a repository URL: `http://user:token@host/repo.git` gives
+/// `http://host/repo.git` (what jetci shows, publishes and stores) and the login it fetches with.
+/// A URL without a password, a local path and the scp-like `git@host:path` come back unchanged
+/// (a user name alone is no secret). Percent-escapes in the user and password are decoded.
+pub fn split_credentials(spec: &str) -> (String, Option<Login>) {
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        return (spec.to_string(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (spec.to_string(), None);
+    };
+    let shown = format!("{scheme}://{}", &rest[at + 1..]);
+    let (user, password) = match rest[..at].split_once(':') {
+        Some((user, password)) => (user, Some(password)),
+        None => (&rest[..at], None),
+    };
+    let password = password.map(percent_decode).unwrap_or_default();
+    if password.is_empty() {
+        // Nothing secret: keep the user name, which may choose the account.
+        return (format!("{scheme}://{}@{}", user, &rest[at + 1..]), None);
+    }
+    let login = Login {
+        user: percent_decode(user),
+        password,
+    };
+    (shown, Some(login))
+}
+
+/// `%41` → `A`; anything that is not a valid escape stays as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The logins a runner fetches with, from a file in the format of git's credential store
+/// (`~/.git-credentials`): one URL with credentials a line, `https://user:token@host[/path]`.
+/// A repository URL uses the line with the same scheme and host (and port) whose path is a prefix
+/// of its path, the longest such path first. Blank lines and lines starting with `#` are skipped.
+#[derive(Clone, Debug, Default)]
+pub struct CredentialStore {
+    /// `(scheme://host[:port], path prefix, login)`.
+    entries: Vec<(String, String, Login)>,
+}
+
+/// Longest credentials file read, in bytes (invariant I5: bound every size a user gives).
+pub const MAX_CREDENTIALS_FILE: u64 = 1024 * 1024;
+
+impl CredentialStore {
+    /// Reads `path`. Errors: the file cannot be read, is larger than [`MAX_CREDENTIALS_FILE`],
+    /// or a line is not a URL with a user and password (the error names the line, not its text).
+    pub fn load(path: &Path) -> Result<CredentialStore, GitError> {
+        let fail = |message: String| GitError {
+            context: format!("cannot read the credentials file {}", path.display()),
+            message,
+        };
+        let len = std::fs::metadata(path)
+            .map_err(|e| fail(e.to_string()))?
+            .len();
+        if len > MAX_CREDENTIALS_FILE {
+            return Err(fail(format!("larger than {MAX_CREDENTIALS_FILE} bytes")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        CredentialStore::parse(&text).map_err(fail)
+    }
+
+    /// Parses the text of a credentials file (see [`CredentialStore`]).
+    pub fn parse(text: &str) -> Result<CredentialStore, String> {
+        let mut entries = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (shown, login) = split_credentials(line);
+            let (Some(login), Some((origin, path))) = (login, split_origin(&shown)) else {
+                return Err(format!(
+                    "line {} is not a URL with a user and a password",
+                    n + 1
+                ));
+            };
+            entries.push((origin, path, login));
+        }
+        entries.sort_by_key(|(_, path, _)| std::cmp::Reverse(path.len()));
+        Ok(CredentialStore { entries })
+    }
+
+    /// The login for repository `url`, if a line covers it.
+    pub fn login_for(&self, url: &str) -> Option<&Login> {
+        let (origin, path) = split_origin(&split_credentials(url).0)?;
+        self.entries
+            .iter()
+            .find(|(o, p, _)| *o == origin && path.starts_with(p.trim_end_matches('/')))
+            .map(|(_, _, login)| login)
+    }
+}
+
+/// `scheme://host[:port]` and the path of a URL (lowercased scheme and host).
+fn split_origin(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find('/').unwrap_or(rest.len());
+    let origin = format!("{}://{}", scheme, &rest[..end]).to_lowercase();
+    Some((origin, rest[end..].to_string()))
+}
+
+/// The logins this process fetches with when a URL carries none (the runner's
+/// `--git-credentials`); set once at start.
+static CREDENTIALS: std::sync::OnceLock<CredentialStore> = std::sync::OnceLock::new();
+
+/// Makes every fetch of this process use `store` for URLs that carry no credentials. Call once,
+/// at start; a second call is ignored.
+pub fn use_credentials(store: CredentialStore) {
+    let _ = CREDENTIALS.set(store);
+}
+
 /// A short stable hash of any text (git's blob id), for keys and directory names derived from
 /// free text such as branch names and URLs.
 pub fn text_hash(text: &str) -> String {
@@ -127,8 +272,10 @@ pub struct CommitInfo {
 /// The repository an observer watches.
 pub struct Watched {
     repo: Repository,
-    /// What runners fetch from: the URL, or the canonical local path.
+    /// What runners fetch from: the URL without its credentials, or the canonical local path.
     pub url: String,
+    /// The credentials the URL came with: used to fetch, never shown or published.
+    login: Option<Login>,
     remote: bool,
 }
 
@@ -138,11 +285,13 @@ impl Watched {
     /// Errors: the path is not a git repository; the URL cannot be fetched.
     pub fn open(spec: &str, mirror_root: &Path) -> Result<Watched, GitError> {
         if is_url(spec) {
-            let path = mirror_root.join(format!("{}-{}.git", repo_slug(spec), text_hash(spec)));
+            let (url, login) = split_credentials(spec);
+            let path = mirror_root.join(format!("{}-{}.git", repo_slug(&url), text_hash(&url)));
             let repo = open_or_init_bare(&path)?;
             let w = Watched {
                 repo,
-                url: spec.to_string(),
+                url,
+                login,
                 remote: true,
             };
             w.refresh()?;
@@ -157,6 +306,7 @@ impl Watched {
             Ok(Watched {
                 repo,
                 url: path.to_string_lossy().into_owned(),
+                login: None,
                 remote: false,
             })
         }
@@ -166,7 +316,7 @@ impl Watched {
     /// local repository, which git2 reads fresh on every call.
     pub fn refresh(&self) -> Result<(), GitError> {
         if self.remote {
-            fetch_all(&self.repo, &self.url, true)?;
+            fetch_all(&self.repo, &self.url, self.login.as_ref(), true)?;
         }
         Ok(())
     }
@@ -317,7 +467,17 @@ fn open_or_init_bare(path: &Path) -> Result<Repository, GitError> {
 }
 
 /// Fetches every branch and tag of `url` into `repo`'s own `refs/heads` and `refs/tags`.
-fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> {
+///
+/// A server that asks for a user and password gets `login` (the watched URL's own), else the
+/// line of the process's [`CredentialStore`] for `url`; asked a second time (a wrong password),
+/// the fetch fails instead of trying again forever.
+fn fetch_all(
+    repo: &Repository,
+    url: &str,
+    login: Option<&Login>,
+    prune: bool,
+) -> Result<(), GitError> {
+    let url = &split_credentials(url).0;
     if !is_url(url) && !Path::new(url).exists() {
         return Err(GitError {
             context: format!("cannot fetch {url}"),
@@ -327,7 +487,24 @@ fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> 
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(err(format!("cannot fetch {url}")))?;
+    let login = login.or_else(|| CREDENTIALS.get().and_then(|store| store.login_for(url)));
+    let mut asked = false;
+    let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.credentials(move |_, _, allowed| {
+        let first = !std::mem::replace(&mut asked, true);
+        match login {
+            Some(l) if first && allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) => {
+                git2::Cred::userpass_plaintext(&l.user, &l.password)
+            }
+            Some(_) => Err(git2::Error::from_str("the server refused the credentials")),
+            None => Err(git2::Error::from_str(
+                "the server asks for credentials and none are given (a runner takes them \
+                 from --git-credentials)",
+            )),
+        }
+    });
     let mut opts = FetchOptions::new();
+    opts.remote_callbacks(callbacks);
     if prune {
         opts.prune(git2::FetchPrune::On);
     }
@@ -404,7 +581,7 @@ impl Mirror {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             // Another job may have fetched it while this one waited for the lock.
             if self.repo.find_commit(oid).is_err() {
-                fetch_all(&self.repo, &self.url, false)?;
+                fetch_all(&self.repo, &self.url, None, false)?;
             }
         }
         self.repo
@@ -741,6 +918,42 @@ mod tests {
             &refs,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn credentials_are_split_off_urls() {
+        let (shown, login) = split_credentials("https://ci:t%40k@host:8443/org/app.git");
+        assert_eq!(shown, "https://host:8443/org/app.git");
+        let login = login.unwrap();
+        assert_eq!(
+            (login.user.as_str(), login.password.as_str()),
+            ("ci", "t@k")
+        );
+        assert!(!format!("{login:?}").contains("t@k"));
+        for same in [
+            "/srv/git/app",
+            "git@host:org/app",
+            "ssh://git@host/app",
+            "https://host/a@b",
+        ] {
+            assert_eq!(split_credentials(same), (same.to_string(), None), "{same}");
+        }
+
+        let store = CredentialStore::parse(
+            "# logins\nhttps://a:1@host\n\nhttps://b:2@host/org/private\nhttp://c:3@other:81\n",
+        )
+        .unwrap();
+        let user = |url: &str| store.login_for(url).map(|l| l.user.clone());
+        assert_eq!(
+            user("https://host/org/private/app.git").as_deref(),
+            Some("b")
+        );
+        assert_eq!(user("https://HOST/org/app.git").as_deref(), Some("a"));
+        assert_eq!(user("http://other:81/x.git").as_deref(), Some("c"));
+        assert_eq!(user("http://other/x.git"), None);
+        assert_eq!(user("https://elsewhere/x.git"), None);
+        let e = CredentialStore::parse("https://host/app.git\n").unwrap_err();
+        assert_eq!(e, "line 1 is not a URL with a user and a password");
     }
 
     #[test]

@@ -13,9 +13,12 @@ use jetci::observer::marks::mark_key;
 use serde_json::Value;
 
 use crate::support::git::{git_command, GitRepo};
-use crate::support::jetstream::{js, names, stream_messages};
+use crate::support::jetstream::{
+    all_streams, js, names, stream_messages, stream_raw_messages, wait_results,
+};
 use crate::support::nats::NatsServer;
-use crate::support::system::{spawn_observer, REPO};
+use crate::support::processes::Proc;
+use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner, REPO};
 use crate::support::waiting::{wait_until_async, BOUND};
 
 /// The commit the `ci-observer` mark of `branch` (raw bytes) names, if any.
@@ -176,4 +179,142 @@ async fn branches_whose_names_are_not_utf8_are_tested_and_marked_apart() {
     assert_eq!(sorted, expected, "each commit once, in {published:?}");
     let e8_mark = mark(&url, e8).await.expect("the mark of lat\\xe8n1");
     assert_eq!(e8_mark["branch_hex"], "6c6174e86e31", "{e8_mark}");
+}
+
+/// A git server over HTTP that wants a user and password: `git http-backend` (CGI) behind a tiny
+/// Python HTTP server, serving the bare repositories under a directory. Test-only.
+const GIT_HTTP_SERVER: &str = r#"
+import base64, os, subprocess, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+root, port, login = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+expected = "Basic " + base64.b64encode(login.encode()).decode()
+class Git(BaseHTTPRequestHandler):
+    def serve(self):
+        if self.headers.get("Authorization") != expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="git"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        path, _, query = self.path.partition("?")
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        env = dict(os.environ, GIT_PROJECT_ROOT=root, GIT_HTTP_EXPORT_ALL="1", PATH_INFO=path,
+                   QUERY_STRING=query, REQUEST_METHOD=self.command, REMOTE_USER="ci",
+                   CONTENT_TYPE=self.headers.get("Content-Type") or "",
+                   CONTENT_LENGTH=str(len(body)), GIT_CONFIG_NOSYSTEM="1")
+        out = subprocess.run(["git", "http-backend"], input=body, env=env, capture_output=True).stdout
+        head, _, rest = out.partition(b"\r\n\r\n")
+        status, headers = 200, []
+        for line in head.decode().split("\r\n"):
+            name, _, value = line.partition(": ")
+            if name.lower() == "status":
+                status = int(value.split()[0])
+            elif name:
+                headers.append((name, value))
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(rest)))
+        self.end_headers()
+        self.wfile.write(rest)
+    do_GET = serve
+    do_POST = serve
+    def log_message(self, *args):
+        pass
+ThreadingHTTPServer(("127.0.0.1", port), Git).serve_forever()
+"#;
+
+/// A URL with a user and token used to appear in the observer's log, in every result's `url` and
+/// in the `ci-observer` bucket. The observer fetches with them and publishes the URL without
+/// them; the runner fetches with its own `--git-credentials` file; and the token is found in no
+/// stream, no bucket and no process log.
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_in_the_repository_url_are_used_but_never_written() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let token = "tok3n-SECRET-4f1c";
+    let repo = GitRepo::new();
+    let (name, body) = crate::support::git::passing_test();
+    let sha = repo.commit("first", &[(name, body)]);
+    let served = tempfile::tempdir().expect("tempdir");
+    let bare = served.path().join("app.git");
+    let out = git_command(served.path())
+        .args(["clone", "-q", "--bare"])
+        .arg(repo.path())
+        .arg(&bare)
+        .output()
+        .expect("git clone");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = crate::support::nats::free_port().to_string();
+    let root = served.path().to_str().expect("utf-8");
+    let _server = Proc::spawn_program(
+        std::path::Path::new("python3"),
+        &["-c", GIT_HTTP_SERVER, root, &port, &format!("ci:{token}")],
+        &[],
+    );
+    let plain = format!("http://127.0.0.1:{port}/app.git");
+    wait_until_async("the git server to answer", BOUND, async || {
+        std::net::TcpStream::connect(format!("127.0.0.1:{port}")).map(|_| ())
+    })
+    .await;
+
+    let with_token = format!("http://ci:{token}@127.0.0.1:{port}/app.git");
+    let work = tempfile::tempdir().expect("tempdir");
+    let mirrors = work.path().join("mirrors");
+    let observer = Proc::spawn(
+        "jetci-observer",
+        &[
+            "-s",
+            &url,
+            "--poll-interval",
+            "200ms",
+            "--name",
+            REPO,
+            "--mirror-dir",
+            mirrors.to_str().expect("utf-8"),
+            &with_token,
+        ],
+        &[],
+    );
+    let credentials = work.path().join("git-credentials");
+    std::fs::write(
+        &credentials,
+        format!("# the runner's logins\nhttp://ci:{token}@127.0.0.1:{port}\n"),
+    )
+    .expect("write the credentials file");
+    let dispatcher = spawn_dispatcher(&url, &[]);
+    let runner = spawn_runner(
+        &url,
+        "r0",
+        work.path(),
+        &["--git-credentials", credentials.to_str().expect("utf-8")],
+    );
+    let results = wait_results(&url, 1, BOUND).await;
+    assert_eq!(results[0]["sha"], sha, "{:#}", results[0]);
+    assert_eq!(results[0]["status"], "passed", "{:#}", results[0]);
+    assert_eq!(results[0]["url"], plain, "{:#}", results[0]);
+
+    for stream in all_streams(&names()) {
+        for m in stream_raw_messages(&url, &stream, ">").await {
+            let text = String::from_utf8_lossy(&m.payload);
+            assert!(!text.contains(token), "{stream} {}: {text}", m.subject);
+            let headers = format!("{:?}", m.headers);
+            assert!(
+                !headers.contains(token),
+                "{stream} {}: {headers}",
+                m.subject
+            );
+        }
+    }
+    for (who, log) in [
+        ("observer", observer.log()),
+        ("dispatcher", dispatcher.log()),
+        ("runner", runner.log()),
+    ] {
+        assert!(!log.contains(token), "the {who} logged the token:\n{log}");
+    }
 }

@@ -87,6 +87,11 @@ struct Args {
     /// More environment variables to pass from the runner to jobs (by name, repeatable).
     #[arg(long = "pass-env", value_name = "NAME")]
     pass_env: Vec<String>,
+    /// Logins for repositories that need them, in the format of git's credential store: one
+    /// `https://user:token@host[/path]` a line. Commits never carry credentials (the observer
+    /// strips them from its URL), so a runner fetches a private repository with these.
+    #[arg(long, value_name = "FILE", env = "JETCI_GIT_CREDENTIALS")]
+    git_credentials: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -117,6 +122,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for l in &args.labels {
         check_token("label", l)?;
+    }
+    if let Some(path) = &args.git_credentials {
+        jetci::git::use_credentials(jetci::git::CredentialStore::load(path)?);
     }
     let work_dir = prepare_work_dir(&args, &id)?;
     let cache_dir = match &args.cache_dir {

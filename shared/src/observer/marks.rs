@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::git::{bytes_hash, BranchName};
+use crate::git::{bytes_hash, split_credentials, BranchName};
 use crate::messages::{decode, encode, now, BranchMark, VERSION};
 use crate::subjects::check_sha;
 use async_nats::jetstream::kv;
@@ -76,10 +76,17 @@ impl Marks {
                     .map_err(|e| ObserveError::new(what(), &e))?
                     .and_then(|v| decode::<BranchMark>(&v).ok())
                     .and_then(|m| m.url);
+                // An earlier jetci stored the URL with its credentials: compare without them,
+                // and store it again without them.
                 if let Some(owner) = owner.filter(|o| o != url) {
-                    return Err(ObserveError(format!(
-                        "the name {repo:?} is already used for the repository at {owner}; give this one another --name"
-                    )));
+                    let owner = split_credentials(&owner).0;
+                    if owner != url {
+                        return Err(ObserveError(format!(
+                            "the name {repo:?} is already used for the repository at {owner}; give this one another --name"
+                        )));
+                    }
+                    marks.ever_polled = false;
+                    marks.record_polled().await?;
                 }
                 continue;
             }
