@@ -1,5 +1,5 @@
-//! How long the observer's planning takes against the number of branches (BENCHMARKS.md, row
-//! P): `cargo run --release -p jetci --example plan_timing -- 1000 10000`.
+//! How long the observer's planning takes against the number of branches:
+//! `cargo run --release -p jetci --example plan_timing -- 1000 10000`.
 //!
 //! For each count N it builds a bare repository with `main` and N branches, each one commit of
 //! its own on top of `main`, and times [`jetci::observer::plan::plan`] for: the first poll of a
