@@ -318,3 +318,71 @@ async fn credentials_in_the_repository_url_are_used_but_never_written() {
         assert!(!log.contains(token), "the {who} logged the token:\n{log}");
     }
 }
+
+/// A result of run 1 of `sha` in `repo` on `main`, as a runner would publish it.
+fn result_of(repo: &str, sha: &str, status: &str, output: &str) -> Value {
+    serde_json::json!({
+        "v": jetci::messages::VERSION, "repo": repo, "url": "/srv/git/x", "branch": "main",
+        "sha": sha, "run": 1, "job_id": format!("{repo}.{sha}.1.1"), "attempt": 1,
+        "runner": "r0", "status": status, "exit_code": 0, "signal": null,
+        "started_at": "2026-01-01T00:00:00Z", "finished_at": "2026-01-01T00:00:01Z",
+        "duration_ms": 1000, "output_tail": output,
+        "log_subject": format!("ci.logs.{repo}.{sha}.1.1"), "log_bytes": 0, "commit_seq": 1,
+    })
+}
+
+/// 10,000 junk results used to evict every real one from jetci-web's view (the repository's
+/// badge said `unknown`). Now the repository holding the most results loses its oldest first, so
+/// every other repository keeps its latest.
+#[tokio::test(flavor = "multi_thread")]
+async fn ten_thousand_junk_results_leave_every_repositorys_latest_in_jetci_web() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let addr = crate::support::nats::free_addr();
+    let _web = crate::support::system::spawn_web(&url, &addr, &[]);
+    crate::support::http::wait_http(&addr, "/healthz", BOUND, |r| r.status == 200);
+
+    let js = js(&url).await;
+    let n = names();
+    let real = "a".repeat(40);
+    js.publish(
+        n.results_subject(REPO, &real, 1),
+        serde_json::to_vec(&result_of(REPO, &real, "passed", "ok"))
+            .expect("json")
+            .into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    let count = 10_000;
+    // In batches: the client lets only so many acks wait at once.
+    for batch in (0..count).collect::<Vec<_>>().chunks(500) {
+        let mut acks = Vec::new();
+        for i in batch {
+            let sha = format!("{i:040x}");
+            let junk =
+                serde_json::to_vec(&result_of("junk", &sha, "failed", "junk")).expect("json");
+            acks.push(
+                js.publish(n.results_subject("junk", &sha, 1), junk.into())
+                    .await
+                    .expect("publish"),
+            );
+        }
+        for ack in acks {
+            ack.await.expect("stored");
+        }
+    }
+    let last = (count + 1) as u64;
+    wait_until_async("jetci-web to read every result", BOUND, async || {
+        let health = crate::support::http::http_get(&addr, "/healthz")?.json();
+        (health["last_seq"] == last).then_some(()).ok_or(health)
+    })
+    .await;
+    let badge = crate::support::http::http_get(&addr, "/badge/app.svg").expect("the badge");
+    assert!(badge.body.contains("passing"), "{}", badge.body);
+    let listed = crate::support::http::http_get(&addr, "/api/results?repo=app")
+        .expect("results")
+        .json();
+    assert_eq!(listed[0]["sha"], real.as_str(), "{listed:#}");
+}
