@@ -7,6 +7,7 @@
 //! clone. Submodules are checked out the same way, each from its own mirror beside the others
 //! ([`Mirror::checkout`]).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use git2::{build::CheckoutBuilder, FetchOptions, ObjectType, Oid, Repository, Sort};
@@ -14,7 +15,7 @@ use git2::{build::CheckoutBuilder, FetchOptions, ObjectType, Oid, Repository, So
 use crate::subjects::repo_slug;
 
 /// A git operation failed; the message says which and on what.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{context}: {message}")]
 pub struct GitError {
     pub context: String,
@@ -44,12 +45,222 @@ pub fn is_url(spec: &str) -> bool {
     }
 }
 
-/// A short stable hash of any bytes (git's blob id), for keys and directory names derived from
+/// A user name and password (or token) for fetching over HTTP(S).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Login {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Login({:?}, <password>)", self.user)
+    }
+}
+
+/// Splits the credentials off a repository URL: `http://user:token@host/repo.git` gives
+/// `http://host/repo.git` (what jetci shows, publishes and stores) and the login it fetches with.
+/// A URL without a password, a local path and the scp-like `git@host:path` come back unchanged
+/// (a user name alone is no secret). Percent-escapes in the user and password are decoded.
+pub fn split_credentials(spec: &str) -> (String, Option<Login>) {
+    let Some((scheme, rest)) = spec.split_once("://") else {
+        return (spec.to_string(), None);
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return (spec.to_string(), None);
+    };
+    let shown = format!("{scheme}://{}", &rest[at + 1..]);
+    let (user, password) = match rest[..at].split_once(':') {
+        Some((user, password)) => (user, Some(password)),
+        None => (&rest[..at], None),
+    };
+    let password = password.map(percent_decode).unwrap_or_default();
+    if password.is_empty() {
+        // Nothing secret: keep the user name, which may choose the account.
+        return (format!("{scheme}://{}@{}", user, &rest[at + 1..]), None);
+    }
+    let login = Login {
+        user: percent_decode(user),
+        password,
+    };
+    (shown, Some(login))
+}
+
+/// `%41` → `A`; anything that is not a valid escape stays as it is.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The logins a runner fetches with, from a file in the format of git's credential store
+/// (`~/.git-credentials`): one URL with credentials a line, `https://user:token@host[/path]`.
+/// A repository URL uses the line with the same scheme and host (and port) whose path is a prefix
+/// of its path, the longest such path first. Blank lines and lines starting with `#` are skipped.
+#[derive(Clone, Debug, Default)]
+pub struct CredentialStore {
+    /// `(scheme://host[:port], path prefix, login)`.
+    entries: Vec<(String, String, Login)>,
+}
+
+/// Longest credentials file read, in bytes (invariant I5: bound every size a user gives).
+pub const MAX_CREDENTIALS_FILE: u64 = 1024 * 1024;
+
+impl CredentialStore {
+    /// Reads `path`. Errors: the file cannot be read, is larger than [`MAX_CREDENTIALS_FILE`],
+    /// or a line is not a URL with a user and password (the error names the line, not its text).
+    pub fn load(path: &Path) -> Result<CredentialStore, GitError> {
+        let fail = |message: String| GitError {
+            context: format!("cannot read the credentials file {}", path.display()),
+            message,
+        };
+        let len = std::fs::metadata(path)
+            .map_err(|e| fail(e.to_string()))?
+            .len();
+        if len > MAX_CREDENTIALS_FILE {
+            return Err(fail(format!("larger than {MAX_CREDENTIALS_FILE} bytes")));
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        CredentialStore::parse(&text).map_err(fail)
+    }
+
+    /// Parses the text of a credentials file (see [`CredentialStore`]).
+    pub fn parse(text: &str) -> Result<CredentialStore, String> {
+        let mut entries = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (shown, login) = split_credentials(line);
+            let (Some(login), Some((origin, path))) = (login, split_origin(&shown)) else {
+                return Err(format!(
+                    "line {} is not a URL with a user and a password",
+                    n + 1
+                ));
+            };
+            entries.push((origin, path, login));
+        }
+        entries.sort_by_key(|(_, path, _)| std::cmp::Reverse(path.len()));
+        Ok(CredentialStore { entries })
+    }
+
+    /// The login for repository `url`, if a line covers it.
+    pub fn login_for(&self, url: &str) -> Option<&Login> {
+        let (origin, path) = split_origin(&split_credentials(url).0)?;
+        self.entries
+            .iter()
+            .find(|(o, p, _)| *o == origin && path.starts_with(p.trim_end_matches('/')))
+            .map(|(_, _, login)| login)
+    }
+}
+
+/// `scheme://host[:port]` and the path of a URL (lowercased scheme and host).
+fn split_origin(url: &str) -> Option<(String, String)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find('/').unwrap_or(rest.len());
+    let origin = format!("{}://{}", scheme, &rest[..end]).to_lowercase();
+    Some((origin, rest[end..].to_string()))
+}
+
+/// The logins this process fetches with when a URL carries none (the runner's
+/// `--git-credentials`); set once at start.
+static CREDENTIALS: std::sync::OnceLock<CredentialStore> = std::sync::OnceLock::new();
+
+/// Makes every fetch of this process use `store` for URLs that carry no credentials. Call once,
+/// at start; a second call is ignored.
+pub fn use_credentials(store: CredentialStore) {
+    let _ = CREDENTIALS.set(store);
+}
+
+/// A short stable hash of any text (git's blob id), for keys and directory names derived from
 /// free text such as branch names and URLs.
 pub fn text_hash(text: &str) -> String {
-    Oid::hash_object(ObjectType::Blob, text.as_bytes())
+    bytes_hash(text.as_bytes())
+}
+
+/// [`text_hash`] of raw bytes: 16 lowercase hex digits.
+pub fn bytes_hash(bytes: &[u8]) -> String {
+    Oid::hash_object(ObjectType::Blob, bytes)
         .map(|o| o.to_string()[..16].to_string())
         .unwrap_or_else(|_| "0".repeat(16))
+}
+
+/// A branch's name as git stores it, without `refs/heads/`: bytes, which git does not require to
+/// be UTF-8 (`refs/heads/lat\xe9n1` is a valid branch).
+///
+/// The bytes are the branch's identity (its mark in `ci-observer` is keyed by them, so two names
+/// that differ only in bytes that are not UTF-8 never share a mark); [`BranchName::text`] is what
+/// people and messages see, with U+FFFD for each byte sequence that is not UTF-8.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BranchName(Vec<u8>);
+
+impl BranchName {
+    /// The name from git's bytes.
+    pub fn from_bytes(bytes: &[u8]) -> BranchName {
+        BranchName(bytes.to_vec())
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The name as text; bytes that are not UTF-8 become U+FFFD.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+
+    /// True when the name is UTF-8 (so [`BranchName::text`] is exact).
+    pub fn is_utf8(&self) -> bool {
+        std::str::from_utf8(&self.0).is_ok()
+    }
+}
+
+impl From<&str> for BranchName {
+    fn from(name: &str) -> BranchName {
+        BranchName(name.as_bytes().to_vec())
+    }
+}
+
+impl std::fmt::Display for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl std::fmt::Debug for BranchName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+/// A set of commits in topological order, from [`Watched::new_history`].
+#[derive(Debug, Default)]
+pub struct History {
+    /// The commits, parents before children.
+    pub commits: Vec<Oid>,
+    /// Each commit's position in `commits`.
+    pub index: HashMap<Oid, usize>,
+    /// For each position in `commits`, the positions of its parents that are in the set.
+    pub parents: Vec<Vec<usize>>,
 }
 
 /// The bits of a commit that travel with it.
@@ -64,8 +275,10 @@ pub struct CommitInfo {
 /// The repository an observer watches.
 pub struct Watched {
     repo: Repository,
-    /// What runners fetch from: the URL, or the canonical local path.
+    /// What runners fetch from: the URL without its credentials, or the canonical local path.
     pub url: String,
+    /// The credentials the URL came with: used to fetch, never shown or published.
+    login: Option<Login>,
     remote: bool,
 }
 
@@ -75,11 +288,13 @@ impl Watched {
     /// Errors: the path is not a git repository; the URL cannot be fetched.
     pub fn open(spec: &str, mirror_root: &Path) -> Result<Watched, GitError> {
         if is_url(spec) {
-            let path = mirror_root.join(format!("{}-{}.git", repo_slug(spec), text_hash(spec)));
+            let (url, login) = split_credentials(spec);
+            let path = mirror_root.join(format!("{}-{}.git", repo_slug(&url), text_hash(&url)));
             let repo = open_or_init_bare(&path)?;
             let w = Watched {
                 repo,
-                url: spec.to_string(),
+                url,
+                login,
                 remote: true,
             };
             w.refresh()?;
@@ -94,6 +309,7 @@ impl Watched {
             Ok(Watched {
                 repo,
                 url: path.to_string_lossy().into_owned(),
+                login: None,
                 remote: false,
             })
         }
@@ -103,14 +319,14 @@ impl Watched {
     /// local repository, which git2 reads fresh on every call.
     pub fn refresh(&self) -> Result<(), GitError> {
         if self.remote {
-            fetch_all(&self.repo, &self.url, true)?;
+            fetch_all(&self.repo, &self.url, self.login.as_ref(), true)?;
         }
         Ok(())
     }
 
-    /// Every branch (`refs/heads/*`) and its head commit. Branches whose name is not UTF-8 or
-    /// whose head is not a commit are skipped.
-    pub fn branches(&self) -> Result<Vec<(String, Oid)>, GitError> {
+    /// Every branch (`refs/heads/*`) and its head commit, sorted by name (bytes). A name need not
+    /// be UTF-8 ([`BranchName`]); a branch whose head is not a commit is skipped.
+    pub fn branches(&self) -> Result<Vec<(BranchName, Oid)>, GitError> {
         let mut out = Vec::new();
         let refs = self
             .repo
@@ -118,13 +334,13 @@ impl Watched {
             .map_err(err("cannot list branches"))?;
         for r in refs {
             let r = r.map_err(err("cannot read a branch"))?;
-            let Some(name) = r.name().ok().and_then(|n| n.strip_prefix("refs/heads/")) else {
+            let Some(name) = r.name_bytes().strip_prefix(b"refs/heads/") else {
                 continue;
             };
             let Ok(commit) = r.peel_to_commit() else {
                 continue;
             };
-            out.push((name.to_string(), commit.id()));
+            out.push((BranchName::from_bytes(name), commit.id()));
         }
         out.sort();
         Ok(out)
@@ -134,26 +350,54 @@ impl Watched {
     /// the default branch of a bare one. `None` when `HEAD` is detached or names no branch. For a
     /// mirrored URL this is the mirror's own `HEAD`, which fetching does not move. The observer
     /// handles this branch first, so a commit on several branches is attributed to it.
-    pub fn head_branch(&self) -> Option<String> {
+    pub fn head_branch(&self) -> Option<BranchName> {
         let head = self.repo.find_reference("HEAD").ok()?;
-        let target = head.symbolic_target().ok()??;
-        target.strip_prefix("refs/heads/").map(str::to_string)
+        let target = head.symbolic_target_bytes()?;
+        target
+            .strip_prefix(b"refs/heads/")
+            .map(BranchName::from_bytes)
     }
 
-    /// Commits reachable from `head` but from none of `seen`, oldest first (topological order,
-    /// parents before children). Ids in `seen` that no longer exist are ignored.
-    pub fn new_commits(&self, head: Oid, seen: &[Oid]) -> Result<Vec<Oid>, GitError> {
+    /// Every commit reachable from one of `heads` but from none of `hidden`, parents before
+    /// children, with the parents of each that are in the set too. Ids in `hidden` that no longer
+    /// exist are ignored (a mark left by a force-push may have been garbage collected).
+    ///
+    /// One history walk for all heads: its cost grows with the commits it returns and the
+    /// number of heads and hidden ids, not with their product (a walk per branch, each hiding
+    /// every other branch's mark, took minutes with 10,000 branches).
+    pub fn new_history(&self, heads: &[Oid], hidden: &[Oid]) -> Result<History, GitError> {
         let mut walk = self.repo.revwalk().map_err(err("cannot walk history"))?;
         walk.set_sorting(Sort::TOPOLOGICAL | Sort::REVERSE)
             .map_err(err("cannot walk history"))?;
-        walk.push(head)
-            .map_err(err(format!("cannot walk from {head}")))?;
-        for s in seen {
-            // A mark left by a force-push may have been garbage collected: nothing to hide then.
-            let _ = walk.hide(*s);
+        for head in heads {
+            walk.push(*head)
+                .map_err(err(format!("cannot walk from {head}")))?;
         }
-        walk.map(|r| r.map_err(err("cannot walk history")))
-            .collect()
+        for h in hidden {
+            let _ = walk.hide(*h);
+        }
+        let commits = walk
+            .map(|r| r.map_err(err("cannot walk history")))
+            .collect::<Result<Vec<Oid>, _>>()?;
+        let index: HashMap<Oid, usize> = commits.iter().enumerate().map(|(i, c)| (*c, i)).collect();
+        let parents = commits
+            .iter()
+            .map(|c| {
+                let commit = self
+                    .repo
+                    .find_commit(*c)
+                    .map_err(err(format!("cannot read commit {c}")))?;
+                Ok(commit
+                    .parent_ids()
+                    .filter_map(|p| index.get(&p).copied())
+                    .collect())
+            })
+            .collect::<Result<_, GitError>>()?;
+        Ok(History {
+            commits,
+            index,
+            parents,
+        })
     }
 
     /// True when the repository holds commit `oid` (a mark can point at a commit that a
@@ -248,7 +492,17 @@ fn open_or_init_bare(path: &Path) -> Result<Repository, GitError> {
 }
 
 /// Fetches every branch and tag of `url` into `repo`'s own `refs/heads` and `refs/tags`.
-fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> {
+///
+/// A server that asks for a user and password gets `login` (the watched URL's own), else the
+/// line of the process's [`CredentialStore`] for `url`; asked a second time (a wrong password),
+/// the fetch fails instead of trying again forever.
+fn fetch_all(
+    repo: &Repository,
+    url: &str,
+    login: Option<&Login>,
+    prune: bool,
+) -> Result<(), GitError> {
+    let url = &split_credentials(url).0;
     if !is_url(url) && !Path::new(url).exists() {
         return Err(GitError {
             context: format!("cannot fetch {url}"),
@@ -258,7 +512,24 @@ fn fetch_all(repo: &Repository, url: &str, prune: bool) -> Result<(), GitError> 
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(err(format!("cannot fetch {url}")))?;
+    let login = login.or_else(|| CREDENTIALS.get().and_then(|store| store.login_for(url)));
+    let mut asked = false;
+    let mut callbacks = git2::RemoteCallbacks::new();
+    callbacks.credentials(move |_, _, allowed| {
+        let first = !std::mem::replace(&mut asked, true);
+        match login {
+            Some(l) if first && allowed.contains(git2::CredentialType::USER_PASS_PLAINTEXT) => {
+                git2::Cred::userpass_plaintext(&l.user, &l.password)
+            }
+            Some(_) => Err(git2::Error::from_str("the server refused the credentials")),
+            None => Err(git2::Error::from_str(
+                "the server asks for credentials and none are given (a runner takes them \
+                 from --git-credentials)",
+            )),
+        }
+    });
     let mut opts = FetchOptions::new();
+    opts.remote_callbacks(callbacks);
     if prune {
         opts.prune(git2::FetchPrune::On);
     }
@@ -335,7 +606,7 @@ impl Mirror {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             // Another job may have fetched it while this one waited for the lock.
             if self.repo.find_commit(oid).is_err() {
-                fetch_all(&self.repo, &self.url, false)?;
+                fetch_all(&self.repo, &self.url, None, false)?;
             }
         }
         self.repo
@@ -553,7 +824,6 @@ impl Drop for RemoveOnDrop<'_> {
 
 /// The process-wide lock of the mirror at `path` (see [`Mirror`]'s "Concurrency").
 fn path_lock(path: &Path) -> std::sync::Arc<std::sync::Mutex<()>> {
-    use std::collections::HashMap;
     use std::sync::{Arc, Mutex, OnceLock};
     static LOCKS: OnceLock<Mutex<HashMap<PathBuf, Arc<Mutex<()>>>>> = OnceLock::new();
     let mut map = LOCKS
@@ -676,6 +946,42 @@ mod tests {
     }
 
     #[test]
+    fn credentials_are_split_off_urls() {
+        let (shown, login) = split_credentials("https://ci:t%40k@host:8443/org/app.git");
+        assert_eq!(shown, "https://host:8443/org/app.git");
+        let login = login.unwrap();
+        assert_eq!(
+            (login.user.as_str(), login.password.as_str()),
+            ("ci", "t@k")
+        );
+        assert!(!format!("{login:?}").contains("t@k"));
+        for same in [
+            "/srv/git/app",
+            "git@host:org/app",
+            "ssh://git@host/app",
+            "https://host/a@b",
+        ] {
+            assert_eq!(split_credentials(same), (same.to_string(), None), "{same}");
+        }
+
+        let store = CredentialStore::parse(
+            "# logins\nhttps://a:1@host\n\nhttps://b:2@host/org/private\nhttp://c:3@other:81\n",
+        )
+        .unwrap();
+        let user = |url: &str| store.login_for(url).map(|l| l.user.clone());
+        assert_eq!(
+            user("https://host/org/private/app.git").as_deref(),
+            Some("b")
+        );
+        assert_eq!(user("https://HOST/org/app.git").as_deref(), Some("a"));
+        assert_eq!(user("http://other:81/x.git").as_deref(), Some("c"));
+        assert_eq!(user("http://other/x.git"), None);
+        assert_eq!(user("https://elsewhere/x.git"), None);
+        let e = CredentialStore::parse("https://host/app.git\n").unwrap_err();
+        assert_eq!(e, "line 1 is not a URL with a user and a password");
+    }
+
+    #[test]
     fn urls_and_paths() {
         assert!(is_url("https://x/y.git"));
         assert!(is_url("git@github.com:a/b"));
@@ -698,10 +1004,14 @@ mod tests {
         let branches = w.branches().unwrap();
         assert_eq!(
             branches,
-            vec![("feature/x.y".to_string(), f), ("main".to_string(), c)]
+            vec![("feature/x.y".into(), f), ("main".into(), c)]
         );
-        assert_eq!(w.new_commits(c, &[a]).unwrap(), vec![b, c]);
-        assert_eq!(w.new_commits(f, &[c]).unwrap(), vec![f]);
+        assert_eq!(w.new_history(&[c], &[a]).unwrap().commits, vec![b, c]);
+        assert_eq!(w.new_history(&[f], &[c]).unwrap().commits, vec![f]);
+        let both = w.new_history(&[c, f], &[a]).unwrap();
+        assert_eq!(both.commits.len(), 3);
+        assert_eq!(both.parents[both.index[&f]], vec![both.index[&b]]);
+        assert!(both.parents[both.index[&b]].is_empty(), "a is hidden");
         assert_eq!(
             w.file_at(b, "b.txt", 1).unwrap().as_deref(),
             Some(&b"2"[..])
@@ -715,7 +1025,7 @@ mod tests {
         assert!(w.is_ancestor(a, c));
         assert!(!w.is_ancestor(f, c));
         repo.set_head("refs/heads/feature/x.y").unwrap();
-        assert_eq!(w.head_branch().as_deref(), Some("feature/x.y"));
+        assert_eq!(w.head_branch(), Some("feature/x.y".into()));
         repo.set_head_detached(c).unwrap();
         assert_eq!(w.head_branch(), None);
 

@@ -641,7 +641,12 @@ impl Wire for RunnerInfo {
 pub struct BranchMark {
     pub v: u32,
     pub repo: String,
+    /// The branch's name as text (bytes that are not UTF-8 shown as U+FFFD).
     pub branch: String,
+    /// Only for a branch whose name is not UTF-8: its exact bytes, in lowercase hex (the key is
+    /// a hash of these bytes, so two such names never share a mark).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_hex: Option<String>,
     pub sha: String,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,

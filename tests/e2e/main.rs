@@ -23,6 +23,7 @@ mod chaos;
 mod cluster;
 mod faults;
 mod inputs;
+mod inputs_observer;
 mod jobs;
 mod manager;
 mod metrics;

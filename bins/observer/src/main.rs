@@ -64,7 +64,14 @@ struct Args {
     /// $XDG_CACHE_HOME/jetci/mirrors or ~/.cache/jetci/mirrors]
     #[arg(long, value_name = "DIR")]
     mirror_dir: Option<PathBuf>,
+    /// Logins for repositories that need them, in the format of git's credential store: one
+    /// `https://user:token@host[/path]` a line (better than credentials in REPO, which any user
+    /// of the machine sees in the process list).
+    #[arg(long, value_name = "FILE", env = "JETCI_GIT_CREDENTIALS")]
+    git_credentials: Option<PathBuf>,
     /// The repository: a local path, or a URL (https://..., ssh://..., git@host:path, file://...).
+    /// Credentials in the URL (https://user:token@host/...) are used to fetch and never shown,
+    /// published or stored.
     #[arg(value_name = "REPO")]
     repo: String,
 }
@@ -85,6 +92,9 @@ fn main() -> ExitCode {
 /// Opens the repository (a bad path fails here, before any connection), then runs the observer.
 fn run(args: Args) -> anyhow::Result<()> {
     let mirror_dir = args.mirror_dir.clone().unwrap_or_else(default_mirror_dir);
+    if let Some(path) = &args.git_credentials {
+        jetci::git::use_credentials(jetci::git::CredentialStore::load(path)?);
+    }
     let watched = Watched::open(&args.repo, &mirror_dir)?;
     let repo = match &args.name {
         Some(name) => {

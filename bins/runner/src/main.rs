@@ -108,6 +108,11 @@ struct Args {
     /// reaches it is killed with an `error` result saying so.
     #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(16..))]
     max_procs: u32,
+    /// Logins for repositories that need them, in the format of git's credential store: one
+    /// `https://user:token@host[/path]` a line. Commits never carry credentials (the observer
+    /// strips them from its URL), so a runner fetches a private repository with these.
+    #[arg(long, value_name = "FILE", env = "JETCI_GIT_CREDENTIALS")]
+    git_credentials: Option<PathBuf>,
 }
 
 /// `--network`.
@@ -145,6 +150,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     for l in &args.labels {
         check_token("label", l)?;
+    }
+    if let Some(path) = &args.git_credentials {
+        jetci::git::use_credentials(jetci::git::CredentialStore::load(path)?);
     }
     let work_dir = prepare_work_dir(&args, &id)?;
     let cache_dir = match &args.cache_dir {
@@ -225,7 +233,8 @@ async fn choose_sandbox(
         program: sandbox::BWRAP.into(),
         work_dir: work_dir.to_path_buf(),
         ro_binds: args.ro_bind.clone(),
-        hidden_files: [&c.creds, &c.nkey, &c.tlskey]
+        // The runner's secrets: NATS credentials and git logins.
+        hidden_files: [&c.creds, &c.nkey, &c.tlskey, &args.git_credentials]
             .into_iter()
             .flatten()
             .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))

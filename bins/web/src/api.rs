@@ -72,12 +72,37 @@ pub struct ResultsQuery {
 }
 
 /// `GET /api/results?repo=&branch=&limit=`: final results, newest first.
+///
+/// Streamed, one result a chunk: the answer for 300 results of 1 MiB each used to be built whole
+/// in memory (313 MB); now the handler holds the list of shared results and one result's JSON at
+/// a time.
 pub async fn results(State(app): State<App>, Query(q): Query<ResultsQuery>) -> Response {
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).min(app.max_results);
     let list = app
         .shared
         .read(|v| v.recent(q.repo.as_deref(), q.branch.as_deref(), limit));
-    Json(list.iter().map(ResultOut::from).collect::<Vec<_>>()).into_response()
+    let last = list.len();
+    let chunks = list.into_iter().enumerate().map(move |(i, s)| {
+        let mut chunk = if i == 0 { b"[".to_vec() } else { b",".to_vec() };
+        // A result decoded from JSON always encodes again; `null` keeps the array valid if not.
+        if serde_json::to_writer(&mut chunk, &ResultOut::from(&s)).is_err() {
+            chunk.extend_from_slice(b"null");
+        }
+        if i + 1 == last {
+            chunk.push(b']');
+        }
+        Ok::<_, std::convert::Infallible>(bytes::Bytes::from(chunk))
+    });
+    let body = if last == 0 {
+        axum::body::Body::from("[]")
+    } else {
+        axum::body::Body::from_stream(futures::stream::iter(chunks))
+    };
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /api/repos`: each repository with its branches' latest verdict.

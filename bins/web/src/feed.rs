@@ -53,9 +53,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(max_results: usize) -> Shared {
+    /// A view of at most `max_results` results holding at most `max_bytes` of text.
+    pub fn new(max_results: usize, max_bytes: usize) -> Shared {
         Shared {
-            view: Arc::new(RwLock::new(View::new(max_results))),
+            view: Arc::new(RwLock::new(View::bounded(max_results, max_bytes))),
             changes: broadcast::channel(1024).0,
         }
     }

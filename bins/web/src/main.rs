@@ -62,6 +62,10 @@ struct Args {
     /// Results kept in memory (the newest; older ones are evicted).
     #[arg(long, default_value_t = 10_000)]
     max_results: usize,
+    /// Memory the results kept may fill with their text, in MiB: over it (or over
+    /// --max-results), the repository holding the most loses its oldest result first.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    max_results_mib: usize,
     #[command(flatten)]
     report: config::ReportArgs,
 }
@@ -92,7 +96,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let shared = feed::Shared::new(args.max_results);
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&args.max_results_mib),
+        "--max-results-mib must be between 1 and 1048576"
+    );
+    let shared = feed::Shared::new(args.max_results, args.max_results_mib << 20);
     let stop = shutdown.token.clone();
     feed::start(&nats, &streams, &shared, args.max_results, reporter, &stop).await;
     let app = server::App {

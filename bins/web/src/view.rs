@@ -2,9 +2,11 @@
 //! `ci-jobs` and the runners of `ci-runners`.
 //!
 //! It is rebuilt from the streams at every start (DESIGN.md: jetci-web owns no state), so it holds
-//! nothing that is not in JetStream. It is bounded: at most `max_results` results are kept and the
-//! oldest (by stream sequence) is evicted first, so the view after reading the whole stream is the
-//! stream's newest `max_results` results whatever order they arrive in. Jobs are kept only while
+//! nothing that is not in JetStream. It is bounded by count (`max_results`) and by bytes
+//! (`max_bytes`, the text the results hold): over either bound, the oldest result (by stream
+//! sequence) of the repository holding the most results (or bytes) is evicted, so a flood of
+//! results for one repository, or for many new ones, evicts its own results first and every
+//! other repository keeps its latest. Jobs are kept only while
 //! they are not final (a final job's verdict is its result), runners only while their presence
 //! entry is fresh. Everything here is pure and synchronous; the follow tasks in `follow.rs` feed it.
 
@@ -89,11 +91,47 @@ impl CommitView {
     }
 }
 
+/// The byte bound of [`View::new`] (jetci-web's is `--max-results-mib`).
+#[cfg(test)]
+const DEFAULT_MAX_BYTES: usize = 256 * 1024 * 1024;
+
+/// The bytes a result counts for against `max_bytes`: its text, plus a fixed part for the rest.
+fn size_of(r: &ResultMsg) -> usize {
+    let texts = [
+        &r.repo,
+        &r.url,
+        &r.branch,
+        &r.sha,
+        &r.job_id,
+        &r.runner,
+        &r.output_tail,
+        &r.log_subject,
+        &r.author,
+        &r.summary,
+    ];
+    256 + texts.iter().map(|t| t.len()).sum::<usize>() + r.reason.as_ref().map_or(0, String::len)
+}
+
+/// What one repository holds in the view: its results' sequences and their bytes.
+#[derive(Debug, Default)]
+struct Share {
+    seqs: BTreeSet<u64>,
+    bytes: usize,
+}
+
 /// The view; see the module comment.
 #[derive(Debug)]
 pub struct View {
     max_results: usize,
+    max_bytes: usize,
+    /// The bytes of every result kept ([`size_of`]).
+    bytes: usize,
     results: BTreeMap<u64, Arc<Stored>>,
+    /// repo → its results, and the repositories ordered by how many results and bytes they hold,
+    /// to find the one to evict from in log time.
+    shares: HashMap<String, Share>,
+    by_count: BTreeSet<(usize, String)>,
+    by_bytes: BTreeSet<(usize, String)>,
     /// `(repo, sha)` → stream sequences of its results (final and superseded).
     by_commit: HashMap<(String, String), BTreeSet<u64>>,
     /// repo → branch → commits.
@@ -109,11 +147,24 @@ pub struct View {
 }
 
 impl View {
-    /// An empty view keeping at most `max_results` results (at least 1).
+    /// An empty view keeping at most `max_results` results (at least 1) and
+    /// [`DEFAULT_MAX_BYTES`].
+    #[cfg(test)]
     pub fn new(max_results: usize) -> View {
+        View::bounded(max_results, DEFAULT_MAX_BYTES)
+    }
+
+    /// An empty view keeping at most `max_results` results (at least 1) holding at most
+    /// `max_bytes` of text (at least one result is kept, whatever its size).
+    pub fn bounded(max_results: usize, max_bytes: usize) -> View {
         View {
             max_results: max_results.max(1),
+            max_bytes,
+            bytes: 0,
             results: BTreeMap::new(),
+            shares: HashMap::new(),
+            by_count: BTreeSet::new(),
+            by_bytes: BTreeSet::new(),
             by_commit: HashMap::new(),
             repos: BTreeMap::new(),
             jobs: BTreeMap::new(),
@@ -135,13 +186,7 @@ impl View {
         if self.results.contains_key(&seq) {
             return None;
         }
-        if self.results.len() >= self.max_results {
-            if let Some((&oldest, _)) = self.results.first_key_value() {
-                if oldest > seq {
-                    return None; // older than everything kept: it would be evicted at once
-                }
-            }
-        }
+        let size = size_of(&result);
         let stored = Arc::new(Stored {
             seq,
             superseded,
@@ -149,6 +194,11 @@ impl View {
         });
         let r = &stored.result;
         self.results.insert(seq, stored.clone());
+        self.bytes += size;
+        self.reshare(&r.repo, |share| {
+            share.seqs.insert(seq);
+            share.bytes += size;
+        });
         self.by_commit
             .entry((r.repo.clone(), r.sha.clone()))
             .or_default()
@@ -156,17 +206,53 @@ impl View {
         if !superseded {
             self.reindex_branch(&r.repo.clone(), &r.branch.clone(), &r.sha.clone());
         }
-        while self.results.len() > self.max_results {
-            self.evict_oldest();
+        while self.results.len() > 1
+            && (self.results.len() > self.max_results || self.bytes > self.max_bytes)
+        {
+            let over_count = self.results.len() > self.max_results;
+            let largest = if over_count {
+                self.by_count.last()
+            } else {
+                self.by_bytes.last()
+            };
+            let Some((_, repo)) = largest.cloned() else {
+                break;
+            };
+            let oldest = self.shares.get(&repo).and_then(|s| s.seqs.first().copied());
+            match oldest {
+                Some(oldest) => self.evict(oldest),
+                None => break,
+            }
         }
-        Some(stored)
+        // The result itself may have been the one evicted.
+        self.results.contains_key(&seq).then_some(stored)
     }
 
-    fn evict_oldest(&mut self) {
-        let Some((seq, stored)) = self.results.pop_first() else {
+    /// Changes `repo`'s share with `change`, keeping the orders by count and bytes true.
+    fn reshare(&mut self, repo: &str, change: impl FnOnce(&mut Share)) {
+        let share = self.shares.entry(repo.to_string()).or_default();
+        self.by_count.remove(&(share.seqs.len(), repo.to_string()));
+        self.by_bytes.remove(&(share.bytes, repo.to_string()));
+        change(share);
+        if share.seqs.is_empty() {
+            self.shares.remove(repo);
+        } else {
+            self.by_count.insert((share.seqs.len(), repo.to_string()));
+            self.by_bytes.insert((share.bytes, repo.to_string()));
+        }
+    }
+
+    fn evict(&mut self, seq: u64) {
+        let Some(stored) = self.results.remove(&seq) else {
             return;
         };
         let r = &stored.result;
+        let size = size_of(r);
+        self.bytes -= size;
+        self.reshare(&r.repo, |share| {
+            share.seqs.remove(&seq);
+            share.bytes -= size;
+        });
         let key = (r.repo.clone(), r.sha.clone());
         if let Some(seqs) = self.by_commit.get_mut(&key) {
             seqs.remove(&seq);
@@ -504,19 +590,54 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn the_oldest_results_are_evicted() {
+    fn the_repository_holding_the_most_loses_its_oldest_result() {
         let mut v = View::new(2);
         v.add_result(1, false, result("a", "main", 1, 1, 1, Status::Passed));
         v.add_result(2, false, result("b", "main", 2, 1, 2, Status::Passed));
         v.add_result(3, false, result("b", "dev", 3, 1, 3, Status::Failed));
         assert_eq!(v.len(), 2);
-        assert_eq!(v.repo_names(), ["b"]);
-        assert!(v.commit("a", &"01".repeat(20)).is_empty());
-        // Something older than everything kept is not added.
-        assert!(v
-            .add_result(0, false, result("a", "main", 1, 1, 1, Status::Passed))
-            .is_none());
+        assert_eq!(v.repo_names(), ["a", "b"]);
+        assert!(v.commit("b", &"02".repeat(20)).is_empty());
+        assert_eq!(v.branch_head("a", "main").unwrap().seq, 1);
         assert_eq!(v.last_seq, 3);
+    }
+
+    #[test]
+    fn a_flood_of_results_evicts_its_own_and_every_repository_keeps_its_latest() {
+        let mut v = View::new(10);
+        v.add_result(1, false, result("app", "main", 1, 1, 1, Status::Passed));
+        // 1,000 junk results in one repository, then one each in 1,000 new repositories.
+        for seq in 2..1002 {
+            v.add_result(seq, false, result("junk", "x", 5, 1, seq, Status::Failed));
+        }
+        assert_eq!(v.branch_head("app", "main").unwrap().seq, 1);
+        for seq in 1002..2002 {
+            let repo = format!("junk{seq}");
+            v.add_result(seq, false, result(&repo, "x", 5, 1, seq, Status::Failed));
+        }
+        assert_eq!(v.len(), 10);
+        assert_eq!(v.branch_head("app", "main").unwrap().seq, 1);
+    }
+
+    #[test]
+    fn the_view_is_bounded_by_bytes_too() {
+        let mut v = View::bounded(1000, 100_000);
+        let big = |seq: u64, repo: &str| {
+            let mut r = result(repo, "main", seq as u8, 1, seq, Status::Passed);
+            r.output_tail = "x".repeat(30_000);
+            r
+        };
+        v.add_result(1, false, result("app", "main", 1, 1, 1, Status::Passed));
+        for seq in 2..20 {
+            v.add_result(seq, false, big(seq, "huge"));
+        }
+        assert!(v.bytes <= 100_000, "{}", v.bytes);
+        assert_eq!(v.len(), 4, "app's one and three of 30 kB");
+        assert_eq!(v.branch_head("app", "main").unwrap().seq, 1);
+        // One result larger than the bound is still kept, alone.
+        let mut v = View::bounded(1000, 1_000);
+        assert!(v.add_result(1, false, big(1, "huge")).is_some());
+        assert_eq!(v.len(), 1);
     }
 
     #[test]

@@ -28,16 +28,16 @@
 //! half-way (NATS down, killed) resumes from the last acknowledged commit and publishes each
 //! commit once (invariant I4).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
-use crate::git::{GitError, Watched};
+use crate::git::{BranchName, GitError, History, Watched};
 use git2::Oid;
 
 /// One thing a poll does to one branch, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Step {
-    /// The branch name, without `refs/heads/`.
-    pub branch: String,
+    /// The branch, without `refs/heads/`.
+    pub branch: BranchName,
     /// The commit to publish (when `publish`) and then the branch's new mark.
     pub commit: Oid,
     /// False when the mark only moves: nothing new to test.
@@ -50,9 +50,9 @@ pub struct Plan {
     /// Publish-and-mark steps, in order.
     pub steps: Vec<Step>,
     /// Branches with a mark that no longer exist: their marks are deleted after the steps.
-    pub gone: Vec<String>,
+    pub gone: Vec<BranchName>,
     /// Branches git could not walk this time (logged, retried next poll).
-    pub failed: Vec<(String, GitError)>,
+    pub failed: Vec<(BranchName, GitError)>,
 }
 
 /// Plans one poll.
@@ -63,51 +63,82 @@ pub struct Plan {
 /// completed. Errors of one branch land in [`Plan::failed`] and do not stop the others.
 pub fn plan(
     watched: &Watched,
-    branches: &[(String, Oid)],
-    all_branches: &[(String, Oid)],
-    marks: &BTreeMap<String, Oid>,
+    branches: &[(BranchName, Oid)],
+    all_branches: &[(BranchName, Oid)],
+    marks: &BTreeMap<BranchName, Oid>,
     ever_polled: bool,
 ) -> Plan {
     let mut plan = Plan::default();
     let head_branch = watched.head_branch();
-    let mut ordered: Vec<&(String, Oid)> = branches.iter().collect();
+    let mut ordered: Vec<&(BranchName, Oid)> = branches.iter().collect();
     ordered.sort_by_key(|(name, _)| {
         (
             !marks.contains_key(name),
             Some(name) != head_branch.as_ref(),
-            name.clone(),
+            name,
         )
     });
 
-    // Everything already published, or deliberately skipped: every mark, plus the head of every
-    // branch handled earlier in this poll.
-    let mut seen: Vec<Oid> = marks.values().copied().collect();
-    for (name, head) in ordered {
-        let mark = marks.get(name).copied();
-        if mark == Some(*head) {
-            continue;
-        }
-        // A mark whose commit is gone (force-push, then garbage collection): what was tested
-        // is unknown, so this branch starts over like a first sight instead of flooding the
-        // runners with its whole history.
-        let lost = mark.is_some_and(|m| !watched.has_commit(m));
-        if lost {
-            tracing::warn!(branch = ?name, "the branch's last seen commit is gone from the repository; testing only its head");
-        }
-        let new = if (!ever_polled && mark.is_none()) || lost {
-            // First sight: the head only, once per distinct head.
-            if seen.contains(head) {
-                vec![]
-            } else {
-                vec![*head]
+    // How each branch is read, before any history is walked: the walk is one for all branches.
+    let reads: Vec<(&BranchName, Oid, Read)> = ordered
+        .into_iter()
+        .filter_map(|(name, head)| {
+            let mark = marks.get(name).copied();
+            if mark == Some(*head) {
+                return None;
             }
-        } else {
-            match watched.new_commits(*head, &seen) {
-                Ok(new) => new,
-                Err(e) => {
-                    plan.failed.push((name.clone(), e));
+            // A mark whose commit is gone (force-push, then garbage collection): what was tested
+            // is unknown, so this branch starts over like a first sight instead of flooding the
+            // runners with its whole history.
+            let lost = mark.is_some_and(|m| !watched.has_commit(m));
+            if lost {
+                tracing::warn!(branch = ?name, "the branch's last seen commit is gone from the repository; testing only its head");
+            }
+            let read = if (!ever_polled && mark.is_none()) || lost {
+                Read::HeadOnly
+            } else {
+                Read::Walk
+            };
+            Some((name, *head, read))
+        })
+        .collect();
+
+    // Every commit that is new on some walked branch: reachable from its head, from no mark.
+    let walked: Vec<Oid> = reads
+        .iter()
+        .filter(|(_, _, read)| *read == Read::Walk)
+        .map(|(_, head, _)| *head)
+        .collect();
+    let marked: Vec<Oid> = marks.values().copied().collect();
+    let history = if walked.is_empty() {
+        Ok(History::default())
+    } else {
+        watched.new_history(&walked, &marked)
+    };
+    let (history, walk_error) = match history {
+        Ok(history) => (history, None),
+        Err(e) => (History::default(), Some(e)),
+    };
+
+    // Each new commit goes to the first branch, in order, whose head reaches it: a commit that
+    // an earlier branch's head reaches (its own or one that branch only marked) is not new for
+    // a later one. Each commit is claimed once, so the whole poll stays linear in the new
+    // commits and the branches.
+    let mut claimed = vec![false; history.commits.len()];
+    // The exact heads handled so far (and every mark): a first-sight head among them is not
+    // published again.
+    let mut seen: HashSet<Oid> = marked.iter().copied().collect();
+    for (name, head, read) in reads {
+        let reached = claim(&history, &mut claimed, head);
+        let new = match read {
+            Read::HeadOnly if seen.contains(&head) => vec![],
+            Read::HeadOnly => vec![head],
+            Read::Walk => {
+                if let Some(e) = &walk_error {
+                    plan.failed.push((name.clone(), e.clone()));
                     continue;
                 }
+                reached.into_iter().map(|i| history.commits[i]).collect()
             }
         };
         let step = |commit: Oid, publish: bool| Step {
@@ -116,18 +147,45 @@ pub fn plan(
             publish,
         };
         plan.steps.extend(new.iter().map(|c| step(*c, true)));
-        if new.last() != Some(head) {
-            plan.steps.push(step(*head, false));
+        if new.last() != Some(&head) {
+            plan.steps.push(step(head, false));
         }
-        seen.push(*head);
+        seen.insert(head);
     }
 
+    let existing: HashSet<&BranchName> = all_branches.iter().map(|(name, _)| name).collect();
     plan.gone = marks
         .keys()
-        .filter(|m| !all_branches.iter().any(|(name, _)| name == *m))
+        .filter(|m| !existing.contains(m))
         .cloned()
         .collect();
     plan
+}
+
+/// How a poll reads one branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Read {
+    /// First sight (or a lost mark): its head only.
+    HeadOnly,
+    /// Everything new since the marks.
+    Walk,
+}
+
+/// Claims the commits of `history` that `head` reaches and no earlier call claimed; returns
+/// their positions, oldest first (the history's order puts parents first). A claimed commit's
+/// ancestors in the history are claimed too, so the search stops at one.
+fn claim(history: &History, claimed: &mut [bool], head: Oid) -> Vec<usize> {
+    let mut reached = Vec::new();
+    let mut stack: Vec<usize> = history.index.get(&head).copied().into_iter().collect();
+    while let Some(i) = stack.pop() {
+        if std::mem::replace(&mut claimed[i], true) {
+            continue;
+        }
+        reached.push(i);
+        stack.extend(history.parents[i].iter().copied().filter(|p| !claimed[*p]));
+    }
+    reached.sort_unstable();
+    reached
 }
 
 #[cfg(test)]
@@ -203,7 +261,7 @@ mod tests {
     }
 
     /// Plans a poll over every branch, then applies it to `marks` as a successful poll would.
-    fn poll(w: &Watched, marks: &mut BTreeMap<String, Oid>, ever_polled: bool) -> Vec<Step> {
+    fn poll(w: &Watched, marks: &mut BTreeMap<BranchName, Oid>, ever_polled: bool) -> Vec<Step> {
         let branches = w.branches().unwrap();
         let p = plan(w, &branches, &branches, marks, ever_polled);
         assert!(p.failed.is_empty(), "{:?}", p.failed);
@@ -221,7 +279,7 @@ mod tests {
         steps
             .iter()
             .filter(|s| s.publish)
-            .map(|s| (s.branch.as_str(), s.commit))
+            .map(|s| (std::str::from_utf8(s.branch.as_bytes()).unwrap(), s.commit))
             .collect()
     }
 
@@ -299,7 +357,7 @@ mod tests {
         r.set("release", main[1]);
         let steps = poll(&w, &mut marks, true);
         assert!(published(&steps).is_empty(), "{steps:?}");
-        assert_eq!(marks["release"], main[1]);
+        assert_eq!(marks[&BranchName::from("release")], main[1]);
 
         // A commit lands on the feature and main fast-forwards to it: published once, for main
         // (the HEAD branch goes first), and the feature's mark just follows.
@@ -309,7 +367,7 @@ mod tests {
         assert_eq!(published(&steps), vec![("main", merged)]);
         assert!(steps
             .iter()
-            .any(|s| s.branch == "feature/a.b" && !s.publish));
+            .any(|s| s.branch == "feature/a.b".into() && !s.publish));
     }
 
     #[test]
@@ -336,7 +394,7 @@ mod tests {
         // As after a force-push and a garbage collection: the mark names a commit the
         // repository no longer has.
         let gone = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
-        let mut marks = BTreeMap::from([("main".to_string(), gone)]);
+        let mut marks = BTreeMap::from([("main".into(), gone)]);
         let steps = poll(&w, &mut marks, true);
         assert_eq!(published(&steps), vec![("main", history[4])]);
     }
@@ -350,7 +408,7 @@ mod tests {
         poll(&w, &mut marks, false);
         let old = r.commits("main", Some(base[1]), 2);
         poll(&w, &mut marks, true);
-        assert_eq!(marks["main"], old[1]);
+        assert_eq!(marks[&BranchName::from("main")], old[1]);
 
         // Rewrite the last two commits.
         let new = r.commits("main", Some(base[1]), 3);
@@ -382,14 +440,14 @@ mod tests {
         poll(&w, &mut marks, false);
         let topic = r.commits("topic", Some(main[1]), 2);
         poll(&w, &mut marks, true);
-        assert_eq!(marks["topic"], topic[1]);
+        assert_eq!(marks[&BranchName::from("topic")], topic[1]);
 
         r.delete("topic");
         let branches = w.branches().unwrap();
         let p = plan(&w, &branches, &branches, &marks, true);
-        assert_eq!(p.gone, vec!["topic".to_string()]);
+        assert_eq!(p.gone, vec![BranchName::from("topic")]);
         assert!(p.steps.is_empty());
-        marks.remove("topic");
+        marks.remove(&BranchName::from("topic"));
 
         // Re-created with one more commit: not reachable from any mark left, so all of it.
         let again = r.commit("topic", Some(topic[1]));
@@ -407,8 +465,12 @@ mod tests {
         r.set("other", main[0]);
         let w = r.watched();
         let all = w.branches().unwrap();
-        let watched: Vec<_> = all.iter().filter(|(n, _)| n == "main").cloned().collect();
-        let mut marks = BTreeMap::from([("other".to_string(), main[0])]);
+        let watched: Vec<_> = all
+            .iter()
+            .filter(|(n, _)| n.as_bytes() == b"main")
+            .cloned()
+            .collect();
+        let mut marks = BTreeMap::from([("other".into(), main[0])]);
         let p = plan(&w, &watched, &all, &marks, false);
         assert!(p.gone.is_empty());
         assert_eq!(
@@ -422,5 +484,34 @@ mod tests {
         marks.clear();
         let p = plan(&w, &watched, &all, &marks, false);
         assert_eq!(published(&p.steps), vec![("main", main[0])]);
+    }
+
+    #[test]
+    fn branches_whose_names_are_not_utf8_are_planned_by_their_bytes() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut r = Repo::new();
+        let main = r.commits("main", None, 1);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        // Two names that read the same once their bytes that are not UTF-8 become U+FFFD (git
+        // accepts both; libgit2's API only takes UTF-8, so the loose refs are written directly).
+        let a = r.commit("tmp", Some(main[0]));
+        let b = r.commit("tmp", Some(main[0]));
+        r.delete("tmp");
+        let heads = r.dir.path().join("r.git/refs/heads");
+        for (name, oid) in [(&b"lat\xe9n1"[..], a), (&b"lat\xe8n1"[..], b)] {
+            let file = heads.join(std::ffi::OsStr::from_bytes(name));
+            std::fs::write(file, format!("{oid}\n")).unwrap();
+        }
+        let steps = poll(&w, &mut marks, true);
+        let e8 = BranchName::from_bytes(b"lat\xe8n1");
+        let e9 = BranchName::from_bytes(b"lat\xe9n1");
+        let published: Vec<_> = steps.iter().filter(|s| s.publish).collect();
+        assert_eq!(published.len(), 2, "{steps:?}");
+        assert_eq!((&published[0].branch, published[0].commit), (&e8, b));
+        assert_eq!((&published[1].branch, published[1].commit), (&e9, a));
+        assert_eq!(published[0].branch.text(), "lat\u{fffd}n1");
+        assert_eq!((marks[&e8], marks[&e9]), (b, a));
     }
 }

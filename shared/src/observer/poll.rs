@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::connect::Nats;
-use crate::git::{GitError, Watched};
+use crate::git::{BranchName, GitError, Watched};
 use crate::messages::CommitMsg;
 use crate::protocol::commit::publish_commit;
 use crate::shutdown::CancellationToken;
@@ -44,9 +44,9 @@ struct Work {
     /// Each step, with its message when it publishes.
     steps: Vec<(Step, Option<CommitMsg>)>,
     /// Deleted branches whose marks go.
-    gone: Vec<String>,
+    gone: Vec<BranchName>,
     /// Branches git could not read.
-    failed: Vec<(String, GitError)>,
+    failed: Vec<(BranchName, GitError)>,
     /// Watched branches whose name is longer than [`MAX_BRANCH_BYTES`]: not watched.
     refused: Vec<String>,
 }
@@ -91,7 +91,7 @@ impl Observer {
         }
         for branch in &work.gone {
             marks.forget(branch).await?;
-            info!(repo = self.repo, branch, "branch deleted; its mark is gone");
+            info!(repo = self.repo, %branch, "branch deleted; its mark is gone");
         }
         marks.record_polled().await?;
         match work.failed.into_iter().next() {
@@ -167,16 +167,16 @@ fn read_git(
     watched: &Watched,
     repo: &str,
     branches: &Pattern,
-    heads: &BTreeMap<String, Oid>,
+    heads: &BTreeMap<BranchName, Oid>,
     ever_polled: bool,
 ) -> Result<Work, GitError> {
     watched.refresh()?;
     let all = watched.branches()?;
     let (chosen, refused): (Vec<_>, Vec<_>) = all
         .iter()
-        .filter(|(name, _)| branches.matches(name))
+        .filter(|(name, _)| branches.matches(&name.text()))
         .cloned()
-        .partition(|(name, _)| name.len() <= MAX_BRANCH_BYTES);
+        .partition(|(name, _)| name.as_bytes().len() <= MAX_BRANCH_BYTES);
     let plan = plan::plan(watched, &chosen, &all, heads, ever_polled);
     let steps = plan
         .steps
@@ -184,7 +184,7 @@ fn read_git(
         .map(|step| {
             let msg = step
                 .publish
-                .then(|| commit::message(watched, repo, &step.branch, step.commit));
+                .then(|| commit::message(watched, repo, &step.branch.text(), step.commit));
             (step, msg)
         })
         .collect();
@@ -192,7 +192,7 @@ fn read_git(
         steps,
         gone: plan.gone,
         failed: plan.failed,
-        refused: refused.into_iter().map(|(name, _)| name).collect(),
+        refused: refused.into_iter().map(|(name, _)| name.text()).collect(),
     })
 }
 
