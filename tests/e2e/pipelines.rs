@@ -239,7 +239,10 @@ async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
     assert!(r.contains("line 1") && r.contains("\"lnt\""), "{r}");
     // No job of a bad file ran: each commit has its one result, and no job result.
     for sha in [&cycle_sha, &huge_sha, &unknown_sha] {
-        let of_sha: Vec<&Value> = results.iter().filter(|r| &r["sha"] == *sha).collect();
+        let of_sha: Vec<&Value> = results
+            .iter()
+            .filter(|r| r["sha"] == sha.as_str())
+            .collect();
         assert_eq!(of_sha.len(), 1, "{of_sha:#?}");
         assert!(of_sha[0].get("job").is_none(), "{of_sha:#?}");
     }
