@@ -185,8 +185,15 @@ impl RepoConfig {
             if jobs.is_empty() {
                 return Err(ConfigError("`jobs` names no job".into()));
             }
+            if jobs.len() > MAX_JOBS {
+                return Err(ConfigError(format!(
+                    "{} jobs, more than the limit of {MAX_JOBS}",
+                    jobs.len()
+                )));
+            }
+            let lines = LineStarts::of(text);
             for (name, job) in jobs {
-                let line = line_of(text, job.span().start);
+                let line = lines.line(job.span().start);
                 let spec = job_spec(&config, name, line, job.into_inner())
                     .map_err(|e| ConfigError(format!("line {line}: {e}")))?;
                 config.jobs.push(spec);
@@ -202,13 +209,21 @@ impl RepoConfig {
     }
 }
 
-/// The 1-based line of byte `offset` in `text`.
-fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+/// Where each line of a text starts, to name the line of a byte offset (one pass over the text).
+struct LineStarts(Vec<usize>);
+
+impl LineStarts {
+    fn of(text: &str) -> LineStarts {
+        let starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        LineStarts(starts)
+    }
+
+    /// The 1-based line of byte `offset`.
+    fn line(&self, offset: usize) -> usize {
+        self.0.partition_point(|&start| start <= offset).max(1)
+    }
 }
 
 fn check_labels(labels: &[String]) -> Result<(), ConfigError> {
@@ -280,8 +295,13 @@ fn job_spec(
                 "job {name:?}: matrix key {key:?} has no values"
             )));
         }
-        for v in &values {
+        for (i, v) in values.iter().enumerate() {
             check_text("matrix value", v)?;
+            if values[..i].contains(v) {
+                return Err(ConfigError(format!(
+                    "job {name:?}: matrix key {key:?} lists {v:?} twice"
+                )));
+            }
         }
         matrix.push((key, values));
     }
@@ -293,6 +313,13 @@ fn job_spec(
     }
     check_labels(&raw.labels)?;
     check_env(&raw.env)?;
+    for (i, n) in raw.needs.iter().enumerate() {
+        if raw.needs[..i].contains(n) {
+            return Err(ConfigError(format!(
+                "job {name:?} lists {n:?} twice in `needs`"
+            )));
+        }
+    }
     for b in &raw.branches {
         glob::Pattern::new(b)
             .map_err(|e| ConfigError(format!("job {name:?}: branch glob {b:?}: {e}")))?;
@@ -338,33 +365,6 @@ fn check_pipeline(jobs: &[JobSpec]) -> Result<(), ConfigError> {
             )));
         }
     }
-    // Kahn's algorithm: what is left once every job without unmet needs is taken is a cycle.
-    let mut unmet: Vec<usize> = jobs.iter().map(|j| j.needs.len()).collect();
-    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| unmet[i] == 0).collect();
-    let mut taken = 0;
-    while let Some(i) = ready.pop() {
-        taken += 1;
-        for (k, job) in jobs.iter().enumerate() {
-            for _ in job.needs.iter().filter(|n| index[n.as_str()] == i) {
-                unmet[k] -= 1;
-                if unmet[k] == 0 {
-                    ready.push(k);
-                }
-            }
-        }
-    }
-    if taken < jobs.len() {
-        let cycle: Vec<&JobSpec> = jobs
-            .iter()
-            .filter(|j| unmet[index[j.name.as_str()]] > 0)
-            .collect();
-        let names: Vec<&str> = cycle.iter().map(|j| j.name.as_str()).collect();
-        return Err(ConfigError(format!(
-            "line {}: `needs` form a cycle among jobs {}",
-            cycle[0].line,
-            names.join(", ")
-        )));
-    }
     let mut total: usize = 0;
     for job in jobs {
         let count = job
@@ -380,6 +380,38 @@ fn check_pipeline(jobs: &[JobSpec]) -> Result<(), ConfigError> {
                 job.line, job.name
             )));
         }
+    }
+    // Kahn's algorithm over adjacency lists (linear): what is left once every job without unmet
+    // needs is taken is a cycle.
+    let mut needed_by: Vec<Vec<usize>> = vec![Vec::new(); jobs.len()];
+    for (k, job) in jobs.iter().enumerate() {
+        for n in &job.needs {
+            needed_by[index[n.as_str()]].push(k);
+        }
+    }
+    let mut unmet: Vec<usize> = jobs.iter().map(|j| j.needs.len()).collect();
+    let mut ready: Vec<usize> = (0..jobs.len()).filter(|&i| unmet[i] == 0).collect();
+    let mut taken = 0;
+    while let Some(i) = ready.pop() {
+        taken += 1;
+        for &k in &needed_by[i] {
+            unmet[k] -= 1;
+            if unmet[k] == 0 {
+                ready.push(k);
+            }
+        }
+    }
+    if taken < jobs.len() {
+        let cycle: Vec<&JobSpec> = jobs
+            .iter()
+            .filter(|j| unmet[index[j.name.as_str()]] > 0)
+            .collect();
+        let names: Vec<&str> = cycle.iter().map(|j| j.name.as_str()).collect();
+        return Err(ConfigError(format!(
+            "line {}: `needs` form a cycle among jobs {}",
+            cycle[0].line,
+            names.join(", ")
+        )));
     }
     Ok(())
 }
@@ -529,6 +561,17 @@ timeout = "1m"
         assert!(err("[jobs.a]\ncommand = \"x\"\nparallel = 0\n").contains("parallel"));
         assert!(err("[jobs.a]\ncommand = \"x\"\nbranches = [\"[\"]\n").contains("glob"));
         assert!(err("[jobs]\n").contains("no job"));
+        assert!(err(
+            "[jobs.a]\ncommand = \"x\"\n[jobs.b]\ncommand = \"y\"\nneeds = [\"a\", \"a\"]\n"
+        )
+        .contains("twice"));
+        assert!(
+            err("[jobs.a]\ncommand = \"x\"\nmatrix = { p = [\"1\", \"1\"] }\n").contains("twice")
+        );
+        let many: String = (0..300)
+            .map(|i| format!("[jobs.j{i}]\ncommand = \"x\"\n"))
+            .collect();
+        assert!(err(&many).contains("300 jobs"));
     }
 
     #[test]

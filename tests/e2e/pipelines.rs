@@ -218,6 +218,7 @@ async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
         values.join(", ")
     );
     let unknown = "[jobs.a]\ncommand = \"true\"\nneeds = [\"lnt\"]\n";
+    let twice = "\n\n[jobs.t]\ncommand = \"true\"\nmatrix = { py = [\"3.12\", \"3.12\"] }\n";
     // The observer's first look publishes a branch's head only: start on a good commit.
     repo.commit("good", &[(".jetci.toml", "command = \"true\"\n")]);
     let sys = System::start(&nats, &repo, &["r0"]);
@@ -225,7 +226,8 @@ async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
     let cycle_sha = repo.commit("cycle", &[(".jetci.toml", &cycle)]);
     let huge_sha = repo.commit("huge", &[(".jetci.toml", &huge)]);
     let unknown_sha = repo.commit("unknown", &[(".jetci.toml", unknown)]);
-    let results = wait_results(&sys.url, 4, BOUND).await;
+    let twice_sha = repo.commit("twice", &[(".jetci.toml", twice)]);
+    let results = wait_results(&sys.url, 5, BOUND).await;
     let reason = |sha: &str| {
         let r = results.iter().find(|r| r["sha"] == sha).expect("a result");
         assert_eq!(r["status"], "error", "{r:#}");
@@ -237,8 +239,10 @@ async fn a_bad_pipeline_is_the_runs_error_with_the_line_and_runs_nothing() {
     assert!(r.contains("line 2") && r.contains("more than 256"), "{r}");
     let r = reason(&unknown_sha);
     assert!(r.contains("line 1") && r.contains("\"lnt\""), "{r}");
+    let r = reason(&twice_sha);
+    assert!(r.contains("line 3") && r.contains("twice"), "{r}");
     // No job of a bad file ran: each commit has its one result, and no job result.
-    for sha in [&cycle_sha, &huge_sha, &unknown_sha] {
+    for sha in [&cycle_sha, &huge_sha, &unknown_sha, &twice_sha] {
         let of_sha: Vec<&Value> = results
             .iter()
             .filter(|r| r["sha"] == sha.as_str())

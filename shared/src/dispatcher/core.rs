@@ -1215,10 +1215,7 @@ impl Core {
         let mut keys = Vec::with_capacity(ready.len());
         for plan in ready {
             let job = p.commit.job(&plan.job);
-            let commit = CommitMsg {
-                labels: plan.labels.clone(),
-                ..p.commit.clone()
-            };
+            let commit = job_commit(&p.commit, &plan);
             let (known, step) = match redelivered {
                 true => (Known::Unknown, Step::Idle),
                 false => (Known::Absent, Step::Idle),
@@ -1257,10 +1254,7 @@ impl Core {
         tracing::info!(run = %key, job = token, status = %ended.status, "pipeline job ended");
         for stop in p.progress.finish(token, ended) {
             let job = p.commit.job(&stop.job);
-            let commit = CommitMsg {
-                labels: stop.labels.clone(),
-                ..p.commit.clone()
-            };
+            let commit = job_commit(&p.commit, &stop);
             out.push(Effect::CancelJob {
                 key: job.key(),
                 queued: JobState::queued(&commit, &job),
@@ -1290,6 +1284,8 @@ impl Core {
             String::new(),
         );
         result.job_id = key.to_string();
+        // Each job has its own log; the run has none.
+        result.log_subject = String::new();
         result.reason = verdict.reason;
         result.duration_ms = now.saturating_duration_since(p.taken).as_millis() as u64;
         // One line per job, within 16 KiB (the jobs are listed in full in `jobs`).
@@ -1644,6 +1640,28 @@ impl Core {
             .values()
             .filter(|r| matches!(r.step, Step::Waiting(_)))
             .count() as u32
+    }
+}
+
+/// The commit as one of its pipeline's jobs sees it: that job's labels, and that job alone of
+/// the plan (for its name), so that holding 256 jobs does not hold 256 copies of the plan.
+fn job_commit(commit: &CommitMsg, plan: &crate::messages::JobPlan) -> CommitMsg {
+    CommitMsg {
+        v: commit.v,
+        repo: commit.repo.clone(),
+        url: commit.url.clone(),
+        branch: commit.branch.clone(),
+        sha: commit.sha.clone(),
+        run: commit.run,
+        labels: plan.labels.clone(),
+        author: commit.author.clone(),
+        summary: commit.summary.clone(),
+        published_at: commit.published_at,
+        jobs: vec![crate::messages::JobPlan {
+            carried: None,
+            ..plan.clone()
+        }],
+        fail_fast: false,
     }
 }
 

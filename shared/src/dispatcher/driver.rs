@@ -267,9 +267,14 @@ impl Driver {
                 None
             }
             Effect::CancelJob { key, queued, by } => {
-                if let Err(e) = store::request_cancel(store, &key, &queued, &by).await {
-                    tracing::warn!(%key, error = %e, "cannot cancel a job of a failed fail_fast run");
-                }
+                // Off the loop: a bucket electing its leader could hold each request for seconds,
+                // and the watch brings the cancelled state back anyway.
+                let store = store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store::request_cancel(&store, &key, &queued, &by).await {
+                        tracing::warn!(%key, error = %e, "cannot cancel a job of a failed fail_fast run");
+                    }
+                });
                 None
             }
             Effect::PublishRunResult { key, result } => {

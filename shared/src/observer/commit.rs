@@ -6,7 +6,7 @@
 
 use crate::git::Watched;
 use crate::limits::clip;
-use crate::messages::{now, CommitMsg, JobPlan, VERSION};
+use crate::messages::{now, CommitMsg, JobPlan, Wire, VERSION};
 use crate::pipeline::plan;
 use crate::repo_config::{RepoConfig, FILE_NAME, MAX_FILE_BYTES};
 use git2::Oid;
@@ -42,7 +42,7 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
             vec![]
         }
     };
-    CommitMsg {
+    let mut msg = CommitMsg {
         v: VERSION,
         repo: repo.to_string(),
         url: watched.url.clone(),
@@ -55,7 +55,20 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
         sha,
         run: 1,
         published_at: now(),
+    };
+    if let Err(e) = msg.validate() {
+        // The dispatchers would refuse it and the commit would get no result: published as one
+        // job, its runner reports the file's problem instead.
+        tracing::warn!(
+            repo,
+            branch,
+            sha = short(&msg.sha),
+            "{e}; publishing as one job (the runner will report it)"
+        );
+        msg.jobs.clear();
+        msg.fail_fast = false;
     }
+    msg
 }
 
 /// The commit's `.jetci.toml` as far as a dispatcher needs it: the runner labels it asks for and

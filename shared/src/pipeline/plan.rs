@@ -63,6 +63,14 @@ pub fn plan(config: &RepoConfig, branch: &str) -> Result<Vec<PlannedJob>, Config
                 + 64
         })
         .sum();
+    let mut tokens: Vec<&str> = jobs.iter().map(|j| j.token.as_str()).collect();
+    tokens.sort_unstable();
+    if let Some(w) = tokens.windows(2).find(|w| w[0] == w[1]) {
+        return Err(ConfigError(format!(
+            "two jobs would share the key {:?}: rename one",
+            w[0]
+        )));
+    }
     if bytes > MAX_PLAN_BYTES {
         return Err(ConfigError(format!(
             "the pipeline's jobs and their needs take {bytes} bytes once expanded, more than \

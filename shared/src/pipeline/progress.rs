@@ -118,9 +118,22 @@ impl Progress {
                 }
             }
             if !changed {
-                return start;
+                break;
             }
         }
+        // Nothing runs or may start, yet jobs wait: their needs can never end (a cycle, or a need
+        // that is no job, in a message published by hand). They end `error` instead of holding
+        // the run forever.
+        let running = self.jobs.iter().any(|(_, p)| *p == Place::Started);
+        if start.is_empty() && !running {
+            for (_, place) in self.jobs.iter_mut().filter(|(_, p)| *p == Place::Pending) {
+                *place = Place::Done(Outcome {
+                    status: Status::Error,
+                    ..Outcome::skipped("its needs can never pass (a cycle in `needs`)".into())
+                });
+            }
+        }
+        start
     }
 
     /// Records that job `token` ended with `outcome`. Returns the jobs to cancel: every started
@@ -169,6 +182,7 @@ impl Progress {
     pub fn verdict(&self) -> Option<Verdict> {
         let mut jobs = Vec::with_capacity(self.jobs.len());
         let mut worst: Option<(u8, Status, Option<String>)> = None;
+        let mut unran: Option<String> = None;
         for (plan, place) in &self.jobs {
             let Place::Done(o) = place else {
                 return None;
@@ -178,6 +192,12 @@ impl Progress {
                 ..t
             });
             let allowed = plan.allow_failure && o.status != Status::Passed;
+            // A job skipped because a need did not pass did not run: the run does not pass for
+            // it (unless it may fail), though its status comes from the job that did not pass.
+            if o.status == Status::Skipped && !plan.allow_failure && unran.is_none() {
+                let why = o.reason.as_deref().unwrap_or("skipped");
+                unran = Some(format!("{}: skipped ({why})", plan.name));
+            }
             let rank = match o.status {
                 _ if allowed => 0,
                 Status::Passed | Status::Skipped => 0,
@@ -208,9 +228,11 @@ impl Progress {
                 carried_from: o.carried_from,
             });
         }
-        let (status, reason) = match worst {
-            Some((_, status, reason)) => (status, reason),
-            None => (Status::Passed, None),
+        let (status, reason) = match (worst, unran) {
+            (Some((_, status, reason)), _) => (status, reason),
+            // Only allowed failures, but a job that needed one never ran.
+            (None, Some(why)) => (Status::Failed, Some(why)),
+            (None, None) => (Status::Passed, None),
         };
         Some(Verdict {
             status,
@@ -399,5 +421,33 @@ mod tests {
         assert_eq!(v.jobs[0].carried_from, Some(1));
         assert_eq!(v.jobs[0].runner, "r1");
         assert_eq!(v.jobs[1].carried_from, None);
+    }
+
+    #[test]
+    fn a_job_that_never_ran_keeps_the_run_from_passing_and_a_stuck_plan_ends() {
+        let mut docs = job("docs", &[]);
+        docs.allow_failure = true;
+        let mut p = Progress::new(&[docs, job("test", &["docs"])], false);
+        p.ready();
+        p.finish("docs", ended(Status::Failed));
+        p.ready();
+        let v = p.verdict().unwrap();
+        assert_eq!(v.status, Status::Failed);
+        assert_eq!(
+            v.reason.as_deref(),
+            Some("test: skipped (docs did not pass)")
+        );
+
+        // A cycle (only a hand-made message can hold one): it ends instead of waiting forever.
+        let mut p = Progress::new(&[job("a", &["b"]), job("b", &["a"]), job("c", &[])], false);
+        assert_eq!(tokens(p.ready()), ["c"]);
+        assert!(!p.is_done(), "c runs; a and b wait for it to end");
+        p.finish("c", ended(Status::Passed));
+        assert!(p.ready().is_empty());
+        let v = p.verdict().expect("done");
+        assert_eq!(v.status, Status::Error);
+        let mut p = Progress::new(&[job("a", &["a"])], false);
+        assert!(p.ready().is_empty());
+        assert!(p.is_done());
     }
 }
