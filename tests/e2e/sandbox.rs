@@ -315,19 +315,19 @@ async fn a_runner_without_a_sandbox_says_so_in_its_log_and_presence() {
         "{}",
         runner.log()
     );
-    let bucket = js(&sys.url)
-        .await
-        .get_key_value(names().runners_bucket())
-        .await
-        .unwrap();
-    let info: RunnerInfo = wait_until_async("the runner's presence", BOUND, async || match bucket
-        .entry("r0")
-        .await
-    {
-        Ok(Some(e)) if e.operation == kv::Operation::Put => {
-            messages::decode::<RunnerInfo>(&e.value).map_err(|e| e.to_string())
+    // The warning is logged before the runner sets up its bucket: wait for both.
+    let context = js(&sys.url).await;
+    let info: RunnerInfo = wait_until_async("the runner's presence", BOUND, async || {
+        let bucket = context
+            .get_key_value(names().runners_bucket())
+            .await
+            .map_err(|e| e.to_string())?;
+        match bucket.entry("r0").await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                messages::decode::<RunnerInfo>(&e.value).map_err(|e| e.to_string())
+            }
+            other => Err(format!("{other:?}")),
         }
-        other => Err(format!("{other:?}")),
     })
     .await;
     assert_eq!(info.warnings.len(), 1, "{info:?}");
