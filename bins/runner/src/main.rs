@@ -122,8 +122,39 @@ enum Network {
     Off,
 }
 
-#[tokio::main]
-async fn main() {
+/// Marks every file descriptor the runner inherited (beyond stdin, stdout and stderr) close-on-exec,
+/// so none reaches a job: a shell or service manager may start the runner holding files a job
+/// must not read. The runner's own descriptors are close-on-exec already (Rust opens them so).
+fn close_inherited_fds() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use std::os::fd::BorrowedFd;
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // SAFETY: called first thing in `main`, before any thread: the descriptor was listed
+        // open a moment ago and nothing can close it meanwhile (the directory's own, closed
+        // since, makes fcntl fail harmlessly).
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
+}
+
+fn main() {
+    close_inherited_fds();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("cannot start the runtime")
+        .block_on(start());
+}
+
+async fn start() {
     let args = Args::parse();
     args.log.init();
     if let Err(e) = run(args).await {

@@ -115,6 +115,9 @@ impl Sandbox {
             "ALL",
             "--hostname",
             "jetci-job",
+            // Its own session: no controlling terminal, so no TIOCSTI into the runner's
+            // terminal and no ^C to the runner (bwrap(1), --new-session).
+            "--new-session",
         ]);
         if !(network && self.network) {
             a.push(["--unshare-net"]);
@@ -307,6 +310,7 @@ mod tests {
         for part in [
             "--die-with-parent --unshare-user --unshare-pid",
             "--cap-drop ALL",
+            "--hostname jetci-job --new-session",
             "--symlink usr/bin /bin",
             "--ro-bind /usr /usr",
             "--ro-bind /etc /etc",
