@@ -39,7 +39,12 @@ pub fn render(r: &ResultMsg) -> String {
         clean(reason, 400)
     };
     let _ = writeln!(s, "reason: {reason}");
-    let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
+    if r.log_subject.is_empty() {
+        // A pipeline's run: each of its jobs has its own log.
+        let _ = writeln!(s, "log: -");
+    } else {
+        let _ = writeln!(s, "log: {} ({} bytes)", r.log_subject, r.log_bytes);
+    }
     for j in &r.jobs {
         let runner = if j.runner.is_empty() { "-" } else { &j.runner };
         let allowed = if j.allow_failure {
