@@ -17,8 +17,11 @@ pub mod names {
     pub const JOBS_ASSIGNED: &str = "jetci_jobs_assigned_total";
     /// Counter: assignments of attempt 2 or later (a lost runner's job moved).
     pub const JOBS_REASSIGNED: &str = "jetci_jobs_reassigned_total";
-    /// Counter, label `status`: final results (a dispatcher counts those it saw become final, a
-    /// runner those it published).
+    /// Counter, labels `status` and `kind`: final results (a dispatcher counts those it saw
+    /// become final and the pipelines' run results it published, a runner those it
+    /// published). `kind` is `run` for a run's one result (a run of one job, or a pipeline's
+    /// run) and `job` for a pipeline job's own result ([`super::result_kind`]), so runs are
+    /// counted once whatever their number of jobs.
     pub const RESULTS: &str = "jetci_results_total";
     /// Gauge: commits waiting for a runner (a dispatcher: not yet taken plus held and waiting).
     pub const QUEUE_DEPTH: &str = "jetci_queue_depth";
@@ -35,6 +38,15 @@ pub mod names {
     /// Gauge: age in seconds of the oldest heartbeat among jobs in flight (dispatcher), or of
     /// this runner's last successful heartbeat write (runner).
     pub const HEARTBEAT_AGE: &str = "jetci_heartbeat_age_seconds";
+}
+
+/// The `kind` label of [`names::RESULTS`]: `job` for a pipeline job's result, `run` for a run's.
+pub fn result_kind(pipeline_job: bool) -> &'static str {
+    if pipeline_job {
+        "job"
+    } else {
+        "run"
+    }
 }
 
 /// Buckets of [`names::JOB_DURATION`], in seconds: from a trivial test to an hour-long one.

@@ -23,9 +23,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::messages::{
-    CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status, TestCounts,
-};
+use crate::messages::{CommitMsg, JobMsg, JobPhase, JobState, ResultMsg, RunnerInfo, Status};
 use crate::pipeline::{Outcome, Progress};
 use crate::protocol::lease::{self, Decision};
 use crate::protocol::placement::{nobody_has_labels, pick_runner, Candidate};
@@ -161,10 +159,10 @@ pub enum Effect {
     },
     /// The run has its result: ack its commit message for good (the run's key).
     AckCommit { run: String },
-    /// Ask job `key` to stop (a pipeline's `fail_fast`): request a cancel in its state, as
-    /// `jetci cancel` does, creating a `queued` one from `queued` when it has none. Its runner,
-    /// or the dispatcher holding it when it is on none, ends it `cancelled`. No answer: the
-    /// state comes back on the watch.
+    /// Ask job `key` to stop (a pipeline's `fail_fast`, or its run cancelled): request a cancel
+    /// in its state, as `jetci cancel` does, creating a `queued` one from `queued` when it has
+    /// none. Its runner, or the dispatcher holding it when it is on none, ends it `cancelled`.
+    /// No answer: the state comes back on the watch.
     CancelJob {
         key: String,
         queued: JobState,
@@ -177,8 +175,9 @@ pub enum Effect {
     ExtendCommits,
     /// Ask the runner's control subject whether it is there. Answer: [`Event::ProbeAnswered`].
     Probe { runner: String },
-    /// Count a final result for the metrics.
-    CountResult { status: Option<Status> },
+    /// Count a final result for the metrics: a run's (`job` false: a run of one job, or a
+    /// pipeline's run) or a pipeline job's.
+    CountResult { status: Option<Status>, job: bool },
 }
 
 /// A runner as seen in `ci-runners`.
@@ -318,13 +317,25 @@ struct Pipeline {
     step: Stage,
     /// When this dispatcher took the commit, for the run's duration.
     taken: Instant,
+    /// The run's own entry in `ci-jobs` (under the run's key): there once a user asked to
+    /// cancel the whole run (`jetci cancel REPO SHA`); marked `final` once the run's result is
+    /// stored.
+    marker: Option<Versioned>,
+    /// While the run is taken: the stored results of its jobs found so far (a redelivered
+    /// commit), and the jobs found with a state that is not final (started before).
+    found: Vec<(String, Outcome)>,
+    live: Vec<String>,
 }
 
 /// Where a held pipeline's run is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Stage {
-    /// A redelivered commit: is its run's result stored already?
-    CheckingResult,
+    /// Taken, nothing started: `awaiting` answers to come. Before anything starts, the run's
+    /// own state is read (a cancel requested before any dispatcher held the run), and for a
+    /// redelivered commit the run's result (stored: the commit is acked) and each job's result
+    /// and state: a job whose need passed must not start before a failed sibling's result is
+    /// known, and jobs another dispatcher started are held again.
+    Taking { awaiting: usize },
     /// Its jobs run.
     Running,
     /// Every job has ended; the run's result is being published.
@@ -523,6 +534,14 @@ impl Core {
         if self.pipelines.contains_key(key) {
             return self.on_pipeline_result(key, result.is_some(), now, out);
         }
+        if let Some((run, token)) = self.taking(key) {
+            if let Some(r) = result {
+                if let Some(p) = self.pipelines.get_mut(&run) {
+                    p.found.push((token, outcome_of(&r)));
+                }
+            }
+            return self.answered(&run, now, out);
+        }
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
@@ -609,6 +628,23 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
+        if let Some(p) = self.pipelines.get_mut(key) {
+            // The run's own state: a cancel requested before this dispatcher held the run.
+            match read {
+                Ok(marker) => p.marker = marker,
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "cannot read the run's state; a cancel of the run is seen on the watch only")
+                }
+            }
+            return self.answered(key, now, out);
+        }
+        if let Some((run, token)) = self.taking(key) {
+            let live = matches!(&read, Ok(Some(v)) if v.state.phase != JobPhase::Final);
+            if let (true, Some(p)) = (live, self.pipelines.get_mut(&run)) {
+                p.live.push(token);
+            }
+            return self.answered(&run, now, out);
+        }
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
@@ -1102,15 +1138,7 @@ impl Core {
     /// it, and ack its commit, or for a pipeline's job, go on with the run.
     fn close(&mut self, key: &str, result: Option<&ResultMsg>, now: Instant, out: &mut Effects) {
         let ended = match result {
-            Some(r) => Outcome {
-                status: r.status,
-                runner: r.runner.clone(),
-                attempt: r.attempt,
-                duration_ms: r.duration_ms,
-                tests: r.tests.clone(),
-                reason: r.reason.clone(),
-                carried_from: None,
-            },
+            Some(r) => outcome_of(r),
             None => {
                 let state = match self.runs.get(key).map(|r| &r.known) {
                     Some(Known::State(s, _)) => Some(s.clone()),
@@ -1159,37 +1187,103 @@ impl Core {
         out: &mut Effects,
     ) {
         let key = commit.key();
-        let job = commit.only_job();
         let progress = Progress::new(&commit.jobs, commit.fail_fast);
         tracing::info!(%key, jobs = commit.jobs.len(), "pipeline run taken");
+        let mut asks = vec![Effect::ReadState { key: key.clone() }];
+        if redelivered {
+            asks.push(Effect::LookUpResult {
+                key: key.clone(),
+                job: commit.only_job(),
+            });
+            for plan in commit.jobs.iter().filter(|j| j.carried.is_none()) {
+                let job = commit.job(&plan.job);
+                asks.push(Effect::LookUpResult {
+                    key: job.key(),
+                    job: job.clone(),
+                });
+                asks.push(Effect::ReadState { key: job.key() });
+            }
+        }
         self.pipelines.insert(
-            key.clone(),
+            key,
             Pipeline {
                 commit,
                 seq,
                 progress,
                 redelivered,
-                step: if redelivered {
-                    Stage::CheckingResult
-                } else {
-                    Stage::Running
+                step: Stage::Taking {
+                    awaiting: asks.len(),
                 },
                 taken: now,
+                marker: None,
+                found: vec![],
+                live: vec![],
             },
         );
-        if redelivered {
-            out.push(Effect::LookUpResult { key, job });
-        } else {
-            self.start_ready(&key, now, out);
+        out.extend(asks);
+    }
+
+    /// The run and job token of `key` when it is a job of a pipeline being taken.
+    fn taking(&self, key: &str) -> Option<(String, String)> {
+        let (run, token) = key.rsplit_once('.')?;
+        let p = self.pipelines.get(run)?;
+        matches!(p.step, Stage::Taking { .. }).then(|| (run.to_string(), token.to_string()))
+    }
+
+    /// One answer more for pipeline `key` being taken; after the last, the run goes on.
+    fn answered(&mut self, key: &str, now: Instant, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        let Stage::Taking { awaiting } = p.step else {
+            return;
+        };
+        if awaiting > 1 {
+            p.step = Stage::Taking {
+                awaiting: awaiting - 1,
+            };
+            return;
         }
+        p.step = Stage::Running;
+        // Every stored job result first (in plan order, as they were found), so a failed
+        // sibling's stops a fail_fast run before anything starts.
+        for (token, outcome) in std::mem::take(&mut p.found) {
+            p.progress.finish(&token, outcome);
+        }
+        // Jobs another dispatcher started (or a user asked to cancel) are held again.
+        let mut held = vec![];
+        for token in std::mem::take(&mut p.live) {
+            held.extend(p.progress.force_start(&token));
+        }
+        let cancel = p
+            .marker
+            .as_ref()
+            .and_then(|m| m.state.cancel.clone())
+            .filter(|_| !p.progress.is_done());
+        if let Some(who) = &cancel {
+            tracing::info!(%key, %who, "the run was cancelled before this dispatcher took it");
+            p.progress.cancel(who);
+        }
+        let stop = p.progress.stopped().map(str::to_string);
+        let mut keys = vec![];
+        for plan in held {
+            keys.push(self.hold(key, &plan, Known::Unknown));
+        }
+        for job_key in keys {
+            self.advance(&job_key, now, out);
+            if let Some(by) = &stop {
+                self.stop_job(&job_key, by, out);
+            }
+        }
+        self.start_ready(key, now, out);
     }
 
     /// The answer to whether a redelivered pipeline's run has its result.
     fn on_pipeline_result(&mut self, key: &str, stored: bool, now: Instant, out: &mut Effects) {
-        let Some(p) = self.pipelines.get_mut(key) else {
+        let Some(p) = self.pipelines.get(key) else {
             return;
         };
-        if p.step != Stage::CheckingResult {
+        if !matches!(p.step, Stage::Taking { .. }) {
             return;
         }
         if stored {
@@ -1199,9 +1293,63 @@ impl Core {
                 run: key.to_string(),
             });
         } else {
-            p.step = Stage::Running;
-            self.start_ready(key, now, out);
+            self.answered(key, now, out);
         }
+    }
+
+    /// Holds job `plan` of pipeline `key` as a job of its own; returns its key.
+    fn hold(&mut self, key: &str, plan: &crate::messages::JobPlan, known: Known) -> String {
+        let Some(p) = self.pipelines.get(key) else {
+            return String::new();
+        };
+        let job = p.commit.job(&plan.job);
+        let job_key = job.key();
+        let run = Run {
+            commit: job_commit(&p.commit, plan),
+            job,
+            seq: p.seq,
+            job_seq: None,
+            known,
+            step: Step::Idle,
+        };
+        self.runs.insert(job_key.clone(), run);
+        job_key
+    }
+
+    /// Asks held job `job_key` to stop (`by`: why, or who asked).
+    fn stop_job(&self, job_key: &str, by: &str, out: &mut Effects) {
+        let Some(run) = self.runs.get(job_key) else {
+            return;
+        };
+        out.push(Effect::CancelJob {
+            key: job_key.to_string(),
+            queued: JobState::queued(&run.commit, &run.job),
+            by: by.to_string(),
+        });
+    }
+
+    /// A user asked to cancel the whole run `key` (its own state, `marker`, says by whom): what
+    /// runs is asked to stop, nothing starts any more, and the run ends `cancelled`.
+    fn cancel_run(&mut self, key: &str, marker: Versioned, now: Instant, out: &mut Effects) {
+        let Some(p) = self.pipelines.get_mut(key) else {
+            return;
+        };
+        let who = marker.state.cancel.clone().unwrap_or_default();
+        p.marker = Some(marker);
+        if p.step != Stage::Running || p.progress.cancelled().is_some() {
+            return;
+        }
+        tracing::info!(%key, %who, "pipeline run cancelled");
+        for stop in p.progress.cancel(&who) {
+            let job = p.commit.job(&stop.job);
+            let commit = job_commit(&p.commit, &stop);
+            out.push(Effect::CancelJob {
+                key: job.key(),
+                queued: JobState::queued(&commit, &job),
+                by: who.clone(),
+            });
+        }
+        self.start_ready(key, now, out);
     }
 
     /// Holds every job of the run that may start now (each then goes its own way), and
@@ -1211,27 +1359,14 @@ impl Core {
             return;
         };
         let ready = p.progress.ready();
-        let (redelivered, seq) = (p.redelivered, p.seq);
+        let known = || match p.redelivered {
+            true => Known::Unknown,
+            false => Known::Absent,
+        };
+        let known = known();
         let mut keys = Vec::with_capacity(ready.len());
         for plan in ready {
-            let job = p.commit.job(&plan.job);
-            let commit = job_commit(&p.commit, &plan);
-            let (known, step) = match redelivered {
-                true => (Known::Unknown, Step::Idle),
-                false => (Known::Absent, Step::Idle),
-            };
-            keys.push(job.key());
-            self.runs.insert(
-                job.key(),
-                Run {
-                    commit,
-                    job,
-                    seq,
-                    job_seq: None,
-                    known,
-                    step,
-                },
-            );
+            keys.push(self.hold(key, &plan, known.clone()));
         }
         for job_key in keys {
             self.advance(&job_key, now, out);
@@ -1274,34 +1409,8 @@ impl Core {
         let Some(verdict) = p.progress.verdict() else {
             return;
         };
-        let mut result = ResultMsg::without_run(
-            &self.config.names,
-            &p.commit,
-            &p.commit.only_job(),
-            p.seq,
-            1,
-            verdict.status,
-            String::new(),
-        );
-        result.job_id = key.to_string();
-        // Each job has its own log; the run has none.
-        result.log_subject = String::new();
-        result.reason = verdict.reason;
-        result.duration_ms = now.saturating_duration_since(p.taken).as_millis() as u64;
-        // One line per job, within 16 KiB (the jobs are listed in full in `jobs`).
-        let mut tail = String::new();
-        for j in &verdict.jobs {
-            let line = format!("{}: {}\n", j.name, j.status);
-            if tail.len() + line.len() > 16 * 1024 {
-                tail.push_str("...\n");
-                break;
-            }
-            tail.push_str(&line);
-        }
-        result.output_tail = tail;
-        result.tests = sum_counts(verdict.jobs.iter().filter_map(|j| j.tests.as_ref()));
-        result.jobs = verdict.jobs;
-        result.fail_fast = p.commit.fail_fast;
+        let duration = now.saturating_duration_since(p.taken).as_millis() as u64;
+        let result = verdict.result(&self.config.names, &p.commit, p.seq, duration);
         p.step = Stage::Publishing;
         out.push(Effect::PublishRunResult {
             key: key.to_string(),
@@ -1321,7 +1430,18 @@ impl Core {
             p.step = Stage::Unpublished;
             return;
         }
-        self.pipelines.remove(key);
+        let p = self.pipelines.remove(key);
+        // A cancel request on the run is answered: its state says so (result first, then state).
+        if let Some(m) = p.and_then(|p| p.marker) {
+            if m.state.phase != JobPhase::Final {
+                let why = m.state.cancel.as_ref().map(|w| format!("cancelled {w}"));
+                out.push(Effect::WriteState {
+                    key: key.to_string(),
+                    state: m.state.finish(Status::Cancelled, why),
+                    revision: Some(m.revision),
+                });
+            }
+        }
         out.push(Effect::AckCommit {
             run: key.to_string(),
         });
@@ -1340,6 +1460,25 @@ impl Core {
             self.active.remove(key);
             return;
         };
+        if v.state.cancel.is_some() && v.state.phase != JobPhase::Final {
+            if self.pipelines.contains_key(key) {
+                // `jetci cancel REPO SHA` of a pipeline's run this dispatcher holds.
+                return self.cancel_run(key, v, now, out);
+            }
+            if let Some((run, token)) = key.rsplit_once('.') {
+                // `jetci cancel --job` of a job that has not started: it ends `cancelled` here,
+                // with a result of its own, and the jobs that need it are skipped.
+                let pending = self.pipelines.get_mut(run).and_then(|p| {
+                    (p.step == Stage::Running && !self.runs.contains_key(key))
+                        .then(|| p.progress.force_start(token))
+                        .flatten()
+                });
+                if let Some(plan) = pending {
+                    tracing::info!(%key, "a job cancelled before it started");
+                    self.hold(run, &plan, Known::Unknown);
+                }
+            }
+        }
         let held = match self.runs.get_mut(key) {
             Some(run) => {
                 let newer = match &run.known {
@@ -1366,6 +1505,7 @@ impl Core {
                 if freed || held {
                     out.push(Effect::CountResult {
                         status: v.state.status,
+                        job: v.state.job.is_some(),
                     });
                 }
                 if held {
@@ -1643,6 +1783,19 @@ impl Core {
     }
 }
 
+/// How a job ended, by its stored result.
+fn outcome_of(r: &ResultMsg) -> Outcome {
+    Outcome {
+        status: r.status,
+        runner: r.runner.clone(),
+        attempt: r.attempt,
+        duration_ms: r.duration_ms,
+        tests: r.tests.clone(),
+        reason: r.reason.clone(),
+        carried_from: None,
+    }
+}
+
 /// The commit as one of its pipeline's jobs sees it: that job's labels, and that job alone of
 /// the plan (for its name), so that holding 256 jobs does not hold 256 copies of the plan.
 fn job_commit(commit: &CommitMsg, plan: &crate::messages::JobPlan) -> CommitMsg {
@@ -1663,19 +1816,6 @@ fn job_commit(commit: &CommitMsg, plan: &crate::messages::JobPlan) -> CommitMsg 
         }],
         fail_fast: false,
     }
-}
-
-/// The sum of jobs' test counts (failing test names are in each job's own result); `None` when
-/// no job counted tests.
-fn sum_counts<'a>(counts: impl Iterator<Item = &'a TestCounts>) -> Option<TestCounts> {
-    counts.fold(None, |sum, c| {
-        let mut sum = sum.unwrap_or_default();
-        sum.tests += c.tests;
-        sum.passed += c.passed;
-        sum.failed += c.failed;
-        sum.skipped += c.skipped;
-        Some(sum)
-    })
 }
 
 #[cfg(test)]

@@ -359,6 +359,7 @@ fn a_waiting_job_starts_when_a_slot_frees_and_the_finished_commit_is_acked() {
     match &effects[..] {
         [Effect::CountResult {
             status: Some(Status::Passed),
+            job: false,
         }, Effect::LookUpResult { key: k, .. }, Effect::WriteState { state, .. }] => {
             assert_eq!(k, &key(1));
             assert_eq!(state.runner.as_deref(), Some("r1"));
@@ -1266,6 +1267,26 @@ fn job_result(i: u64, token: &str, status: Status) -> ResultMsg {
 }
 
 impl World {
+    /// Pipeline commit `i` delivered for the first time; the run's own state (read before
+    /// anything starts) is answered with `marker`. Returns the effects of that answer.
+    fn take_pipeline(&mut self, i: u64, fail_fast: bool, marker: Option<JobState>) -> Vec<Effect> {
+        let c = pipeline_commit(i, fail_fast);
+        let effects = self.on(Event::CommitDelivered {
+            commit: c.clone(),
+            seq: i,
+            redelivered: false,
+        });
+        assert_eq!(
+            effects,
+            [Effect::ReadState { key: c.key() }],
+            "nothing starts before"
+        );
+        self.on(Event::StateRead {
+            key: c.key(),
+            read: Ok(marker.map(|m| versioned(m, 5, Duration::ZERO))),
+        })
+    }
+
     /// Pipeline job `token` of commit `i` is seen final and its result found: returns the
     /// effects of the result being found.
     fn job_done(&mut self, i: u64, token: &str, status: Status, rev: u64) -> Vec<Effect> {
@@ -1296,11 +1317,7 @@ fn a_pipeline_starts_its_ready_jobs_side_by_side_and_the_rest_as_needs_pass() {
     let mut w = World::new();
     w.runner("r1", &[], 2);
     w.runner("r2", &[], 2);
-    let effects = w.on(Event::CommitDelivered {
-        commit: pipeline_commit(1, false),
-        seq: 1,
-        redelivered: false,
-    });
+    let effects = w.take_pipeline(1, false, None);
     let started = assignments(&effects);
     let keys: Vec<&str> = started.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
@@ -1360,11 +1377,7 @@ fn a_pipeline_starts_its_ready_jobs_side_by_side_and_the_rest_as_needs_pass() {
 fn a_failed_need_skips_without_a_runner_and_fail_fast_cancels_what_runs() {
     let mut w = World::new();
     w.runner("r1", &[], 4);
-    w.on(Event::CommitDelivered {
-        commit: pipeline_commit(1, true),
-        seq: 1,
-        redelivered: false,
-    });
+    w.take_pipeline(1, true, None);
     let effects = w.job_done(1, "lint", Status::Failed, 10);
     // test is skipped (never assigned); build, running, is asked to stop.
     assert!(assignments(&effects).is_empty(), "{effects:?}");
@@ -1390,6 +1403,51 @@ fn a_failed_need_skips_without_a_runner_and_fail_fast_cancels_what_runs() {
     }
 }
 
+/// Answers every question in `effects` of taking a pipeline's run: the run's own state with
+/// `marker`, its result with none, each job's result and state from `jobs` (token, status),
+/// none for a job not listed. Returns the effects of the last answer.
+fn answer_taking(
+    w: &mut World,
+    i: u64,
+    effects: Vec<Effect>,
+    marker: Option<JobState>,
+    jobs: &[(&str, JobPhase, Option<Status>)],
+) -> Vec<Effect> {
+    let c = pipeline_commit(i, false);
+    let mut last = vec![];
+    for e in effects {
+        last = match e {
+            Effect::ReadState { key } if key == c.key() => w.on(Event::StateRead {
+                key,
+                read: Ok(marker.clone().map(|m| versioned(m, 5, Duration::ZERO))),
+            }),
+            Effect::LookUpResult { key, .. } if key == c.key() => {
+                w.on(Event::ResultLookedUp { key, result: None })
+            }
+            Effect::ReadState { key } => {
+                let found = jobs.iter().find(|(t, ..)| job_key(i, t) == key);
+                let state = found.map(|(t, phase, status)| {
+                    let mut s = JobState::queued(&c, &c.job(t)).assign("r1", 1).claim(1);
+                    s.phase = *phase;
+                    s.status = *status;
+                    versioned(s, 3, Duration::ZERO)
+                });
+                w.on(Event::StateRead {
+                    key,
+                    read: Ok(state),
+                })
+            }
+            Effect::LookUpResult { key, .. } => {
+                let found = jobs.iter().find(|(t, ..)| job_key(i, t) == key);
+                let result = found.and_then(|(t, _, status)| status.map(|s| job_result(i, t, s)));
+                w.on(Event::ResultLookedUp { key, result })
+            }
+            other => panic!("taking asks no {other:?}"),
+        };
+    }
+    last
+}
+
 #[test]
 fn a_redelivered_pipeline_with_a_result_is_acked_and_one_without_reads_its_jobs() {
     let mut w = World::new();
@@ -1399,12 +1457,21 @@ fn a_redelivered_pipeline_with_a_result_is_acked_and_one_without_reads_its_jobs(
         seq: 1,
         redelivered: true,
     });
-    assert!(matches!(&effects[..], [Effect::LookUpResult { job, .. }] if job.job.is_none()));
-    let effects = w.on(Event::ResultLookedUp {
-        key: pipeline_commit(1, false).key(),
-        result: None,
-    });
-    // The jobs that may start are read first (another dispatcher may have run them).
+    // Nothing starts before the run's state and result, and every job's, are read.
+    assert!(assignments(&effects).is_empty());
+    let c = pipeline_commit(1, false);
+    assert!(effects.contains(&Effect::ReadState { key: c.key() }));
+    assert!(effects.contains(&Effect::LookUpResult {
+        key: c.key(),
+        job: c.only_job()
+    }));
+    for token in ["lint", "test", "build"] {
+        assert!(effects.contains(&Effect::ReadState {
+            key: job_key(1, token)
+        }));
+    }
+    let effects = answer_taking(&mut w, 1, effects, None, &[]);
+    // No job had a state: the ready ones start (read again as any redelivered job).
     let reads: Vec<&str> = effects
         .iter()
         .filter_map(|e| match e {
@@ -1435,6 +1502,231 @@ fn a_redelivered_pipeline_with_a_result_is_acked_and_one_without_reads_its_jobs(
         result: Some(stored),
     });
     assert_eq!(effects, [Effect::AckCommit { run: c.key() }]);
+}
+
+#[test]
+fn a_redelivered_pipeline_reads_every_job_result_before_starting_anything() {
+    // fail_fast: build failed under the dispatcher that died, lint passed. test (needs lint)
+    // must end skipped, never started and then cancelled.
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    let effects = w.on(Event::CommitDelivered {
+        commit: pipeline_commit(1, true),
+        seq: 1,
+        redelivered: true,
+    });
+    let jobs = [
+        ("lint", JobPhase::Final, Some(Status::Passed)),
+        ("build", JobPhase::Final, Some(Status::Failed)),
+    ];
+    let effects = answer_taking(&mut w, 1, effects, None, &jobs);
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    match &effects[..] {
+        [Effect::PublishRunResult { result, .. }] => {
+            assert_eq!(result.status, Status::Failed);
+            let statuses: Vec<Status> = result.jobs.iter().map(|j| j.status).collect();
+            assert_eq!(statuses, [Status::Passed, Status::Skipped, Status::Failed]);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // A job another dispatcher started is held again (its state read, then adopted) and, the
+    // run being stopped, asked to stop.
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    let effects = w.on(Event::CommitDelivered {
+        commit: pipeline_commit(2, true),
+        seq: 2,
+        redelivered: true,
+    });
+    let jobs = [
+        ("lint", JobPhase::Final, Some(Status::Failed)),
+        ("build", JobPhase::Running, None),
+    ];
+    let effects = answer_taking(&mut w, 2, effects, None, &jobs);
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    assert!(
+        effects.contains(&Effect::ReadState {
+            key: job_key(2, "build")
+        }),
+        "{effects:?}"
+    );
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::CancelJob { key, .. } if key == &job_key(2, "build"))),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_pipeline_run_cancelled_before_any_dispatcher_took_it_starts_nothing() {
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    let c = pipeline_commit(1, false);
+    let marker = JobState::queued(&c, &c.only_job()).request_cancel("by ann".into());
+    let effects = w.take_pipeline(1, false, Some(marker));
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    let result = match &effects[..] {
+        [Effect::PublishRunResult { result, .. }] => result.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(result.status, Status::Cancelled);
+    assert_eq!(result.reason.as_deref(), Some("cancelled by ann"));
+    assert!(result.jobs.iter().all(|j| j.status == Status::Skipped));
+    // Once the result is stored, the request is marked answered, then the commit acked.
+    let effects = w.on(Event::RunResultPublished {
+        key: c.key(),
+        stored: true,
+    });
+    match &effects[..] {
+        [Effect::WriteState {
+            key,
+            state,
+            revision: Some(5),
+        }, Effect::AckCommit { run }] => {
+            assert_eq!((key, run), (&c.key(), &c.key()));
+            assert_eq!(state.phase, JobPhase::Final);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // Redelivered: the same.
+    let mut w = World::new();
+    let effects = w.on(Event::CommitDelivered {
+        commit: pipeline_commit(2, false),
+        seq: 2,
+        redelivered: true,
+    });
+    let c = pipeline_commit(2, false);
+    let marker = JobState::queued(&c, &c.only_job()).request_cancel("by ann".into());
+    let effects = answer_taking(&mut w, 2, effects, Some(marker), &[]);
+    assert!(
+        matches!(&effects[..], [Effect::PublishRunResult { result, .. }] if result.status == Status::Cancelled),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_run_stops_its_jobs_even_unrecorded_ones_and_starts_none_after() {
+    let mut w = World::new();
+    // One slot: lint runs, build waits with no state yet (its first 500 ms).
+    w.runner("r1", &[], 1);
+    let effects = w.take_pipeline(1, false, None);
+    assert_eq!(assignments(&effects).len(), 1);
+    let c = pipeline_commit(1, false);
+    let marker = JobState::queued(&c, &c.only_job()).request_cancel("by ann".into());
+    let effects = w.on(Event::JobStateChanged {
+        key: c.key(),
+        state: Some(versioned(marker, 7, Duration::ZERO)),
+    });
+    let mut cancelled: Vec<&str> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::CancelJob { key, by, .. } => {
+                assert_eq!(by, "by ann");
+                Some(key.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    cancelled.sort();
+    let mut expected = [job_key(1, "build"), job_key(1, "lint")];
+    expected.sort();
+    assert_eq!(cancelled, expected, "{effects:?}");
+    // lint passes just after the cancel: test, which needs it, does not start.
+    let effects = w.job_done(1, "lint", Status::Passed, 10);
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    // build's cancel request comes back: it ends here (no runner), cancelled.
+    let build = JobState::queued(&c, &c.job("build")).request_cancel("by ann".into());
+    let effects = w.on(Event::JobStateChanged {
+        key: job_key(1, "build"),
+        state: Some(versioned(build.clone(), 11, Duration::ZERO)),
+    });
+    assert_eq!(
+        effects,
+        [Effect::ReadState {
+            key: job_key(1, "build")
+        }]
+    );
+    let effects = w.on(Event::StateRead {
+        key: job_key(1, "build"),
+        read: Ok(Some(versioned(build, 11, Duration::ZERO))),
+    });
+    assert!(
+        matches!(&effects[..], [Effect::FinishWithoutRunner { result, .. }] if result.status == Status::Cancelled),
+        "{effects:?}"
+    );
+    let effects = w.on(Event::FinishedWithoutRunner {
+        key: job_key(1, "build"),
+        stored: true,
+    });
+    match &effects[..] {
+        [Effect::PublishRunResult { result, .. }] => {
+            assert_eq!(result.status, Status::Cancelled);
+            let statuses: Vec<Status> = result.jobs.iter().map(|j| j.status).collect();
+            assert_eq!(
+                statuses,
+                [Status::Passed, Status::Skipped, Status::Cancelled]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn cancelling_one_job_before_it_starts_ends_it_cancelled_and_skips_its_dependents() {
+    let mut w = World::new();
+    w.runner("r1", &[], 4);
+    w.take_pipeline(1, true, None);
+    let c = pipeline_commit(1, true);
+    // test (needs lint, still running) is cancelled on its own.
+    let test = JobState::queued(&c, &c.job("test")).request_cancel("by ann".into());
+    let effects = w.on(Event::JobStateChanged {
+        key: job_key(1, "test"),
+        state: Some(versioned(test.clone(), 3, Duration::ZERO)),
+    });
+    assert_eq!(
+        effects,
+        [Effect::ReadState {
+            key: job_key(1, "test")
+        }]
+    );
+    let effects = w.on(Event::StateRead {
+        key: job_key(1, "test"),
+        read: Ok(Some(versioned(test, 3, Duration::ZERO))),
+    });
+    assert!(
+        matches!(&effects[..], [Effect::FinishWithoutRunner { result, .. }] if result.status == Status::Cancelled && result.job.as_deref() == Some("test")),
+        "its own result says cancelled: {effects:?}"
+    );
+    // In a fail_fast run, that stops nothing else.
+    let effects = w.on(Event::FinishedWithoutRunner {
+        key: job_key(1, "test"),
+        stored: true,
+    });
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::CancelJob { .. })),
+        "{effects:?}"
+    );
+    // lint passes: test, ended, does not start.
+    let effects = w.job_done(1, "lint", Status::Passed, 10);
+    assert!(assignments(&effects).is_empty(), "{effects:?}");
+    // A running job cancelled on its own does not stop the fail_fast run either.
+    let effects = w.job_done(1, "build", Status::Cancelled, 11);
+    match &effects[..] {
+        [Effect::PublishRunResult { result, .. }] => {
+            let statuses: Vec<Status> = result.jobs.iter().map(|j| j.status).collect();
+            assert_eq!(
+                statuses,
+                [Status::Passed, Status::Cancelled, Status::Cancelled]
+            );
+            assert_eq!(result.status, Status::Cancelled);
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::core::{Config, Core, Effect, Event, CHECK_EVERY};
 use crate::connect::Nats;
 use crate::messages::{decode, encode, JobMsg, JobState, RunnerInfo};
-use crate::metrics::names as m;
+use crate::metrics::{names as m, result_kind};
 use crate::protocol::attempt::assigned_headers;
 use crate::protocol::commit::accept;
 use crate::protocol::store::{self, age_of};
@@ -272,7 +272,7 @@ impl Driver {
                 let store = store.clone();
                 tokio::spawn(async move {
                     if let Err(e) = store::request_cancel(&store, &key, &queued, &by).await {
-                        tracing::warn!(%key, error = %e, "cannot cancel a job of a failed fail_fast run");
+                        tracing::warn!(%key, error = %e, "cannot ask a job of a stopped run to stop");
                     }
                 });
                 None
@@ -280,7 +280,8 @@ impl Driver {
             Effect::PublishRunResult { key, result } => {
                 let stored = match publish_final(&self.nats, &result).await {
                     Ok(_) => {
-                        metrics::counter!(m::RESULTS, "status" => result.status.as_str())
+                        let kind = result_kind(false);
+                        metrics::counter!(m::RESULTS, "status" => result.status.as_str(), "kind" => kind)
                             .increment(1);
                         true
                     }
@@ -291,9 +292,10 @@ impl Driver {
                 };
                 Some(Event::RunResultPublished { key, stored })
             }
-            Effect::CountResult { status } => {
+            Effect::CountResult { status, job } => {
                 let status = status.map(|s| s.as_str()).unwrap_or("unknown");
-                metrics::counter!(m::RESULTS, "status" => status).increment(1);
+                let kind = result_kind(job);
+                metrics::counter!(m::RESULTS, "status" => status, "kind" => kind).increment(1);
                 None
             }
         }

@@ -6,12 +6,17 @@
 //! - a job starts once every job it needs ended `passed`; if one ended otherwise (an allowed
 //!   failure too), it ends `skipped` without running, and so do the jobs that need it;
 //! - with `fail_fast`, the first job that fails without `allow_failure` stops the run: jobs not
-//!   started end `skipped`, started ones are cancelled;
+//!   started end `skipped`, started ones are cancelled; a job that ends `cancelled` (a user
+//!   cancelled that one job, `jetci cancel --job`) does not stop the run: only the jobs that
+//!   need it are skipped;
+//! - a user cancelling the run ([`Progress::cancel`]) stops it the same way: jobs not started
+//!   end `skipped`, started ones are cancelled, and no job starts afterwards;
 //! - the run is `passed` when every job passed, failed with `allow_failure`, or was skipped;
 //!   otherwise it takes the worst status among the others (`error` > `timed_out` > `failed` >
-//!   `cancelled`).
+//!   `cancelled`); a run a user cancelled is at least `cancelled`.
 
-use crate::messages::{JobPlan, JobSummary, Status, TestCounts};
+use crate::messages::{CommitMsg, JobPlan, JobSummary, ResultMsg, Status, TestCounts};
+use crate::subjects::Names;
 
 /// How one job ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,13 +64,70 @@ pub struct Verdict {
     pub jobs: Vec<JobSummary>,
 }
 
+impl Verdict {
+    /// The run's result on `ci.results.<repo>.<sha>.<run>` for this verdict: no runner, no log
+    /// (each job has its own), the jobs listed in `jobs`, one line per job in `output_tail`
+    /// (within 16 KiB), test counts summed. `commit_seq` is the commit message's sequence in
+    /// `CI_COMMITS` (0 when unknown), `duration_ms` the run's length in milliseconds.
+    pub fn result(
+        self,
+        names: &Names,
+        commit: &CommitMsg,
+        commit_seq: u64,
+        duration_ms: u64,
+    ) -> ResultMsg {
+        let mut result = ResultMsg::without_run(
+            names,
+            commit,
+            &commit.only_job(),
+            commit_seq,
+            1,
+            self.status,
+            String::new(),
+        );
+        result.job_id = commit.key();
+        result.log_subject = String::new();
+        result.reason = self.reason;
+        result.duration_ms = duration_ms;
+        let mut tail = String::new();
+        for j in &self.jobs {
+            let line = format!("{}: {}\n", j.name, j.status);
+            if tail.len() + line.len() > 16 * 1024 {
+                tail.push_str("...\n");
+                break;
+            }
+            tail.push_str(&line);
+        }
+        result.output_tail = tail;
+        result.tests = sum_counts(self.jobs.iter().filter_map(|j| j.tests.as_ref()));
+        result.jobs = self.jobs;
+        result.fail_fast = commit.fail_fast;
+        result
+    }
+}
+
+/// The sum of jobs' test counts (failing test names are in each job's own result); `None` when
+/// no job counted tests.
+fn sum_counts<'a>(counts: impl Iterator<Item = &'a TestCounts>) -> Option<TestCounts> {
+    counts.fold(None, |sum, c| {
+        let mut sum = sum.unwrap_or_default();
+        sum.tests += c.tests;
+        sum.passed += c.passed;
+        sum.failed += c.failed;
+        sum.skipped += c.skipped;
+        Some(sum)
+    })
+}
+
 /// One pipeline run's jobs and where each is.
 #[derive(Clone, Debug)]
 pub struct Progress {
     jobs: Vec<(JobPlan, Place)>,
     fail_fast: bool,
-    /// Set once `fail_fast` stopped the run: why.
+    /// Set once `fail_fast` or a user's cancel stopped the run: why.
     stopped: Option<String>,
+    /// Set once a user cancelled the run: by whom (`by ann on host-1 at <time>`).
+    cancelled: Option<String>,
 }
 
 impl Progress {
@@ -88,6 +150,7 @@ impl Progress {
             jobs: jobs.iter().map(|j| (j.clone(), place(j))).collect(),
             fail_fast,
             stopped: None,
+            cancelled: None,
         }
     }
 
@@ -146,8 +209,12 @@ impl Progress {
         if matches!(self.jobs[i].1, Place::Done(_)) {
             return vec![];
         }
-        let fails = !matches!(outcome.status, Status::Passed | Status::Skipped)
-            && !self.jobs[i].0.allow_failure;
+        // A job cancelled on its own (`jetci cancel --job`) is not a failure that stops the run;
+        // the jobs that need it are skipped all the same.
+        let fails = !matches!(
+            outcome.status,
+            Status::Passed | Status::Skipped | Status::Cancelled
+        ) && !self.jobs[i].0.allow_failure;
         self.jobs[i].1 = Place::Done(outcome);
         if !(fails && self.fail_fast && self.stopped.is_none()) {
             return vec![];
@@ -161,6 +228,45 @@ impl Progress {
             .collect()
     }
 
+    /// A user cancelled the run (`who`: by whom, where, when). Returns the started jobs to
+    /// cancel; from now on no job starts, and the jobs not started end `skipped` at the next
+    /// [`Progress::ready`]. A run whose jobs have all ended, or cancelled before, changes nothing.
+    pub fn cancel(&mut self, who: &str) -> Vec<JobPlan> {
+        if self.cancelled.is_some() || self.is_done() {
+            return vec![];
+        }
+        self.cancelled = Some(who.to_string());
+        if self.stopped.is_none() {
+            self.stopped = Some(format!("the run was cancelled {who}"));
+        }
+        self.jobs
+            .iter()
+            .filter(|(_, p)| *p == Place::Started)
+            .map(|(j, _)| j.clone())
+            .collect()
+    }
+
+    /// Marks job `token` started although its needs have not all passed, and returns its plan:
+    /// a job some dispatcher started before (found with a live state when a run is taken
+    /// again), or one a user asked to cancel before it started (it then ends `cancelled`
+    /// through its own state, with a result of its own, as any job on no runner does).
+    /// `None` when the job is not of this run or not waiting to start.
+    pub fn force_start(&mut self, token: &str) -> Option<JobPlan> {
+        let (plan, place) = self.jobs.iter_mut().find(|(j, _)| j.job == token)?;
+        if *place != Place::Pending {
+            return None;
+        }
+        *place = Place::Started;
+        Some(plan.clone())
+    }
+
+    /// Whether job `token` is of this run and waits to start.
+    pub fn is_pending(&self, token: &str) -> bool {
+        self.jobs
+            .iter()
+            .any(|(j, p)| j.job == token && *p == Place::Pending)
+    }
+
     /// Whether job `token` is of this run and has not ended.
     pub fn is_running(&self, token: &str) -> bool {
         self.jobs
@@ -168,9 +274,14 @@ impl Progress {
             .any(|(j, p)| j.job == token && *p == Place::Started)
     }
 
-    /// Why `fail_fast` stopped the run, once it did.
+    /// Why `fail_fast` or a user's cancel stopped the run, once one did.
     pub fn stopped(&self) -> Option<&str> {
         self.stopped.as_deref()
+    }
+
+    /// Who cancelled the run, once a user did ([`Progress::cancel`]).
+    pub fn cancelled(&self) -> Option<&str> {
+        self.cancelled.as_deref()
     }
 
     /// Whether every job has ended.
@@ -228,11 +339,14 @@ impl Progress {
                 carried_from: o.carried_from,
             });
         }
-        let (status, reason) = match (worst, unran) {
-            (Some((_, status, reason)), _) => (status, reason),
+        let (status, reason) = match (worst, unran, &self.cancelled) {
+            // A cancelled run is at least `cancelled`, whatever did not run for it.
+            (Some((rank, status, reason)), _, Some(_)) if rank >= 1 => (status, reason),
+            (_, _, Some(who)) => (Status::Cancelled, Some(format!("cancelled {who}"))),
+            (Some((_, status, reason)), _, None) => (status, reason),
             // Only allowed failures, but a job that needed one never ran.
-            (None, Some(why)) => (Status::Failed, Some(why)),
-            (None, None) => (Status::Passed, None),
+            (None, Some(why), None) => (Status::Failed, Some(why)),
+            (None, None, None) => (Status::Passed, None),
         };
         Some(Verdict {
             status,
@@ -449,5 +563,76 @@ mod tests {
         let mut p = Progress::new(&[job("a", &["a"])], false);
         assert!(p.ready().is_empty());
         assert!(p.is_done());
+    }
+
+    #[test]
+    fn cancelling_one_job_of_a_fail_fast_run_skips_only_what_needs_it() {
+        let mut p = Progress::new(&[job("a", &[]), job("b", &[]), job("c", &["a"])], true);
+        assert_eq!(tokens(p.ready()), ["a", "b"]);
+        assert!(
+            p.finish("a", ended(Status::Cancelled)).is_empty(),
+            "b goes on"
+        );
+        assert!(p.stopped().is_none());
+        assert!(p.ready().is_empty());
+        p.finish("b", ended(Status::Passed));
+        let v = p.verdict().unwrap();
+        assert_eq!(v.status, Status::Cancelled);
+        let statuses: Vec<Status> = v.jobs.iter().map(|j| j.status).collect();
+        assert_eq!(
+            statuses,
+            [Status::Cancelled, Status::Passed, Status::Skipped]
+        );
+    }
+
+    #[test]
+    fn a_cancelled_run_starts_nothing_more_and_ends_cancelled() {
+        // Cancelled before anything started: every job skipped, the run cancelled.
+        let mut p = Progress::new(&[job("a", &[]), job("b", &["a"])], false);
+        assert!(p.cancel("by ann").is_empty());
+        assert!(p.ready().is_empty());
+        let v = p.verdict().expect("done");
+        assert_eq!(v.status, Status::Cancelled);
+        assert_eq!(v.reason.as_deref(), Some("cancelled by ann"));
+        assert!(v.jobs.iter().all(|j| j.status == Status::Skipped));
+
+        // Cancelled while a runs: a is cancelled; b, whose need passes just after, never starts.
+        let mut p = Progress::new(&[job("a", &[]), job("b", &["a"])], false);
+        p.ready();
+        assert_eq!(tokens(p.cancel("by ann")), ["a"]);
+        assert!(p.cancel("by bob").is_empty(), "once");
+        p.finish("a", ended(Status::Passed));
+        assert!(p.ready().is_empty(), "b does not start");
+        let v = p.verdict().unwrap();
+        assert_eq!(v.status, Status::Cancelled);
+        assert_eq!(v.jobs[1].status, Status::Skipped);
+        assert!(v.jobs[1]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("cancelled by ann"));
+
+        // A worse status stands.
+        let mut p = Progress::new(&[job("a", &[]), job("b", &[])], false);
+        p.ready();
+        p.finish("a", ended(Status::Failed));
+        p.cancel("by ann");
+        p.finish("b", ended(Status::Cancelled));
+        assert_eq!(p.verdict().unwrap().status, Status::Failed);
+    }
+
+    #[test]
+    fn a_job_cancelled_before_it_started_is_started_to_end_on_its_own() {
+        let mut p = Progress::new(&[job("a", &[]), job("b", &["a"])], false);
+        p.ready();
+        assert!(p.is_pending("b"));
+        assert_eq!(p.force_start("b").map(|j| j.job).as_deref(), Some("b"));
+        assert!(p.force_start("b").is_none(), "started already");
+        assert!(p.force_start("x").is_none(), "not of the run");
+        p.finish("b", ended(Status::Cancelled));
+        p.finish("a", ended(Status::Passed));
+        assert!(p.ready().is_empty(), "b ended: it does not start again");
+        let v = p.verdict().unwrap();
+        assert_eq!(v.jobs[1].status, Status::Cancelled);
     }
 }

@@ -341,7 +341,9 @@ impl<E: Executor> Runner<E> {
     ) -> Result<(), crate::protocol::verdict::PublishError> {
         match publish_final(&self.nats, result).await? {
             Published::Stored(seq) => {
-                metrics::counter!(m::RESULTS, "status" => result.status.as_str()).increment(1);
+                let kind = crate::metrics::result_kind(result.job.is_some());
+                metrics::counter!(m::RESULTS, "status" => result.status.as_str(), "kind" => kind)
+                    .increment(1);
                 metrics::histogram!(m::JOB_DURATION).record(result.duration_ms as f64 / 1000.0);
                 tracing::info!(job = %result.job_id, status = %result.status, seq, "result published");
             }
