@@ -10,14 +10,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use futures::StreamExt;
 use jetci::connect::Nats;
 use jetci::messages::{
     self, decode, CommitMsg, JobPhase, JobPlan, JobState, ResultMsg, Status, VERSION,
 };
+use jetci::pipeline::Progress;
 use jetci::protocol::commit::publish_commit;
 use jetci::protocol::store::{self, StateError, Versioned};
-use jetci::protocol::verdict::{final_result, finish_without_runner, Published};
+use jetci::protocol::verdict::{final_result, finish_without_runner, publish_final, Published};
 use jetci::shutdown::CancellationToken;
 use jetci::streams::Streams;
 use jetci::subjects::{is_token, repo_slug, JobRef};
@@ -272,13 +274,14 @@ pub async fn logs(
 }
 
 /// `jetci cancel`: stops a queued or running job; its result is `cancelled`. For a pipeline's
-/// run without `--job`, every job of the run that has started is asked to stop (the jobs that
-/// need them are then skipped), and the run's result is awaited.
+/// run without `--job`, the whole run ([`cancel_pipeline`]); with `--job`, one of its jobs
+/// ([`cancel_pipeline_job`]).
 pub async fn cancel(nats: &Nats, streams: &Streams, t: &Target) -> Result<()> {
-    if t.job.is_none() {
-        if let Some(jobs) = pipeline_jobs(nats, streams, t).await? {
-            return cancel_pipeline(nats, streams, t, &jobs).await;
-        }
+    if let Some(jobs) = pipeline_jobs(nats, streams, t).await? {
+        return match &t.job {
+            None => cancel_pipeline(nats, streams, t, &jobs).await,
+            Some(token) => cancel_pipeline_job(nats, streams, t, &jobs, token).await,
+        };
     }
     let who = who();
     let key = t.job().key();
@@ -330,9 +333,12 @@ fn who() -> String {
     )
 }
 
-/// Cancels a pipeline's run: every job that has a state and has not ended is asked to stop (its
-/// runner, or the dispatcher holding it, ends it `cancelled`); jobs that need them end
-/// `skipped`. Waits for the run's result.
+/// Cancels a pipeline's whole run. The request is written in the run's own state in `ci-jobs`
+/// (under the run's key), which the dispatcher holding the run watches and a dispatcher taking
+/// it reads before it starts anything: what runs is stopped, nothing starts any more, and the
+/// run ends `cancelled`. Jobs on a runner are also asked to stop here, so they stop within a
+/// heartbeat even while their dispatcher is away. A run no dispatcher has taken yet is finished
+/// here: its result first (first writer wins), then its state. Waits for the run's result.
 async fn cancel_pipeline(
     nats: &Nats,
     streams: &Streams,
@@ -345,11 +351,21 @@ async fn cancel_pipeline(
     {
         bail!("nothing to cancel: {} already finished", t.describe());
     }
+    let Some((commit, seq)) = find_commit_seq(nats, streams, t).await? else {
+        bail!(
+            "{} has no result and is not queued: nothing to cancel",
+            t.describe()
+        );
+    };
     let who = who();
+    let run_key = t.run_only().key();
+    let queued = JobState::queued(&commit, &commit.only_job());
+    store::request_cancel(&streams.job_states, &run_key, &queued, &who)
+        .await
+        .context("cannot record the cancel request")?;
     let mut asked = 0;
-    for plan in jobs {
-        let job = JobRef::new(&t.repo, &t.sha, t.run, Some(&plan.job));
-        let key = job.key();
+    for plan in jobs.iter().filter(|j| j.carried.is_none()) {
+        let key = JobRef::new(&t.repo, &t.sha, t.run, Some(&plan.job)).key();
         let Some(current) = store::read(&streams.job_states, &key).await? else {
             continue;
         };
@@ -359,15 +375,143 @@ async fn cancel_pipeline(
         store::request_cancel(&streams.job_states, &key, &current.state, &who).await?;
         asked += 1;
     }
-    println!(
-        "cancel requested for {} in {} ({asked} of its {} jobs were started)",
-        t.describe(),
-        t.repo,
-        jobs.len()
-    );
+    if delivered(nats, streams, seq).await? {
+        println!(
+            "cancel requested for {} in {}: {asked} of its {} jobs asked to stop, the others will not start",
+            t.describe(),
+            t.repo,
+            jobs.len()
+        );
+    } else {
+        // No dispatcher has taken the run: none will start a job of it now (one that takes it
+        // reads the request first), so its result is given here.
+        let mut progress = Progress::new(jobs, commit.fail_fast);
+        progress.cancel(&who);
+        progress.ready();
+        let verdict = progress
+            .verdict()
+            .context("a cancelled run has a verdict")?;
+        let result = verdict.result(&nats.names, &commit, seq, 0);
+        publish_final(nats, &result)
+            .await
+            .context("cannot publish the run's result")?;
+        if let Some(c) = store::read(&streams.job_states, &run_key).await? {
+            let done = c
+                .state
+                .finish(Status::Cancelled, Some(format!("cancelled {who}")));
+            // A dispatcher that took the run meanwhile marks it itself: a conflict is fine.
+            let _ = store::write(&streams.job_states, &run_key, &done, Some(c.revision)).await;
+        }
+        println!(
+            "cancelled {} in {} before any dispatcher took it: none of its {} jobs ran",
+            t.describe(),
+            t.repo,
+            jobs.len()
+        );
+    }
     let result = wait_result(nats, streams, &t.run_only(), Duration::from_secs(60)).await?;
     println!("{}", result_line(&result));
     Ok(())
+}
+
+/// Cancels one job of a pipeline's run (`token`). A carried job (`rerun --failed`) did not run
+/// in this run and cannot be cancelled. A job on a runner is stopped by its runner; one that has
+/// not started gets a cancel request in its state, and the dispatcher holding the run ends it
+/// `cancelled` with a result of its own (or, once its run is taken, the dispatcher that takes
+/// it). The jobs that need it are skipped; the others go on, `fail_fast` or not. Waits for the
+/// job's result, or the run's should the job end without one (skipped meanwhile).
+async fn cancel_pipeline_job(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+    jobs: &[JobPlan],
+    token: &str,
+) -> Result<()> {
+    let plan = jobs.iter().find(|j| j.job == token);
+    if let Some(carried) = plan.and_then(|p| p.carried.as_ref()) {
+        bail!(
+            "{} was carried over from run {} ({}): it does not run in run {}, so it cannot be cancelled",
+            t.describe(),
+            carried.carried_from.unwrap_or(0),
+            carried.status,
+            t.run
+        );
+    }
+    if let Some(r) = final_result(nats, &streams.results, &t.job()).await? {
+        bail!(
+            "nothing to cancel: {} already finished ({})",
+            t.describe(),
+            r.status
+        );
+    }
+    if let Some(run) = final_result(nats, &streams.results, &t.run_only()).await? {
+        bail!(
+            "nothing to cancel: run {} of {} already finished ({})",
+            t.run,
+            t.sha,
+            run.status
+        );
+    }
+    let key = t.job().key();
+    let current = store::read(&streams.job_states, &key).await?;
+    if let Some(c) = current
+        .as_ref()
+        .filter(|c| c.state.phase == JobPhase::Final)
+    {
+        let status = c.state.status.map(|s| s.to_string()).unwrap_or_default();
+        bail!(
+            "nothing to cancel: {} already finished ({status})",
+            t.describe()
+        );
+    }
+    let commit = match find_commit(nats, streams, t).await? {
+        Some(c) => c,
+        None => bail!("{} is not queued: nothing to cancel", t.describe()),
+    };
+    let queued = JobState::queued(&commit, &t.job());
+    let who = who();
+    store::request_cancel(&streams.job_states, &key, &queued, &who)
+        .await
+        .context("cannot record the cancel request")?;
+    let started = current.is_some_and(|c| c.state.phase != JobPhase::Queued);
+    println!(
+        "cancel requested for {} in {} ({}); the jobs that need it will be skipped",
+        t.describe(),
+        t.repo,
+        if started { "running" } else { "not started" }
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(r) = final_result(nats, &streams.results, &t.job()).await? {
+            println!("{}", result_line(&r));
+            return Ok(());
+        }
+        if let Some(run) = final_result(nats, &streams.results, &t.run_only()).await? {
+            // The job ended without a result of its own: skipped, as the run lists it.
+            if let Some(j) = run.jobs.iter().find(|j| j.job == token) {
+                let why = j.reason.as_deref().unwrap_or("");
+                println!("{}: {} ({why})", j.name, j.status);
+            }
+            println!("{}", result_line(&run));
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no result for {} within 60s", t.describe());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether the dispatchers' consumer has delivered the commit message at `seq` of `CI_COMMITS`
+/// to a dispatcher (it holds the run, or held it and its message comes back to another). No
+/// consumer yet: no dispatcher ever ran, nothing was delivered.
+async fn delivered(nats: &Nats, streams: &Streams, seq: u64) -> Result<bool> {
+    let name = nats.names.dispatcher_consumer();
+    match streams.commits.consumer_info(&name).await {
+        Ok(info) => Ok(info.delivered.stream_sequence >= seq),
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot read consumer {name}")),
+    }
 }
 
 /// Cancels a job that is on no runner (queued, or not even recorded yet) the way a dispatcher
@@ -520,15 +664,30 @@ fn rerun_jobs(last: &ResultMsg, failed: bool) -> Result<Vec<JobPlan>> {
 
 /// The commit message of the run, if it is still in `CI_COMMITS` (not yet closed).
 async fn find_commit(nats: &Nats, streams: &Streams, t: &Target) -> Result<Option<CommitMsg>> {
-    let queued = queued_commits(nats, streams, &t.repo).await;
+    Ok(find_commit_seq(nats, streams, t).await?.map(|(c, _)| c))
+}
+
+/// The commit message of the run and its sequence in `CI_COMMITS`, if it is still there.
+async fn find_commit_seq(
+    nats: &Nats,
+    streams: &Streams,
+    t: &Target,
+) -> Result<Option<(CommitMsg, u64)>> {
+    let queued = queued_commits_seq(nats, streams, &t.repo).await;
     Ok(queued
         .into_iter()
-        .find(|c| c.sha == t.sha && c.run == t.run))
+        .find(|(c, _)| c.sha == t.sha && c.run == t.run))
 }
 
 /// The repository's commits still in `CI_COMMITS` (waiting, or held by a dispatcher), read
 /// without a consumer so the work queue is not disturbed.
 async fn queued_commits(nats: &Nats, streams: &Streams, repo: &str) -> Vec<CommitMsg> {
+    let queued = queued_commits_seq(nats, streams, repo).await;
+    queued.into_iter().map(|(c, _)| c).collect()
+}
+
+/// [`queued_commits`] with each one's sequence in `CI_COMMITS`.
+async fn queued_commits_seq(nats: &Nats, streams: &Streams, repo: &str) -> Vec<(CommitMsg, u64)> {
     let subject = nats.names.commits_subject(repo);
     let mut found = Vec::new();
     let mut seq = 1;
@@ -539,7 +698,7 @@ async fn queued_commits(nats: &Nats, streams: &Streams, repo: &str) -> Vec<Commi
     {
         seq = raw.sequence + 1;
         if let Ok(c) = decode::<CommitMsg>(&raw.payload) {
-            found.push(c);
+            found.push((c, raw.sequence));
         }
     }
     found

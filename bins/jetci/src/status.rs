@@ -1,7 +1,7 @@
 //! `jetci status`: what waits, who runs what, and how big the streams are — read from the
 //! streams and buckets themselves, so it answers "why is my job not running?" from any machine.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -52,6 +52,9 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
             "labels": s.labels, "job": s.job,
         });
         match s.phase {
+            // A cancel request on a job on no runner (it ends at once), or on a pipeline's whole
+            // run (its own key): nothing waits for a runner there.
+            JobPhase::Queued if s.cancel.is_some() => {}
             JobPhase::Queued => {
                 let mut w = common;
                 w["reason"] = json!(s
@@ -145,11 +148,19 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
             json!({"messages": info.state.messages, "bytes": info.state.bytes}),
         );
     }
+    // Runs with a job on a runner: a pipeline's run counts once, however many of its jobs run.
+    let running: HashSet<(String, String, u64)> = in_flight
+        .iter()
+        .map(|j| {
+            let text = |k: &str| j[k].as_str().unwrap_or("").to_string();
+            (text("repo"), text("sha"), j["run"].as_u64().unwrap_or(0))
+        })
+        .collect();
     Ok(json!({
         "queue": {
-            // Every commit still in CI_COMMITS that is not running: held and waiting, or not
-            // taken yet.
-            "waiting": (commits_state.messages as usize).saturating_sub(in_flight.len()),
+            // Every commit still in CI_COMMITS none of whose jobs is on a runner: held and
+            // waiting, or not taken yet.
+            "waiting": (commits_state.messages as usize).saturating_sub(running.len()),
             "not_taken": not_taken,
             "waiting_for_runner": waiting,
         },
@@ -161,8 +172,14 @@ pub async fn gather(nats: &Nats, streams: &Streams, lease: Duration) -> Result<V
 }
 
 /// A pipeline's run in the queue: each job with where it is, and the jobs it still waits for.
+/// A job carried over from an earlier run (`rerun --failed`) has its carried status, and its
+/// dependents do not wait for it.
 fn pipeline_view(c: &CommitMsg, states: &HashMap<String, JobState>) -> Value {
     let state_of = |token: &str| states.get(&c.job(token).key());
+    let status_of = |token: &str| match c.jobs.iter().find(|j| j.job == token) {
+        Some(j) if j.carried.is_some() => j.carried.as_ref().map(|s| s.status),
+        _ => state_of(token).and_then(|s| s.status),
+    };
     let jobs: Vec<Value> = c
         .jobs
         .iter()
@@ -171,14 +188,15 @@ fn pipeline_view(c: &CommitMsg, states: &HashMap<String, JobState>) -> Value {
             let waits_for: Vec<&str> = j
                 .needs
                 .iter()
-                .filter(|n| state_of(n).and_then(|s| s.status) != Some(Status::Passed))
+                .filter(|n| status_of(n) != Some(Status::Passed))
                 .filter_map(|n| c.jobs.iter().find(|o| &o.job == n))
                 .map(|o| o.name.as_str())
                 .collect();
             json!({
                 "name": j.name, "job": j.job, "labels": j.labels,
                 "phase": state.map(|s| s.phase),
-                "status": state.and_then(|s| s.status),
+                "status": status_of(&j.job),
+                "carried_from": j.carried.as_ref().and_then(|s| s.carried_from),
                 "runner": state.and_then(|s| s.runner.clone()),
                 "reason": state.and_then(|s| s.reason.clone()),
                 "waits_for": waits_for,
@@ -292,7 +310,10 @@ pub fn render(v: &Value) -> String {
                 .map(|w| w.iter().filter_map(|n| n.as_str()).collect())
                 .unwrap_or_default();
             let place = match (j["status"].as_str(), j["phase"].as_str()) {
-                (Some(status), _) => status.to_string(),
+                (Some(status), _) => match j["carried_from"].as_u64() {
+                    Some(run) => format!("{status} (carried from run {run})"),
+                    None => status.to_string(),
+                },
                 (None, Some(phase @ ("assigned" | "running"))) => {
                     format!("{phase} on {}", j["runner"].as_str().unwrap_or(""))
                 }
@@ -342,6 +363,7 @@ mod tests {
                 {"name": "lint", "status": "passed", "phase": "final", "waits_for": []},
                 {"name": "test (python=3.11, 1/2)", "status": null, "phase": "running", "runner": "r1", "waits_for": []},
                 {"name": "docs", "status": null, "phase": null, "waits_for": ["test (python=3.11, 1/2)"]},
+                {"name": "build", "status": "passed", "carried_from": 1, "phase": null, "waits_for": []},
             ]}],
         });
         let text = render(&v);
@@ -362,12 +384,58 @@ mod tests {
         );
         assert!(text.contains("CI_COMMITS: 2 messages, 900 bytes"), "{text}");
         assert!(
-            text.contains("  app  main  abcdef01  run 1\n    lint: passed\n    test (python=3.11, 1/2): running on r1\n    docs: waits for test (python=3.11, 1/2)\n"),
+            text.contains("  app  main  abcdef01  run 1\n    lint: passed\n    test (python=3.11, 1/2): running on r1\n    docs: waits for test (python=3.11, 1/2)\n    build: passed (carried from run 1)\n"),
             "{text}"
         );
         assert!(
             text.contains("\n    warning: jobs run without a sandbox\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_carried_job_shows_its_status_and_its_dependents_do_not_wait_for_it() {
+        let job = |token: &str, needs: &[&str]| jetci::messages::JobPlan {
+            name: token.into(),
+            job: token.into(),
+            needs: needs.iter().map(|n| n.to_string()).collect(),
+            labels: vec![],
+            allow_failure: false,
+            carried: None,
+        };
+        let mut lint = job("lint", &[]);
+        lint.carried = Some(jetci::messages::JobSummary {
+            name: "lint".into(),
+            job: "lint".into(),
+            needs: vec![],
+            labels: vec![],
+            status: Status::Passed,
+            runner: "r1".into(),
+            attempt: 1,
+            duration_ms: 5,
+            tests: None,
+            allow_failure: false,
+            reason: None,
+            carried_from: Some(1),
+        });
+        let c = CommitMsg {
+            v: jetci::messages::VERSION,
+            repo: "app".into(),
+            url: String::new(),
+            branch: "main".into(),
+            sha: "abcdef0123".into(),
+            run: 2,
+            labels: vec![],
+            author: String::new(),
+            summary: String::new(),
+            published_at: jetci::messages::now(),
+            jobs: vec![lint, job("test", &["lint"]), job("docs", &["test"])],
+            fail_fast: false,
+        };
+        let v = pipeline_view(&c, &HashMap::new());
+        assert_eq!(v["jobs"][0]["status"], "passed");
+        assert_eq!(v["jobs"][0]["carried_from"], 1);
+        assert_eq!(v["jobs"][1]["waits_for"], json!([]), "{v:#}");
+        assert_eq!(v["jobs"][2]["waits_for"], json!(["test"]));
     }
 }

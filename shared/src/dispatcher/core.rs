@@ -1476,6 +1476,21 @@ impl Core {
                 if let Some(plan) = pending {
                     tracing::info!(%key, "a job cancelled before it started");
                     self.hold(run, &plan, Known::Unknown);
+                } else if !self.runs.contains_key(key) {
+                    // Asked too late: the job was skipped without a state. Its state says so,
+                    // so that it does not look queued.
+                    let skipped = self.pipelines.get(run).and_then(|p| {
+                        let o = p.progress.ended(token)?;
+                        (o.status == Status::Skipped).then(|| o.reason.clone())
+                    });
+                    if let Some(reason) = skipped {
+                        out.push(Effect::WriteState {
+                            key: key.to_string(),
+                            state: v.state.finish(Status::Skipped, reason),
+                            revision: Some(v.revision),
+                        });
+                        return;
+                    }
                 }
             }
         }

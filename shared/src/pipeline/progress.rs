@@ -260,6 +260,14 @@ impl Progress {
         Some(plan.clone())
     }
 
+    /// How job `token` ended, once it did.
+    pub fn ended(&self, token: &str) -> Option<&Outcome> {
+        self.jobs.iter().find_map(|(j, p)| match p {
+            Place::Done(o) if j.job == token => Some(o),
+            _ => None,
+        })
+    }
+
     /// Whether job `token` is of this run and waits to start.
     pub fn is_pending(&self, token: &str) -> bool {
         self.jobs
