@@ -13,7 +13,7 @@ use crate::support::jetstream::{
 };
 use crate::support::nats::NatsServer;
 use crate::support::system::System;
-use crate::support::waiting::BOUND;
+use crate::support::waiting::{wait_until_async, BOUND};
 
 /// The run's result (`ci.results.app.<sha>.<run>`) and its jobs' results, by job name.
 fn split(results: &[Value], sha: &str) -> (Value, Vec<Value>) {
@@ -413,5 +413,190 @@ needs = ["test"]
     assert!(
         run2.iter().any(|r| r["job_name"] == "test"),
         "test ran again: {run2:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_a_run_no_dispatcher_has_taken_ends_it_and_no_job_starts_after() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let sha = repo.commit("pipeline", &[(".jetci.toml", PIPELINE)]);
+    // No runner: the dispatcher takes no commit, so the run waits in CI_COMMITS untaken.
+    let mut sys = System::start(&nats, &repo, &[]);
+    let commits = names().commits_stream();
+    wait_until_async("the commit to be queued", BOUND, async || {
+        let queued = stream_messages(&sys.url, &commits, ">").await;
+        (queued.len() == 1).then_some(()).ok_or(queued.len())
+    })
+    .await;
+
+    let (ok, out, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("before any dispatcher took it"), "{out}");
+    assert!(out.contains("cancelled  app"), "{out}");
+
+    // A runner comes: the dispatcher takes the run, finds it cancelled, starts nothing.
+    sys.add_runner("r0", &[], &[]);
+    wait_commits_acked(&sys.url, BOUND).await;
+    let results = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &names().results_filter(),
+    )
+    .await;
+    assert_eq!(
+        results.len(),
+        1,
+        "the run's one result, no job's: {results:#?}"
+    );
+    let run = &results[0].1;
+    assert_eq!(run["status"], "cancelled", "{run:#}");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(listed.len(), 6);
+    assert!(listed.iter().all(|j| j["status"] == "skipped"), "{run:#}");
+    let (ok, _, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
+    assert!(!ok && err.contains("already finished"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_one_job_agrees_with_the_run_and_leaves_a_fail_fast_run_going() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = r#"
+fail_fast = true
+
+[jobs.lint]
+command = "echo linted"
+
+[jobs.slow]
+command = "sleep 120"
+needs = ["lint"]
+
+[jobs.after]
+command = "echo after"
+needs = ["slow"]
+
+[jobs.other]
+command = "sleep 6; echo other"
+needs = ["lint"]
+"#;
+    let sha = repo.commit("pipeline", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    // Run 1, cancelled as a whole while slow runs: lint passed, the rest did not.
+    let slow1 = JobRef::new("app", &sha, 1, Some("slow")).key();
+    wait_job_phase(&sys.url, &slow1, "running", BOUND).await;
+    let (ok, _, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
+    assert!(ok, "{err}");
+    wait_commits_acked(&sys.url, BOUND).await;
+
+    // Run 2 runs only what did not pass; lint is carried over.
+    let (ok, _, err) = jetci(
+        &sys.url,
+        &["rerun", "app", &sha[..8], "--failed", "--no-wait"],
+    );
+    assert!(ok, "{err}");
+    let slow2 = JobRef::new("app", &sha, 2, Some("slow")).key();
+    let other2 = JobRef::new("app", &sha, 2, Some("other")).key();
+    wait_job_phase(&sys.url, &slow2, "running", BOUND).await;
+    wait_job_phase(&sys.url, &other2, "running", BOUND).await;
+
+    // Status shows the carried job as such; nothing waits for it.
+    let (ok, out, err) = jetci(&sys.url, &["status"]);
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        out.contains("    lint: passed (carried from run 1)\n"),
+        "{out}"
+    );
+    assert!(!out.contains("waits for lint"), "{out}");
+
+    // A carried job did not run in run 2: it cannot be cancelled.
+    let run2 = ["--run", "2", "--job"];
+    let args = |job: &'static str| -> Vec<&str> {
+        let mut a = vec!["cancel", "app", &sha[..8]];
+        a.extend(run2);
+        a.push(job);
+        a
+    };
+    let (ok, _, err) = jetci(&sys.url, &args("lint"));
+    assert!(!ok && err.contains("carried over from run 1"), "{err}");
+    // A job not started yet ends cancelled, with a result of its own.
+    let (ok, out, err) = jetci(&sys.url, &args("after"));
+    assert!(ok, "{err}");
+    let out = String::from_utf8_lossy(&out).into_owned();
+    assert!(out.contains("not started"), "{out}");
+    assert!(
+        out.contains("cancelled  app") && out.contains("job \"after\""),
+        "{out}"
+    );
+    // Cancelling slow, in a fail_fast run, stops slow alone: other goes on and passes.
+    let (ok, _, err) = jetci(&sys.url, &args("slow"));
+    assert!(ok, "{err}");
+    wait_commits_acked(&sys.url, BOUND).await;
+
+    let results = stream_messages(
+        &sys.url,
+        &names().results_stream(),
+        &names().results_filter(),
+    )
+    .await;
+    let of_run2: Vec<Value> = results
+        .into_iter()
+        .map(|(_, r)| r)
+        .filter(|r| r["run"] == 2)
+        .collect();
+    let (run, jobs) = split(&of_run2, &sha);
+    assert_eq!(run["status"], "cancelled", "{run:#}");
+    let listed = run["jobs"].as_array().unwrap();
+    assert_eq!(by_name(listed, "lint")["status"], "passed");
+    assert_eq!(by_name(listed, "lint")["carried_from"], 1);
+    assert_eq!(by_name(listed, "other")["status"], "passed", "{run:#}");
+    // Each job's own result and the run's list agree; lint has none in run 2.
+    for job in &jobs {
+        let name = job["job_name"].as_str().unwrap();
+        assert_eq!(
+            by_name(listed, name)["status"],
+            job["status"],
+            "{name}: {run:#}"
+        );
+    }
+    let mut names_of: Vec<&str> = jobs
+        .iter()
+        .map(|j| j["job_name"].as_str().unwrap())
+        .collect();
+    names_of.sort();
+    assert_eq!(names_of, ["after", "other", "slow"]);
+    assert_eq!(by_name(&jobs, "after")["status"], "cancelled");
+    assert_eq!(by_name(&jobs, "slow")["status"], "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_counts_a_pipeline_running_several_jobs_as_one_run() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let file = "[jobs.a]\ncommand = \"sleep 120\"\n\n[jobs.b]\ncommand = \"sleep 120\"\n";
+    let sha = repo.commit("two jobs", &[(".jetci.toml", file)]);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    for job in ["a", "b"] {
+        let key = JobRef::new("app", &sha, 1, Some(job)).key();
+        wait_job_phase(&sys.url, &key, "running", BOUND).await;
+    }
+    // A second commit waits: both runners are busy with the pipeline's two jobs.
+    repo.commit("waits", &[(".jetci.toml", "command = \"true\"\n")]);
+    let commits = names().commits_stream();
+    wait_until_async("the second commit to be queued", BOUND, async || {
+        let queued = stream_messages(&sys.url, &commits, ">").await;
+        (queued.len() == 2).then_some(()).ok_or(queued.len())
+    })
+    .await;
+    let (ok, out, err) = jetci(&sys.url, &["status", "--json"]);
+    assert!(ok, "{err}");
+    let status: Value = serde_json::from_slice(&out).expect("JSON");
+    assert_eq!(status["queue"]["waiting"], 1, "{status:#}");
+    assert_eq!(
+        status["in_flight"].as_array().unwrap().len(),
+        2,
+        "{status:#}"
     );
 }
