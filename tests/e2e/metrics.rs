@@ -13,8 +13,13 @@ use crate::support::prom::{scrape, Samples};
 use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner, spawn_web};
 use crate::support::waiting::{wait_until_async, BOUND};
 
-const PASSED: &str = "jetci_results_total{status=\"passed\"}";
-const FAILED: &str = "jetci_results_total{status=\"failed\"}";
+// The dispatcher and the runner say which kind of result (`run`, or a pipeline's `job`).
+const PASSED: &str = "jetci_results_total{status=\"passed\",kind=\"run\"}";
+const FAILED: &str = "jetci_results_total{status=\"failed\",kind=\"run\"}";
+const JOB_PASSED: &str = "jetci_results_total{status=\"passed\",kind=\"job\"}";
+// jetci-web counts the results it shows, by status alone.
+const WEB_PASSED: &str = "jetci_results_total{status=\"passed\"}";
+const WEB_FAILED: &str = "jetci_results_total{status=\"failed\"}";
 
 /// Scrapes `addr` until `counted` says every result is in; returns that scrape.
 async fn scrape_when(what: &str, addr: &str, counted: impl Fn(&Samples) -> bool) -> Samples {
@@ -32,6 +37,11 @@ async fn scrape_when(what: &str, addr: &str, counted: impl Fn(&Samples) -> bool)
 /// Results of either status counted so far.
 fn results_counted(m: &Samples) -> f64 {
     m.get(PASSED).copied().unwrap_or(0.0) + m.get(FAILED).copied().unwrap_or(0.0)
+}
+
+/// [`results_counted`] for jetci-web.
+fn web_results_counted(m: &Samples) -> f64 {
+    m.get(WEB_PASSED).copied().unwrap_or(0.0) + m.get(WEB_FAILED).copied().unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -80,9 +90,42 @@ async fn metrics_count_what_happened() {
 
     // The dashboard counts the results it shows.
     let w = scrape_when("the web to count 3 results", &w_addr, |m| {
-        results_counted(m) >= 3.0
+        web_results_counted(m) >= 3.0
     })
     .await;
-    assert_eq!(w[FAILED], 2.0, "{w:#?}");
-    assert_eq!(w[PASSED], 1.0, "{w:#?}");
+    assert_eq!(w[WEB_FAILED], 2.0, "{w:#?}");
+    assert_eq!(w[WEB_PASSED], 1.0, "{w:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pipelines_run_and_its_jobs_are_counted_apart() {
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let work = tempfile::tempdir().unwrap();
+    let repo = GitRepo::new();
+    let file = "[jobs.a]\ncommand = \"true\"\n\n[jobs.b]\ncommand = \"true\"\nneeds = [\"a\"]\n";
+    repo.commit("pipeline", &[(".jetci.toml", file)]);
+    let (d_addr, r_addr) = (free_addr(), free_addr());
+    let _procs = [
+        spawn_observer(&url, &repo, &[]),
+        spawn_dispatcher(&url, &["--metrics-addr", &d_addr]),
+        spawn_runner(&url, "r0", work.path(), &["--metrics-addr", &r_addr]),
+    ];
+    // a's, b's and the run's.
+    wait_results(&url, 3, BOUND).await;
+    let d = scrape_when("the dispatcher to count the run", &d_addr, |m| {
+        m.get(PASSED).copied() >= Some(1.0) && m.get(JOB_PASSED).copied() >= Some(2.0)
+    })
+    .await;
+    assert_eq!(d[PASSED], 1.0, "one run: {d:#?}");
+    assert_eq!(d[JOB_PASSED], 2.0, "two jobs: {d:#?}");
+    let r = scrape_when("the runner to count the jobs", &r_addr, |m| {
+        m.get(JOB_PASSED).copied() >= Some(2.0)
+    })
+    .await;
+    assert_eq!(r[JOB_PASSED], 2.0, "{r:#?}");
+    assert!(
+        !r.contains_key(PASSED),
+        "the runner published no run's result: {r:#?}"
+    );
 }
