@@ -146,7 +146,7 @@ pub struct CommitMsg {
     #[serde(with = "time::serde::rfc3339")]
     pub published_at: OffsetDateTime,
     /// The pipeline's jobs, as the commit's `.jetci.toml` names them for this branch
-    /// ([`crate::pipeline::plan`]); empty for a run of one job.
+    /// ([`crate::pipeline::plan()`]); empty for a run of one job.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<JobPlan>,
     /// The first failed job cancels the rest of the run.

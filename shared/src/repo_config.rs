@@ -82,7 +82,7 @@ pub struct RepoConfig {
 }
 
 /// One `[jobs.<name>]` table, before its matrix and shards are expanded
-/// ([`crate::pipeline::plan`]). Defaults from the top level are already applied.
+/// ([`crate::pipeline::plan()`]). Defaults from the top level are already applied.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct JobSpec {
     /// The table's name: `[A-Za-z0-9_-]+`, at most [`MAX_NAME`] bytes, not all digits.

@@ -85,8 +85,9 @@ enum Cmd {
     /// Print a job's output (the latest run's; a pipeline's job with --job NAME); -f follows it
     /// live until the result.
     Logs(LogsArgs),
-    /// Stop a queued or running run (every job of a pipeline), or one job of a pipeline with
-    /// --job NAME; its result is `cancelled`.
+    /// Stop a queued or running run (every job of a pipeline, taken by a dispatcher or not), or
+    /// one job of a pipeline with --job NAME (not one carried over by rerun --failed); its
+    /// result is `cancelled`.
     Cancel(jobs::CommitRef),
     /// Test a commit again, as a new run with its own result.
     Rerun(RerunArgs),

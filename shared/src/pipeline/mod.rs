@@ -1,7 +1,7 @@
 //! Pipelines: a run of several jobs (DESIGN.md, "Runs and jobs").
 //!
 //! A repository whose `.jetci.toml` names `[jobs.<name>]` tables runs each commit as a pipeline:
-//! - [`plan`] expands the file's jobs for one branch (matrix, shards, branch filters) into the
+//! - [`mod@plan`] expands the file's jobs for one branch (matrix, shards, branch filters) into the
 //!   run's jobs, each with a display name, a key token and the jobs it needs. The observer puts
 //!   the plan in the commit message (the dispatcher places jobs without touching git); the runner
 //!   plans again from its own checkout and runs the job the message names ([`resolve`]).
