@@ -1305,6 +1305,13 @@ impl World {
             ),
             "{effects:?}"
         );
+        assert!(
+            effects.contains(&Effect::CountResult {
+                status: Some(status),
+                job: true
+            }),
+            "counted as a job's result, not a run's: {effects:?}"
+        );
         self.on(Event::ResultLookedUp {
             key: job_key(i, token),
             result: Some(job_result(i, token, status)),
