@@ -1359,11 +1359,12 @@ impl Core {
             return;
         };
         let ready = p.progress.ready();
-        let known = || match p.redelivered {
-            true => Known::Unknown,
-            false => Known::Absent,
+        // A redelivered commit's jobs may have states already: read before deciding.
+        let known = if p.redelivered {
+            Known::Unknown
+        } else {
+            Known::Absent
         };
-        let known = known();
         let mut keys = Vec::with_capacity(ready.len());
         for plan in ready {
             keys.push(self.hold(key, &plan, known.clone()));
