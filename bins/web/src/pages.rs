@@ -262,7 +262,7 @@ fn jobs_table(jobs: &[Job], now: OffsetDateTime) -> Markup {
                         td { a href=(repo_href(&s.repo, None)) { (s.repo) } }
                         td { (s.branch) }
                         td { a href=(commit_href(&s.repo, &s.sha)) { code { (short(&s.sha)) } } }
-                        td { (s.run) " / " (s.attempt) }
+                        td { (s.run) " / " (s.attempt) @if let Some(job) = &s.job { " " code { (job) } } }
                         td { (s.runner.as_deref().unwrap_or("-")) }
                         td { (s.labels.join(", ")) }
                         td { (s.reason.as_deref().unwrap_or("")) }

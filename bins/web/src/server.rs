@@ -39,7 +39,9 @@ const COMMITS_PER_BRANCH: usize = 50;
 const DASHBOARD_RESULTS: usize = 50;
 /// Commit messages of one repository looked through for a running pipeline's plan.
 const PLAN_SCAN: usize = 256;
-/// How long looking for a running pipeline's plan may take.
+/// Pipeline runs drawn on one commit page, the newest.
+const PIPELINE_RUNS: usize = 20;
+/// How long looking for running pipelines' plans may take, for one page.
 const PLAN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every handler can reach.
@@ -230,9 +232,14 @@ async fn commit_page(
 }
 
 /// The pipeline runs of a commit, newest first, each laid out as a graph.
+///
+/// At most [`PIPELINE_RUNS`] runs are drawn, and looking for the plans of running ones takes at
+/// most [`PLAN_TIMEOUT`] in all (results on made-up runs cannot make a page slow).
 pub async fn pipelines(app: &App, repo: &str, sha: &str, view: &CommitView) -> Vec<Pipeline> {
+    let deadline = tokio::time::Instant::now() + PLAN_TIMEOUT;
     let mut out = Vec::new();
-    for run in graph::pipeline_runs(&view.finals, &view.job_results, &view.jobs) {
+    let runs = graph::pipeline_runs(&view.finals, &view.job_results, &view.jobs);
+    for run in runs.into_iter().take(PIPELINE_RUNS) {
         let run_result = view.finals.iter().find(|s| s.result.run == run);
         let plan = match run_result {
             Some(s) if !s.result.jobs.is_empty() => None,
@@ -244,7 +251,7 @@ pub async fn pipelines(app: &App, repo: &str, sha: &str, view: &CommitView) -> V
                     .iter()
                     .find(|s| s.result.run == run)
                     .map(|s| s.result.commit_seq);
-                live_plan(app, repo, sha, run, hint).await
+                live_plan(app, repo, sha, run, hint, deadline).await
             }
         };
         out.push(graph::pipeline(
@@ -260,7 +267,7 @@ pub async fn pipelines(app: &App, repo: &str, sha: &str, view: &CommitView) -> V
 
 /// Run `run`'s plan from its commit message in `CI_COMMITS`, where it stays until the run has
 /// its result: at `hint` (a job result's `commit_seq`), else found among the first
-/// [`PLAN_SCAN`] messages on the repository's subject. `None` when not found in time (the
+/// [`PLAN_SCAN`] messages on the repository's subject. `None` when not found by `deadline` (the
 /// graph then shows the jobs seen so far, without their needs).
 async fn live_plan(
     app: &App,
@@ -268,6 +275,7 @@ async fn live_plan(
     sha: &str,
     run: u32,
     hint: Option<u64>,
+    deadline: tokio::time::Instant,
 ) -> Option<Vec<JobPlan>> {
     let subject = app.nats.names.commits_subject(repo);
     // Anyone who may publish can put anything on any subject: only this repository's subject,
@@ -301,10 +309,7 @@ async fn live_plan(
         }
         None
     };
-    tokio::time::timeout(PLAN_TIMEOUT, find)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout_at(deadline, find).await.ok().flatten()
 }
 
 /// A job's stored output, lossily decoded, at most `max` bytes; true when cut.
@@ -437,4 +442,35 @@ async fn script() -> Response {
         pages::LIVE_JS,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_routes_take_well_formed_names_only() {
+        let sha = "ab".repeat(20);
+        let job = job_ref("app", &sha, 2, Some("lint"), 1).expect("a pipeline's job");
+        assert_eq!(job.key(), format!("app.{sha}.2.lint"));
+        assert_eq!(
+            job_ref("app", &sha, 1, None, 3).unwrap().key(),
+            format!("app.{sha}.1")
+        );
+        for (repo, sha, run, job, attempt) in [
+            ("a.b", sha.as_str(), 1, None, 1),
+            ("app", "abc", 1, None, 1),
+            ("app", sha.as_str(), 0, None, 1),
+            ("app", sha.as_str(), 1, None, 0),
+            ("app", sha.as_str(), 1, Some("12"), 1),
+            ("app", sha.as_str(), 1, Some("a.b"), 1),
+            ("app", sha.as_str(), 1, Some("*"), 1),
+            ("app", sha.as_str(), 1, Some(""), 1),
+        ] {
+            assert!(
+                job_ref(repo, sha, run, job, attempt).is_none(),
+                "{repo} {sha} {run} {job:?}"
+            );
+        }
+    }
 }
