@@ -391,6 +391,30 @@ async fn a_pipelines_commit_page_draws_its_graph_live_with_each_jobs_log() {
     open_log(&client, build, "build released", &web).await;
     open_log(&client, "test (python=3.12)", "testing python 3.12", &web).await;
 
+    // Lists and badges take the run's result alone; the commit's JSON has its jobs too.
+    let results = http_get(&addr, "/api/results")
+        .expect("GET /api/results")
+        .json();
+    assert_eq!(results.as_array().map(Vec::len), Some(1), "{results:#}");
+    assert_eq!(results[0]["status"], "failed");
+    let badge = http_get(&addr, "/badge/app.svg").expect("GET the badge");
+    assert!(badge.body.contains("failing"), "{}", badge.body);
+    let commit = http_get(&addr, &format!("/api/commit/app/{sha}"))
+        .expect("GET /api/commit")
+        .json();
+    assert_eq!(
+        commit["job_results"].as_array().map(Vec::len),
+        Some(4),
+        "{commit:#}"
+    );
+    let graph = &commit["pipelines"][0]["jobs"];
+    assert_eq!(graph.as_array().map(Vec::len), Some(5), "{commit:#}");
+    let report_job = graph
+        .as_array()
+        .and_then(|jobs| jobs.iter().find(|j| j["job"] == report.as_str()))
+        .unwrap_or_else(|| panic!("no report in {commit:#}"));
+    assert_eq!(report_job["status"], "skipped");
+
     // A finished job's whole log is at its own address.
     let raw = http_get(&addr, &format!("/log/app/{sha}/1/{lint}/1")).expect("GET the raw log");
     assert_eq!(raw.status, 200, "{}", raw.body);

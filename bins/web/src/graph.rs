@@ -144,6 +144,9 @@ struct Planned {
     name: String,
     job: String,
     needs: Vec<String>,
+    /// Its entry in the run's result, or the earlier run's result it carries over
+    /// (`jetci rerun --failed`).
+    summary: Option<JobSummary>,
 }
 
 /// Assembles run `run`'s graph from the run's result (its `jobs`, when stored), else `plan` (the
@@ -174,6 +177,7 @@ pub fn pipeline(
                 name: j.name.clone(),
                 job: j.job.clone(),
                 needs: j.needs.clone(),
+                summary: Some(j.clone()),
             })
             .collect()
     } else if let Some(plan) = plan.filter(|p| !p.is_empty()) {
@@ -182,6 +186,7 @@ pub fn pipeline(
                 name: j.name.clone(),
                 job: j.job.clone(),
                 needs: j.needs.clone(),
+                summary: j.carried.clone(),
             })
             .collect()
     } else {
@@ -195,6 +200,7 @@ pub fn pipeline(
                     .unwrap_or_else(|| t.to_string()),
                 job: t.to_string(),
                 needs: Vec::new(),
+                summary: None,
             })
             .collect()
     };
@@ -237,8 +243,7 @@ pub fn pipeline(
     let mut status = vec![NodeStatus::Waiting; drawn.len()];
     for &i in &order {
         let p = &drawn[i];
-        let summary = summaries.iter().find(|s| s.job == p.job);
-        status[i] = if let Some(s) = summary {
+        status[i] = if let Some(s) = &p.summary {
             s.status.into()
         } else if let Some(r) = results.get(p.job.as_str()) {
             r.result.status.into()
@@ -267,7 +272,7 @@ pub fn pipeline(
             row: 0,
             result: results.get(p.job.as_str()).map(|s| (*s).clone()),
             state: states.get(p.job.as_str()).map(|j| (*j).clone()),
-            summary: summaries.iter().find(|s| s.job == p.job).cloned(),
+            summary: p.summary,
             name: p.name,
             job: p.job,
         })
@@ -512,6 +517,29 @@ mod tests {
             "a need on no drawn job is dropped"
         );
         assert!(p.fingerprint().ends_with(":true"));
+    }
+
+    #[test]
+    fn a_carried_job_is_passed_while_its_rerun_runs() {
+        let mut plan = lint_test_build();
+        plan[0].carried = Some(JobSummary {
+            name: "lint".into(),
+            job: "lint".into(),
+            needs: vec![],
+            labels: vec![],
+            status: Status::Passed,
+            runner: "r1".into(),
+            attempt: 1,
+            duration_ms: 5,
+            tests: None,
+            allow_failure: false,
+            reason: None,
+            carried_from: Some(1),
+        });
+        let p = pipeline(1, None, Some(&plan), &[], &[]);
+        assert_eq!(p.nodes[0].status, NodeStatus::Passed);
+        assert_eq!(p.nodes[0].summary.as_ref().unwrap().carried_from, Some(1));
+        assert_eq!(p.nodes[1].status, NodeStatus::Waiting);
     }
 
     #[test]

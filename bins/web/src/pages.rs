@@ -540,7 +540,13 @@ fn job_part(repo: &str, sha: &str, run: u32, n: &Node, now: OffsetDateTime) -> M
                 pre class="log live" {}
                 noscript { p { "Reload the page to see the output so far." } }
             } @else {
-                p { @if n.status == NodeStatus::Skipped { "It did not run." } @else { "It has not started." } }
+                @if let Some(from) = n.summary.as_ref().and_then(|s| s.carried_from) {
+                    p { "It passed in " a href=(format!("#{}", job_anchor(from, &n.job))) { "run " (from) } " and was not run again." }
+                } @else if n.status == NodeStatus::Skipped {
+                    p { "It did not run." }
+                } @else {
+                    p { "It has not started." }
+                }
             }
             @if let Some(raw) = &raw { p { a href=(raw) { "Raw log" } } }
         }
