@@ -632,6 +632,10 @@ pub fn commit_page(
         @for p in pipelines {
             (pipeline_section(repo, sha, p, now))
         }
+        @let undrawn = view.finals.iter().filter(|s| !s.result.jobs.is_empty() && !pipelines.iter().any(|p| p.run == s.result.run)).count();
+        @if undrawn > 0 {
+            p { (undrawn) " older pipeline runs are not shown." }
+        }
         @for j in &single_jobs {
             @let s = &j.state;
             section class="job" {
