@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
+use crate::graph::Pipeline;
 use crate::server::App;
 use crate::view::{age, Job, Stored};
 
@@ -58,6 +59,26 @@ fn job_json(j: &Job, now: OffsetDateTime) -> Value {
         );
     }
     v
+}
+
+/// A pipeline run's graph: `{"run","jobs":[{"name","job","needs","status","column","row","attempt"}],"hidden"}`.
+fn pipeline_json(p: &Pipeline) -> Value {
+    let jobs: Vec<Value> = p
+        .nodes
+        .iter()
+        .map(|n| {
+            json!({
+                "name": n.name,
+                "job": n.job,
+                "needs": n.needs,
+                "status": n.status,
+                "column": n.column,
+                "row": n.row,
+                "attempt": n.attempt(),
+            })
+        })
+        .collect();
+    json!({ "run": p.run, "jobs": jobs, "hidden": p.hidden })
 }
 
 fn bad_request(message: &str) -> Response {
@@ -134,13 +155,15 @@ pub async fn repos(State(app): State<App>) -> Response {
     Json(list).into_response()
 }
 
-/// `GET /api/commit/{repo}/{sha}`: every run's result, superseded attempts, unfinished jobs.
+/// `GET /api/commit/{repo}/{sha}`: every run's result, a pipeline's job results, superseded
+/// attempts, unfinished jobs, and each pipeline run's graph as the commit page draws it.
 pub async fn commit(State(app): State<App>, Path((repo, sha)): Path<(String, String)>) -> Response {
     if !is_token(&repo) || check_sha(&sha).is_err() {
         return bad_request("give a repository name and a full 40-digit commit id");
     }
     let now = OffsetDateTime::now_utc();
     let view = app.shared.read(|v| v.commit(&repo, &sha));
+    let pipelines = crate::server::pipelines(&app, &repo, &sha, &view).await;
     let code = if view.is_empty() {
         StatusCode::NOT_FOUND
     } else {
@@ -150,8 +173,10 @@ pub async fn commit(State(app): State<App>, Path((repo, sha)): Path<(String, Str
         "repo": repo,
         "sha": sha,
         "results": view.finals.iter().map(result_json).collect::<Vec<_>>(),
+        "job_results": view.job_results.iter().map(result_json).collect::<Vec<_>>(),
         "superseded": view.superseded.iter().map(result_json).collect::<Vec<_>>(),
         "jobs": view.jobs.iter().map(|j| job_json(j, now)).collect::<Vec<_>>(),
+        "pipelines": pipelines.iter().map(pipeline_json).collect::<Vec<_>>(),
     });
     (code, Json(body)).into_response()
 }

@@ -35,6 +35,14 @@ pub enum Change {
         run: u32,
         status: String,
     },
+    /// The result of one job of a pipeline run (its commit page redraws the run's graph).
+    JobResult {
+        repo: String,
+        sha: String,
+        run: u32,
+        job: String,
+        status: String,
+    },
     /// A job changed (queued, assigned, running, heartbeat, final).
     Job {
         repo: String,
@@ -169,17 +177,23 @@ async fn apply_results(
                 continue;
             }
         };
-        if result.job.is_some() {
-            // A pipeline's job: the run's result lists it (the view holds runs).
-            shared.write(|v| v.last_seq = v.last_seq.max(msg.seq));
-            continue;
-        }
-        let change = Change::Result {
-            repo: result.repo.clone(),
-            branch: result.branch.clone(),
-            sha: result.sha.clone(),
-            run: result.run,
-            status: result.status.to_string(),
+        let change = match &result.job {
+            // A pipeline's job: for its commit page only; result files, alerts and the result
+            // metric count runs (the run's result lists its jobs).
+            Some(job) => Change::JobResult {
+                repo: result.repo.clone(),
+                sha: result.sha.clone(),
+                run: result.run,
+                job: job.clone(),
+                status: result.status.to_string(),
+            },
+            None => Change::Result {
+                repo: result.repo.clone(),
+                branch: result.branch.clone(),
+                sha: result.sha.clone(),
+                run: result.run,
+                status: result.status.to_string(),
+            },
         };
         // The branch's newest verdict is read under the same lock, so it is the state this very
         // result left the branch in.
@@ -190,7 +204,7 @@ async fn apply_results(
         });
         if let Some((stored, head)) = added {
             shared.announce(change);
-            if !is_superseded {
+            if stored.is_run_result() {
                 let status = stored.result.status.as_str();
                 metrics::counter!(jetci::metrics::names::RESULTS, "status" => status).increment(1);
                 reporter.result(stored, head).await;

@@ -16,10 +16,10 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{stream, Stream, StreamExt};
 use jetci::follow::{self, Start};
-use jetci::subjects::{check_sha, is_token, JobRef};
+use jetci::subjects::JobRef;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::server::App;
+use crate::server::{job_ref, App};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
@@ -47,13 +47,26 @@ pub async fn log(
     Path((repo, sha, run, attempt)): Path<(String, String, u32, u32)>,
     headers: HeaderMap,
 ) -> Response {
-    if !is_token(&repo) || check_sha(&sha).is_err() || run == 0 || attempt == 0 {
-        return (StatusCode::BAD_REQUEST, "bad job name\n").into_response();
+    match job_ref(&repo, &sha, run, None, attempt) {
+        Some(job) => follow_log(app, &job, attempt, &headers),
+        None => (StatusCode::BAD_REQUEST, "bad job name\n").into_response(),
     }
-    let subject = app
-        .nats
-        .names
-        .logs_subject(&JobRef::only(&repo, &sha, run), attempt);
+}
+
+/// `GET /events/log/{repo}/{sha}/{run}/{job}/{attempt}`: the same for a pipeline's job.
+pub async fn job_log(
+    State(app): State<App>,
+    Path((repo, sha, run, job, attempt)): Path<(String, String, u32, String, u32)>,
+    headers: HeaderMap,
+) -> Response {
+    match job_ref(&repo, &sha, run, Some(&job), attempt) {
+        Some(job) => follow_log(app, &job, attempt, &headers),
+        None => (StatusCode::BAD_REQUEST, "bad job name\n").into_response(),
+    }
+}
+
+fn follow_log(app: App, job: &JobRef, attempt: u32, headers: &HeaderMap) -> Response {
+    let subject = app.nats.names.logs_subject(job, attempt);
     let start = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

@@ -17,6 +17,7 @@ mod api;
 mod badge;
 mod config;
 mod feed;
+mod graph;
 mod live;
 mod pages;
 mod report;
@@ -107,6 +108,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         shared,
         nats,
         logs: streams.logs.clone(),
+        commits: streams.commits.clone(),
         max_results: args.max_results,
         stop: stop.clone(),
     };

@@ -13,6 +13,7 @@ use jetci::messages::{JobPhase, Status, TestCounts};
 use maud::{html, Markup, DOCTYPE};
 use time::OffsetDateTime;
 
+use crate::graph::{Node, NodeStatus, Pipeline};
 use crate::view::{age, BranchSummary, CommitSummary, CommitView, Job, Runner, Stored};
 
 /// What the live script needs to know about a page (rendered as `data-` attributes of `<body>`).
@@ -261,7 +262,7 @@ fn jobs_table(jobs: &[Job], now: OffsetDateTime) -> Markup {
                         td { a href=(repo_href(&s.repo, None)) { (s.repo) } }
                         td { (s.branch) }
                         td { a href=(commit_href(&s.repo, &s.sha)) { code { (short(&s.sha)) } } }
-                        td { (s.run) " / " (s.attempt) }
+                        td { (s.run) " / " (s.attempt) @if let Some(job) = &s.job { " " code { (job) } } }
                         td { (s.runner.as_deref().unwrap_or("-")) }
                         td { (s.labels.join(", ")) }
                         td { (s.reason.as_deref().unwrap_or("")) }
@@ -405,18 +406,203 @@ pub enum Log {
     Unavailable(String),
 }
 
+/// Size of a job's box in a pipeline's graph, and the gaps between boxes, in SVG pixels.
+const BOX_W: usize = 210;
+const BOX_H: usize = 44;
+const GAP_X: usize = 60;
+const GAP_Y: usize = 16;
+/// Characters of a job's name shown in its box (the whole name is its tooltip).
+const BOX_NAME_CHARS: usize = 26;
+
+/// `name`, cut to `max` characters with an ellipsis.
+fn cut(name: &str, max: usize) -> String {
+    if name.chars().count() <= max {
+        name.to_string()
+    } else {
+        let mut s: String = name.chars().take(max - 1).collect();
+        s.push('…');
+        s
+    }
+}
+
+/// The `id` of a job's part of a commit page, which its box links to.
+fn job_anchor(run: u32, job: &str) -> String {
+    format!("job-{run}-{job}")
+}
+
+/// A pipeline run as an SVG graph: a box per job, coloured by status and linking to the job's
+/// part of the page, and an arrow from each need to the job that needs it.
+fn graph_svg(p: &Pipeline) -> Markup {
+    let x = |col: usize| col * (BOX_W + GAP_X);
+    let y = |row: usize| row * (BOX_H + GAP_Y);
+    let width = (p.columns * (BOX_W + GAP_X)).saturating_sub(GAP_X).max(1);
+    let height = (p.rows * (BOX_H + GAP_Y)).saturating_sub(GAP_Y).max(1);
+    let at: std::collections::HashMap<&str, &Node> =
+        p.nodes.iter().map(|n| (n.job.as_str(), n)).collect();
+    let marker = format!("arrow-{}", p.run);
+    html! {
+        svg class="graph" xmlns="http://www.w3.org/2000/svg" width=(width) height=(height)
+            viewBox=(format!("0 0 {width} {height}")) role="img"
+            aria-label=(format!("run {} as a graph of {} jobs", p.run, p.nodes.len())) {
+            defs {
+                marker id=(marker) viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto" {
+                    path class="arrowhead" d="M0,0 L10,5 L0,10 z" {}
+                }
+            }
+            @for n in &p.nodes {
+                @for need in &n.needs {
+                    @if let Some(from) = at.get(need.as_str()) {
+                        @let (x1, y1) = (x(from.column) + BOX_W, y(from.row) + BOX_H / 2);
+                        @let (x2, y2) = (x(n.column), y(n.row) + BOX_H / 2);
+                        path class="edge" data-from=(need) data-to=(n.job)
+                            d=(format!("M{x1},{y1} C{},{y1} {},{y2} {x2},{y2}", x1 + GAP_X / 2, x2.saturating_sub(GAP_X / 2)))
+                            marker-end=(format!("url(#{marker})")) {}
+                    }
+                }
+            }
+            @for n in &p.nodes {
+                a href=(format!("#{}", job_anchor(p.run, &n.job))) class="node" data-job=(n.job) data-name=(n.name) data-status=(n.status.as_str()) {
+                    title { (n.name) ": " (n.status.word()) }
+                    rect class={ "box " (n.status.as_str()) } x=(x(n.column)) y=(y(n.row)) width=(BOX_W) height=(BOX_H) rx="6" {}
+                    text class="name" x=(x(n.column) + 10) y=(y(n.row) + 19) { (cut(&n.name, BOX_NAME_CHARS)) }
+                    text class="word" x=(x(n.column) + 10) y=(y(n.row) + 36) { (n.status.word()) }
+                }
+            }
+        }
+    }
+}
+
+/// A job of a pipeline under its graph: status, runner, reason, and its log (the output tail
+/// and a link to the whole log once it ended; the live output, which the script streams when
+/// the part is opened, while it runs).
+fn job_part(repo: &str, sha: &str, run: u32, n: &Node, now: OffsetDateTime) -> Markup {
+    let result = n.result.as_ref().map(|s| &s.result);
+    let state = n.state.as_ref();
+    let attempt = n.attempt();
+    let runner = result
+        .map(|r| r.runner.clone())
+        .or_else(|| state.and_then(|j| j.state.runner.clone()))
+        .or_else(|| n.summary.as_ref().map(|s| s.runner.clone()))
+        .unwrap_or_default();
+    let reason = result
+        .and_then(|r| r.reason.clone())
+        .or_else(|| n.summary.as_ref().and_then(|s| s.reason.clone()))
+        .or_else(|| state.and_then(|j| j.state.reason.clone()))
+        .filter(|r| !r.trim().is_empty());
+    let raw = (attempt > 0).then(|| {
+        format!(
+            "/log/{}/{}/{}/{}/{}",
+            enc(repo),
+            enc(sha),
+            run,
+            enc(&n.job),
+            attempt
+        )
+    });
+    let live = (result.is_none() && n.status == NodeStatus::Running && attempt > 0).then(|| {
+        format!(
+            "/events/log/{}/{}/{}/{}/{}",
+            enc(repo),
+            enc(sha),
+            run,
+            enc(&n.job),
+            attempt
+        )
+    });
+    let fingerprint = format!(
+        "{}:{}:{}",
+        n.status.as_str(),
+        attempt,
+        n.result.as_ref().map_or(0, |s| s.seq)
+    );
+    html! {
+        details class="job" id=(job_anchor(run, &n.job)) data-swap=(fingerprint) data-log=[live.as_deref()] {
+            summary { span class={ "status " (n.status.as_str()) } { (n.status.word()) } " " (n.name) }
+            dl {
+                dt { "Runner" } dd { (runner_text(&runner)) }
+                dt { "Attempt" } dd { @if attempt > 0 { (attempt) } @else { "-" } }
+                @if let Some(r) = result {
+                    dt { "Duration" } dd { (duration_ms(r.duration_ms)) }
+                    dt { "Tests" } dd { (tests_text(r.tests.as_ref())) }
+                } @else if let Some(j) = state {
+                    dt { "Updated" } dd { (ago(age(now, j.written))) " ago" }
+                }
+                @if let Some(reason) = &reason { dt { "Reason" } dd { (reason) } }
+            }
+            @if let Some(r) = result {
+                @if let Some(t) = &r.tests {
+                    @if !t.failures.is_empty() {
+                        ul class="failures" { @for f in &t.failures { li { code { (f) } } } }
+                    }
+                }
+                pre class="log" { (clean_output(&r.output_tail)) }
+            } @else if live.is_some() {
+                pre class="log live" {}
+                noscript { p { "Reload the page to see the output so far." } }
+            } @else {
+                @if let Some(from) = n.summary.as_ref().and_then(|s| s.carried_from) {
+                    p { "It passed in " a href=(format!("#{}", job_anchor(from, &n.job))) { "run " (from) } " and was not run again." }
+                } @else if n.status == NodeStatus::Skipped {
+                    p { "It did not run." }
+                } @else {
+                    p { "It has not started." }
+                }
+            }
+            @if let Some(raw) = &raw { p { a href=(raw) { "Raw log" } } }
+        }
+    }
+}
+
+/// A pipeline run: its graph, its result once stored, and each job's part.
+fn pipeline_section(repo: &str, sha: &str, p: &Pipeline, now: OffsetDateTime) -> Markup {
+    html! {
+        section class="pipeline" id=(format!("run-{}", p.run)) {
+            h2 {
+                "Run " (p.run) ": "
+                @if let Some(s) = &p.result { (status(s.result.status)) }
+                @else { span class="phase running" { "in progress" } }
+            }
+            div class="graph" id=(format!("graph-{}", p.run)) data-swap=(p.fingerprint()) {
+                (graph_svg(p))
+                @if p.hidden > 0 { p { (p.hidden) " more jobs are not drawn." } }
+            }
+            @if let Some(s) = &p.result {
+                @let r = &s.result;
+                dl {
+                    dt { "Duration" } dd { (duration_ms(r.duration_ms)) }
+                    dt { "Started" } dd { (when(r.started_at)) }
+                    dt { "Finished" } dd { (when(r.finished_at)) }
+                    @if let Some(reason) = r.reason.as_deref().filter(|s| !s.trim().is_empty()) {
+                        dt { "Reason" } dd { (reason) }
+                    }
+                    dt { "Tests" } dd { (tests_text(r.tests.as_ref())) }
+                }
+            }
+            h3 { "Jobs" }
+            @for n in &p.nodes { (job_part(repo, sha, p.run, n, now)) }
+        }
+    }
+}
+
 /// `/repo/{repo}/commit/{sha}`: every run's result, failing tests, reason, output, full log;
-/// the live log of a running attempt.
+/// the live log of a running attempt; a pipeline run as a graph of its jobs, each with its log.
 pub fn commit_page(
     repo: &str,
     sha: &str,
     view: &CommitView,
+    pipelines: &[Pipeline],
     logs: &[Log],
     now: OffsetDateTime,
 ) -> Markup {
-    let head = view.finals.first().map(|s| &s.result);
-    let phase = view
-        .jobs
+    let head = view
+        .finals
+        .first()
+        .or(view.job_results.first())
+        .map(|s| &s.result);
+    // A single job's phase reloads the page (its live output appears); a pipeline's jobs are
+    // redrawn in place.
+    let single_jobs: Vec<&Job> = view.jobs.iter().filter(|j| j.state.job.is_none()).collect();
+    let phase = single_jobs
         .iter()
         .map(|j| {
             format!(
@@ -443,7 +629,14 @@ pub fn commit_page(
         @if view.is_empty() {
             p { "Nothing is known about this commit (yet)." }
         }
-        @for j in &view.jobs {
+        @for p in pipelines {
+            (pipeline_section(repo, sha, p, now))
+        }
+        @let undrawn = view.finals.iter().filter(|s| !s.result.jobs.is_empty() && !pipelines.iter().any(|p| p.run == s.result.run)).count();
+        @if undrawn > 0 {
+            p { (undrawn) " older pipeline runs are not shown." }
+        }
+        @for j in &single_jobs {
             @let s = &j.state;
             section class="job" {
                 h2 { "Run " (s.run) ": " span class={ "phase " (phase_word(s.phase)) } { (phase_word(s.phase)) } }
@@ -459,7 +652,7 @@ pub fn commit_page(
                 }
             }
         }
-        @for (i, s) in view.finals.iter().enumerate() {
+        @for (i, s) in view.finals.iter().enumerate().filter(|(_, s)| s.result.jobs.is_empty()) {
             @let r = &s.result;
             section class="run" {
                 h2 { "Run " (r.run) ": " (status(r.status)) }
@@ -513,7 +706,11 @@ pub fn commit_page(
             ul {
                 @for s in &view.superseded {
                     @let r = &s.result;
-                    li { "Run " (r.run) " attempt " (r.attempt) " on " (runner_text(&r.runner)) ": " (status(r.status)) " " (duration_ms(r.duration_ms)) }
+                    li {
+                        "Run " (r.run)
+                        @if let Some(job) = &r.job { ", job " (r.job_name.as_deref().unwrap_or(job)) "," }
+                        " attempt " (r.attempt) " on " (runner_text(&r.runner)) ": " (status(r.status)) " " (duration_ms(r.duration_ms))
+                    }
                 }
             }
         }
@@ -607,6 +804,27 @@ th { background: #f4f4f4; }
 .status.failed, .status.timed_out { color: #fff; background: #b42318; }
 .status.error { color: #fff; background: #b54708; }
 .status.cancelled { color: #fff; background: #555; }
+.status.skipped { color: #1b1b1b; background: #d0d0d0; }
+.status.running { color: #fff; background: #0b57d0; }
+.status.waiting { color: #1b1b1b; background: #f1e7b5; }
+div.graph { overflow-x: auto; margin-bottom: 1rem; }
+svg.graph { font: 13px system-ui, sans-serif; }
+svg.graph rect.box { stroke: #333; stroke-width: 1; fill: #eee; }
+svg.graph rect.box.passed { fill: #1e7b34; }
+svg.graph rect.box.failed, svg.graph rect.box.timed_out { fill: #b42318; }
+svg.graph rect.box.error { fill: #b54708; }
+svg.graph rect.box.cancelled { fill: #555; }
+svg.graph rect.box.skipped { fill: #d0d0d0; }
+svg.graph rect.box.running { fill: #0b57d0; }
+svg.graph rect.box.waiting { fill: #f1e7b5; }
+svg.graph text { fill: #fff; }
+svg.graph a[data-status="skipped"] text, svg.graph a[data-status="waiting"] text { fill: #1b1b1b; }
+svg.graph text.name { font-weight: bold; }
+svg.graph path.edge { fill: none; stroke: #555; stroke-width: 1.5; }
+svg.graph path.arrowhead { fill: #555; }
+svg.graph a:hover rect.box, svg.graph a:focus rect.box { stroke-width: 3; }
+details.job { border: 1px solid #e4e4e4; padding: .3rem .6rem; margin-bottom: .4rem; }
+details.job summary { cursor: pointer; }
 .phase { color: #1b1b1b; background: #dde6f3; }
 pre.log { background: #111; color: #eee; padding: .5rem; overflow: auto; max-height: 40rem; white-space: pre-wrap; word-break: break-all; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .2rem 1rem; }
@@ -618,6 +836,12 @@ a { color: #0b57d0; }
 
 /// The live-update script at `/static/live.js`. It reads only `data-` attributes the server
 /// rendered and JSON it parses; it writes output with `textContent`/text nodes, never as HTML.
+///
+/// On a commit page, a change of a pipeline's job replaces, in place, each part marked
+/// `data-swap` whose fingerprint changed (the graph, a job's part), so open parts stay open; a
+/// job's part with `data-log` streams its live output while it is open (a browser keeps about six
+/// connections per server, so only the parts a user opens hold one). A click on a box opens the
+/// job's part. Anything else (a run's result, a single job's phase) reloads the page.
 pub const LIVE_JS: &str = r#"(function () {
   "use strict";
   var body = document.body, page = body.dataset.live;
@@ -625,11 +849,64 @@ pub const LIVE_JS: &str = r#"(function () {
   var repo = body.dataset.repo, sha = body.dataset.sha;
   var busy = false, again = false;
   function relevant(c) {
+    if (c.kind === "job_result" && page !== "commit") return false;
     if (page === "dashboard") return c.kind !== "runners";
     if (page === "repo") return c.repo === repo;
     if (page === "runners") return c.kind !== "result";
-    if (page === "commit") return c.repo === repo && c.sha === sha && (c.kind === "result" || c.kind === "job");
+    if (page === "commit") return c.repo === repo && c.sha === sha && (c.kind === "result" || c.kind === "job" || c.kind === "job_result");
     return false;
+  }
+  function follow(pre, src) {
+    var events = new EventSource(src);
+    events.addEventListener("log", function (e) {
+      var text;
+      try { text = JSON.parse(e.data); } catch (err) { return; }
+      var atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+      pre.appendChild(document.createTextNode(text));
+      if (atEnd) pre.scrollTop = pre.scrollHeight;
+    });
+    return events;
+  }
+  // A job's part: its live output while it is open.
+  var streams = {};
+  function attach(part) {
+    if (!part.open || !part.dataset.log || streams[part.id]) return;
+    var pre = part.querySelector("pre.live");
+    if (pre) streams[part.id] = follow(pre, part.dataset.log);
+  }
+  function detach(id) {
+    if (streams[id]) { streams[id].close(); delete streams[id]; }
+  }
+  document.addEventListener("toggle", function (e) {
+    var part = e.target;
+    if (!part || part.tagName !== "DETAILS" || !part.id) return;
+    if (part.open) attach(part); else detach(part.id);
+  }, true);
+  function openTarget() {
+    var id = decodeURIComponent(location.hash.slice(1));
+    var part = id && document.getElementById(id);
+    if (part && part.tagName === "DETAILS") { part.open = true; attach(part); }
+  }
+  window.addEventListener("hashchange", openTarget);
+  openTarget();
+  // Replaces each changed part; false when the page's parts are not the same ones (reload).
+  function swap(doc) {
+    var fresh = doc.querySelectorAll("[data-swap]");
+    if (fresh.length !== document.querySelectorAll("[data-swap]").length) return false;
+    var i, f, old;
+    for (i = 0; i < fresh.length; i++) {
+      if (!fresh[i].id || !document.getElementById(fresh[i].id)) return false;
+    }
+    for (i = 0; i < fresh.length; i++) {
+      f = document.adoptNode(fresh[i]);
+      old = document.getElementById(f.id);
+      if (old.dataset.swap === f.dataset.swap) continue;
+      if (old.tagName === "DETAILS") f.open = old.open;
+      detach(old.id);
+      old.replaceWith(f);
+      if (f.tagName === "DETAILS") attach(f);
+    }
+    return true;
   }
   function refresh() {
     if (busy) { again = true; return; }
@@ -639,7 +916,7 @@ pub const LIVE_JS: &str = r#"(function () {
       .then(function (text) {
         var doc = new DOMParser().parseFromString(text, "text/html");
         if (page === "commit") {
-          if (doc.body.dataset.phase !== body.dataset.phase) { location.reload(); return; }
+          if (doc.body.dataset.phase !== body.dataset.phase || !swap(doc)) location.reload();
           return;
         }
         var fresh = doc.getElementById("main"), old = document.getElementById("main");
@@ -659,16 +936,9 @@ pub const LIVE_JS: &str = r#"(function () {
     if (page === "commit" && c.kind === "result") { location.reload(); return; }
     refresh();
   });
-  var logs = document.querySelectorAll("pre[data-log]");
-  Array.prototype.forEach.call(logs, function (pre) {
-    var src = new EventSource(pre.dataset.log);
-    src.addEventListener("log", function (e) {
-      var text;
-      try { text = JSON.parse(e.data); } catch (err) { return; }
-      var atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
-      pre.appendChild(document.createTextNode(text));
-      if (atEnd) pre.scrollTop = pre.scrollHeight;
-    });
+  // A single job's live output, always open.
+  Array.prototype.forEach.call(document.querySelectorAll("pre[data-log]"), function (pre) {
+    follow(pre, pre.dataset.log);
   });
 })();
 "#;
@@ -717,6 +987,20 @@ mod tests {
                 "app",
                 &r.sha,
                 &v.commit("app", &r.sha),
+                &[crate::graph::pipeline(
+                    2,
+                    None,
+                    Some(&[jetci::messages::JobPlan {
+                        name: "<script>alert(3)</script>".into(),
+                        job: "j".into(),
+                        needs: vec![],
+                        labels: vec![],
+                        allow_failure: false,
+                        carried: None,
+                    }]),
+                    &[],
+                    &[],
+                )],
                 &[Log::Text("<script>alert(2)</script>".into(), false)],
                 now,
             )
@@ -739,6 +1023,15 @@ mod tests {
         );
         assert!(pages[2].contains("test_&lt;x&gt;"));
         assert!(pages[2].contains("&lt;script&gt;alert(2)"));
+        // A pipeline's job names, in its graph and its parts.
+        assert_eq!(
+            pages[2]
+                .matches("&lt;script&gt;alert(3)&lt;/script&gt;")
+                .count(),
+            4,
+            "{}",
+            pages[2]
+        );
         // Branch links are percent-encoded.
         assert!(pages[0].contains("/repo/app?branch=x%3Cscript%3Ealert%281%29%3C%2Fscript%3E"));
     }

@@ -14,6 +14,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use jetci::connect::Nats;
+use jetci::messages::{decode, CommitMsg, JobPlan};
 use jetci::shutdown::CancellationToken;
 use jetci::subjects::{check_sha, is_token, JobRef};
 use maud::Markup;
@@ -21,7 +22,9 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 
 use crate::feed::Shared;
+use crate::graph::{self, Pipeline};
 use crate::pages::{self, Log};
+use crate::view::CommitView;
 use crate::{api, badge, live};
 
 /// Bytes of one log shown in a page; longer logs link to `/log/…`.
@@ -34,6 +37,12 @@ const LOG_TIMEOUT: Duration = Duration::from_secs(10);
 const COMMITS_PER_BRANCH: usize = 50;
 /// Results on the dashboard.
 const DASHBOARD_RESULTS: usize = 50;
+/// Commit messages of one repository looked through for a running pipeline's plan.
+const PLAN_SCAN: usize = 256;
+/// Pipeline runs drawn on one commit page, the newest.
+const PIPELINE_RUNS: usize = 20;
+/// How long looking for running pipelines' plans may take, for one page.
+const PLAN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -41,6 +50,8 @@ pub struct App {
     pub shared: Shared,
     pub nats: Nats,
     pub logs: async_nats::jetstream::stream::Stream,
+    /// `CI_COMMITS`, where a running pipeline's plan is read from (its commit message).
+    pub commits: async_nats::jetstream::stream::Stream,
     pub max_results: usize,
     /// Cancelled at shutdown, so open event streams end.
     pub stop: CancellationToken,
@@ -54,12 +65,17 @@ pub fn router(app: App) -> Router {
         .route("/repo/{repo}/commit/{sha}", get(commit_page))
         .route("/runners", get(runners_page))
         .route("/log/{repo}/{sha}/{run}/{attempt}", get(raw_log))
+        .route("/log/{repo}/{sha}/{run}/{job}/{attempt}", get(raw_job_log))
         .route("/badge/{file}", get(badge_repo))
         .route("/badge/{repo}/{*branch}", get(badge_branch))
         .route("/static/style.css", get(style))
         .route("/static/live.js", get(script))
         .route("/events", get(live::changes))
         .route("/events/log/{repo}/{sha}/{run}/{attempt}", get(live::log))
+        .route(
+            "/events/log/{repo}/{sha}/{run}/{job}/{attempt}",
+            get(live::job_log),
+        )
         .route("/healthz", get(api::health))
         .route("/api/results", get(api::results))
         .route("/api/repos", get(api::repos))
@@ -181,9 +197,17 @@ async fn commit_page(
     }
     let now = OffsetDateTime::now_utc();
     let view = app.shared.read(|v| v.commit(&repo, &sha));
+    let pipelines = pipelines(&app, &repo, &sha, &view).await;
     let mut logs = Vec::new();
     for s in &view.finals {
         let r = &s.result;
+        if !r.jobs.is_empty() {
+            // A pipeline run's result has no log of its own: its jobs have theirs.
+            logs.push(Log::Unavailable(
+                "a pipeline run's jobs have the logs".into(),
+            ));
+            continue;
+        }
         let subject = app
             .nats
             .names
@@ -200,9 +224,92 @@ async fn commit_page(
     };
     (
         code,
-        page(pages::commit_page(&repo, &sha, &view, &logs, now)),
+        page(pages::commit_page(
+            &repo, &sha, &view, &pipelines, &logs, now,
+        )),
     )
         .into_response()
+}
+
+/// The pipeline runs of a commit, newest first, each laid out as a graph.
+///
+/// At most [`PIPELINE_RUNS`] runs are drawn, and looking for the plans of running ones takes at
+/// most [`PLAN_TIMEOUT`] in all (results on made-up runs cannot make a page slow).
+pub async fn pipelines(app: &App, repo: &str, sha: &str, view: &CommitView) -> Vec<Pipeline> {
+    let deadline = tokio::time::Instant::now() + PLAN_TIMEOUT;
+    let mut out = Vec::new();
+    let runs = graph::pipeline_runs(&view.finals, &view.job_results, &view.jobs);
+    for run in runs.into_iter().take(PIPELINE_RUNS) {
+        let run_result = view.finals.iter().find(|s| s.result.run == run);
+        let plan = match run_result {
+            Some(s) if !s.result.jobs.is_empty() => None,
+            _ => {
+                // Still running: the plan is in its commit message, which a job's result
+                // points at.
+                let hint = view
+                    .job_results
+                    .iter()
+                    .find(|s| s.result.run == run)
+                    .map(|s| s.result.commit_seq);
+                live_plan(app, repo, sha, run, hint, deadline).await
+            }
+        };
+        out.push(graph::pipeline(
+            run,
+            run_result,
+            plan.as_deref(),
+            &view.job_results,
+            &view.jobs,
+        ));
+    }
+    out
+}
+
+/// Run `run`'s plan from its commit message in `CI_COMMITS`, where it stays until the run has
+/// its result: at `hint` (a job result's `commit_seq`), else found among the first
+/// [`PLAN_SCAN`] messages on the repository's subject. `None` when not found by `deadline` (the
+/// graph then shows the jobs seen so far, without their needs).
+async fn live_plan(
+    app: &App,
+    repo: &str,
+    sha: &str,
+    run: u32,
+    hint: Option<u64>,
+    deadline: tokio::time::Instant,
+) -> Option<Vec<JobPlan>> {
+    let subject = app.nats.names.commits_subject(repo);
+    // Anyone who may publish can put anything on any subject: only this repository's subject,
+    // and a message that names this very run, is taken.
+    let plan_of = |raw: &async_nats::jetstream::message::StreamMessage| {
+        if raw.subject.as_str() != subject {
+            return None;
+        }
+        let c: CommitMsg = decode(&raw.payload).ok()?;
+        (c.repo == repo && c.sha == sha && c.run == run).then_some(c.jobs)
+    };
+    let find = async {
+        if let Some(seq) = hint {
+            if let Ok(raw) = app.commits.get_raw_message(seq).await {
+                if let Some(plan) = plan_of(&raw) {
+                    return Some(plan);
+                }
+            }
+        }
+        let mut seq = 1;
+        for _ in 0..PLAN_SCAN {
+            let raw = app
+                .commits
+                .get_first_raw_message_by_subject(subject.as_str(), seq)
+                .await
+                .ok()?;
+            seq = raw.sequence + 1;
+            if let Some(plan) = plan_of(&raw) {
+                return Some(plan);
+            }
+        }
+        None
+    };
+    tokio::time::timeout_at(deadline, find).await.ok().flatten()
 }
 
 /// A job's stored output, lossily decoded, at most `max` bytes; true when cut.
@@ -215,6 +322,7 @@ async fn read_log(app: &App, subject: &str, max: usize) -> Result<(String, bool)
     Ok((String::from_utf8_lossy(&bytes).into_owned(), cut))
 }
 
+/// `/log/{repo}/{sha}/{run}/{attempt}`: an attempt of a run's only job.
 async fn raw_log(
     State(app): State<App>,
     Path((repo, sha, run, attempt)): Path<(String, String, u32, u32)>,
@@ -222,11 +330,32 @@ async fn raw_log(
     if !is_token(&repo) || check_sha(&sha).is_err() || run == 0 || attempt == 0 {
         return (StatusCode::BAD_REQUEST, "bad job name\n").into_response();
     }
-    let subject = app
-        .nats
-        .names
-        .logs_subject(&JobRef::only(&repo, &sha, run), attempt);
-    match read_log(&app, &subject, RAW_LOG_BYTES).await {
+    serve_log(&app, &JobRef::only(&repo, &sha, run), attempt).await
+}
+
+/// `/log/{repo}/{sha}/{run}/{job}/{attempt}`: an attempt of a pipeline's job.
+async fn raw_job_log(
+    State(app): State<App>,
+    Path((repo, sha, run, job, attempt)): Path<(String, String, u32, String, u32)>,
+) -> Response {
+    match job_ref(&repo, &sha, run, Some(&job), attempt) {
+        Some(job) => serve_log(&app, &job, attempt).await,
+        None => (StatusCode::BAD_REQUEST, "bad job name\n").into_response(),
+    }
+}
+
+/// The job a log route names, when every part is well formed: a repository token, a full
+/// commit id, run and attempt from 1, and a job token that is not all digits (that would read
+/// as an attempt).
+pub fn job_ref(repo: &str, sha: &str, run: u32, job: Option<&str>, attempt: u32) -> Option<JobRef> {
+    let job_ok = job.is_none_or(|j| is_token(j) && !j.bytes().all(|b| b.is_ascii_digit()));
+    (is_token(repo) && check_sha(sha).is_ok() && run > 0 && attempt > 0 && job_ok)
+        .then(|| JobRef::new(repo, sha, run, job))
+}
+
+async fn serve_log(app: &App, job: &JobRef, attempt: u32) -> Response {
+    let subject = app.nats.names.logs_subject(job, attempt);
+    match read_log(app, &subject, RAW_LOG_BYTES).await {
         Ok((text, cut)) => {
             let mut text = text;
             if cut {
@@ -313,4 +442,35 @@ async fn script() -> Response {
         pages::LIVE_JS,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_routes_take_well_formed_names_only() {
+        let sha = "ab".repeat(20);
+        let job = job_ref("app", &sha, 2, Some("lint"), 1).expect("a pipeline's job");
+        assert_eq!(job.key(), format!("app.{sha}.2.lint"));
+        assert_eq!(
+            job_ref("app", &sha, 1, None, 3).unwrap().key(),
+            format!("app.{sha}.1")
+        );
+        for (repo, sha, run, job, attempt) in [
+            ("a.b", sha.as_str(), 1, None, 1),
+            ("app", "abc", 1, None, 1),
+            ("app", sha.as_str(), 0, None, 1),
+            ("app", sha.as_str(), 1, None, 0),
+            ("app", sha.as_str(), 1, Some("12"), 1),
+            ("app", sha.as_str(), 1, Some("a.b"), 1),
+            ("app", sha.as_str(), 1, Some("*"), 1),
+            ("app", sha.as_str(), 1, Some(""), 1),
+        ] {
+            assert!(
+                job_ref(repo, sha, run, job, attempt).is_none(),
+                "{repo} {sha} {run} {job:?}"
+            );
+        }
+    }
 }

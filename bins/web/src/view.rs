@@ -6,7 +6,9 @@
 //! (`max_bytes`, the text the results hold): over either bound, the oldest result (by stream
 //! sequence) of the repository holding the most results (or bytes) is evicted, so a flood of
 //! results for one repository, or for many new ones, evicts its own results first and every
-//! other repository keeps its latest. Jobs are kept only while
+//! other repository keeps its latest. A pipeline's job results are kept (and counted) like run
+//! results, but only a commit's page shows them: branches, lists, badges and alerts take run
+//! results alone ([`Stored::is_run_result`]). Jobs are kept only while
 //! they are not final (a final job's verdict is its result), runners only while their presence
 //! entry is fresh. Everything here is pure and synchronous; the follow tasks in `follow.rs` feed it.
 
@@ -31,10 +33,18 @@ pub struct Stored {
     pub result: ResultMsg,
 }
 
+impl Stored {
+    /// A run's final result: the verdict of its run, what branches, badges, lists and alerts
+    /// show. Not a superseded attempt's, nor one job's of a pipeline (its commit page shows it).
+    pub fn is_run_result(&self) -> bool {
+        !self.superseded && self.result.job.is_none()
+    }
+}
+
 /// A job that is not final yet, from `ci-jobs`.
 #[derive(Clone, Debug)]
 pub struct Job {
-    /// `<repo>.<sha>.<run>`.
+    /// Its `ci-jobs` key, `<repo>.<sha>.<run>[.<job>]`.
     pub key: String,
     pub state: JobState,
     /// When the entry was last written (server time).
@@ -77,8 +87,10 @@ pub struct CommitSummary {
 /// Everything known about one commit.
 #[derive(Debug, Default)]
 pub struct CommitView {
-    /// Final results, newest run first.
+    /// Final results of runs, newest run first.
     pub finals: Vec<Arc<Stored>>,
+    /// Final results of a pipeline's jobs, by run then job token.
+    pub job_results: Vec<Arc<Stored>>,
     /// Fenced results of superseded attempts, oldest first.
     pub superseded: Vec<Arc<Stored>>,
     /// Runs that are not final yet.
@@ -87,7 +99,10 @@ pub struct CommitView {
 
 impl CommitView {
     pub fn is_empty(&self) -> bool {
-        self.finals.is_empty() && self.superseded.is_empty() && self.jobs.is_empty()
+        self.finals.is_empty()
+            && self.job_results.is_empty()
+            && self.superseded.is_empty()
+            && self.jobs.is_empty()
     }
 }
 
@@ -203,7 +218,7 @@ impl View {
             .entry((r.repo.clone(), r.sha.clone()))
             .or_default()
             .insert(seq);
-        if !superseded {
+        if stored.is_run_result() {
             self.reindex_branch(&r.repo.clone(), &r.branch.clone(), &r.sha.clone());
         }
         while self.results.len() > 1
@@ -260,7 +275,7 @@ impl View {
                 self.by_commit.remove(&key);
             }
         }
-        if !stored.superseded {
+        if stored.is_run_result() {
             self.reindex_branch(&r.repo, &r.branch, &r.sha);
         }
     }
@@ -274,7 +289,7 @@ impl View {
             .into_iter()
             .flatten()
             .filter_map(|seq| self.results.get(seq))
-            .filter(|s| !s.superseded && s.result.branch == branch)
+            .filter(|s| s.is_run_result() && s.result.branch == branch)
             .map(|s| s.result.commit_seq)
             .min();
         let branches = self.repos.entry(repo.to_string()).or_default();
@@ -305,7 +320,7 @@ impl View {
             .get(&(repo.to_string(), sha.to_string()))?
             .iter()
             .filter_map(|seq| self.results.get(seq))
-            .filter(|s| !s.superseded)
+            .filter(|s| s.is_run_result())
             .max_by_key(|s| (s.result.run, s.seq))
             .cloned()
     }
@@ -316,7 +331,7 @@ impl View {
             .into_iter()
             .flatten()
             .filter_map(|seq| self.results.get(seq))
-            .filter(|s| !s.superseded)
+            .filter(|s| s.is_run_result())
             .count()
     }
 
@@ -362,7 +377,7 @@ impl View {
             .collect()
     }
 
-    /// Final results newest first (by arrival in the stream), optionally of one repository and
+    /// Final results of runs newest first (by arrival in the stream), optionally of one repository and
     /// branch, at most `limit`.
     pub fn recent(
         &self,
@@ -373,7 +388,7 @@ impl View {
         self.results
             .values()
             .rev()
-            .filter(|s| !s.superseded)
+            .filter(|s| s.is_run_result())
             .filter(|s| repo.is_none_or(|r| s.result.repo == r))
             .filter(|s| branch.is_none_or(|b| s.result.branch == b))
             .take(limit)
@@ -393,12 +408,16 @@ impl View {
         {
             if s.superseded {
                 view.superseded.push(s.clone());
+            } else if s.result.job.is_some() {
+                view.job_results.push(s.clone());
             } else {
                 view.finals.push(s.clone());
             }
         }
         view.finals
             .sort_by_key(|s| std::cmp::Reverse((s.result.run, s.seq)));
+        view.job_results
+            .sort_by(|a, b| (a.result.run, &a.result.job).cmp(&(b.result.run, &b.result.job)));
         view.jobs = self
             .jobs
             .values()
@@ -638,6 +657,26 @@ pub(crate) mod tests {
         let mut v = View::bounded(1000, 1_000);
         assert!(v.add_result(1, false, big(1, "huge")).is_some());
         assert_eq!(v.len(), 1);
+    }
+
+    #[test]
+    fn a_pipelines_job_results_show_on_its_commit_only() {
+        let mut v = View::new(100);
+        let mut lint = result("app", "main", 1, 1, 10, Status::Failed);
+        lint.job = Some("lint".into());
+        v.add_result(1, false, lint);
+        // Only a job's result so far: the commit has it, branches and lists do not.
+        assert!(v.branches("app").is_empty());
+        assert!(v.recent(None, None, 10).is_empty());
+        assert_eq!(v.badge_status("app", None), None);
+        let c = v.commit("app", &"01".repeat(20));
+        assert_eq!((c.finals.len(), c.job_results.len()), (0, 1));
+        assert!(!c.is_empty());
+        // The run's result is the branch's verdict.
+        v.add_result(2, false, result("app", "main", 1, 1, 10, Status::Passed));
+        assert_eq!(v.badge_status("app", None), Some(Status::Passed));
+        assert_eq!(v.recent(None, None, 10).len(), 1);
+        assert_eq!(v.branch_commits("app", "main", 10)[0].runs, 1);
     }
 
     #[test]
