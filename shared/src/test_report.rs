@@ -329,6 +329,39 @@ fn junit_err(file: impl Into<String>, reason: impl Into<String>) -> JunitError {
 /// outside `dir`, a file over [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
 /// `<testsuites>`/`<testsuite>` root.
 pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, JunitError> {
+    Ok(read_junit_report(dir, globs, false)?.map(|r| r.counts))
+}
+
+/// One `<testcase>`'s time, for balancing shards ([`crate::pipeline::shard`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CaseTime {
+    /// Its `classname` attribute (pytest: `tests.test_x.TestY`; Surefire: `com.x.YTest`).
+    pub class: String,
+    /// Its `file` attribute, where the tool writes one (pytest's `xunit1` family, Jest).
+    pub file: Option<String>,
+    /// Its `time` attribute (seconds in the schema), in milliseconds; 0 when absent or bad.
+    pub ms: u64,
+}
+
+/// The most testcases whose times one report keeps.
+pub const MAX_CASES: usize = 100_000;
+
+/// What [`read_junit_report`] read: the counts, and each testcase's time when asked for.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct JunitReport {
+    pub counts: TestCounts,
+    /// At most [`MAX_CASES`], empty unless asked for.
+    pub cases: Vec<CaseTime>,
+}
+
+/// [`read_junit`], with each testcase's time as well when `times` is set.
+///
+/// Errors: as [`read_junit`].
+pub fn read_junit_report(
+    dir: &Path,
+    globs: &[String],
+    times: bool,
+) -> Result<Option<JunitReport>, JunitError> {
     let root = dir
         .canonicalize()
         .map_err(|e| junit_err(dir.display().to_string(), e.to_string()))?;
@@ -363,8 +396,10 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
         return Ok(None);
     }
     let mut total = TestCounts::default();
+    let mut cases = Vec::new();
     for (shown, path) in files {
-        let c = read_junit_file(&path).map_err(|reason| junit_err(shown, reason))?;
+        let c = read_junit_file(&path, times.then_some(&mut cases))
+            .map_err(|reason| junit_err(shown, reason))?;
         total.tests += c.tests;
         total.passed += c.passed;
         total.failed += c.failed;
@@ -373,7 +408,10 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
             push_name(&mut total.failures, name);
         }
     }
-    Ok(Some(total))
+    Ok(Some(JunitReport {
+        counts: total,
+        cases,
+    }))
 }
 
 fn relative(root: &Path, path: &Path) -> String {
@@ -390,8 +428,12 @@ enum Outcome {
     Skipped,
 }
 
-/// One file, read as a stream of events (a report can be tens of megabytes of stack traces).
-fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
+/// One file, read as a stream of events (a report can be tens of megabytes of stack traces);
+/// each testcase's time goes to `cases` when given (up to [`MAX_CASES`] in all).
+fn read_junit_file(
+    path: &Path,
+    mut cases: Option<&mut Vec<CaseTime>>,
+) -> Result<TestCounts, String> {
     let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     if len > MAX_JUNIT_FILE {
         return Err(format!(
@@ -428,7 +470,12 @@ fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
                     ));
                 }
                 match (&mut case, tag) {
-                    (None, "testcase") => case = Some((depth, case_name(&e), Outcome::Passed)),
+                    (None, "testcase") => {
+                        if let Some(cases) = cases.as_deref_mut().filter(|c| c.len() < MAX_CASES) {
+                            cases.push(case_time(&e));
+                        }
+                        case = Some((depth, case_name(&e), Outcome::Passed))
+                    }
                     (Some((d, _, outcome)), "failure" | "error") if depth == *d + 1 => {
                         *outcome = Outcome::Failed
                     }
@@ -466,21 +513,41 @@ fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
     Ok(counts)
 }
 
+/// An attribute's value, unescaped where it can be ("" when absent).
+fn attr(e: &BytesStart, key: &str) -> String {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == key)
+        .map(
+            |a| match a.normalized_value(quick_xml::XmlVersion::Implicit1_0) {
+                Ok(v) => v.into_owned(),
+                Err(_) => a.value.into_owned(),
+            },
+        )
+        .unwrap_or_default()
+}
+
+/// A testcase's class, file and time (`time="1.25"` seconds: 1250 ms; a bad or negative time
+/// counts as 0, one over a day as a day).
+fn case_time(e: &BytesStart) -> CaseTime {
+    let clip = |s: String| -> String { s.chars().take(MAX_NAME).collect() };
+    let seconds: f64 = attr(e, "time").trim().parse().unwrap_or(0.0);
+    let ms = if seconds.is_finite() && seconds > 0.0 {
+        (seconds * 1000.0).min(86_400_000.0) as u64
+    } else {
+        0
+    };
+    let file = Some(attr(e, "file")).filter(|f| !f.is_empty()).map(clip);
+    CaseTime {
+        class: clip(attr(e, "classname")),
+        file,
+        ms,
+    }
+}
+
 /// `classname.name`, or `name` alone when the tool wrote no class.
 fn case_name(e: &BytesStart) -> String {
-    let attr = |key: &str| -> String {
-        e.attributes()
-            .flatten()
-            .find(|a| a.key.as_ref() == key)
-            .map(
-                |a| match a.normalized_value(quick_xml::XmlVersion::Implicit1_0) {
-                    Ok(v) => v.into_owned(),
-                    Err(_) => a.value.into_owned(),
-                },
-            )
-            .unwrap_or_default()
-    };
-    let (class, name) = (attr("classname"), attr("name"));
+    let (class, name) = (attr(e, "classname"), attr(e, "name"));
     if class.is_empty() {
         name
     } else {
@@ -975,6 +1042,42 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
                 ]
             ))
         );
+    }
+
+    #[test]
+    fn junit_report_gives_each_testcases_class_file_and_time() {
+        let xml = r#"<testsuite name="s">
+  <testcase classname="tests.test_a.T" name="one" time="1.25"/>
+  <testcase classname="tests.test_a" name="two" file="tests/test_a.py" time="0.5"><failure/></testcase>
+  <testcase classname="c" name="bad" time="-3"/>
+  <testcase classname="c" name="huge" time="1e12"/>
+  <testcase classname="c" name="none"/>
+</testsuite>"#;
+        let dir = checkout(&[("r.xml", xml)]);
+        let report = read_junit_report(dir.path(), &globs(&["r.xml"]), true)
+            .expect("reads")
+            .expect("matches");
+        assert_eq!(report.counts.tests, 5);
+        let times: Vec<(&str, Option<&str>, u64)> = report
+            .cases
+            .iter()
+            .map(|c| (c.class.as_str(), c.file.as_deref(), c.ms))
+            .collect();
+        assert_eq!(
+            times,
+            [
+                ("tests.test_a.T", None, 1250),
+                ("tests.test_a", Some("tests/test_a.py"), 500),
+                ("c", None, 0),
+                ("c", None, 86_400_000),
+                ("c", None, 0),
+            ]
+        );
+        let without = read_junit_report(dir.path(), &globs(&["r.xml"]), false)
+            .expect("reads")
+            .expect("matches");
+        assert!(without.cases.is_empty());
+        assert_eq!(without.counts, report.counts);
     }
 
     #[test]
