@@ -19,8 +19,11 @@ use crate::connect::Nats;
 /// (JETSTREAM-NOTES 2, "Dedupe": the default is only 120 s).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
 
-/// Most bytes of recorded test timings (`ci-timings`), all repositories together.
-pub const TIMINGS_MAX_BYTES: i64 = 256 * 1024 * 1024;
+/// Most bytes of recorded test timings (`ci-timings`), all repositories together: 2,048
+/// repositories at their bound of 512 KiB each.
+pub const TIMINGS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// How long a repository's test timings are kept without a run that records some.
+pub const TIMINGS_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Most bytes of stored shard splits (`ci-shards`), all repositories together; splits are kept
 /// as long as results.
 pub const SHARDS_MAX_BYTES: i64 = 1024 * 1024 * 1024;

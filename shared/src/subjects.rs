@@ -265,8 +265,8 @@ impl Names {
     pub fn runners_bucket(&self) -> String {
         format!("{}-runners", self.prefix)
     }
-    /// KV bucket `ci-timings`: recorded test file durations per `<repo>.<job>` (the job's table
-    /// name), for balancing shards ([`crate::pipeline::timings`]).
+    /// KV bucket `ci-timings`: recorded test file durations per `<repo>`, by job, for balancing
+    /// shards ([`crate::pipeline::timings`]).
     pub fn timings_bucket(&self) -> String {
         format!("{}-timings", self.prefix)
     }

@@ -329,39 +329,31 @@ fn junit_err(file: impl Into<String>, reason: impl Into<String>) -> JunitError {
 /// outside `dir`, a file over [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
 /// `<testsuites>`/`<testsuite>` root.
 pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, JunitError> {
-    Ok(read_junit_report(dir, globs, false)?.map(|r| r.counts))
+    read_junit_report(dir, globs, None)
 }
 
-/// One `<testcase>`'s time, for balancing shards ([`crate::pipeline::shard`]).
-#[derive(Clone, Debug, PartialEq)]
-pub struct CaseTime {
+/// One `<testcase>`'s time, handed to [`read_junit_report`]'s callback as it is read (nothing
+/// is kept: a report may hold millions).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CaseTime<'a> {
     /// Its `classname` attribute (pytest: `tests.test_x.TestY`; Surefire: `com.x.YTest`).
-    pub class: String,
-    /// Its `file` attribute, where the tool writes one (pytest's `xunit1` family, Jest).
-    pub file: Option<String>,
-    /// Its `time` attribute (seconds in the schema), in milliseconds; 0 when absent or bad.
+    pub class: &'a str,
+    /// Its `file` attribute, where the tool writes one (pytest's `xunit1` family, jest-junit
+    /// with `addFileAttribute`); empty when absent.
+    pub file: &'a str,
+    /// Its `time` attribute (seconds in the schema), in milliseconds; 0 when absent, negative
+    /// or not a number, at most a day.
     pub ms: u64,
 }
 
-/// The most testcases whose times one report keeps.
-pub const MAX_CASES: usize = 100_000;
-
-/// What [`read_junit_report`] read: the counts, and each testcase's time when asked for.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct JunitReport {
-    pub counts: TestCounts,
-    /// At most [`MAX_CASES`], empty unless asked for.
-    pub cases: Vec<CaseTime>,
-}
-
-/// [`read_junit`], with each testcase's time as well when `times` is set.
+/// [`read_junit`], calling `on_case` with each testcase's time as well when given.
 ///
 /// Errors: as [`read_junit`].
 pub fn read_junit_report(
     dir: &Path,
     globs: &[String],
-    times: bool,
-) -> Result<Option<JunitReport>, JunitError> {
+    on_case: Option<&mut dyn FnMut(CaseTime)>,
+) -> Result<Option<TestCounts>, JunitError> {
     let root = dir
         .canonicalize()
         .map_err(|e| junit_err(dir.display().to_string(), e.to_string()))?;
@@ -396,9 +388,14 @@ pub fn read_junit_report(
         return Ok(None);
     }
     let mut total = TestCounts::default();
-    let mut cases = Vec::new();
+    let wanted = on_case.is_some();
+    let mut ignore = |_: CaseTime| {};
+    let on_case: &mut dyn FnMut(CaseTime) = match on_case {
+        Some(f) => f,
+        None => &mut ignore,
+    };
     for (shown, path) in files {
-        let c = read_junit_file(&path, times.then_some(&mut cases))
+        let c = read_junit_file(&path, wanted.then_some(&mut *on_case))
             .map_err(|reason| junit_err(shown, reason))?;
         total.tests += c.tests;
         total.passed += c.passed;
@@ -408,10 +405,7 @@ pub fn read_junit_report(
             push_name(&mut total.failures, name);
         }
     }
-    Ok(Some(JunitReport {
-        counts: total,
-        cases,
-    }))
+    Ok(Some(total))
 }
 
 fn relative(root: &Path, path: &Path) -> String {
@@ -429,10 +423,10 @@ enum Outcome {
 }
 
 /// One file, read as a stream of events (a report can be tens of megabytes of stack traces);
-/// each testcase's time goes to `cases` when given (up to [`MAX_CASES`] in all).
+/// each testcase's time goes to `on_case` when given.
 fn read_junit_file(
     path: &Path,
-    mut cases: Option<&mut Vec<CaseTime>>,
+    mut on_case: Option<&mut dyn FnMut(CaseTime)>,
 ) -> Result<TestCounts, String> {
     let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     if len > MAX_JUNIT_FILE {
@@ -471,8 +465,13 @@ fn read_junit_file(
                 }
                 match (&mut case, tag) {
                     (None, "testcase") => {
-                        if let Some(cases) = cases.as_deref_mut().filter(|c| c.len() < MAX_CASES) {
-                            cases.push(case_time(&e));
+                        if let Some(on_case) = on_case.as_deref_mut() {
+                            let (class, file) = (attr(&e, "classname"), attr(&e, "file"));
+                            on_case(CaseTime {
+                                class: &class,
+                                file: &file,
+                                ms: case_ms(&attr(&e, "time")),
+                            });
                         }
                         case = Some((depth, case_name(&e), Outcome::Passed))
                     }
@@ -527,21 +526,14 @@ fn attr(e: &BytesStart, key: &str) -> String {
         .unwrap_or_default()
 }
 
-/// A testcase's class, file and time (`time="1.25"` seconds: 1250 ms; a bad or negative time
-/// counts as 0, one over a day as a day).
-fn case_time(e: &BytesStart) -> CaseTime {
-    let clip = |s: String| -> String { s.chars().take(MAX_NAME).collect() };
-    let seconds: f64 = attr(e, "time").trim().parse().unwrap_or(0.0);
-    let ms = if seconds.is_finite() && seconds > 0.0 {
+/// A testcase's `time="1.25"` (seconds) in milliseconds: 1250; a bad or negative time counts
+/// as 0, one over a day as a day.
+fn case_ms(time: &str) -> u64 {
+    let seconds: f64 = time.trim().parse().unwrap_or(0.0);
+    if seconds.is_finite() && seconds > 0.0 {
         (seconds * 1000.0).min(86_400_000.0) as u64
     } else {
         0
-    };
-    let file = Some(attr(e, "file")).filter(|f| !f.is_empty()).map(clip);
-    CaseTime {
-        class: clip(attr(e, "classname")),
-        file,
-        ms,
     }
 }
 
@@ -1051,33 +1043,30 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
   <testcase classname="tests.test_a" name="two" file="tests/test_a.py" time="0.5"><failure/></testcase>
   <testcase classname="c" name="bad" time="-3"/>
   <testcase classname="c" name="huge" time="1e12"/>
-  <testcase classname="c" name="none"/>
+  <testcase classname="c&amp;d" name="none"/>
 </testsuite>"#;
         let dir = checkout(&[("r.xml", xml)]);
-        let report = read_junit_report(dir.path(), &globs(&["r.xml"]), true)
+        let mut times: Vec<(String, String, u64)> = vec![];
+        let mut on_case = |c: CaseTime| times.push((c.class.into(), c.file.into(), c.ms));
+        let counts = read_junit_report(dir.path(), &globs(&["r.xml"]), Some(&mut on_case))
             .expect("reads")
             .expect("matches");
-        assert_eq!(report.counts.tests, 5);
-        let times: Vec<(&str, Option<&str>, u64)> = report
-            .cases
-            .iter()
-            .map(|c| (c.class.as_str(), c.file.as_deref(), c.ms))
-            .collect();
+        assert_eq!(counts.tests, 5);
+        let s = |a: &str| a.to_string();
         assert_eq!(
             times,
             [
-                ("tests.test_a.T", None, 1250),
-                ("tests.test_a", Some("tests/test_a.py"), 500),
-                ("c", None, 0),
-                ("c", None, 86_400_000),
-                ("c", None, 0),
+                (s("tests.test_a.T"), s(""), 1250),
+                (s("tests.test_a"), s("tests/test_a.py"), 500),
+                (s("c"), s(""), 0),
+                (s("c"), s(""), 86_400_000),
+                (s("c&d"), s(""), 0),
             ]
         );
-        let without = read_junit_report(dir.path(), &globs(&["r.xml"]), false)
-            .expect("reads")
-            .expect("matches");
-        assert!(without.cases.is_empty());
-        assert_eq!(without.counts, report.counts);
+        assert_eq!(
+            read_junit(dir.path(), &globs(&["r.xml"])).unwrap(),
+            Some(counts)
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! streamed to `CI_LOGS` ([`crate::logs`]) and its test counts read from the output or JUnit
 //! files. The protocol around it (claim, heartbeat, fence, verdict, ack) is the library's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -177,17 +177,17 @@ impl ShellExecutor {
                 result.finished_at = OffsetDateTime::now_utc();
                 result.duration_ms = clock.elapsed().as_millis() as u64;
                 output.log.finish(Duration::from_secs(10)).await;
-                let (counts, cases) = test_counts(
+                let (counts, measured) = test_counts(
                     &result.job_id,
                     &spec.dir,
                     &config.junit,
-                    !tests.is_empty(),
+                    &tests,
                     output.scanner,
                 )
                 .await;
                 result.tests = counts;
-                if let (Some(base), false) = (&config.base, cases.is_empty()) {
-                    self.record_times(job, base, &tests, &cases).await;
+                if let Some(base) = &config.base {
+                    self.record_times(job, base, &tests, &measured).await;
                 }
                 match outcome {
                     Err(e) => {
@@ -350,8 +350,17 @@ impl ShellExecutor {
 
     /// Adds this shard's testcase times to the job's timings; a failure is logged and changes
     /// nothing else (the next split is only less balanced).
-    async fn record_times(&self, job: &JobMsg, base: &str, tests: &[String], cases: &[CaseTime]) {
-        match timings::record_times(&self.timings, &job.repo, base, tests, cases).await {
+    async fn record_times(
+        &self,
+        job: &JobMsg,
+        base: &str,
+        tests: &[String],
+        measured: &BTreeMap<String, u64>,
+    ) {
+        if measured.is_empty() {
+            return;
+        }
+        match timings::record_times(&self.timings, &job.repo, base, tests, measured).await {
             Ok(files) => tracing::debug!(job = %job.attempt_id(), files, "test timings recorded"),
             Err(e) => {
                 tracing::warn!(job = %job.attempt_id(), error = %e, "test timings not recorded")
@@ -399,19 +408,32 @@ impl ShellExecutor {
 
 /// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
 /// else the unittest or pytest summary found in the output. An unreadable report is logged and
-/// never changes the job's status. With `times`, the JUnit testcases' times as well.
+/// never changes the job's status. For a job with a test list (`shard_tests`), the JUnit
+/// testcases' times summed by test file as well ([`shard::FileIndex`]), all of it off the
+/// async threads: a hostile report must not delay the heartbeats.
 async fn test_counts(
     job_id: &str,
     checkout: &Path,
     junit: &[String],
-    times: bool,
+    tests: &[String],
     scanner: OutputScanner,
-) -> (Option<TestCounts>, Vec<CaseTime>) {
+) -> (Option<TestCounts>, BTreeMap<String, u64>) {
     if !junit.is_empty() {
-        let (dir, globs) = (checkout.to_path_buf(), junit.to_vec());
-        match tokio::task::spawn_blocking(move || read_junit_report(&dir, &globs, times)).await {
-            Ok(Ok(Some(report))) => return (Some(report.counts), report.cases),
-            Ok(Ok(None)) => {}
+        let (dir, globs, tests) = (checkout.to_path_buf(), junit.to_vec(), tests.to_vec());
+        let read = tokio::task::spawn_blocking(move || {
+            let mut measured = BTreeMap::new();
+            if tests.is_empty() {
+                return read_junit_report(&dir, &globs, None).map(|c| (c, measured));
+            }
+            let index = shard::FileIndex::new(&tests);
+            let mut on_case = |case: CaseTime| index.measure(&case, &mut measured);
+            let counts = read_junit_report(&dir, &globs, Some(&mut on_case))?;
+            Ok((counts, measured))
+        })
+        .await;
+        match read {
+            Ok(Ok((Some(counts), measured))) => return (Some(counts), measured),
+            Ok(Ok((None, _))) => {}
             Ok(Err(e)) => {
                 tracing::warn!(job = %job_id, error = %e, "cannot read a JUnit report; counting from the output")
             }
@@ -420,7 +442,7 @@ async fn test_counts(
             }
         }
     }
-    (scanner.finish(), vec![])
+    (scanner.finish(), BTreeMap::new())
 }
 
 /// The checkout's `.jetci.toml`, `None` when it has none. Only a regular file is read (a

@@ -36,8 +36,8 @@ pub const MAX_TESTS: usize = 10_000;
 pub const MAX_TEST_PATH: usize = 512;
 /// Most directory entries looked at while listing the tests; more is the job's `error`.
 pub const MAX_VISITED: usize = 200_000;
-/// Most bytes of a job's recorded timings (paths and numbers as JSON): far below NATS' default
-/// `max_payload` of 1 MiB.
+/// Most bytes of a repository's recorded timings, all its jobs together (paths and numbers as
+/// JSON): far below NATS' default `max_payload` of 1 MiB.
 pub const MAX_TIMINGS_BYTES: usize = 512 * 1024;
 
 /// Compiles `shard_tests` globs: relative to the checkout, `/`-separated, `*` within one
@@ -102,9 +102,24 @@ pub fn list_tests(checkout: &Path, patterns: &[String]) -> Result<Vec<String>, S
         let Ok(rel) = entry.path().strip_prefix(checkout) else {
             continue;
         };
-        let Some(rel) = rel.to_str() else { continue };
+        let Some(rel) = rel.to_str() else {
+            if set.is_match(rel) {
+                return Err(format!(
+                    "shard_tests matches a file whose name is not UTF-8 ({}): rename it, or it \
+                     would run in no shard",
+                    rel.display()
+                ));
+            }
+            continue;
+        };
         if !set.is_match(rel) {
             continue;
+        }
+        if rel.chars().any(char::is_control) {
+            return Err(format!(
+                "shard_tests matches a file whose name holds a control character ({rel:?}): \
+                 a list of one path per line cannot name it"
+            ));
         }
         if rel.len() > MAX_TEST_PATH {
             return Err(format!(
@@ -131,7 +146,8 @@ pub struct Split {
     pub shards: u32,
     /// A hash of the test list ([`text_hash`] of the paths, one per line).
     pub tests_hash: String,
-    /// The shard of each test, in the list's order.
+    /// The shard of each test, in the list's order; empty when no test had a time (the split
+    /// is then round-robin over the list, and stored in a few bytes).
     pub shard_of: Vec<u32>,
     /// Tests that had a recorded time when it was made.
     pub timed: usize,
@@ -148,11 +164,16 @@ impl Split {
                 owner.insert(t.as_str(), i as u32);
             }
         }
+        let timed = tests.iter().filter(|t| durations.contains_key(*t)).count();
         Split {
             shards,
             tests_hash: list_hash(tests),
-            shard_of: tests.iter().map(|t| owner[t.as_str()]).collect(),
-            timed: tests.iter().filter(|t| durations.contains_key(*t)).count(),
+            shard_of: if timed == 0 {
+                vec![]
+            } else {
+                tests.iter().map(|t| owner[t.as_str()]).collect()
+            },
+            timed,
         }
     }
 
@@ -161,8 +182,9 @@ impl Split {
     /// Errors: `tests` is not the list the split was made from, or the split has another
     /// number of shards (the commit's file changed between its shards: it cannot).
     pub fn part(&self, tests: &[String], index: u32, shards: u32) -> Result<Vec<String>, String> {
+        let round_robin = self.timed == 0 && self.shard_of.is_empty();
         if self.shards != shards.max(1)
-            || self.shard_of.len() != tests.len()
+            || (!round_robin && self.shard_of.len() != tests.len())
             || self.tests_hash != list_hash(tests)
         {
             return Err(format!(
@@ -173,6 +195,14 @@ impl Split {
                 self.shard_of.len(),
                 self.shards
             ));
+        }
+        if round_robin {
+            let mut parts = split(tests, &HashMap::new(), self.shards);
+            return Ok(if index < self.shards {
+                parts.swap_remove(index as usize)
+            } else {
+                vec![]
+            });
         }
         Ok(tests
             .iter()
@@ -187,28 +217,48 @@ fn list_hash(tests: &[String]) -> String {
     text_hash(&tests.join("\n"))
 }
 
-/// Adds a shard's testcase `cases` to `timings` (milliseconds by test file): each case goes to
-/// the file of `tests` it belongs to ([`file_of`]), a file's time is the sum of its cases', and
-/// a file measured now replaces its earlier time. Cases of no listed file are ignored. Then
-/// the timings are cut to [`MAX_TIMINGS_BYTES`], the files of `tests` kept first. Returns how
-/// many files got a time.
-pub fn record(timings: &mut BTreeMap<String, u64>, tests: &[String], cases: &[CaseTime]) -> usize {
-    let index = FileIndex::new(tests);
-    let mut measured: BTreeMap<&str, u64> = BTreeMap::new();
-    for case in cases {
-        if let Some(file) = index.file_of(case) {
-            let total = measured.entry(file).or_default();
-            *total = total.saturating_add(case.ms);
+/// Where a job's recorded times live: one entry per repository in `ci-timings`, every job's
+/// times in it (milliseconds by test file, by job), at most [`MAX_TIMINGS_BYTES`] as JSON: a
+/// repository's share of the bucket is bounded whatever its jobs and files.
+pub type Timings = BTreeMap<String, BTreeMap<String, u64>>;
+
+/// Adds `measured` (milliseconds by test file, from one shard's reports: [`FileIndex::measure`])
+/// to job `job`'s times in `timings`: a file measured now replaces its earlier time. Then
+/// `timings` is cut to [`MAX_TIMINGS_BYTES`] as JSON: first other jobs' times (whole jobs),
+/// then this job's files not in `tests`, then the last of `tests`. Returns how many files got
+/// a time.
+pub fn record(
+    timings: &mut Timings,
+    job: &str,
+    tests: &[String],
+    measured: &BTreeMap<String, u64>,
+) -> usize {
+    if measured.is_empty() {
+        return 0;
+    }
+    let mine = timings.entry(job.to_string()).or_default();
+    for (file, ms) in measured {
+        mine.insert(file.clone(), *ms);
+    }
+    // What each entry takes as JSON: its escaped key, a colon, a number, a comma.
+    let cost = |k: &str| serde_json::to_string(k).map_or(k.len() * 6, |s| s.len()) + 22;
+    let job_cost = |times: &BTreeMap<String, u64>, name: &str| -> usize {
+        times.keys().map(|k| cost(k)).sum::<usize>() + cost(name) + 4
+    };
+    let mut bytes: usize = timings.iter().map(|(j, t)| job_cost(t, j)).sum::<usize>() + 2;
+    let others: Vec<String> = timings.keys().filter(|j| *j != job).cloned().collect();
+    for other in others {
+        if bytes <= MAX_TIMINGS_BYTES {
+            break;
+        }
+        if let Some(t) = timings.remove(&other) {
+            bytes -= job_cost(&t, &other);
         }
     }
-    for (file, ms) in &measured {
-        timings.insert(file.to_string(), *ms);
-    }
-    let cost = |k: &str| k.len() + 24;
-    let mut bytes: usize = timings.keys().map(|k| cost(k)).sum();
     if bytes > MAX_TIMINGS_BYTES {
+        let mine = timings.get_mut(job).expect("inserted above");
         let listed: std::collections::HashSet<&str> = tests.iter().map(String::as_str).collect();
-        let mut dropped: Vec<String> = timings
+        let mut dropped: Vec<String> = mine
             .keys()
             .filter(|k| !listed.contains(k.as_str()))
             .cloned()
@@ -218,7 +268,7 @@ pub fn record(timings: &mut BTreeMap<String, u64>, tests: &[String], cases: &[Ca
             if bytes <= MAX_TIMINGS_BYTES {
                 break;
             }
-            if timings.remove(&k).is_some() {
+            if mine.remove(&k).is_some() {
                 bytes -= cost(&k);
             }
         }
@@ -226,17 +276,29 @@ pub fn record(timings: &mut BTreeMap<String, u64>, tests: &[String], cases: &[Ca
     measured.len()
 }
 
-/// Finds the test file of a JUnit testcase.
-struct FileIndex<'a> {
+/// The longest `classname` looked at, in bytes; a longer one belongs to no file.
+const MAX_CLASS: usize = 1024;
+/// Most dotted heads of a `classname` looked up, longest first.
+const MAX_HEADS: usize = 16;
+/// Most dotted tails of a file's module name indexed, shortest first (`test_x`, `unit.test_x`,
+/// ...): enough for Java packages, bounded for hostile paths.
+const MAX_TAILS: usize = 16;
+
+/// Finds the test file of a JUnit testcase among a job's test files.
+#[derive(Debug)]
+pub struct FileIndex {
     /// Each file by its path.
-    paths: HashMap<&'a str, &'a str>,
-    /// Each file by its module name (`tests/unit/test_x.py`: `tests.unit.test_x`) and by every
-    /// dotted tail of it (`unit.test_x`, `test_x`); a full name wins over another file's tail.
-    modules: HashMap<String, &'a str>,
+    paths: HashMap<String, usize>,
+    /// Each file by its module name (`tests/unit/test_x.py`: `tests.unit.test_x`) and by its
+    /// last dotted tails (`unit.test_x`, `test_x`); a full name wins over another file's tail.
+    modules: HashMap<String, usize>,
+    tests: Vec<String>,
 }
 
-impl<'a> FileIndex<'a> {
-    fn new(tests: &'a [String]) -> FileIndex<'a> {
+impl FileIndex {
+    /// The index of `tests` (at most [`MAX_TESTS`] paths of at most [`MAX_TEST_PATH`] bytes:
+    /// at most [`MAX_TAILS`] + 1 keys each).
+    pub fn new(tests: &[String]) -> FileIndex {
         let module = |t: &str| -> String {
             let stem = match t.rfind('.') {
                 Some(dot) if dot > t.rfind('/').map_or(0, |s| s + 1) => &t[..dot],
@@ -245,18 +307,23 @@ impl<'a> FileIndex<'a> {
             stem.replace('/', ".")
         };
         let mut modules = HashMap::new();
-        for t in tests {
-            modules.entry(module(t)).or_insert(t.as_str());
+        for (i, t) in tests.iter().enumerate() {
+            modules.entry(module(t)).or_insert(i);
         }
-        for t in tests {
+        for (i, t) in tests.iter().enumerate() {
             let m = module(t);
-            for (i, _) in m.match_indices('.') {
-                modules.entry(m[i + 1..].to_string()).or_insert(t.as_str());
+            for (dot, _) in m.rmatch_indices('.').take(MAX_TAILS) {
+                modules.entry(m[dot + 1..].to_string()).or_insert(i);
             }
         }
         FileIndex {
-            paths: tests.iter().map(|t| (t.as_str(), t.as_str())).collect(),
+            paths: tests
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (t.clone(), i))
+                .collect(),
             modules,
+            tests: tests.to_vec(),
         }
     }
 
@@ -264,19 +331,32 @@ impl<'a> FileIndex<'a> {
     /// else the file whose module name (or a dotted tail of it) is the longest dotted head of
     /// its `classname` (pytest `tests.test_x.TestY` → `tests/test_x.py`; Surefire
     /// `com.x.YTest$Inner` → `src/test/java/com/x/YTest.java`).
-    fn file_of(&self, case: &CaseTime) -> Option<&'a str> {
-        if let Some(file) = &case.file {
-            if let Some(f) = self.paths.get(file.trim_start_matches("./")) {
-                return Some(f);
+    pub fn file_of(&self, case: &CaseTime) -> Option<&str> {
+        if !case.file.is_empty() {
+            if let Some(&i) = self.paths.get(case.file.trim_start_matches("./")) {
+                return Some(&self.tests[i]);
             }
+        }
+        if case.class.len() > MAX_CLASS {
+            return None;
         }
         let class = case.class.split('$').next().unwrap_or_default();
         let mut end = class.len();
-        loop {
-            if let Some(f) = self.modules.get(&class[..end]) {
-                return Some(f);
+        for _ in 0..MAX_HEADS {
+            if let Some(&i) = self.modules.get(&class[..end]) {
+                return Some(&self.tests[i]);
             }
             end = class[..end].rfind('.')?;
+        }
+        None
+    }
+
+    /// Adds one case's time to its file's total in `measured` (cases of no listed file are
+    /// ignored); at most one entry per listed file.
+    pub fn measure(&self, case: &CaseTime, measured: &mut BTreeMap<String, u64>) {
+        if let Some(file) = self.file_of(case) {
+            let total = measured.entry(file.to_string()).or_default();
+            *total = total.saturating_add(case.ms);
         }
     }
 }
@@ -296,7 +376,9 @@ pub fn split(tests: &[String], durations: &HashMap<String, u64>, shards: u32) ->
     known.sort_by_key(|k| std::cmp::Reverse(k.1));
     for (test, ms) in known {
         let least = least_loaded(&load);
-        load[least] += ms;
+        // A test recorded at 0 ms (no `time`, under a millisecond) still weighs something, or
+        // every such test would go to one shard.
+        load[least] += ms.max(1);
         owner.insert(test, least);
     }
     let mut next = least_loaded(&load);
@@ -372,12 +454,8 @@ mod tests {
         assert_eq!(split(&tests, &d, 0).len(), 1);
     }
 
-    fn case(class: &str, file: Option<&str>, ms: u64) -> CaseTime {
-        CaseTime {
-            class: class.into(),
-            file: file.map(Into::into),
-            ms,
-        }
+    fn case<'a>(class: &'a str, file: &'a str, ms: u64) -> CaseTime<'a> {
+        CaseTime { class, file, ms }
     }
 
     fn touch(root: &Path, rel: &str) {
@@ -456,49 +534,120 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        let mut timings = BTreeMap::from([
-            ("tests/test_a.py".to_string(), 99_999),
-            ("gone.py".to_string(), 5),
-        ]);
+        let index = FileIndex::new(&tests);
+        let long = "x.".repeat(600);
         let cases = [
             // pytest (xunit2): module and class in `classname`.
-            case("tests.test_a.TestX", None, 1_000),
-            case("tests.test_a", None, 500),
+            case("tests.test_a.TestX", "", 1_000),
+            case("tests.test_a", "", 500),
             // pytest (xunit1): the file attribute.
-            case("whatever", Some("tests/unit/test_b.py"), 250),
-            case("unit.test_b", None, 250),
+            case("whatever", "tests/unit/test_b.py", 250),
+            case("unit.test_b", "", 250),
             // Surefire: a class name that is the tail of the file's path, an inner class.
-            case("com.x.YTest", None, 3_000),
-            case("com.x.YTest$Inner", None, 1_000),
-            // Nobody's.
-            case("other.module.T", None, 7_000),
+            case("com.x.YTest", "", 3_000),
+            case("com.x.YTest$Inner", "", 1_000),
+            // Nobody's; a class too long to look at.
+            case("other.module.T", "", 7_000),
+            case(&long, "", 7_000),
         ];
-        assert_eq!(record(&mut timings, &tests, &cases), 3);
+        let mut measured = BTreeMap::new();
+        for c in &cases {
+            index.measure(c, &mut measured);
+        }
+        let mut timings = Timings::from([
+            (
+                "test".to_string(),
+                BTreeMap::from([("tests/test_a.py".to_string(), 99_999)]),
+            ),
+            (
+                "lint".to_string(),
+                BTreeMap::from([("gone.py".to_string(), 5)]),
+            ),
+        ]);
+        assert_eq!(record(&mut timings, "test", &tests, &measured), 3);
         assert_eq!(
-            timings,
+            timings["test"],
             BTreeMap::from([
                 ("tests/test_a.py".to_string(), 1_500),
                 ("tests/unit/test_b.py".to_string(), 500),
                 ("src/test/java/com/x/YTest.java".to_string(), 4_000),
-                ("gone.py".to_string(), 5),
             ])
         );
-        assert_eq!(record(&mut timings, &tests, &[case("nope", None, 1)]), 0);
+        assert_eq!(timings["lint"]["gone.py"], 5, "other jobs' times kept");
+        assert_eq!(record(&mut timings, "test", &tests, &BTreeMap::new()), 0);
     }
 
     #[test]
-    fn timings_are_cut_to_their_byte_bound_keeping_the_listed_files() {
-        let old: Vec<String> = (0..20_000).map(|i| format!("old/{i:0>40}.py")).collect();
-        let mut timings: BTreeMap<String, u64> = old.iter().map(|t| (t.clone(), 1)).collect();
-        let tests = names(3);
-        let cases: Vec<CaseTime> = (0..3)
-            .map(|i| case(&format!("tests.test_{i:02}"), None, 10))
+    fn a_class_with_many_dots_costs_a_bounded_number_of_lookups() {
+        // Paths of 250 directories: the index keeps a few tails of each, not every one.
+        let deep: Vec<String> = (0..50)
+            .map(|i| format!("{}{i}.py", "a/".repeat(250)))
             .collect();
-        assert_eq!(record(&mut timings, &tests, &cases), 3);
+        let index = FileIndex::new(&deep);
+        assert!(index.modules.len() <= deep.len() * (MAX_TAILS + 1));
+        let dotted = "a.".repeat(400) + "x";
+        assert_eq!(index.file_of(&case(&dotted, "", 1)), None);
+    }
+
+    #[test]
+    fn timings_are_cut_to_their_byte_bound_other_jobs_first() {
+        let old: BTreeMap<String, u64> = (0..20_000)
+            .map(|i| (format!("old/{i:0>40}.py"), 1))
+            .collect();
+        let escaped: BTreeMap<String, u64> = (0..5_000)
+            .map(|i| (format!("{}{i}", "\"".repeat(30)), 1))
+            .collect();
+        let mut timings = Timings::from([
+            ("other".to_string(), old.clone()),
+            ("quotes".to_string(), escaped),
+            ("test".to_string(), old),
+        ]);
+        let tests = names(3);
+        let measured: BTreeMap<String, u64> = tests.iter().map(|t| (t.clone(), 10)).collect();
+        assert_eq!(record(&mut timings, "test", &tests, &measured), 3);
         let bytes = serde_json::to_vec(&timings).unwrap().len();
         assert!(bytes <= MAX_TIMINGS_BYTES, "{bytes} bytes");
         for t in &tests {
-            assert_eq!(timings.get(t), Some(&10), "{t} kept");
+            assert_eq!(timings["test"].get(t), Some(&10), "{t} kept");
         }
+        assert!(!timings.contains_key("other") || !timings.contains_key("quotes"));
+    }
+
+    #[test]
+    fn tests_recorded_at_zero_ms_still_spread_over_the_shards() {
+        let tests = names(9);
+        let d: HashMap<String, u64> = tests.iter().map(|t| (t.clone(), 0)).collect();
+        let parts = split(&tests, &d, 3);
+        assert!(parts.iter().all(|p| p.len() == 3), "{parts:?}");
+    }
+
+    #[test]
+    fn a_split_without_times_is_stored_small_and_dealt_round_robin() {
+        let tests = names(5);
+        let s = Split::new(&tests, &HashMap::new(), 2);
+        assert!(s.shard_of.is_empty());
+        assert_eq!(
+            s.part(&tests, 0, 2).unwrap(),
+            split(&tests, &HashMap::new(), 2)[0]
+        );
+        assert_eq!(
+            s.part(&tests, 1, 2).unwrap(),
+            split(&tests, &HashMap::new(), 2)[1]
+        );
+        assert!(s.part(&tests[..4], 0, 2).is_err());
+    }
+
+    #[test]
+    fn names_a_list_cannot_carry_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(dir.path(), "t/a.py\nt/b.py");
+        let e = list_tests(dir.path(), &["t/**".into()]).unwrap_err();
+        assert!(e.contains("control character"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"test_\xff.py");
+        std::fs::write(dir.path().join(name), "").unwrap();
+        let e = list_tests(dir.path(), &["*.py".into()]).unwrap_err();
+        assert!(e.contains("not UTF-8"), "{e}");
     }
 }

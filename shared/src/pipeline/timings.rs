@@ -3,10 +3,11 @@
 //! - `ci-shards`, key `<repo>.<sha>.<job>` (`job`: the `[jobs.<name>]` table): the [`Split`]
 //!   of one commit's tests, created by the first of the job's shards to start (KV `create`:
 //!   the server keeps the first and refuses the rest, which then read it). Every shard of every
-//!   run of that commit, a `rerun --failed` included, takes its part of the same split.
-//! - `ci-timings`, key `<repo>.<job>`: milliseconds by test file, merged by each shard after
-//!   it ran from its JUnit testcase times ([`record`]), with compare-and-set on the entry's
-//!   revision so that shards ending together do not lose each other's times.
+//!   run of that commit, a `rerun --failed` included, takes its part of the same split. A split
+//!   made without recorded times is round-robin and takes a few bytes.
+//! - `ci-timings`, key `<repo>`: [`Timings`], every job's milliseconds by test file, merged by
+//!   each shard after it ran ([`record`]), with compare-and-set on the entry's revision so that
+//!   shards ending together do not lose each other's times. One bounded entry per repository.
 //!
 //! A matrix job's combinations share both: they run the same files.
 
@@ -14,17 +15,17 @@ use std::collections::{BTreeMap, HashMap};
 
 use async_nats::jetstream::kv;
 
-use super::shard::{record, Split, MAX_TIMINGS_BYTES};
-use crate::test_report::CaseTime;
+use super::shard::{record, Split, Timings};
 
 /// Attempts at merging timings when other shards write the same entry meanwhile.
 const RECORD_ATTEMPTS: usize = 8;
 
 /// The split of `tests` over `shards` for job `base` of commit `sha` of `repo`: the one stored
-/// already, else one made now from the recorded timings and stored.
+/// already, else one made now from the recorded timings and stored. When the split cannot be
+/// stored (the bucket is full), the round-robin split, which every shard computes alike, is
+/// used without storing it (logged).
 ///
-/// Errors: the server refused or did not answer (worth another attempt), or the stored split
-/// does not fit the shard count.
+/// Errors: the server did not answer a read (worth another attempt).
 pub async fn split_for(
     timings: &kv::Store,
     splits: &kv::Store,
@@ -38,9 +39,11 @@ pub async fn split_for(
     if let Some(split) = stored_split(splits, &key).await? {
         return Ok(split);
     }
-    let durations: HashMap<String, u64> = read_timings(timings, repo, base)
+    let durations: HashMap<String, u64> = read_timings(timings, repo)
         .await?
         .0
+        .remove(base)
+        .unwrap_or_default()
         .into_iter()
         .collect();
     let split = Split::new(tests, &durations, shards);
@@ -50,7 +53,10 @@ pub async fn split_for(
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => stored_split(splits, &key)
             .await?
             .ok_or_else(|| format!("the shard split {key} vanished")),
-        Err(e) => Err(format!("cannot store the shard split {key}: {e}")),
+        Err(e) => {
+            tracing::warn!(key, error = %e, "cannot store the shard split; splitting round-robin");
+            Ok(Split::new(tests, &HashMap::new(), shards))
+        }
     }
 }
 
@@ -64,30 +70,25 @@ async fn stored_split(splits: &kv::Store, key: &str) -> Result<Option<Split>, St
     }
 }
 
-/// The recorded timings of job `base` of `repo` and the entry's revision (`None`: none yet).
-/// An entry that does not decode counts as empty.
-async fn read_timings(
-    timings: &kv::Store,
-    repo: &str,
-    base: &str,
-) -> Result<(BTreeMap<String, u64>, Option<u64>), String> {
-    let key = format!("{repo}.{base}");
-    match timings.entry(&key).await {
+/// The recorded timings of `repo` and the entry's revision (`None`: none yet). An entry that
+/// does not decode counts as empty.
+async fn read_timings(timings: &kv::Store, repo: &str) -> Result<(Timings, Option<u64>), String> {
+    match timings.entry(repo).await {
         Ok(Some(entry)) if entry.operation == kv::Operation::Put => {
             let map = serde_json::from_slice(&entry.value).unwrap_or_else(|e| {
-                tracing::warn!(key, error = %e, "unreadable test timings; starting afresh");
-                BTreeMap::new()
+                tracing::warn!(repo, error = %e, "unreadable test timings; starting afresh");
+                Timings::new()
             });
             Ok((map, Some(entry.revision)))
         }
-        Ok(Some(entry)) => Ok((BTreeMap::new(), Some(entry.revision))),
-        Ok(None) => Ok((BTreeMap::new(), None)),
-        Err(e) => Err(format!("cannot read the test timings {key}: {e}")),
+        Ok(Some(entry)) => Ok((Timings::new(), Some(entry.revision))),
+        Ok(None) => Ok((Timings::new(), None)),
+        Err(e) => Err(format!("cannot read the test timings of {repo}: {e}")),
     }
 }
 
-/// Merges a shard's testcase times into job `base`'s timings ([`record`]). Returns how many
-/// test files got a time (0: nothing written).
+/// Merges a shard's `measured` times (milliseconds by test file) into job `base`'s timings
+/// ([`record`]). Returns how many test files got a time (0: nothing written).
 ///
 /// Errors: the server refused or did not answer, or other writers kept winning for
 /// [`RECORD_ATTEMPTS`] rounds.
@@ -96,20 +97,18 @@ pub async fn record_times(
     repo: &str,
     base: &str,
     tests: &[String],
-    cases: &[CaseTime],
+    measured: &BTreeMap<String, u64>,
 ) -> Result<usize, String> {
-    let key = format!("{repo}.{base}");
+    if measured.is_empty() {
+        return Ok(0);
+    }
     for _ in 0..RECORD_ATTEMPTS {
-        let (mut map, revision) = read_timings(timings, repo, base).await?;
-        let measured = record(&mut map, tests, cases);
-        if measured == 0 {
-            return Ok(0);
-        }
+        let (mut map, revision) = read_timings(timings, repo).await?;
+        let files = record(&mut map, base, tests, measured);
         let value = serde_json::to_vec(&map).expect("timings serialize");
-        debug_assert!(value.len() <= MAX_TIMINGS_BYTES + 64 * 1024);
         let written = match revision {
             Some(r) => timings
-                .update(&key, value.into(), r)
+                .update(repo, value.into(), r)
                 .await
                 .map(|_| ())
                 .map_err(|e| {
@@ -119,7 +118,7 @@ pub async fn record_times(
                     )
                 }),
             None => timings
-                .create(&key, value.into())
+                .create(repo, value.into())
                 .await
                 .map(|_| ())
                 .map_err(|e| {
@@ -130,12 +129,14 @@ pub async fn record_times(
                 }),
         };
         match written {
-            Ok(()) => return Ok(measured),
+            Ok(()) => return Ok(files),
             Err((true, _)) => continue,
-            Err((false, e)) => return Err(format!("cannot record the test timings {key}: {e}")),
+            Err((false, e)) => {
+                return Err(format!("cannot record the test timings of {repo}: {e}"))
+            }
         }
     }
     Err(format!(
-        "cannot record the test timings {key}: other shards kept writing it"
+        "cannot record the test timings of {repo}: other shards kept writing them"
     ))
 }
