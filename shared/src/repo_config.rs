@@ -23,6 +23,8 @@
 //! needs = ["lint"]                  # starts once lint passed; otherwise `skipped`
 //! matrix = { python = ["3.11", "3.12"] }   # one job per value (several keys: the cross product)
 //! parallel = 4                      # each split into 4 shards
+//! shard_tests = ["tests/**/test_*.py"]  # test files shared among the shards: JETCI_SHARD_TESTS
+//! junit = ["report.xml"]            # its testcase times balance the next commits' shards
 //! labels = ["python"]
 //! timeout = "20m"
 //! env = { PYTHONHASHSEED = "0" }
@@ -103,6 +105,9 @@ pub struct JobSpec {
     pub branches: Vec<String>,
     pub allow_failure: bool,
     pub junit: Vec<String>,
+    /// Globs of its test files, to split among its shards ([`crate::pipeline::shard`]): each
+    /// shard gets its part in the file `JETCI_SHARD_TESTS` names.
+    pub shard_tests: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -140,6 +145,8 @@ struct RawJob {
     #[serde(default)]
     allow_failure: bool,
     junit: Option<Vec<String>>,
+    #[serde(default)]
+    shard_tests: Vec<String>,
 }
 
 /// An invalid `.jetci.toml`; the message names the line where the parser knows it.
@@ -324,6 +331,8 @@ fn job_spec(
         glob::Pattern::new(b)
             .map_err(|e| ConfigError(format!("job {name:?}: branch glob {b:?}: {e}")))?;
     }
+    crate::pipeline::shard::globs(&raw.shard_tests)
+        .map_err(|e| ConfigError(format!("job {name:?}: {e}")))?;
     let mut labels = top.labels.clone();
     labels.extend(raw.labels.into_iter().filter(|l| !top.labels.contains(l)));
     let mut env = top.env.clone();
@@ -345,6 +354,7 @@ fn job_spec(
         branches: raw.branches,
         allow_failure: raw.allow_failure,
         junit: raw.junit.unwrap_or_else(|| top.junit.clone()),
+        shard_tests: raw.shard_tests,
         name,
     })
 }
@@ -596,5 +606,18 @@ timeout = "1m"
                 .contains("more than the limit of 1048576 bytes"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn shard_tests_globs_are_checked_with_the_job() {
+        let ok = RepoConfig::parse(
+            "[jobs.t]\ncommand = \"x\"\nparallel = 2\nshard_tests = [\"tests/**/test_*.py\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(ok.jobs[0].shard_tests, ["tests/**/test_*.py"]);
+        let e = RepoConfig::parse("[jobs.t]\ncommand = \"x\"\nshard_tests = [\"../x/*.py\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("job \"t\"") && e.contains("stay inside"), "{e}");
     }
 }

@@ -19,6 +19,15 @@ use crate::connect::Nats;
 /// (JETSTREAM-NOTES 2, "Dedupe": the default is only 120 s).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
 
+/// Most bytes of recorded test timings (`ci-timings`), all repositories together: 2,048
+/// repositories at their bound of 512 KiB each.
+pub const TIMINGS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// How long a repository's test timings are kept without a run that records some.
+pub const TIMINGS_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Most bytes of stored shard splits (`ci-shards`), all repositories together; splits are kept
+/// as long as results.
+pub const SHARDS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+
 /// How long results are kept.
 pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How long logs are kept.
@@ -60,6 +69,10 @@ pub struct Streams {
     pub job_states: kv::Store,
     /// `ci-runners`: runner presence.
     pub runners: kv::Store,
+    /// `ci-timings`: test file durations per repository and job.
+    pub timings: kv::Store,
+    /// `ci-shards`: a job's split of its tests per commit.
+    pub shards: kv::Store,
 }
 
 /// The stream configurations, for one installation's names and replica count.
@@ -134,6 +147,10 @@ pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
     let marks = ensure_bucket(nats, n.observer_bucket(), Duration::ZERO).await?;
     let job_states = ensure_bucket(nats, n.jobs_bucket(), JOBS_KV_MAX_AGE).await?;
     let runners = ensure_bucket(nats, n.runners_bucket(), RUNNERS_KV_MAX_AGE).await?;
+    let timings =
+        ensure_bounded_bucket(nats, n.timings_bucket(), Duration::ZERO, TIMINGS_MAX_BYTES).await?;
+    let shards =
+        ensure_bounded_bucket(nats, n.shards_bucket(), RESULTS_MAX_AGE, SHARDS_MAX_BYTES).await?;
     Ok(Streams {
         commits,
         jobs,
@@ -142,6 +159,8 @@ pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
         marks,
         job_states,
         runners,
+        timings,
+        shards,
     })
 }
 
@@ -245,6 +264,17 @@ async fn ensure_bucket(
     bucket: String,
     max_age: Duration,
 ) -> Result<kv::Store, SetupError> {
+    ensure_bounded_bucket(nats, bucket, max_age, -1).await
+}
+
+/// [`ensure_bucket`] with a size bound (`-1`: none). A full bucket refuses new values
+/// (JetStream KV buckets discard new).
+async fn ensure_bounded_bucket(
+    nats: &Nats,
+    bucket: String,
+    max_age: Duration,
+    max_bytes: i64,
+) -> Result<kv::Store, SetupError> {
     if let Ok(store) = nats.js.get_key_value(bucket.clone()).await {
         warn_replicas(
             &store.stream_name,
@@ -257,6 +287,7 @@ async fn ensure_bucket(
         bucket: bucket.clone(),
         history: 1,
         max_age,
+        max_bytes,
         storage: StorageType::File,
         num_replicas: nats.replicas,
         ..Default::default()

@@ -265,6 +265,16 @@ impl Names {
     pub fn runners_bucket(&self) -> String {
         format!("{}-runners", self.prefix)
     }
+    /// KV bucket `ci-timings`: recorded test file durations per `<repo>`, by job, for balancing
+    /// shards ([`crate::pipeline::timings`]).
+    pub fn timings_bucket(&self) -> String {
+        format!("{}-timings", self.prefix)
+    }
+    /// KV bucket `ci-shards`: the split of a job's tests per `<repo>.<sha>.<job>`, written once
+    /// by the first of its shards to start ([`crate::pipeline::timings`]).
+    pub fn shards_bucket(&self) -> String {
+        format!("{}-shards", self.prefix)
+    }
 
     /// The durable consumer all dispatchers share on `CI_COMMITS`.
     pub fn dispatcher_consumer(&self) -> String {

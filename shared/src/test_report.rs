@@ -329,6 +329,31 @@ fn junit_err(file: impl Into<String>, reason: impl Into<String>) -> JunitError {
 /// outside `dir`, a file over [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
 /// `<testsuites>`/`<testsuite>` root.
 pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, JunitError> {
+    read_junit_report(dir, globs, None)
+}
+
+/// One `<testcase>`'s time, handed to [`read_junit_report`]'s callback as it is read (nothing
+/// is kept: a report may hold millions).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CaseTime<'a> {
+    /// Its `classname` attribute (pytest: `tests.test_x.TestY`; Surefire: `com.x.YTest`).
+    pub class: &'a str,
+    /// Its `file` attribute, where the tool writes one (pytest's `xunit1` family, jest-junit
+    /// with `addFileAttribute`); empty when absent.
+    pub file: &'a str,
+    /// Its `time` attribute (seconds in the schema), in milliseconds; 0 when absent, negative
+    /// or not a number, at most a day.
+    pub ms: u64,
+}
+
+/// [`read_junit`], calling `on_case` with each testcase's time as well when given.
+///
+/// Errors: as [`read_junit`].
+pub fn read_junit_report(
+    dir: &Path,
+    globs: &[String],
+    on_case: Option<&mut dyn FnMut(CaseTime)>,
+) -> Result<Option<TestCounts>, JunitError> {
     let root = dir
         .canonicalize()
         .map_err(|e| junit_err(dir.display().to_string(), e.to_string()))?;
@@ -363,8 +388,15 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
         return Ok(None);
     }
     let mut total = TestCounts::default();
+    let wanted = on_case.is_some();
+    let mut ignore = |_: CaseTime| {};
+    let on_case: &mut dyn FnMut(CaseTime) = match on_case {
+        Some(f) => f,
+        None => &mut ignore,
+    };
     for (shown, path) in files {
-        let c = read_junit_file(&path).map_err(|reason| junit_err(shown, reason))?;
+        let c = read_junit_file(&path, wanted.then_some(&mut *on_case))
+            .map_err(|reason| junit_err(shown, reason))?;
         total.tests += c.tests;
         total.passed += c.passed;
         total.failed += c.failed;
@@ -390,8 +422,12 @@ enum Outcome {
     Skipped,
 }
 
-/// One file, read as a stream of events (a report can be tens of megabytes of stack traces).
-fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
+/// One file, read as a stream of events (a report can be tens of megabytes of stack traces);
+/// each testcase's time goes to `on_case` when given.
+fn read_junit_file(
+    path: &Path,
+    mut on_case: Option<&mut dyn FnMut(CaseTime)>,
+) -> Result<TestCounts, String> {
     let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
     if len > MAX_JUNIT_FILE {
         return Err(format!(
@@ -428,7 +464,17 @@ fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
                     ));
                 }
                 match (&mut case, tag) {
-                    (None, "testcase") => case = Some((depth, case_name(&e), Outcome::Passed)),
+                    (None, "testcase") => {
+                        if let Some(on_case) = on_case.as_deref_mut() {
+                            let (class, file) = (attr(&e, "classname"), attr(&e, "file"));
+                            on_case(CaseTime {
+                                class: &class,
+                                file: &file,
+                                ms: case_ms(&attr(&e, "time")),
+                            });
+                        }
+                        case = Some((depth, case_name(&e), Outcome::Passed))
+                    }
                     (Some((d, _, outcome)), "failure" | "error") if depth == *d + 1 => {
                         *outcome = Outcome::Failed
                     }
@@ -466,21 +512,34 @@ fn read_junit_file(path: &Path) -> Result<TestCounts, String> {
     Ok(counts)
 }
 
+/// An attribute's value, unescaped where it can be ("" when absent).
+fn attr(e: &BytesStart, key: &str) -> String {
+    e.attributes()
+        .flatten()
+        .find(|a| a.key.as_ref() == key)
+        .map(
+            |a| match a.normalized_value(quick_xml::XmlVersion::Implicit1_0) {
+                Ok(v) => v.into_owned(),
+                Err(_) => a.value.into_owned(),
+            },
+        )
+        .unwrap_or_default()
+}
+
+/// A testcase's `time="1.25"` (seconds) in milliseconds: 1250; a bad or negative time counts
+/// as 0, one over a day as a day.
+fn case_ms(time: &str) -> u64 {
+    let seconds: f64 = time.trim().parse().unwrap_or(0.0);
+    if seconds.is_finite() && seconds > 0.0 {
+        (seconds * 1000.0).min(86_400_000.0) as u64
+    } else {
+        0
+    }
+}
+
 /// `classname.name`, or `name` alone when the tool wrote no class.
 fn case_name(e: &BytesStart) -> String {
-    let attr = |key: &str| -> String {
-        e.attributes()
-            .flatten()
-            .find(|a| a.key.as_ref() == key)
-            .map(
-                |a| match a.normalized_value(quick_xml::XmlVersion::Implicit1_0) {
-                    Ok(v) => v.into_owned(),
-                    Err(_) => a.value.into_owned(),
-                },
-            )
-            .unwrap_or_default()
-    };
-    let (class, name) = (attr("classname"), attr("name"));
+    let (class, name) = (attr(e, "classname"), attr(e, "name"));
     if class.is_empty() {
         name
     } else {
@@ -974,6 +1033,39 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
                     "tests.test_p.test_param[2]"
                 ]
             ))
+        );
+    }
+
+    #[test]
+    fn junit_report_gives_each_testcases_class_file_and_time() {
+        let xml = r#"<testsuite name="s">
+  <testcase classname="tests.test_a.T" name="one" time="1.25"/>
+  <testcase classname="tests.test_a" name="two" file="tests/test_a.py" time="0.5"><failure/></testcase>
+  <testcase classname="c" name="bad" time="-3"/>
+  <testcase classname="c" name="huge" time="1e12"/>
+  <testcase classname="c&amp;d" name="none"/>
+</testsuite>"#;
+        let dir = checkout(&[("r.xml", xml)]);
+        let mut times: Vec<(String, String, u64)> = vec![];
+        let mut on_case = |c: CaseTime| times.push((c.class.into(), c.file.into(), c.ms));
+        let counts = read_junit_report(dir.path(), &globs(&["r.xml"]), Some(&mut on_case))
+            .expect("reads")
+            .expect("matches");
+        assert_eq!(counts.tests, 5);
+        let s = |a: &str| a.to_string();
+        assert_eq!(
+            times,
+            [
+                (s("tests.test_a.T"), s(""), 1250),
+                (s("tests.test_a"), s("tests/test_a.py"), 500),
+                (s("c"), s(""), 0),
+                (s("c"), s(""), 86_400_000),
+                (s("c&d"), s(""), 0),
+            ]
+        );
+        assert_eq!(
+            read_junit(dir.path(), &globs(&["r.xml"])).unwrap(),
+            Some(counts)
         );
     }
 

@@ -56,6 +56,7 @@ fn quick_benchmark_writes_the_table() {
         ("D", "| D | assignments/s: backlog"),
         ("S", "| S | T as history grows"),
         ("P", "| P | an 8 s suite as 4 shards"),
+        ("P", "| P | longest of 4 shards of a skewed"),
     ] {
         let row = table
             .lines()

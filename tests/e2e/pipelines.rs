@@ -598,5 +598,77 @@ async fn status_counts_a_pipeline_running_several_jobs_as_one_run() {
         status["in_flight"].as_array().unwrap().len(),
         2,
         "{status:#}"
+
+/// A sharded job whose command writes a JUnit report of the files its shard was given (8 s for
+/// `tests/test_big.py`, 1 s for each other one) and prints them.
+const SHARDED: &str = r#"
+[jobs.test]
+parallel = 2
+shard_tests = ["tests/test_*.py"]
+junit = ["report.xml"]
+command = '''
+{ echo '<testsuite name="s">'
+  while read -r f; do
+    t=1.0; [ "$f" = tests/test_big.py ] && t=8.0
+    echo "<testcase classname=\"$(echo "${f%.py}" | tr / .)\" name=\"t\" time=\"$t\"/>"
+  done < "$JETCI_SHARD_TESTS"
+  echo '</testsuite>'; } > report.xml
+echo "tests: $(tr '\n' ' ' < "$JETCI_SHARD_TESTS")end"
+'''
+"#;
+
+/// The test files each shard of `sha` was given, by shard (from 0).
+fn shard_files(results: &[Value], sha: &str) -> Vec<Vec<String>> {
+    let (run, jobs) = split(results, sha);
+    assert_eq!(run["status"], "passed", "{run:#}");
+    (1..=2)
+        .map(|shard| {
+            let job = by_name(&jobs, &format!("test ({shard}/2)"));
+            let tail = job["output_tail"].as_str().unwrap();
+            let listed = tail
+                .split_once("tests: ")
+                .and_then(|(_, rest)| rest.split_once("end"))
+                .unwrap_or_else(|| panic!("no test list in {tail:?}"))
+                .0;
+            listed.split_whitespace().map(String::from).collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shards_take_their_tests_round_robin_then_balanced_by_recorded_junit_times() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let mut files: Vec<(String, String)> = vec![
+        (".jetci.toml".into(), SHARDED.into()),
+        ("tests/test_big.py".into(), String::new()),
+        ("tests/helper.py".into(), String::new()),
+    ];
+    files.extend((1..=8).map(|i| (format!("tests/test_s{i}.py"), String::new())));
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(p, t)| (p.as_str(), t.as_str()))
+        .collect();
+    let first = repo.commit("sharded", &files);
+    let sys = System::start(&nats, &repo, &["r0", "r1"]);
+    let s =
+        |n: &[u32]| -> Vec<String> { n.iter().map(|i| format!("tests/test_s{i}.py")).collect() };
+
+    // Nothing recorded yet: the files, sorted, dealt in turn. helper.py is no test.
+    let results = wait_results(&sys.url, 3, BOUND).await;
+    let mut dealt = vec!["tests/test_big.py".to_string()];
+    dealt.extend(s(&[2, 4, 6, 8]));
+    assert_eq!(shard_files(&results, &first), [dealt, s(&[1, 3, 5, 7])]);
+
+    // The next commit's shards are balanced by the times the first run's reports recorded:
+    // the 8 s file alone, the eight 1 s files together.
+    let second = repo.commit("more", &[("README", "x")]);
+    let results = wait_results(&sys.url, 6, BOUND).await;
+    assert_eq!(
+        shard_files(&results, &second),
+        [
+            vec!["tests/test_big.py".to_string()],
+            s(&[1, 2, 3, 4, 5, 6, 7, 8])
+        ]
     );
 }

@@ -13,6 +13,27 @@ use crate::{fms, median, ms, pct, verdict, Opts, Report, Row, Stack};
 const ONE_JOB: &str = "command = \"sleep 8\"\n";
 const SHARDED: &str = "[jobs.suite]\ncommand = \"sleep 2\"\nparallel = 4\n";
 
+/// A suite of 12 test files of skewed lengths (10 s in all; each file holds its seconds), in 4
+/// shards that take their files from `JETCI_SHARD_TESTS`, sleep each file's time and write a
+/// JUnit report of it.
+const SKEWED_SECONDS: [&str; 12] = [
+    "2.4", "1.6", "1.2", "1.0", "0.8", "0.8", "0.6", "0.4", "0.4", "0.4", "0.2", "0.2",
+];
+const SKEWED_SHARDS: u32 = 4;
+const BALANCED: &str = r#"[jobs.suite]
+parallel = 4
+shard_tests = ["tests/t*.txt"]
+junit = ["report.xml"]
+command = '''
+{ echo '<testsuite name="s">'
+  while read -r f; do
+    t=$(cat "$f"); sleep "$t"
+    echo "<testcase classname=\"$(echo "${f%.txt}" | tr / .)\" name=\"t\" time=\"$t\"/>"
+  done < "$JETCI_SHARD_TESTS"
+  echo '</testsuite>'; } > report.xml
+'''
+"#;
+
 /// `n` jobs of `true`, all side by side (no needs).
 fn trivial_pipeline(n: usize) -> String {
     (0..n)
@@ -95,13 +116,73 @@ pub fn bench_pipelines(rt: &tokio::runtime::Runtime, o: &Opts, rep: &mut Report)
         goal: "≤ a run of one job".into(),
         verdict: verdict(per_job <= median(&single)),
     });
+    bench_balance(rt, n, rep)?;
     rep.notes.push(format!(
         "P: one dispatcher, an observer polling every 50 ms, runners of one slot; a sample is timed \
          from just before `git commit` to the run's result on `ci.results.*.*.*` (a pipeline's job \
          results are one token deeper and not counted). The sharded suite is `[jobs.suite]` `sleep 2` \
          with `parallel = 4` on 4 runners; the one-job suite is `sleep 8` on the same 4 runners; the \
          floor is `sleep 8` in a fresh checkout. The overhead row divides a run of {jobs} `true` jobs \
-         (no needs) on one runner by {jobs}, against a run of one `true` job."
+         (no needs) on one runner by {jobs}, against a run of one `true` job. The balance row: \
+         12 files of 2.4, 1.6, 1.2, 1.0, 0.8, 0.8, 0.6, 0.4, 0.4, 0.4, 0.2 and 0.2 s (10 s) in \
+         `parallel = 4` shards on 4 runners, each shard sleeping its files' times from \
+         `JETCI_SHARD_TESTS` and writing their JUnit times; its figure is the longest shard's \
+         `duration_ms` in the run's `jobs`, against the ideal 10 s / 4; the first run, before any \
+         time is recorded, deals the files round-robin."
     ));
+    Ok(())
+}
+/// The longest shard of a skewed suite split by recorded JUnit times, against total / N.
+fn bench_balance(rt: &tokio::runtime::Runtime, n: usize, rep: &mut Report) -> Result<()> {
+    let files: Vec<(String, &str)> = SKEWED_SECONDS
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("tests/t{i:02}.txt"), *s))
+        .collect();
+    let mut st = Stack::new(rt)?;
+    let mut all: Vec<(&str, &str)> = vec![(".jetci.toml", BALANCED), ("README.md", "bench\n")];
+    all.extend(files.iter().map(|(p, s)| (p.as_str(), *s)));
+    let repo = Repo::new(&all)?;
+    st.dispatcher()?;
+    for _ in 0..SKEWED_SHARDS {
+        st.runner()?;
+    }
+    st.observer(&repo, "balance", "50ms")?;
+    let longest = |a: &crate::sys::Arrival| -> Result<f64> {
+        if a.status != "passed" || a.jobs_ms.len() != SKEWED_SHARDS as usize {
+            bail!("balance run: status {}, {} jobs", a.status, a.jobs_ms.len());
+        }
+        Ok(a.jobs_ms.iter().copied().max().unwrap_or(0) as f64)
+    };
+    let first = longest(&st.wait_sha(&repo.head()?)?)?;
+    let mut balanced = Vec::with_capacity(n);
+    for i in 0..n {
+        let sha = repo.commit(&format!("sample {i}"))?;
+        balanced.push(longest(&st.wait_sha(&sha)?)?);
+    }
+    drop(st);
+    let total: f64 = SKEWED_SECONDS
+        .iter()
+        .map(|s| s.parse::<f64>().unwrap_or(0.0) * 1000.0)
+        .sum();
+    let ideal = total / SKEWED_SHARDS as f64;
+    let ratio = median(&balanced) / ideal;
+    rep.rows.push(Row {
+        id: "P",
+        what: format!(
+            "longest of {SKEWED_SHARDS} shards of a skewed 10 s suite, split by recorded JUnit times"
+        ),
+        n: n.to_string(),
+        median: fms(median(&balanced)),
+        p95: fms(pct(&balanced, 95.0)),
+        floor: format!(
+            "{} (ideal: total / {SKEWED_SHARDS}; first run, round-robin: {})",
+            fms(ideal),
+            fms(first)
+        ),
+        ratio: format!("{ratio:.2}× the ideal"),
+        goal: "≤ 1.2× the ideal".into(),
+        verdict: verdict(ratio <= 1.2),
+    });
     Ok(())
 }

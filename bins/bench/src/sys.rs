@@ -296,7 +296,11 @@ impl Repo {
         r.git(&["config", "commit.gpgsign", "false"])?;
         r.git(&["config", "gc.auto", "0"])?;
         for (name, body) in files {
-            fs::write(r.path().join(name), body)?;
+            let path = r.path().join(name);
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent)?;
+            }
+            fs::write(path, body)?;
         }
         r.git(&["add", "-A"])?;
         // Dated in the past (2023-11-14), so that the history `fast_commits` adds above it, a
@@ -433,6 +437,8 @@ pub struct Arrival {
     pub sha: String,
     pub status: String,
     pub attempt: u64,
+    /// A pipeline run's jobs' `duration_ms`, in the run's order (empty for a run of one job).
+    pub jobs_ms: Vec<u64>,
 }
 
 /// Subscribes to `ci.results.>` with core NATS on its own thread and runtime, so arrival times
@@ -480,6 +486,14 @@ impl Listener {
                         sha: s("sha"),
                         status: s("status"),
                         attempt: v["attempt"].as_u64().unwrap_or(0),
+                        jobs_ms: v["jobs"]
+                            .as_array()
+                            .map(|jobs| {
+                                jobs.iter()
+                                    .map(|j| j["duration_ms"].as_u64().unwrap_or(0))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
                     };
                     let (lock, cv) = &*st;
                     lock.lock().unwrap().push(a);

@@ -4,18 +4,19 @@
 //! streamed to `CI_LOGS` ([`crate::logs`]) and its test counts read from the output or JUnit
 //! files. The protocol around it (claim, heartbeat, fence, verdict, ack) is the library's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_nats::jetstream::kv;
 use jetci::connect::Nats;
 use jetci::git::Mirror;
 use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
-use jetci::pipeline::{self, Resolved};
+use jetci::pipeline::{self, shard, timings, Resolved};
 use jetci::repo_config::{check_size, RepoConfig, FILE_NAME};
 use jetci::runner::{Execution, Executor};
-use jetci::test_report::{read_junit, OutputScanner};
+use jetci::test_report::{read_junit_report, CaseTime, OutputScanner};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -71,9 +72,15 @@ pub struct Settings {
     pub max_procs: Option<u32>,
 }
 
+/// The name of the file, in the job's TMPDIR, that lists its shard's tests (`JETCI_SHARD_TESTS`).
+const SHARD_TESTS_FILE: &str = "jetci-shard-tests.txt";
+
 /// Checks a job out into a fresh workspace and runs its command there.
 pub struct ShellExecutor {
     nats: Nats,
+    /// `ci-timings` and `ci-shards` ([`timings`]).
+    timings: kv::Store,
+    splits: kv::Store,
     settings: Settings,
     /// One lock per mirror: jobs of one repository fetch one at a time.
     mirrors: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
@@ -123,10 +130,13 @@ impl Executor for ShellExecutor {
 }
 
 impl ShellExecutor {
-    /// An executor that publishes logs with `nats`.
-    pub fn new(nats: Nats, settings: Settings) -> ShellExecutor {
+    /// An executor that publishes logs with `nats` and keeps shard timings and splits in
+    /// `stores` (`ci-timings`, `ci-shards`).
+    pub fn new(nats: Nats, stores: (kv::Store, kv::Store), settings: Settings) -> ShellExecutor {
         ShellExecutor {
             nats,
+            timings: stores.0,
+            splits: stores.1,
             settings,
             mirrors: Mutex::new(HashMap::new()),
         }
@@ -157,7 +167,7 @@ impl ShellExecutor {
                 result.output_tail = format!("jetci: {reason}\n");
                 result.reason = Some(reason);
             }
-            Ok((spec, config)) => {
+            Ok((spec, config, tests)) => {
                 let mut output = JobOutput {
                     log: LogSink::start(&self.nats, log_subject, self.settings.log_cap),
                     scanner: OutputScanner::new(),
@@ -167,8 +177,18 @@ impl ShellExecutor {
                 result.finished_at = OffsetDateTime::now_utc();
                 result.duration_ms = clock.elapsed().as_millis() as u64;
                 output.log.finish(Duration::from_secs(10)).await;
-                result.tests =
-                    test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
+                let (counts, measured) = test_counts(
+                    &result.job_id,
+                    &spec.dir,
+                    &config.junit,
+                    &tests,
+                    output.scanner,
+                )
+                .await;
+                result.tests = counts;
+                if let Some(base) = &config.base {
+                    self.record_times(job, base, &tests, &measured).await;
+                }
                 match outcome {
                     Err(e) => {
                         let command = jetci::limits::clip(&spec.command, SHOWN_COMMAND);
@@ -199,7 +219,9 @@ impl ShellExecutor {
     /// disk, a repository that moved: worth another attempt, maybe on another runner);
     /// [`Prepare::Fail`] when the commit's own `.jetci.toml` is wrong (every attempt would fail
     /// the same way).
-    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, Resolved), Prepare> {
+    ///
+    /// For a job with `shard_tests`, the third part is its whole test list (every shard's).
+    async fn prepare(&self, job: &JobMsg) -> Result<(Spec, Resolved, Vec<String>), Prepare> {
         let dir = self.job_dir(&job.attempt_id());
         let src = dir.join("src");
         let home = dir.join("home");
@@ -245,7 +267,15 @@ impl ShellExecutor {
         // The job the message names: a pipeline's job, or the run's only one.
         let resolved = pipeline::resolve(&config, &job.branch, job.job.as_deref())
             .map_err(|e| Prepare::Fail(e.to_string()))?;
-        let env = self.job_env(job, &home, &tmp, &resolved.env);
+        let mut env = self.job_env(job, &home, &tmp, &resolved.env);
+        let tests = if resolved.shard_tests.is_empty() {
+            vec![]
+        } else {
+            let file = tmp.join(SHARD_TESTS_FILE);
+            let tests = self.shard_tests(job, &resolved, &src, &file).await?;
+            env.push(("JETCI_SHARD_TESTS".into(), file.display().to_string()));
+            tests
+        };
         let sandbox = self.settings.sandbox.as_ref().map(|sandbox| {
             let dirs = JobDirs {
                 checkout: src.clone(),
@@ -271,7 +301,71 @@ impl ShellExecutor {
             owner: self.owner(),
             sandbox,
         };
-        Ok((spec, resolved))
+        Ok((spec, resolved, tests))
+    }
+
+    /// Lists the job's tests in the checkout, takes the commit's split (made now, or by a shard
+    /// that started earlier) and writes this shard's part to `file`, one path per line.
+    /// Returns the whole list.
+    ///
+    /// Errors: [`Prepare::Fail`] for a listing the globs cannot make (too many files, a loop of
+    /// directories too large) or a split that does not fit; [`Prepare::Retry`] when JetStream
+    /// does not answer or the file cannot be written.
+    async fn shard_tests(
+        &self,
+        job: &JobMsg,
+        resolved: &Resolved,
+        checkout: &Path,
+        file: &Path,
+    ) -> Result<Vec<String>, Prepare> {
+        let (dir, globs) = (checkout.to_path_buf(), resolved.shard_tests.clone());
+        let tests = tokio::task::spawn_blocking(move || shard::list_tests(&dir, &globs))
+            .await
+            .map_err(|e| Prepare::Retry(format!("listing the tests failed: {e}")))?
+            .map_err(Prepare::Fail)?;
+        let (index, count) = resolved.shard.unwrap_or((0, 1));
+        let base = resolved.base.as_deref().unwrap_or("job");
+        let split = timings::split_for(
+            &self.timings,
+            &self.splits,
+            &job.repo,
+            &job.sha,
+            base,
+            &tests,
+            count,
+        )
+        .await
+        .map_err(Prepare::Retry)?;
+        let part = split.part(&tests, index, count).map_err(Prepare::Fail)?;
+        let mut text = part.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        tokio::fs::write(file, text)
+            .await
+            .map_err(|e| Prepare::Retry(format!("cannot write {}: {e}", file.display())))?;
+        tracing::debug!(job = %job.attempt_id(), tests = tests.len(), part = part.len(), timed = split.timed, "shard's tests chosen");
+        Ok(tests)
+    }
+
+    /// Adds this shard's testcase times to the job's timings; a failure is logged and changes
+    /// nothing else (the next split is only less balanced).
+    async fn record_times(
+        &self,
+        job: &JobMsg,
+        base: &str,
+        tests: &[String],
+        measured: &BTreeMap<String, u64>,
+    ) {
+        if measured.is_empty() {
+            return;
+        }
+        match timings::record_times(&self.timings, &job.repo, base, tests, measured).await {
+            Ok(files) => tracing::debug!(job = %job.attempt_id(), files, "test timings recorded"),
+            Err(e) => {
+                tracing::warn!(job = %job.attempt_id(), error = %e, "test timings not recorded")
+            }
+        }
     }
 
     /// The job's environment: a short allow-list from the runner's own, a fresh HOME and TMPDIR,
@@ -314,18 +408,32 @@ impl ShellExecutor {
 
 /// The result's test counts: the repository's JUnit XML files when its `junit` globs match some,
 /// else the unittest or pytest summary found in the output. An unreadable report is logged and
-/// never changes the job's status.
+/// never changes the job's status. For a job with a test list (`shard_tests`), the JUnit
+/// testcases' times summed by test file as well ([`shard::FileIndex`]), all of it off the
+/// async threads: a hostile report must not delay the heartbeats.
 async fn test_counts(
     job_id: &str,
     checkout: &Path,
     junit: &[String],
+    tests: &[String],
     scanner: OutputScanner,
-) -> Option<TestCounts> {
+) -> (Option<TestCounts>, BTreeMap<String, u64>) {
     if !junit.is_empty() {
-        let (dir, globs) = (checkout.to_path_buf(), junit.to_vec());
-        match tokio::task::spawn_blocking(move || read_junit(&dir, &globs)).await {
-            Ok(Ok(Some(counts))) => return Some(counts),
-            Ok(Ok(None)) => {}
+        let (dir, globs, tests) = (checkout.to_path_buf(), junit.to_vec(), tests.to_vec());
+        let read = tokio::task::spawn_blocking(move || {
+            let mut measured = BTreeMap::new();
+            if tests.is_empty() {
+                return read_junit_report(&dir, &globs, None).map(|c| (c, measured));
+            }
+            let index = shard::FileIndex::new(&tests);
+            let mut on_case = |case: CaseTime| index.measure(&case, &mut measured);
+            let counts = read_junit_report(&dir, &globs, Some(&mut on_case))?;
+            Ok((counts, measured))
+        })
+        .await;
+        match read {
+            Ok(Ok((Some(counts), measured))) => return (Some(counts), measured),
+            Ok(Ok((None, _))) => {}
             Ok(Err(e)) => {
                 tracing::warn!(job = %job_id, error = %e, "cannot read a JUnit report; counting from the output")
             }
@@ -334,7 +442,7 @@ async fn test_counts(
             }
         }
     }
-    scanner.finish()
+    (scanner.finish(), BTreeMap::new())
 }
 
 /// The checkout's `.jetci.toml`, `None` when it has none. Only a regular file is read (a

@@ -211,6 +211,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let streams = jetci::streams::setup(&nats).await?;
     let executor = ShellExecutor::new(
         nats.clone(),
+        (streams.timings.clone(), streams.shards.clone()),
         Settings {
             id: id.clone(),
             work_dir: work_dir.clone(),

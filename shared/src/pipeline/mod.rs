@@ -7,7 +7,8 @@
 //!   plans again from its own checkout and runs the job the message names ([`resolve`]).
 //! - [`progress`] decides, as the jobs end, which job may start, which is skipped, what
 //!   `fail_fast` cancels, and the run's verdict. The dispatcher's core drives it.
-//! - [`shard`] splits a job's tests over its shards by recorded durations (longest first).
+//! - [`shard`] splits a job's tests over its shards by recorded durations (longest first);
+//!   [`timings`] keeps the splits and durations in JetStream KV.
 //!
 //! A file with one top-level `command` (or none) is a run of one job, exactly as before
 //! pipelines: its job has no token and its result is the run's result.
@@ -15,6 +16,7 @@
 pub mod plan;
 pub mod progress;
 pub mod shard;
+pub mod timings;
 
 pub use plan::{plan, resolve, PlannedJob, Resolved};
 pub use progress::{Outcome, Progress, Verdict};

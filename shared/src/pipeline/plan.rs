@@ -41,6 +41,8 @@ pub struct PlannedJob {
     pub timeout: Option<Duration>,
     pub env: Vec<(String, String)>,
     pub junit: Vec<String>,
+    /// Globs of the test files its shards share.
+    pub shard_tests: Vec<String>,
 }
 
 /// The most bytes a plan's names, tokens, needs and labels may take (what a commit message
@@ -169,6 +171,7 @@ fn expand(spec: &JobSpec) -> Vec<PlannedJob> {
                 timeout: spec.timeout,
                 env,
                 junit: spec.junit.clone(),
+                shard_tests: spec.shard_tests.clone(),
             });
         }
     }
@@ -186,6 +189,12 @@ pub struct Resolved {
     pub timeout: Option<Duration>,
     pub env: Vec<(String, String)>,
     pub junit: Vec<String>,
+    /// Its `[jobs.<name>]` table, for a pipeline's job.
+    pub base: Option<String>,
+    /// `(index, count)`, index from 0, for one of several shards.
+    pub shard: Option<(u32, u32)>,
+    /// Globs of the test files its shards share (empty: no `JETCI_SHARD_TESTS`).
+    pub shard_tests: Vec<String>,
 }
 
 /// The job `token` (`None`: the run's only job) of a run of `branch` under `config`.
@@ -212,6 +221,7 @@ pub fn resolve(
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             junit: config.junit.clone(),
+            ..Resolved::default()
         }),
         Some(token) => {
             let job = plan(config, branch)?
@@ -228,6 +238,9 @@ pub fn resolve(
                 timeout: job.timeout,
                 env: job.env,
                 junit: job.junit,
+                base: Some(job.base),
+                shard: job.shard,
+                shard_tests: job.shard_tests,
             })
         }
     }

@@ -152,7 +152,25 @@ impl<E: Executor> Runner<E> {
     ) -> Execution {
         let result = ResultMsg::for_attempt(&self.nats.names, job, &self.config.id);
         let Some(who) = cancelled else {
-            return self.executor.execute(job, result, stop).await;
+            // A panic in the executor must not leave the job `running` with its heartbeat
+            // going on forever: it becomes another attempt, with the panic as the reason.
+            let run = std::panic::AssertUnwindSafe(self.executor.execute(job, result, stop));
+            return match futures::FutureExt::catch_unwind(run).await {
+                Ok(execution) => execution,
+                Err(panic) => {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    tracing::error!(job = %job.attempt_id(), panic = %what, "the runner failed while running the job");
+                    Execution::Retry(format!(
+                        "runner {} failed while running the job: {}",
+                        self.config.id,
+                        crate::limits::clip(&what, 200)
+                    ))
+                }
+            };
         };
         tracing::info!(job = %job.attempt_id(), who = %who, "job cancelled before it started; not running it");
         let reason = format!("cancelled {who}");
