@@ -166,7 +166,7 @@ impl ShellExecutor {
                 // The command's time, not the log upload's (slow while NATS recovers).
                 result.finished_at = OffsetDateTime::now_utc();
                 result.duration_ms = clock.elapsed().as_millis() as u64;
-                output.log.finish(Duration::from_secs(10)).await;
+                output.log.finish(&self.nats, Duration::from_secs(10)).await;
                 result.tests =
                     test_counts(&result.job_id, &spec.dir, &config.junit, output.scanner).await;
                 match outcome {
