@@ -333,3 +333,46 @@ async fn lost_attempt_with_a_stored_result(cancel: Option<&str>) {
         dispatcher.log()
     );
 }
+
+/// A runner SIGKILLed just before a NATS outage longer than the lease: after the outage the
+/// dispatcher restarts its lease clocks, but must not take the dead runner for alive and give
+/// it the next commit (found by a review of issue 17: that commit's first attempt was lost).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_killed_before_a_nats_outage_gets_no_job_after_it() {
+    let mut nats = NatsServer::start();
+    let url = nats.url();
+    let executions = Executions::new();
+    let repo = GitRepo::new();
+    let toml = format!(
+        "command = {:?}\n",
+        format!("{}; sleep 12", executions.record())
+    );
+    let first = repo.commit("long", &[(".jetci.toml", toml.as_str())]);
+    let mut sys = System::start_with(&nats, &repo, &["r0", "r1"], &executions.runner_flags());
+
+    let holder = wait_job_phase(&url, &app_job(&first).key(), "running", BOUND).await;
+    let idle = if holder == "r0" { 1 } else { 0 };
+    sys.runners[idle].kill();
+    nats.kill();
+    // Longer than the lease (3 s): every clock is restarted when NATS is back.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    nats.restart();
+    let toml = format!(
+        "command = {:?}\n",
+        format!("{}; echo second", executions.record())
+    );
+    let second = repo.commit("short", &[(".jetci.toml", toml.as_str())]);
+
+    let results = wait_results(&url, 2, BOUND * 2).await;
+    let r = results
+        .iter()
+        .find(|r| r["sha"] == second.as_str())
+        .expect("the second commit's result");
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert_eq!(
+        r["attempt"], 1,
+        "no attempt was given to the dead runner: {r:#}"
+    );
+    assert_eq!(r["runner"], holder.as_str(), "{r:#}");
+    assert_eq!(executions.count(), 2, "{:?}", executions.all());
+}

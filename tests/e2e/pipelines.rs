@@ -598,6 +598,8 @@ async fn status_counts_a_pipeline_running_several_jobs_as_one_run() {
         status["in_flight"].as_array().unwrap().len(),
         2,
         "{status:#}"
+    );
+}
 
 /// A sharded job whose command writes a JUnit report of the files its shard was given (8 s for
 /// `tests/test_big.py`, 1 s for each other one) and prints them.

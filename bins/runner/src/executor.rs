@@ -176,7 +176,7 @@ impl ShellExecutor {
                 // The command's time, not the log upload's (slow while NATS recovers).
                 result.finished_at = OffsetDateTime::now_utc();
                 result.duration_ms = clock.elapsed().as_millis() as u64;
-                output.log.finish(Duration::from_secs(10)).await;
+                output.log.finish(&self.nats, Duration::from_secs(10)).await;
                 let (counts, measured) = test_counts(
                     &result.job_id,
                     &spec.dir,

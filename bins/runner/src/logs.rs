@@ -100,12 +100,33 @@ impl LogSink {
     }
 
     /// Closes the log and waits (at most `within`) until what was queued is published, so the
-    /// log is complete before the result says so.
-    pub async fn finish(mut self, within: Duration) {
+    /// log is complete before the result says so; but not while NATS is away: a result never
+    /// waits on its log's chunks through an outage (each would wait for an ack that cannot
+    /// come). The chunks left are still published, in order, by the publisher task, once NATS
+    /// is back.
+    pub async fn finish(mut self, nats: &Nats, within: Duration) {
         self.tx.take();
-        let _ = tokio::time::timeout(within, &mut self.task).await;
+        let deadline = tokio::time::Instant::now() + within;
+        let connected =
+            || nats.client.connection_state() == async_nats::connection::State::Connected;
+        while connected() {
+            let step = tokio::time::sleep_until(
+                deadline.min(tokio::time::Instant::now() + CONNECTION_CHECK),
+            );
+            tokio::select! {
+                _ = &mut self.task => return,
+                _ = step => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+        }
+        tracing::warn!("NATS is away: the result goes ahead of its log's last chunks");
     }
 }
+
+/// How often [`LogSink::finish`] looks at the connection while it waits.
+const CONNECTION_CHECK: Duration = Duration::from_millis(100);
 
 /// The publisher task: coalesces queued chunks up to [`MAX_CHUNK`] and publishes them in order,
 /// each with its byte offset in a `Jetci-Offset` header.

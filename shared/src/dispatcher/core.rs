@@ -374,6 +374,10 @@ pub struct Core {
     runners: HashMap<String, Presence>,
     /// Runners a probe found gone, with the presence revision they had then.
     gone: HashMap<String, u64>,
+    /// Runners not heard from since the last reconnect, with the presence revision they had
+    /// then: given no new job until they write a newer one. A runner that died before an outage
+    /// never does, so the outage does not bring it back to life.
+    unconfirmed: HashMap<String, u64>,
     active: HashMap<String, Active>,
     /// Held jobs by job key.
     runs: HashMap<String, Run>,
@@ -400,6 +404,7 @@ impl Core {
             config,
             runners: HashMap::new(),
             gone: HashMap::new(),
+            unconfirmed: HashMap::new(),
             active: HashMap::new(),
             runs: HashMap::new(),
             pipelines: HashMap::new(),
@@ -449,6 +454,7 @@ impl Core {
             } => self.on_runner(key, info, age, revision, now, &mut out),
             Event::RunnerGone { key } => {
                 self.runners.remove(&key);
+                self.unconfirmed.remove(&key);
             }
             Event::ProbeAnswered { runner, gone } => self.on_probe(&runner, gone, now, &mut out),
             Event::Reconnected => self.on_reconnect(now),
@@ -1560,6 +1566,10 @@ impl Core {
             return;
         }
         let written = self.since(age, now);
+        let confirmed = self.unconfirmed.get(&key).is_some_and(|at| revision > *at);
+        if confirmed {
+            self.unconfirmed.remove(&key);
+        }
         let new = !self.runners.contains_key(&key);
         if new {
             tracing::info!(runner = %info.id, labels = ?info.labels, capacity = info.capacity, "runner joined");
@@ -1572,7 +1582,7 @@ impl Core {
                 revision,
             },
         );
-        if new {
+        if new || confirmed {
             self.assign_waiting(now, out);
         }
     }
@@ -1688,7 +1698,9 @@ impl Core {
         }
     }
 
-    /// Back from an outage: every job and runner gets a full lease from now to show it is alive.
+    /// Back from an outage: every job and runner gets a full lease from now to show it is alive,
+    /// and no runner gets a new job before it wrote its presence again (a refresh after the
+    /// outage: a runner SIGKILLed before it never writes one).
     fn on_reconnect(&mut self, now: Instant) {
         tracing::info!(
             jobs = self.active.len(),
@@ -1698,8 +1710,9 @@ impl Core {
         for a in self.active.values_mut() {
             a.written = a.written.max(now);
         }
-        for p in self.runners.values_mut() {
+        for (id, p) in self.runners.iter_mut() {
             p.written = p.written.max(now);
+            self.unconfirmed.insert(id.clone(), p.revision);
         }
         self.gone.clear();
     }
@@ -1769,7 +1782,9 @@ impl Core {
                 labels: &p.info.labels,
                 capacity: p.info.capacity,
                 busy: busy.get(p.info.id.as_str()).copied().unwrap_or(0),
-                available: p.info.accepting && self.runner_alive(&p.info.id, now),
+                available: p.info.accepting
+                    && self.runner_alive(&p.info.id, now)
+                    && !self.unconfirmed.contains_key(&p.info.id),
             })
             .collect()
     }

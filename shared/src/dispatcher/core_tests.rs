@@ -952,11 +952,44 @@ fn a_reconnect_forgives_runners_a_probe_found_gone() {
     w.read(1, Some(versioned(running(1, "r1", 1, 2), 2, MS(10))));
     w.looked_up(1, None);
     assert_eq!(w.core.wanted(w.now), 0);
-    // The probe's "no responders" may have been this dispatcher's own outage.
+    // The probe's "no responders" may have been this dispatcher's own outage: r1 counts again
+    // once it shows it lived through it (a presence written after the reconnect).
     w.on(Event::Reconnected);
+    assert_eq!(w.core.wanted(w.now), 0, "not before r1 wrote its presence");
+    w.runner_at("r1", &[], 2, 2);
     assert!(
         w.core.wanted(w.now) > 0,
         "r1 counts again after a reconnect"
+    );
+}
+
+#[test]
+fn a_runner_dead_before_an_outage_gets_no_job_after_it() {
+    let mut w = World::new();
+    w.runner_at("dead", &[], 1, 1);
+    w.runner_at("alive", &[], 1, 1);
+    // NATS goes away; `dead` was SIGKILLed just before, `alive` lives through it.
+    w.later(MS(3000));
+    w.on(Event::Reconnected);
+    // The watch hands both entries over again, unchanged: that proves nothing.
+    w.runner_at("dead", &[], 1, 1);
+    w.runner_at("alive", &[], 1, 1);
+    assert_eq!(w.core.wanted(w.now), 0);
+    // `alive` refreshes its entry: it takes the next job.
+    w.later(MS(500));
+    w.runner_at("alive", &[], 1, 2);
+    assert!(w.core.wanted(w.now) > 0);
+    w.assigned(1, "alive", 1);
+    // `alive` is full; `dead`, never heard from again, is given nothing, however long it waits.
+    let mut effects = w.deliver(2);
+    w.later(MS(2000));
+    effects.extend(w.tick());
+    assert!(
+        !effects
+            .iter()
+            .any(|e| matches!(e, Effect::PublishJob { .. })
+                || matches!(e, Effect::WriteState { state, .. } if state.runner.is_some())),
+        "{effects:?}"
     );
 }
 

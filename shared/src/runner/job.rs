@@ -390,6 +390,8 @@ impl<E: Executor> Runner<E> {
         let mut result = result.clone();
         let mut replaced = false;
         let mut delay = Duration::from_millis(200);
+        let mut connections = self.nats.connections.clone();
+        connections.mark_unchanged();
         loop {
             match self.publish_once(job, &result).await {
                 Ok(()) => return Some(result),
@@ -407,8 +409,11 @@ impl<E: Executor> Runner<E> {
                     tracing::warn!(job = %result.job_id, error = %e, retry_in = ?delay, "cannot publish the result yet; keeping it");
                 }
             }
+            // Backoff, but at once when the connection comes back: the result is out as soon
+            // as NATS can take it, before the dispatcher's restarted lease clocks run.
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = connections.changed() => delay = Duration::from_millis(200),
                 _ = leaving.cancelled() => return None,
             }
             delay = (delay * 2).min(Duration::from_secs(5));

@@ -323,8 +323,15 @@ async fn register<E: Executor>(runner: Arc<Runner<E>>, draining: CancellationTok
     let started = messages::now();
     let mut tick = tokio::time::interval(runner.config.heartbeat);
     let mut last_beat = std::time::Instant::now();
+    let mut connections = runner.nats.connections.clone();
+    connections.borrow_and_update();
     loop {
-        tick.tick().await;
+        // Every heartbeat, and at once when the connection comes back: dispatchers give a
+        // runner no new job after an outage until its presence is written again.
+        tokio::select! {
+            _ = tick.tick() => {}
+            Ok(()) = connections.changed() => {}
+        }
         let info = RunnerInfo {
             v: VERSION,
             id: runner.config.id.clone(),
