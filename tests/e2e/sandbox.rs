@@ -418,3 +418,25 @@ fn a_runner_whose_sandbox_cannot_be_set_up_does_not_start() {
         runner.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn junit_globs_end_promptly_over_symlink_loops() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let mut sys = System::start(&nats, &repo, &[]);
+    sandboxed(sys.add_runner("r0", &[], &[]));
+    // Directories that link to their parent and to the checkout: a walk that follows them
+    // never ends (it used to, after the job, while the runner heartbeated on).
+    let loops = "d=.; for i in 1 2 3 4 5 6; do d=$d/d$i; mkdir $d; ln -s .. $d/up; \
+                 ln -s \"$PWD\" $d/root; done; mkdir out; \
+                 printf '<testsuite><testcase name=\"a\"/><testcase name=\"b\"><failure/>\
+                 </testcase></testsuite>' > out/r.xml";
+    repo.commit(
+        "loops",
+        &[(".jetci.toml", &toml(loops, "junit = [\"**/*.xml\"]\n"))],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert_eq!(r["tests"]["tests"], 2, "{r:#}");
+    assert_eq!(r["tests"]["failed"], 1, "{r:#}");
+}
