@@ -245,6 +245,14 @@ impl ShellExecutor {
         // The job the message names: a pipeline's job, or the run's only one.
         let resolved = pipeline::resolve(&config, &job.branch, job.job.as_deref())
             .map_err(|e| Prepare::Fail(e.to_string()))?;
+        if self.settings.sandbox.is_none() && config.network == Some(false) {
+            // Only a sandbox can take the network away: never run such a job with it.
+            return Err(Prepare::Fail(format!(
+                "the repository asks for no network (network = false in {FILE_NAME}), and runner \
+                 {} runs jobs without a sandbox, which cannot take the network away",
+                self.settings.id
+            )));
+        }
         let env = self.job_env(job, &home, &tmp, &resolved.env);
         let sandbox = self.settings.sandbox.as_ref().map(|sandbox| {
             let dirs = JobDirs {
