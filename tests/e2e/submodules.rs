@@ -87,3 +87,60 @@ async fn a_submodule_that_cannot_be_fetched_is_an_error_naming_it() {
         "the reason should name the submodule and its URL: {r:#}"
     );
 }
+
+/// A submodule URL is the repository's to choose: one pointing into the runner's work dir (here
+/// at the runner's own mirror of the repository; another repository's would do the same) used to
+/// be fetched outside the sandbox and checked out for the job to read.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_submodule_in_the_runners_work_dir_is_refused_naming_it() {
+    let nats = NatsServer::start();
+    let app = GitRepo::new();
+    let first = app.commit("app", &[("a.txt", "from the mirror")]);
+    let sys = System::start(&nats, &app, &["r0"]);
+    let r = only_result(&nats).await;
+    assert_eq!(r["status"], "passed", "{r:#}");
+    let url = std::fs::canonicalize(app.path()).expect("repo path");
+    let mirror = jetci::git::Mirror::path_for(
+        url.to_str().expect("utf-8"),
+        &sys.work.path().join("r0").join("mirrors"),
+    );
+    assert!(mirror.is_dir(), "{}", mirror.display());
+    // A gitlink to the first commit; an uninitialized submodule is an empty directory.
+    std::fs::create_dir(app.path().join("s")).expect("mkdir");
+    app.run_git(&[
+        "update-index",
+        "--add",
+        "--cacheinfo",
+        &format!("160000,{first},s"),
+    ]);
+    let modules = format!(
+        "[submodule \"s\"]\n\tpath = s\n\turl = {}\n",
+        mirror.display()
+    );
+    let sha = app.commit(
+        "a submodule from the runner's disk",
+        &[
+            (".gitmodules", &modules),
+            (".jetci.toml", "command = \"cat s/a.txt\"\n"),
+        ],
+    );
+    let results = wait_results(&nats.url(), 2, BOUND).await;
+    let r = results
+        .iter()
+        .find(|r| r["sha"] == sha.as_str())
+        .expect("the second commit's result");
+    assert_eq!(r["status"], "error", "{r:#}");
+    let reason = r["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("submodule s ({})", mirror.display()))
+            && reason.contains("runner's work dir"),
+        "{r:#}"
+    );
+    assert!(
+        !r["output_tail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("from the mirror"),
+        "{r:#}"
+    );
+}

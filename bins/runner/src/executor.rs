@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jetci::connect::Nats;
-use jetci::git::Mirror;
+use jetci::git::{CheckoutError, Mirror};
 use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
 use jetci::pipeline::{self, Resolved};
 use jetci::repo_config::{check_size, RepoConfig, FILE_NAME};
@@ -225,10 +225,21 @@ impl ShellExecutor {
             }
             let checkout = Mirror::open(&url, &mirrors).and_then(|mirror| {
                 let oid = mirror.ensure_commit(&sha)?;
-                mirror.checkout(oid, &src_dir)
+                Ok(mirror.checkout(oid, &src_dir))
             });
             drop(guard);
-            checkout.map_err(|e| Prepare::Retry(format!("checkout failed on runner {id}: {e}")))?;
+            match checkout {
+                Ok(Ok(())) => {}
+                // The commit's own doing: every attempt would be refused the same way.
+                Ok(Err(CheckoutError::Refused(e))) => {
+                    return Err(Prepare::Fail(format!("checkout refused: {e}")))
+                }
+                Ok(Err(CheckoutError::Failed(e))) | Err(e) => {
+                    return Err(Prepare::Retry(format!(
+                        "checkout failed on runner {id}: {e}"
+                    )))
+                }
+            }
             read_config(&src_dir.join(FILE_NAME))
         })
         .await
