@@ -539,3 +539,43 @@ async fn a_jobs_dev_is_read_only_and_its_dev_shm_bounded() {
         assert!(out.contains(said), "{said} missing: {r:#}\n{out}");
     }
 }
+
+/// A fork loop is stopped at its bound, not some time after it: a root runner used to count the
+/// job's processes every 100 ms, and a fork bomb reached thousands meanwhile. Where the runner
+/// can make a pids cgroup (here) the kernel refuses the forks past the bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_loop_never_gets_past_its_bound_of_processes() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let mut sys = System::start(&nats, &repo, &[]);
+    sandboxed(sys.add_runner("r0", &["--max-procs", "100", "--cache-dir", cache_dir], &[]));
+    // Each started `sleep` is counted in the cache dir, which outlives the job.
+    repo.commit(
+        "forks",
+        &[(
+            ".jetci.toml",
+            &toml(
+                "i=0; while [ $i -lt 600 ]; do sleep 30 & i=$((i+1)); \
+                 echo $i > \"$JETCI_CACHE_DIR/started\"; done; wait",
+                "",
+            ),
+        )],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    assert_eq!(r["status"], "error", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bound of 100 processes"),
+        "{r:#}"
+    );
+    let started: u32 = std::fs::read_to_string(cache.path().join("started"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(started < 100, "{started} processes started: {r:#}");
+}

@@ -69,6 +69,8 @@ pub struct Settings {
     pub sandbox: Option<Sandbox>,
     /// At most this many processes at once per job (in a sandbox only).
     pub max_procs: Option<u32>,
+    /// Where each job's pids cgroup is made, where the kernel allows it ([`crate::cgroup`]).
+    pub pids: Option<crate::cgroup::PidsParent>,
 }
 
 /// Checks a job out into a fresh workspace and runs its command there.
@@ -276,6 +278,7 @@ impl ShellExecutor {
                 program: sandbox.program.clone(),
                 args: sandbox.command(&dirs, config.network.unwrap_or(true)),
                 max_procs: self.settings.max_procs,
+                pids: self.settings.pids.clone(),
             }
         });
         let spec = Spec {

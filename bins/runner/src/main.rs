@@ -8,6 +8,7 @@
 // not as rustdoc markdown.
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
+mod cgroup;
 mod exec;
 mod executor;
 mod logs;
@@ -216,6 +217,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?;
     }
     let (sandbox, warnings) = choose_sandbox(&args, &work_dir).await?;
+    let pids = match &sandbox {
+        Some(_) => pids_cgroups(&work_dir).await,
+        None => None,
+    };
 
     args.metrics.install()?;
     let shutdown = Shutdown::install()?;
@@ -235,6 +240,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             cache_dir,
             sandbox,
             max_procs: Some(args.max_procs),
+            pids,
         },
     );
     tracing::info!(%id, work_dir = %work_dir.display(), "starting runner");
@@ -325,6 +331,22 @@ fn without_sandbox(
             e.map(|e| e.to_string()).unwrap_or_default()
         )),
     }
+}
+
+/// Where each job's pids cgroup is made, if the kernel lets this runner make them; says in the
+/// log what bounds a job's processes.
+async fn pids_cgroups(work_dir: &std::path::Path) -> Option<cgroup::PidsParent> {
+    let owner = executor::owner_of(work_dir);
+    let found = tokio::task::spawn_blocking(move || cgroup::PidsParent::find(&owner))
+        .await
+        .ok()
+        .flatten();
+    match (&found, nix::unistd::geteuid().is_root()) {
+        (Some(p), _) => tracing::info!(cgroups = ?p, "each job gets a pids cgroup: the kernel refuses its forks past --max-procs"),
+        (None, true) => tracing::warn!("no pids cgroup can be made here: a root runner bounds a job's processes only by counting them every 10 ms"),
+        (None, false) => tracing::info!("no pids cgroup can be made here: RLIMIT_NPROC bounds a job's processes"),
+    }
+    found
 }
 
 /// The runner's secret files: NATS credentials and keys, and git logins, absolute (and resolved
