@@ -558,7 +558,7 @@ async fn a_fork_loop_never_gets_past_its_bound_of_processes() {
             ".jetci.toml",
             &toml(
                 "i=0; while [ $i -lt 600 ]; do sleep 30 & i=$((i+1)); \
-                 echo $i > \"$JETCI_CACHE_DIR/started\"; done; wait",
+                 echo $i >> \"$JETCI_CACHE_DIR/started\"; done; wait",
                 "",
             ),
         )],
@@ -572,10 +572,10 @@ async fn a_fork_loop_never_gets_past_its_bound_of_processes() {
             .contains("bound of 100 processes"),
         "{r:#}"
     );
-    let started: u32 = std::fs::read_to_string(cache.path().join("started"))
+    let started = std::fs::read_to_string(cache.path().join("started"))
         .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
     assert!(started < 100, "{started} processes started: {r:#}");
 }
