@@ -107,11 +107,11 @@ impl JobCgroup {
     /// Removes the cgroup once the kernel has reaped its last process (it cannot be removed
     /// before), trying for a few seconds; blocking.
     pub fn remove(self) {
-        for _ in 0..100 {
+        for _ in 0..500 {
             match std::fs::remove_dir(&self.dir) {
                 Ok(()) => return,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
             }
         }
         tracing::warn!(cgroup = %self.dir.display(), "cannot remove a job's pids cgroup");

@@ -130,8 +130,10 @@ pub async fn run(
             cmd.args(&sandbox.args).arg(SHELL);
             if let Some(n) = sandbox.max_procs {
                 limit_processes(&mut cmd, n);
+                // The token without the owner, which the cgroup's name has already.
+                let name = token.strip_prefix(&spec.owner).unwrap_or(&token);
                 cgroup = sandbox.pids.as_ref().and_then(|pids| {
-                    pids.job(&token, n)
+                    pids.job(name.trim_start_matches('-'), n)
                         .inspect_err(|e| {
                             tracing::warn!(error = %e, "cannot make the job's pids cgroup; counting its processes instead")
                         })
@@ -282,8 +284,9 @@ pub async fn run(
             stopped = Some(Stop::Bound(max));
         }
     }
+    // Removed before the result goes out: a runner stopped right after it leaves nothing.
     if let Some(cgroup) = cgroup {
-        tokio::task::spawn_blocking(move || cgroup.remove());
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
     }
     let ended = match (stopped, status.code(), signal) {
         (Some(Stop::Timeout), _, signal) => Ended::TimedOut { signal },
