@@ -344,6 +344,30 @@ fn junit_err(file: impl Into<String>, reason: impl Into<String>) -> JunitError {
 /// [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
 /// `<testsuites>`/`<testsuite>` root.
 pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, JunitError> {
+    read_junit_within(dir, globs, &Caps::DEFAULT)
+}
+
+/// The bounds of [`read_junit`]; smaller ones in tests.
+struct Caps {
+    entries: usize,
+    files: usize,
+    bytes: u64,
+}
+
+impl Caps {
+    const DEFAULT: Caps = Caps {
+        entries: MAX_JUNIT_ENTRIES,
+        files: MAX_JUNIT_FILES,
+        bytes: MAX_JUNIT_BYTES,
+    };
+}
+
+/// [`read_junit`] within `caps`.
+fn read_junit_within(
+    dir: &Path,
+    globs: &[String],
+    caps: &Caps,
+) -> Result<Option<TestCounts>, JunitError> {
     let root = dir
         .canonicalize()
         .map_err(|e| junit_err(dir.display().to_string(), e.to_string()))?;
@@ -381,12 +405,13 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
             .max_depth(depth);
         for entry in walk {
             visited += 1;
-            if visited > MAX_JUNIT_ENTRIES {
+            if visited > caps.entries {
                 return Err(junit_err(
                     pattern,
                     format!(
-                        "looked at more than {MAX_JUNIT_ENTRIES} files and directories of the \
-                         checkout without finishing; name the reports' directory in the glob"
+                        "looked at more than {} files and directories of the \
+                         checkout without finishing; name the reports' directory in the glob",
+                        caps.entries
                     ),
                 ));
             }
@@ -412,10 +437,10 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
                 continue;
             };
             files.insert((shown, real));
-            if files.len() > MAX_JUNIT_FILES {
+            if files.len() > caps.files {
                 return Err(junit_err(
                     pattern,
-                    format!("the junit globs match more than {MAX_JUNIT_FILES} files"),
+                    format!("the junit globs match more than {} files", caps.files),
                 ));
             }
         }
@@ -424,9 +449,10 @@ pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, Ju
         return Ok(None);
     }
     let mut total = TestCounts::default();
-    let mut budget = MAX_JUNIT_BYTES;
+    let mut budget = caps.bytes;
     for (shown, path) in files {
-        let c = read_junit_file(&path, &mut budget).map_err(|reason| junit_err(shown, reason))?;
+        let c = read_junit_file(&path, &mut budget, caps.bytes)
+            .map_err(|reason| junit_err(shown, reason))?;
         let Some(c) = c else { continue };
         total.tests += c.tests;
         total.passed += c.passed;
@@ -477,8 +503,8 @@ enum Outcome {
 
 /// One file, read as a stream of events (a report can be tens of megabytes of stack traces);
 /// `None` when it is not a regular file (a directory, or a FIFO that would block the read).
-/// Its size is taken from `budget`, the bytes the job's reports may still have.
-fn read_junit_file(path: &Path, budget: &mut u64) -> Result<Option<TestCounts>, String> {
+/// Its size is taken from `budget`, the bytes the job's reports may still have (of `cap`).
+fn read_junit_file(path: &Path, budget: &mut u64, cap: u64) -> Result<Option<TestCounts>, String> {
     use std::os::unix::fs::OpenOptionsExt;
     // Opened without blocking, then checked: a FIFO is never waited on.
     let file = std::fs::OpenOptions::new()
@@ -497,7 +523,7 @@ fn read_junit_file(path: &Path, budget: &mut u64) -> Result<Option<TestCounts>, 
         ));
     }
     *budget = budget.checked_sub(len).ok_or_else(|| {
-        format!("the job's JUnit reports add up to more than {MAX_JUNIT_BYTES} bytes")
+        format!("with the reports before it, more than the {cap} bytes read for a job")
     })?;
     let mut reader = quick_xml::Reader::from_reader(BufReader::new(file));
     reader.config_mut().expand_empty_elements = true;
@@ -1230,5 +1256,38 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
         assert_eq!(walk_plan("a/**/b/*.xml"), (vec!["a"], usize::MAX));
         assert_eq!(walk_plan("junit.xml"), (vec![], 1));
         assert_eq!(walk_plan("./out/x*/r.xml"), (vec!["out"], 2));
+    }
+
+    #[test]
+    fn every_cap_ends_the_reading_with_an_error_saying_so() {
+        let dir = checkout(&[("a/r.xml", JUNIT_PYTEST), ("b/r.xml", JUNIT_PYTEST)]);
+        for i in 0..20 {
+            std::fs::create_dir(dir.path().join(format!("a/d{i}"))).expect("mkdir");
+        }
+        let caps = |entries, files, bytes| Caps {
+            entries,
+            files,
+            bytes,
+        };
+        let all = globs(&["**/*.xml"]);
+        let read = |c: &Caps| read_junit_within(dir.path(), &all, c);
+        assert_eq!(
+            read(&caps(100, 10, 1 << 20))
+                .expect("reads")
+                .map(|c| c.tests),
+            Some(20)
+        );
+        let e = read(&caps(10, 10, 1 << 20)).expect_err("entries");
+        assert!(e.reason.contains("looked at more than 10 files"), "{e}");
+        let e = read(&caps(100, 1, 1 << 20)).expect_err("files");
+        assert!(e.reason.contains("more than 1 files"), "{e}");
+        let one = JUNIT_PYTEST.len() as u64;
+        let e = read(&caps(100, 10, one + 1)).expect_err("bytes");
+        assert!(
+            e.reason
+                .contains(&format!("more than the {} bytes", one + 1)),
+            "{e}"
+        );
+        assert_eq!(e.file, "b/r.xml");
     }
 }
