@@ -22,6 +22,18 @@ pub struct GitError {
     pub message: String,
 }
 
+/// Why [`Mirror::checkout`] failed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// Reading, fetching or writing failed: another attempt (maybe on another runner) may work.
+    #[error(transparent)]
+    Failed(#[from] GitError),
+    /// The commit asks for something the runner refuses to do for it (a submodule URL on the
+    /// runner's own disk, [`check_submodule_url`]): every attempt would be refused the same way.
+    #[error(transparent)]
+    Refused(GitError),
+}
+
 /// The most characters of a libgit2 message kept: it may quote a ref name of any length.
 const MAX_GIT_MESSAGE: usize = 1000;
 
@@ -319,7 +331,13 @@ impl Watched {
     /// local repository, which git2 reads fresh on every call.
     pub fn refresh(&self) -> Result<(), GitError> {
         if self.remote {
-            fetch_all(&self.repo, &self.url, self.login.as_ref(), true)?;
+            fetch_all(
+                &self.repo,
+                &self.url,
+                self.login.as_ref(),
+                CREDENTIALS.get(),
+                true,
+            )?;
         }
         Ok(())
     }
@@ -494,12 +512,13 @@ fn open_or_init_bare(path: &Path) -> Result<Repository, GitError> {
 /// Fetches every branch and tag of `url` into `repo`'s own `refs/heads` and `refs/tags`.
 ///
 /// A server that asks for a user and password gets `login` (the watched URL's own), else the
-/// line of the process's [`CredentialStore`] for `url`; asked a second time (a wrong password),
+/// line of `store` (the process's [`CredentialStore`], when its logins may go to `url`); asked a second time (a wrong password),
 /// the fetch fails instead of trying again forever.
 fn fetch_all(
     repo: &Repository,
     url: &str,
     login: Option<&Login>,
+    store: Option<&CredentialStore>,
     prune: bool,
 ) -> Result<(), GitError> {
     let url = &split_credentials(url).0;
@@ -512,7 +531,7 @@ fn fetch_all(
     let mut remote = repo
         .remote_anonymous(url)
         .map_err(err(format!("cannot fetch {url}")))?;
-    let login = login.or_else(|| CREDENTIALS.get().and_then(|store| store.login_for(url)));
+    let login = login.or_else(|| store.and_then(|store| store.login_for(url)));
     let mut asked = false;
     let mut callbacks = git2::RemoteCallbacks::new();
     callbacks.credentials(move |_, _, allowed| {
@@ -597,6 +616,12 @@ impl Mirror {
     ///
     /// Errors: the fetch fails, or the commit is not in the repository after it.
     pub fn ensure_commit(&self, sha: &str) -> Result<Oid, GitError> {
+        self.fetch_commit(sha, true)
+    }
+
+    /// [`Mirror::ensure_commit`], offering the process's logins ([`use_credentials`]) to the
+    /// server only when `logins` is true.
+    fn fetch_commit(&self, sha: &str, logins: bool) -> Result<Oid, GitError> {
         let oid = Oid::from_str(sha).map_err(err(format!("{sha} is not a commit id")))?;
         if self.repo.find_commit(oid).is_ok() {
             return Ok(oid);
@@ -606,7 +631,8 @@ impl Mirror {
             let _guard = lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             // Another job may have fetched it while this one waited for the lock.
             if self.repo.find_commit(oid).is_err() {
-                fetch_all(&self.repo, &self.url, None, false)?;
+                let store = CREDENTIALS.get().filter(|_| logins);
+                fetch_all(&self.repo, &self.url, None, store, false)?;
             }
         }
         self.repo
@@ -633,21 +659,29 @@ impl Mirror {
     ///
     /// Errors: the commit cannot be read or written out; a gitlink has no `.gitmodules` entry;
     /// a submodule cannot be fetched or lacks its commit; submodules nest deeper than
-    /// [`MAX_SUBMODULE_DEPTH`]. Every submodule error starts with `submodule <path> (<url>)`.
-    pub fn checkout(&self, oid: Oid, dest: &Path) -> Result<(), GitError> {
+    /// [`MAX_SUBMODULE_DEPTH`]. [`CheckoutError::Refused`]: a submodule URL the runner does not
+    /// fetch for a job ([`check_submodule_url`]). Every submodule error starts with
+    /// `submodule <path> (<url>)`.
+    ///
+    /// The runner's logins (`--git-credentials`) are offered to a submodule only on the scheme,
+    /// host and port of the repository being checked out (this mirror's URL): a commit cannot
+    /// send them to a server of its choosing.
+    pub fn checkout(&self, oid: Oid, dest: &Path) -> Result<(), CheckoutError> {
         let mut chain = vec![(self.path.clone(), oid)];
-        self.checkout_recursive(oid, dest, "", &mut chain)
+        self.checkout_recursive(oid, dest, "", &self.url, &mut chain)
     }
 
     /// [`Mirror::checkout`] for a commit at `prefix` (`""` for the job's own commit, `a/b/` for
-    /// a submodule at `a/b`), `chain` being the mirrors and commits being checked out above it.
+    /// a submodule at `a/b`), `top` the URL of the repository whose commit the job checks out, and
+    /// `chain` the mirrors and commits being checked out above it.
     fn checkout_recursive(
         &self,
         oid: Oid,
         dest: &Path,
         prefix: &str,
+        top: &str,
         chain: &mut Vec<(PathBuf, Oid)>,
-    ) -> Result<(), GitError> {
+    ) -> Result<(), CheckoutError> {
         let commit = self
             .repo
             .find_commit(oid)
@@ -698,7 +732,8 @@ impl Mirror {
                         "commit {oid} has no entry with path = {path} in its .gitmodules, so the \
                          submodule's URL is unknown"
                     ),
-                });
+                }
+                .into());
             };
             let sub_err = |message: String| GitError {
                 context: format!("submodule {shown} ({raw_url})"),
@@ -714,11 +749,18 @@ impl Mirror {
                 context: format!("submodule {shown} ({url})"),
                 message: e.to_string(),
             };
+            check_submodule_url(top, &url, &self.root).map_err(|message| {
+                CheckoutError::Refused(GitError {
+                    context: format!("submodule {shown} ({url})"),
+                    message,
+                })
+            })?;
             if chain.len() > MAX_SUBMODULE_DEPTH {
                 return Err(sub_err(GitError {
                     context: "too deep".into(),
                     message: format!("submodules nest more than {MAX_SUBMODULE_DEPTH} levels"),
-                }));
+                })
+                .into());
             }
             let mirror = Mirror::open(&url, &self.root).map_err(sub_err)?;
             // A commit cannot contain itself through gitlinks (its id would depend on itself),
@@ -728,10 +770,11 @@ impl Mirror {
                 return Err(sub_err(GitError {
                     context: "cycle".into(),
                     message: format!("commit {sub_oid} contains itself"),
-                }));
+                })
+                .into());
             }
             mirror
-                .ensure_commit(&sub_oid.to_string())
+                .fetch_commit(&sub_oid.to_string(), same_origin(top, &url))
                 .map_err(sub_err)?;
             let sub_dest = dest.join(&path);
             std::fs::create_dir_all(&sub_dest).map_err(|e| GitError {
@@ -740,7 +783,7 @@ impl Mirror {
             })?;
             chain.push((mirror.path.clone(), sub_oid));
             // Errors from below already name their own full path and URL.
-            mirror.checkout_recursive(sub_oid, &sub_dest, &format!("{shown}/"), chain)?;
+            mirror.checkout_recursive(sub_oid, &sub_dest, &format!("{shown}/"), top, chain)?;
             chain.pop();
         }
         Ok(())
@@ -870,6 +913,91 @@ fn gitlinks(tree: &git2::Tree<'_>) -> Result<Vec<(String, Oid)>, GitError> {
         });
     }
     Ok(links)
+}
+
+/// Whether a runner fetches, for a job of the repository at `top` (its URL or local path), a
+/// submodule from `url` (resolved, [`resolve_submodule_url`]); `mirror_root` is the runner's
+/// mirrors dir, whose parent is its work dir. Pure but for resolving symlinks of local paths.
+///
+/// A submodule on a server (any URL but `file://`) is fetched as any repository. One on the
+/// runner's own disk (a path, or a `file://` URL) is fetched only for a *local* `top` (a path
+/// or `file://`), when it lies in the directory that holds `top` (beside it, as `../lib.git`
+/// or `/srv/git/lib.git` for `/srv/git/app`) and outside the runner's work dir (another
+/// repository's mirror there is not the job's to read). A remote repository's commit cannot
+/// make the runner read its own disk.
+///
+/// Errors: why it is refused, in one line.
+pub fn check_submodule_url(top: &str, url: &str, mirror_root: &Path) -> Result<(), String> {
+    let Some(path) = local_path(url) else {
+        return Ok(());
+    };
+    let Some(top) = local_path(top) else {
+        return Err(
+            "a submodule of a repository on a server must be on a server too: the runner does \
+             not read paths or file:// URLs on its own disk for it"
+                .into(),
+        );
+    };
+    if !path.is_absolute() {
+        return Err("a local submodule must be an absolute path or relative with ./ or ../".into());
+    }
+    let real = |p: &Path| {
+        let p = normalize(p);
+        std::fs::canonicalize(&p).unwrap_or(p)
+    };
+    let (path, top) = (real(&path), real(&top));
+    let beside = top.parent().unwrap_or(&top);
+    if !path.starts_with(beside) {
+        return Err(format!(
+            "a local repository's submodules must lie beside it, in {}",
+            beside.display()
+        ));
+    }
+    let root = real(mirror_root);
+    let work_dir = root.parent().unwrap_or(&root);
+    if path.starts_with(work_dir) {
+        return Err(format!(
+            "it lies in the runner's work dir {}, which no job may read",
+            work_dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// The path a repository `url` names on this machine: a path, or a `file://` URL's; `None` for
+/// a URL of a server.
+fn local_path(url: &str) -> Option<PathBuf> {
+    if let Some(rest) = url.strip_prefix("file://") {
+        // file:///srv/x and file://localhost/srv/x
+        let rest = rest.strip_prefix("localhost").unwrap_or(rest);
+        return Some(PathBuf::from(rest));
+    }
+    (!is_url(url)).then(|| PathBuf::from(url))
+}
+
+/// `path` without `.` and with each `..` taking away the part before it (lexically).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Whether two repository URLs are on the same server: the same scheme, host and port (never
+/// for a local path). Only then may the runner's logins for one go to the other.
+pub fn same_origin(a: &str, b: &str) -> bool {
+    let origin = |u: &str| split_origin(&split_credentials(u).0).map(|(origin, _)| origin);
+    match (origin(a), origin(b)) {
+        (Some(a), Some(b)) => a == b && !a.starts_with("file:"),
+        _ => false,
+    }
 }
 
 /// The URL of a submodule whose `.gitmodules` URL is `url`, in a superproject fetched from
@@ -1105,7 +1233,7 @@ mod tests {
     }
 
     fn checkout_error(dir: &Path, name: &str, oid: Oid) -> String {
-        let m = Mirror::open(&url_of(dir, name), &dir.join("mirrors")).unwrap();
+        let m = Mirror::open(&url_of(dir, name), &dir.join("runner/mirrors")).unwrap();
         m.ensure_commit(&oid.to_string()).unwrap();
         let dest = dir.join(format!("job-{oid}"));
         std::fs::create_dir(&dest).unwrap();
@@ -1116,7 +1244,11 @@ mod tests {
     fn checkout_writes_nested_submodules() {
         let dir = tempfile::tempdir().unwrap();
         let app = app_with_nested_submodules(dir.path());
-        let m = Mirror::open(&url_of(dir.path(), "app"), &dir.path().join("mirrors")).unwrap();
+        let m = Mirror::open(
+            &url_of(dir.path(), "app"),
+            &dir.path().join("runner/mirrors"),
+        )
+        .unwrap();
         m.ensure_commit(&app.to_string()).unwrap();
         let dest = dir.path().join("job");
         std::fs::create_dir(&dest).unwrap();
@@ -1129,9 +1261,11 @@ mod tests {
         assert!(!dest.join(".git").exists() && !dest.join("vendor/lib/.git").exists());
         // Each submodule got its own mirror under the same root.
         for name in ["lib", "nested"] {
-            assert!(
-                Mirror::path_for(&url_of(dir.path(), name), &dir.path().join("mirrors")).is_dir()
-            );
+            assert!(Mirror::path_for(
+                &url_of(dir.path(), name),
+                &dir.path().join("runner/mirrors")
+            )
+            .is_dir());
         }
     }
 
@@ -1143,7 +1277,8 @@ mod tests {
             .map(|i| {
                 let dir = dir.path().to_path_buf();
                 std::thread::spawn(move || {
-                    let m = Mirror::open(&url_of(&dir, "app"), &dir.join("mirrors")).unwrap();
+                    let m =
+                        Mirror::open(&url_of(&dir, "app"), &dir.join("runner/mirrors")).unwrap();
                     m.ensure_commit(&app.to_string()).unwrap();
                     let dest = dir.join(format!("job{i}"));
                     std::fs::create_dir(&dest).unwrap();
@@ -1231,5 +1366,82 @@ mod tests {
         assert_eq!(r("/srv/app", "https://x/y.git").unwrap(), "https://x/y.git");
         assert_eq!(r("/srv/app", "/abs/y").unwrap(), "/abs/y");
         assert_eq!(r("app", "../../x"), None);
+    }
+
+    #[test]
+    fn local_submodules_only_beside_a_local_repository_and_outside_the_work_dir() {
+        let root = Path::new("/var/lib/jetci/r1/mirrors");
+        let ok = |top: &str, url: &str| check_submodule_url(top, url, root);
+        // Servers' submodules are fetched as any repository.
+        assert_eq!(ok("https://h/org/app.git", "https://other/lib.git"), Ok(()));
+        assert_eq!(ok("/srv/git/app", "git@h:lib"), Ok(()));
+        // Beside a local repository.
+        assert_eq!(ok("/srv/git/app", "/srv/git/lib.git"), Ok(()));
+        assert_eq!(ok("file:///srv/git/app", "file:///srv/git/x/lib"), Ok(()));
+        for (top, url, why) in [
+            (
+                "https://h/org/app.git",
+                "/srv/git/lib.git",
+                "on a server too",
+            ),
+            (
+                "https://h/org/app.git",
+                "file:///srv/git/lib.git",
+                "on a server too",
+            ),
+            ("git@h:org/app", "/etc", "on a server too"),
+            ("/srv/git/app", "/home/u/lib", "beside it, in /srv/git"),
+            ("/srv/git/app", "/srv/git/../../etc/x", "beside it"),
+            ("/srv/git/app", "lib.git", "absolute"),
+            (
+                "/var/lib/app",
+                "/var/lib/jetci/r1/mirrors/x.git",
+                "runner's work dir",
+            ),
+            (
+                "/var/lib/app",
+                "file://localhost/var/lib/jetci/r1/pending",
+                "work dir",
+            ),
+        ] {
+            let e = ok(top, url).expect_err(url);
+            assert!(e.contains(why), "{top} {url}: {e}");
+        }
+    }
+
+    #[test]
+    fn logins_go_only_to_the_same_server() {
+        assert!(same_origin(
+            "https://h/org/app.git",
+            "https://H/org/lib.git"
+        ));
+        assert!(same_origin("https://u:p@h:8443/a", "https://h:8443/b"));
+        assert!(!same_origin("https://h/a", "http://h/a"));
+        assert!(!same_origin("https://h/a", "https://h:8443/a"));
+        assert!(!same_origin("https://h/a", "https://evil/a"));
+        assert!(!same_origin("/srv/git/app", "/srv/git/lib"));
+        assert!(!same_origin("file:///srv/a", "file:///srv/b"));
+    }
+
+    #[test]
+    fn a_submodule_in_the_runners_work_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mirrors = dir.path().join("runner/mirrors");
+        let first = commit_with_links(dir.path(), "app", &[("a.txt", "a")], &[]);
+        let own = Mirror::path_for(&url_of(dir.path(), "app"), &mirrors);
+        let gm = format!("[submodule \"s\"]\n\tpath = s\n\turl = {}\n", own.display());
+        let app = commit_with_links(dir.path(), "app", &[(".gitmodules", &gm)], &[("s", first)]);
+        let m = Mirror::open(&url_of(dir.path(), "app"), &mirrors).unwrap();
+        m.ensure_commit(&app.to_string()).unwrap();
+        let dest = dir.path().join("job");
+        std::fs::create_dir(&dest).unwrap();
+        match m.checkout(app, &dest) {
+            Err(CheckoutError::Refused(e)) => {
+                assert!(e.to_string().contains("runner's work dir"), "{e}");
+                assert!(e.context.starts_with("submodule s ("), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!dest.join("s/a.txt").exists());
     }
 }

@@ -31,7 +31,6 @@
 //! below the message size limit.
 
 use std::collections::BTreeSet;
-use std::fs::File;
 use std::io::BufReader;
 use std::path::{Component, Path};
 
@@ -50,6 +49,15 @@ pub const MAX_NAME: usize = 300;
 
 /// The largest JUnit XML file read, in bytes.
 pub const MAX_JUNIT_FILE: u64 = 50 * 1024 * 1024;
+
+/// The most bytes of JUnit XML read for one job, all files together.
+pub const MAX_JUNIT_BYTES: u64 = 256 * 1024 * 1024;
+
+/// The most JUnit XML files read for one job.
+pub const MAX_JUNIT_FILES: usize = 1000;
+
+/// The most files and directories of a checkout looked at while matching a job's junit globs.
+pub const MAX_JUNIT_ENTRIES: usize = 100_000;
 
 /// How many lines after unittest's `Ran N tests` its verdict (`OK`, `FAILED (...)`) may come; an
 /// interleaved line from stderr or stdout can land in between.
@@ -325,11 +333,18 @@ fn junit_err(file: impl Into<String>, reason: impl Into<String>) -> JunitError {
 /// or `<error>` child failed (named `classname.name`); one with `<skipped>` was skipped; any other
 /// passed. Surefire's `<flakyFailure>`/`<rerunFailure>` mark a test that passed on a retry.
 ///
-/// Errors: a glob that is absolute or climbs out of `dir` with `..`, a match that is a link to
-/// outside `dir`, a file over [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
+/// The checkout is the job's, so hostile: the walk (walkdir, matched with globset; `*` stays
+/// within a directory, `**` crosses them) starts at each glob's literal directory prefix, never
+/// follows a symlinked directory (a link loop cannot make it endless), looks at no more than
+/// [`MAX_JUNIT_ENTRIES`] entries and reads at most [`MAX_JUNIT_FILES`] files of
+/// [`MAX_JUNIT_BYTES`] in all. A matching symlink to a file inside the checkout is read.
+///
+/// Errors: a glob that is absolute, climbs out of `dir` with `..` or is not a valid glob; a match
+/// that is a link to outside `dir`; a cap above reached (the error says which); a file over
+/// [`MAX_JUNIT_FILE`] bytes, one that is not well-formed XML or has no
 /// `<testsuites>`/`<testsuite>` root.
 pub fn read_junit(dir: &Path, globs: &[String]) -> Result<Option<TestCounts>, JunitError> {
-    read_junit_report(dir, globs, None)
+    read_junit_within(dir, globs, &Caps::DEFAULT, None)
 }
 
 /// One `<testcase>`'s time, handed to [`read_junit_report`]'s callback as it is read (nothing
@@ -354,10 +369,36 @@ pub fn read_junit_report(
     globs: &[String],
     on_case: Option<&mut dyn FnMut(CaseTime)>,
 ) -> Result<Option<TestCounts>, JunitError> {
+    read_junit_within(dir, globs, &Caps::DEFAULT, on_case)
+}
+
+/// The bounds of [`read_junit`]; smaller ones in tests.
+struct Caps {
+    entries: usize,
+    files: usize,
+    bytes: u64,
+}
+
+impl Caps {
+    const DEFAULT: Caps = Caps {
+        entries: MAX_JUNIT_ENTRIES,
+        files: MAX_JUNIT_FILES,
+        bytes: MAX_JUNIT_BYTES,
+    };
+}
+
+/// [`read_junit_report`] within `caps`.
+fn read_junit_within(
+    dir: &Path,
+    globs: &[String],
+    caps: &Caps,
+    on_case: Option<&mut dyn FnMut(CaseTime)>,
+) -> Result<Option<TestCounts>, JunitError> {
     let root = dir
         .canonicalize()
         .map_err(|e| junit_err(dir.display().to_string(), e.to_string()))?;
     let mut files = BTreeSet::new();
+    let mut visited = 0usize;
     for pattern in globs {
         let rel = Path::new(pattern);
         if rel.is_absolute() || rel.components().any(|c| c == Component::ParentDir) {
@@ -366,21 +407,67 @@ pub fn read_junit_report(
                 "a junit glob must be relative to the checkout and stay inside it",
             ));
         }
-        let full = format!(
-            "{}/{pattern}",
-            glob::Pattern::escape(&root.to_string_lossy())
-        );
-        let paths = glob::glob(&full).map_err(|e| junit_err(pattern, e.to_string()))?;
-        for path in paths.flatten() {
-            let Ok(real) = path.canonicalize() else {
+        let matcher = globset::GlobBuilder::new(pattern)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| junit_err(pattern, e.kind().to_string()))?
+            .compile_matcher();
+        let (base, depth) = walk_plan(pattern);
+        // Every directory of the literal prefix must be a real one: a symlinked directory is
+        // never followed.
+        let mut start = root.clone();
+        let mut real_dirs = true;
+        for part in &base {
+            start.push(part);
+            real_dirs &= std::fs::symlink_metadata(&start).is_ok_and(|m| m.is_dir());
+        }
+        if !real_dirs {
+            continue;
+        }
+        let walk = walkdir::WalkDir::new(&start)
+            .follow_links(false)
+            .follow_root_links(false)
+            .min_depth(1)
+            .max_depth(depth);
+        for entry in walk {
+            visited += 1;
+            if visited > caps.entries {
+                return Err(junit_err(
+                    pattern,
+                    format!(
+                        "looked at more than {} files and directories of the \
+                         checkout without finishing; name the reports' directory in the glob",
+                        caps.entries
+                    ),
+                ));
+            }
+            let Ok(entry) = entry else { continue };
+            let shown = relative(&root, entry.path());
+            if entry.file_type().is_dir() || !matcher.is_match(&shown) {
+                continue;
+            }
+            let real = if entry.path_is_symlink() {
+                let Ok(real) = entry.path().canonicalize() else {
+                    continue;
+                };
+                if !real.starts_with(&root) {
+                    return Err(junit_err(shown, "leads outside the checkout"));
+                }
+                if !real.is_file() {
+                    continue;
+                }
+                real
+            } else if entry.file_type().is_file() {
+                entry.path().to_path_buf()
+            } else {
                 continue;
             };
-            let shown = relative(&root, &path);
-            if !real.starts_with(&root) {
-                return Err(junit_err(shown, "leads outside the checkout"));
-            }
-            if real.is_file() {
-                files.insert((shown, real));
+            files.insert((shown, real));
+            if files.len() > caps.files {
+                return Err(junit_err(
+                    pattern,
+                    format!("the junit globs match more than {} files", caps.files),
+                ));
             }
         }
     }
@@ -394,9 +481,16 @@ pub fn read_junit_report(
         Some(f) => f,
         None => &mut ignore,
     };
+    let mut budget = caps.bytes;
     for (shown, path) in files {
-        let c = read_junit_file(&path, wanted.then_some(&mut *on_case))
-            .map_err(|reason| junit_err(shown, reason))?;
+        let c = read_junit_file(
+            &path,
+            &mut budget,
+            caps.bytes,
+            wanted.then_some(&mut *on_case),
+        )
+        .map_err(|reason| junit_err(shown, reason))?;
+        let Some(c) = c else { continue };
         total.tests += c.tests;
         total.passed += c.passed;
         total.failed += c.failed;
@@ -406,6 +500,28 @@ pub fn read_junit_report(
         }
     }
     Ok(Some(total))
+}
+
+/// Where the walk for `pattern` starts and how deep it goes: the leading directories that hold
+/// no glob syntax (never the last part, the file's), and the number of parts left, unbounded
+/// with `**`.
+fn walk_plan(pattern: &str) -> (Vec<&str>, usize) {
+    let parts: Vec<&str> = pattern
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let literal = parts
+        .iter()
+        .take(parts.len().saturating_sub(1))
+        .take_while(|p| !p.contains(['*', '?', '[', '{', '\\']))
+        .count();
+    let rest = &parts[literal..];
+    let depth = if rest.iter().any(|p| p.contains("**")) {
+        usize::MAX
+    } else {
+        rest.len()
+    };
+    (parts[..literal].to_vec(), depth)
 }
 
 fn relative(root: &Path, path: &Path) -> String {
@@ -423,18 +539,35 @@ enum Outcome {
 }
 
 /// One file, read as a stream of events (a report can be tens of megabytes of stack traces);
-/// each testcase's time goes to `on_case` when given.
+/// `None` when it is not a regular file (a directory, or a FIFO that would block the read).
+/// Its size is taken from `budget`, the bytes the job's reports may still have (of `cap`).
+/// Each testcase's time goes to `on_case` when given.
 fn read_junit_file(
     path: &Path,
+    budget: &mut u64,
+    cap: u64,
     mut on_case: Option<&mut dyn FnMut(CaseTime)>,
-) -> Result<TestCounts, String> {
-    let len = std::fs::metadata(path).map_err(|e| e.to_string())?.len();
+) -> Result<Option<TestCounts>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without blocking, then checked: a FIFO is never waited on.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
+    let len = meta.len();
     if len > MAX_JUNIT_FILE {
         return Err(format!(
             "{len} bytes is more than the {MAX_JUNIT_FILE} byte limit"
         ));
     }
-    let file = File::open(path).map_err(|e| e.to_string())?;
+    *budget = budget.checked_sub(len).ok_or_else(|| {
+        format!("with the reports before it, more than the {cap} bytes read for a job")
+    })?;
     let mut reader = quick_xml::Reader::from_reader(BufReader::new(file));
     reader.config_mut().expand_empty_elements = true;
 
@@ -509,7 +642,7 @@ fn read_junit_file(
         }
         buf.clear();
     }
-    Ok(counts)
+    Ok(Some(counts))
 }
 
 /// An attribute's value, unescaped where it can be ("" when absent).
@@ -1128,9 +1261,20 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
             let e = read_junit(dir.path(), &globs(&[bad])).expect_err(bad);
             assert!(e.reason.contains("relative"), "{e}");
         }
+        // A symlinked directory is not followed; a symlinked file is, inside the checkout only.
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).expect("symlink");
-        let e = read_junit(dir.path(), &globs(&["link/*.xml"])).expect_err("outside");
-        assert_eq!(e.to_string(), "link/secret.xml: leads outside the checkout");
+        for pattern in ["link/*.xml", "**/*.xml", "*/*.xml"] {
+            let c = read_junit(dir.path(), &globs(&[pattern])).expect(pattern);
+            assert_eq!(c.map(|c| c.tests), (pattern == "**/*.xml").then_some(10));
+        }
+        std::os::unix::fs::symlink(outside.path().join("secret.xml"), dir.path().join("s.xml"))
+            .expect("symlink");
+        let e = read_junit(dir.path(), &globs(&["s.xml"])).expect_err("outside");
+        assert_eq!(e.to_string(), "s.xml: leads outside the checkout");
+        std::fs::remove_file(dir.path().join("s.xml")).expect("rm");
+        std::os::unix::fs::symlink("x.xml", dir.path().join("y.xml")).expect("symlink");
+        let c = read_junit(dir.path(), &globs(&["y.xml"])).expect("inside");
+        assert_eq!(c.map(|c| c.tests), Some(10));
         let e = read_junit(dir.path(), &globs(&["[x.xml"])).expect_err("bad pattern");
         assert_eq!(e.file, "[x.xml");
     }
@@ -1163,9 +1307,86 @@ tests/test_p.py:16: AssertionError</failure></testcase></testsuite></testsuites>
     #[test]
     fn oversized_junit_is_refused_unread() {
         let dir = checkout(&[]);
-        let f = File::create(dir.path().join("big.xml")).expect("create");
+        let f = std::fs::File::create(dir.path().join("big.xml")).expect("create");
         f.set_len(MAX_JUNIT_FILE + 1).expect("sparse file");
         let e = read_junit(dir.path(), &globs(&["big.xml"])).expect_err("too big");
         assert!(e.reason.contains("limit"), "{e}");
+    }
+
+    #[test]
+    fn symlink_loops_and_fifos_end_the_walk_promptly() {
+        let dir = checkout(&[("out/r.xml", JUNIT_PYTEST)]);
+        // Each directory links to its parent and to the root: following them never ends.
+        let mut d = dir.path().to_path_buf();
+        for i in 0..6 {
+            d = d.join(format!("d{i}"));
+            std::fs::create_dir(&d).expect("mkdir");
+            std::os::unix::fs::symlink("..", d.join("up")).expect("symlink");
+            std::os::unix::fs::symlink(dir.path(), d.join("root")).expect("symlink");
+        }
+        nix::unistd::mkfifo(
+            &dir.path().join("out/fifo.xml"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .expect("mkfifo");
+        let c = read_junit(dir.path(), &globs(&["**/*.xml", "d0/*/up/*/up/*.xml"]))
+            .expect("reads")
+            .expect("counts");
+        assert_eq!(c.tests, 10);
+    }
+
+    #[test]
+    fn the_walk_and_the_reads_are_capped() {
+        let dir = checkout(&[("r.xml", JUNIT_PYTEST)]);
+        let many = dir.path().join("many");
+        std::fs::create_dir(&many).expect("mkdir");
+        for i in 0..MAX_JUNIT_FILES + 1 {
+            std::fs::write(many.join(format!("{i}.xml")), JUNIT_PYTEST).expect("write");
+        }
+        let e = read_junit(dir.path(), &globs(&["many/*.xml"])).expect_err("too many files");
+        assert!(e.reason.contains("more than 1000 files"), "{e}");
+        // A glob with a directory prefix walks only that directory.
+        let c = read_junit(dir.path(), &globs(&["r.xml"])).expect("reads");
+        assert_eq!(c.map(|c| c.tests), Some(10));
+        assert_eq!(
+            walk_plan("target/surefire-reports/*.xml"),
+            (vec!["target", "surefire-reports"], 1)
+        );
+        assert_eq!(walk_plan("a/**/b/*.xml"), (vec!["a"], usize::MAX));
+        assert_eq!(walk_plan("junit.xml"), (vec![], 1));
+        assert_eq!(walk_plan("./out/x*/r.xml"), (vec!["out"], 2));
+    }
+
+    #[test]
+    fn every_cap_ends_the_reading_with_an_error_saying_so() {
+        let dir = checkout(&[("a/r.xml", JUNIT_PYTEST), ("b/r.xml", JUNIT_PYTEST)]);
+        for i in 0..20 {
+            std::fs::create_dir(dir.path().join(format!("a/d{i}"))).expect("mkdir");
+        }
+        let caps = |entries, files, bytes| Caps {
+            entries,
+            files,
+            bytes,
+        };
+        let all = globs(&["**/*.xml"]);
+        let read = |c: &Caps| read_junit_within(dir.path(), &all, c, None);
+        assert_eq!(
+            read(&caps(100, 10, 1 << 20))
+                .expect("reads")
+                .map(|c| c.tests),
+            Some(20)
+        );
+        let e = read(&caps(10, 10, 1 << 20)).expect_err("entries");
+        assert!(e.reason.contains("looked at more than 10 files"), "{e}");
+        let e = read(&caps(100, 1, 1 << 20)).expect_err("files");
+        assert!(e.reason.contains("more than 1 files"), "{e}");
+        let one = JUNIT_PYTEST.len() as u64;
+        let e = read(&caps(100, 10, one + 1)).expect_err("bytes");
+        assert!(
+            e.reason
+                .contains(&format!("more than the {} bytes", one + 1)),
+            "{e}"
+        );
+        assert_eq!(e.file, "b/r.xml");
     }
 }

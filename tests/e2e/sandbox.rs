@@ -418,3 +418,164 @@ fn a_runner_whose_sandbox_cannot_be_set_up_does_not_start() {
         runner.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn junit_globs_end_promptly_over_symlink_loops() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let mut sys = System::start(&nats, &repo, &[]);
+    sandboxed(sys.add_runner("r0", &[], &[]));
+    // Directories that link to their parent and to the checkout: a walk that follows them
+    // never ends (it used to, after the job, while the runner heartbeated on).
+    let loops = "d=.; for i in 1 2 3 4 5 6; do d=$d/d$i; mkdir $d; ln -s .. $d/up; \
+                 ln -s \"$PWD\" $d/root; done; mkdir out; \
+                 printf '<testsuite><testcase name=\"a\"/><testcase name=\"b\"><failure/>\
+                 </testcase></testsuite>' > out/r.xml";
+    repo.commit(
+        "loops",
+        &[(".jetci.toml", &toml(loops, "junit = [\"**/*.xml\"]\n"))],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    assert_eq!(r["status"], "passed", "{r:#}");
+    assert_eq!(r["tests"]["tests"], 2, "{r:#}");
+    assert_eq!(r["tests"]["failed"], 1, "{r:#}");
+}
+
+#[test]
+fn a_ro_bind_that_would_show_the_work_dir_or_a_secret_is_refused_at_start() {
+    let nats = NatsServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let logins = work.path().join("keys");
+    std::fs::create_dir(&logins).unwrap();
+    let file = logins.join("git-credentials");
+    std::fs::write(&file, "https://ci:t0ken@git.example\n").unwrap();
+    let parent = format!("{}:/host", work.path().display());
+    let keys = format!("{}:/keys", logins.display());
+    for (id, extra, why) in [
+        (
+            "r0",
+            vec!["--ro-bind", &parent],
+            "would show jobs the runner's work dir",
+        ),
+        (
+            "r1",
+            vec![
+                "--git-credentials",
+                file.to_str().unwrap(),
+                "--ro-bind",
+                &keys,
+            ],
+            "would show jobs the runner's secret",
+        ),
+    ] {
+        let mut runner = crate::support::system::spawn_runner(&nats.url(), id, work.path(), &extra);
+        let status = runner.wait_exit(BOUND);
+        assert!(!status.success(), "{}", runner.log());
+        let log = runner.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains("error:"))
+            .unwrap_or_default();
+        assert!(line.contains(why), "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn network_off_is_never_given_up_for_want_of_a_sandbox() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let mut sys = System::start(&nats, &repo, &[]);
+    // A runner cannot take the network away without a sandbox: it does not start.
+    let mut refused = crate::support::system::spawn_runner(
+        &sys.url,
+        "r1",
+        sys.work.path(),
+        &["--sandbox", "none", "--network", "off"],
+    );
+    assert!(!refused.wait_exit(BOUND).success(), "{}", refused.log());
+    assert!(
+        refused
+            .log()
+            .contains("error: --network off needs a sandbox"),
+        "{}",
+        refused.log()
+    );
+    // A repository's `network = false` job on a runner without one ends in error, unrun.
+    sys.add_runner("r0", &["--sandbox", "none"], &[]);
+    repo.commit(
+        "offline",
+        &[(".jetci.toml", &toml("echo RAN", "network = false\n"))],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    assert_eq!(r["status"], "error", "{r:#}");
+    assert!(
+        r["reason"].as_str().unwrap().contains("network = false"),
+        "{r:#}"
+    );
+    assert!(!r["output_tail"].as_str().unwrap().contains("RAN"), "{r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_jobs_dev_is_read_only_and_its_dev_shm_bounded() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let mut sys = System::start(&nats, &repo, &[]);
+    sandboxed(sys.add_runner("r0", &[], &[]));
+    let sha = repo.commit(
+        "fills /dev",
+        &[(
+            ".jetci.toml",
+            &toml(
+                "dd if=/dev/zero of=/dev/shm/f bs=1M count=100 2>/dev/null || echo SHM-BOUNDED; \
+                 rm -f /dev/shm/f; touch /dev/x 2>/dev/null || echo DEV-READ-ONLY; \
+                 echo x > /dev/null && echo NULL-WRITABLE",
+                "",
+            ),
+        )],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    let out = job_output(&sys.url, &sha).await;
+    for said in ["SHM-BOUNDED", "DEV-READ-ONLY", "NULL-WRITABLE"] {
+        assert!(out.contains(said), "{said} missing: {r:#}\n{out}");
+    }
+}
+
+/// A fork loop is stopped at its bound, not some time after it: a root runner used to count the
+/// job's processes every 100 ms, and a fork bomb reached thousands meanwhile. Where the runner
+/// can make a pids cgroup (here) the kernel refuses the forks past the bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fork_loop_never_gets_past_its_bound_of_processes() {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let mut sys = System::start(&nats, &repo, &[]);
+    sandboxed(sys.add_runner("r0", &["--max-procs", "100", "--cache-dir", cache_dir], &[]));
+    // Each started `sleep` is counted in the cache dir, which outlives the job.
+    repo.commit(
+        "forks",
+        &[(
+            ".jetci.toml",
+            &toml(
+                "i=0; while [ $i -lt 600 ]; do sleep 30 & i=$((i+1)); \
+                 echo $i >> \"$JETCI_CACHE_DIR/started\"; done; wait",
+                "",
+            ),
+        )],
+    );
+    let r = &wait_results(&sys.url, 1, BOUND).await[0];
+    assert_eq!(r["status"], "error", "{r:#}");
+    assert!(
+        r["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bound of 100 processes"),
+        "{r:#}"
+    );
+    let started = std::fs::read_to_string(cache.path().join("started"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.is_empty())
+        .count();
+    assert!(started < 100, "{started} processes started: {r:#}");
+}

@@ -66,8 +66,11 @@ pub struct Sandboxed {
     /// At most this many processes (and threads) at once in the job: `RLIMIT_NPROC`, which the
     /// kernel counts in the job's own user namespace (for a runner that is not root), and a
     /// count of the sandbox's processes every [`PID_SAMPLE_EVERY`], which ends a job that
-    /// reaches it with [`Ended::Bound`].
+    /// reaches it with [`Ended::Bound`]; with `pids`, the job's own pids cgroup as well.
     pub max_procs: Option<u32>,
+    /// Where the job's pids cgroup is made, when the kernel lets the runner make one: then the
+    /// kernel refuses forks past `max_procs` whoever runs the runner ([`crate::cgroup`]).
+    pub pids: Option<crate::cgroup::PidsParent>,
 }
 
 /// How the command ended.
@@ -119,6 +122,7 @@ pub async fn run(
     let (reader, writer) = io::pipe()?;
     // An absolute path: with a relative one and PATH in the environment, std cannot use
     // posix_spawn (vfork) and forks the whole runner, page tables and all.
+    let mut cgroup = None;
     let mut cmd = match &spec.sandbox {
         None => tokio::process::Command::new(SHELL),
         Some(sandbox) => {
@@ -126,6 +130,22 @@ pub async fn run(
             cmd.args(&sandbox.args).arg(SHELL);
             if let Some(n) = sandbox.max_procs {
                 limit_processes(&mut cmd, n);
+                // The token without the owner, which the cgroup's name has already.
+                let name = token.strip_prefix(&spec.owner).unwrap_or(&token);
+                cgroup = sandbox.pids.as_ref().and_then(|pids| {
+                    pids.job(name.trim_start_matches('-'), n)
+                        .inspect_err(|e| {
+                            tracing::warn!(error = %e, "cannot make the job's pids cgroup; counting its processes instead")
+                        })
+                        .ok()
+                });
+            }
+            if let Some(cgroup) = &cgroup {
+                // SAFETY: `enter` only opens and writes a file (async-signal-safe calls, no
+                // allocation).
+                unsafe {
+                    cmd.pre_exec(cgroup.enter());
+                }
             }
             cmd
         }
@@ -143,7 +163,15 @@ pub async fn run(
     if spec.sandbox.is_none() {
         cmd.env(TOKEN_VAR, &token);
     }
-    let mut child = cmd.spawn()?;
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            if let Some(cgroup) = cgroup {
+                tokio::task::spawn_blocking(move || cgroup.remove());
+            }
+            return Err(e);
+        }
+    };
     // The parent's copies of the pipe's write end must close, or the reader never sees EOF.
     drop(cmd);
     let pgid = Pid::from_raw(child.id().map(|p| p as i32).unwrap_or(0));
@@ -153,7 +181,15 @@ pub async fn run(
     };
     let max_procs = spec.sandbox.as_ref().and_then(|s| s.max_procs);
     let mut pids = PidClock::start(pgid.as_raw());
-    let mut pid_sample = Instant::now() + PID_SAMPLE_EVERY;
+    // Where no kernel bound holds (root runs the runner, and no pids cgroup), the count is the
+    // only bound: it is taken more often.
+    let sample_every =
+        if spec.sandbox.is_some() && cgroup.is_none() && nix::unistd::geteuid().is_root() {
+            PID_SAMPLE_ONLY_BOUND
+        } else {
+            PID_SAMPLE_EVERY
+        };
+    let mut pid_sample = Instant::now() + sample_every;
     let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(reader.into())?;
 
     let mut tail = Tail::default();
@@ -205,12 +241,15 @@ pub async fn run(
             }
             _ = sleep_until(drain_until), if status.is_some() => break,
             _ = sleep_until(pid_sample), if status.is_none() => {
-                pid_sample = Instant::now() + PID_SAMPLE_EVERY;
+                pid_sample = Instant::now() + sample_every;
                 if !job.sandboxed {
                     pids.sample();
                 } else if let Some(max) = max_procs.filter(|_| stopped.is_none()) {
-                    let processes = job.processes();
-                    if processes >= max as usize {
+                    let at_bound = match &cgroup {
+                        Some(c) => c.refused() > 0 || c.current().unwrap_or(0) >= u64::from(max),
+                        None => job.processes() >= max as usize,
+                    };
+                    if at_bound {
                         stopped = Some(Stop::Bound(max));
                         job.kill();
                     }
@@ -238,6 +277,17 @@ pub async fn run(
         (true, Some(code)) if code > 128 && stopped.is_some() => Some(code - 128),
         _ => status.signal(),
     };
+    // A fork the kernel refused may end the command before the next count: it still ended
+    // at its bound, unless it coped and passed.
+    if let (Some(c), Some(max), None) = (&cgroup, max_procs, stopped) {
+        if c.refused() > 0 && !status.success() {
+            stopped = Some(Stop::Bound(max));
+        }
+    }
+    // Removed before the result goes out: a runner stopped right after it leaves nothing.
+    if let Some(cgroup) = cgroup {
+        let _ = tokio::task::spawn_blocking(move || cgroup.remove()).await;
+    }
     let ended = match (stopped, status.code(), signal) {
         (Some(Stop::Timeout), _, signal) => Ended::TimedOut { signal },
         (Some(Stop::Cancel), _, signal) => Ended::Cancelled { signal },
@@ -363,6 +413,10 @@ const SHELL: &str = "/bin/sh";
 /// How often a running job's [`PidClock`] is read: far more often than the kernel can hand out
 /// `pid_max` pids (32768 by default: 327,680 processes or threads a second would be needed).
 const PID_SAMPLE_EVERY: Duration = Duration::from_millis(100);
+
+/// How often a sandboxed job's processes are counted when that count is its only bound (a root
+/// runner without a pids cgroup): a fork loop gets little time past the bound.
+const PID_SAMPLE_ONLY_BOUND: Duration = Duration::from_millis(10);
 
 /// Tells whether every process a job started has a higher pid than its shell.
 ///
@@ -667,6 +721,7 @@ mod tests {
             program: sandbox.program.clone(),
             args: sandbox.command(&dirs, true),
             max_procs,
+            pids: None,
         });
         s
     }

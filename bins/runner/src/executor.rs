@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use jetci::connect::Nats;
-use jetci::git::Mirror;
+use jetci::git::{CheckoutError, Mirror};
 use jetci::messages::{JobMsg, ResultMsg, Status, TestCounts};
 use jetci::pipeline::{self, shard, timings, Resolved};
 use jetci::repo_config::{check_size, RepoConfig, FILE_NAME};
@@ -70,6 +70,8 @@ pub struct Settings {
     pub sandbox: Option<Sandbox>,
     /// At most this many processes at once per job (in a sandbox only).
     pub max_procs: Option<u32>,
+    /// Where each job's pids cgroup is made, where the kernel allows it ([`crate::cgroup`]).
+    pub pids: Option<crate::cgroup::PidsParent>,
 }
 
 /// The name of the file, in the job's TMPDIR, that lists its shard's tests (`JETCI_SHARD_TESTS`).
@@ -247,10 +249,21 @@ impl ShellExecutor {
             }
             let checkout = Mirror::open(&url, &mirrors).and_then(|mirror| {
                 let oid = mirror.ensure_commit(&sha)?;
-                mirror.checkout(oid, &src_dir)
+                Ok(mirror.checkout(oid, &src_dir))
             });
             drop(guard);
-            checkout.map_err(|e| Prepare::Retry(format!("checkout failed on runner {id}: {e}")))?;
+            match checkout {
+                Ok(Ok(())) => {}
+                // The commit's own doing: every attempt would be refused the same way.
+                Ok(Err(CheckoutError::Refused(e))) => {
+                    return Err(Prepare::Fail(format!("checkout refused: {e}")))
+                }
+                Ok(Err(CheckoutError::Failed(e))) | Err(e) => {
+                    return Err(Prepare::Retry(format!(
+                        "checkout failed on runner {id}: {e}"
+                    )))
+                }
+            }
             read_config(&src_dir.join(FILE_NAME))
         })
         .await
@@ -267,6 +280,14 @@ impl ShellExecutor {
         // The job the message names: a pipeline's job, or the run's only one.
         let resolved = pipeline::resolve(&config, &job.branch, job.job.as_deref())
             .map_err(|e| Prepare::Fail(e.to_string()))?;
+        if self.settings.sandbox.is_none() && config.network == Some(false) {
+            // Only a sandbox can take the network away: never run such a job with it.
+            return Err(Prepare::Fail(format!(
+                "the repository asks for no network (network = false in {FILE_NAME}), and runner \
+                 {} runs jobs without a sandbox, which cannot take the network away",
+                self.settings.id
+            )));
+        }
         let mut env = self.job_env(job, &home, &tmp, &resolved.env);
         let tests = if resolved.shard_tests.is_empty() {
             vec![]
@@ -287,6 +308,7 @@ impl ShellExecutor {
                 program: sandbox.program.clone(),
                 args: sandbox.command(&dirs, config.network.unwrap_or(true)),
                 max_procs: self.settings.max_procs,
+                pids: self.settings.pids.clone(),
             }
         });
         let spec = Spec {

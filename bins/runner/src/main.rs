@@ -8,6 +8,7 @@
 // not as rustdoc markdown.
 #![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
+mod cgroup;
 mod exec;
 mod executor;
 mod logs;
@@ -203,7 +204,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
+    for (src, dest) in &args.ro_bind {
+        let src = std::fs::canonicalize(src).unwrap_or_else(|_| src.clone());
+        let dest = std::fs::canonicalize(dest).unwrap_or_else(|_| dest.clone());
+        sandbox::check_ro_bind(
+            &src,
+            &dest,
+            &work_dir,
+            cache_dir.as_deref(),
+            &secrets(&args),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     let (sandbox, warnings) = choose_sandbox(&args, &work_dir).await?;
+    let pids = match &sandbox {
+        Some(_) => pids_cgroups(&work_dir).await,
+        None => None,
+    };
 
     args.metrics.install()?;
     let shutdown = Shutdown::install()?;
@@ -224,6 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             cache_dir,
             sandbox,
             max_procs: Some(args.max_procs),
+            pids,
         },
     );
     tracing::info!(%id, work_dir = %work_dir.display(), "starting runner");
@@ -246,64 +264,122 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 /// The sandbox jobs run in, and the warnings for the runner's presence: `--sandbox auto` tries
 /// bwrap once (a trivial job in a sandbox like every job's) and falls back to none, saying why;
-/// `bwrap` refuses to start without it.
+/// `bwrap` refuses to start without it ([`without_sandbox`] decides).
 async fn choose_sandbox(
     args: &Args,
     work_dir: &std::path::Path,
 ) -> anyhow::Result<(Option<Sandbox>, Vec<String>)> {
+    let network_off = args.network == Network::Off;
     if args.sandbox == Mode::None {
-        let warning = format!(
-            "jobs run without a sandbox (--sandbox none): they see the runner's files and \
-             processes{}",
-            unenforced(args)
-        );
-        tracing::warn!("{warning}");
+        let warning = without_sandbox(Mode::None, network_off, None).map_err(anyhow::Error::msg)?;
+        tracing::warn!("{warning}{}", unenforced(args));
         return Ok((None, vec![warning]));
     }
-    let c = &args.connect;
     let sandbox = Sandbox {
         program: sandbox::BWRAP.into(),
         work_dir: work_dir.to_path_buf(),
         ro_binds: args.ro_bind.clone(),
-        // The runner's secrets: NATS credentials and git logins.
-        hidden_files: [&c.creds, &c.nkey, &c.tlskey, &args.git_credentials]
-            .into_iter()
-            .flatten()
-            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone()))
-            .collect(),
-        network: args.network == Network::On,
+        hidden_files: secret_files(args),
+        network: !network_off,
     };
     let probe = sandbox.clone();
     let works = tokio::task::spawn_blocking(move || probe.probe())
         .await
         .context("the sandbox check failed")?;
-    match (works, args.sandbox) {
-        (Ok(()), _) => {
+    match works {
+        Ok(()) => {
             tracing::info!(network = ?args.network, max_procs = args.max_procs, "jobs run in a bwrap sandbox");
             Ok((Some(sandbox), Vec::new()))
         }
-        // Settings that cannot work are the operator's to fix, not a reason to run unsandboxed.
-        (Err(e @ ProbeError::Setup(_)), _) => anyhow::bail!("{e}"),
-        (Err(e), Mode::Bwrap) => anyhow::bail!("--sandbox bwrap, but {e}"),
-        (Err(e), _) => {
-            let warning = format!(
-                "jobs run without a sandbox: {e}; install bubblewrap and allow user \
-                 namespaces, or pass --sandbox none to accept this{}",
-                unenforced(args)
-            );
-            tracing::warn!("{warning}");
+        Err(e) => {
+            let warning =
+                without_sandbox(args.sandbox, network_off, Some(&e)).map_err(anyhow::Error::msg)?;
+            tracing::warn!("{warning}{}", unenforced(args));
             Ok((None, vec![warning]))
         }
     }
 }
 
-/// What a runner without a sandbox cannot honour, for its warning: `--network off` (and a
-/// repository's `network = false`) and `--ro-bind` need one.
+/// Whether a runner may run its jobs without a sandbox: `Ok(warning)` for its log and presence,
+/// or the one-line reason it must not start. `--sandbox none` is the operator's choice and
+/// `auto` falls back when bwrap does not work here (`probe`), but never when the operator asked
+/// for `--network off` (only a sandbox can take the network away), never with `--sandbox
+/// bwrap`, and never for settings the operator must fix ([`ProbeError::Setup`]). Pure.
+fn without_sandbox(
+    mode: Mode,
+    network_off: bool,
+    probe: Option<&ProbeError>,
+) -> Result<String, String> {
+    match (mode, probe) {
+        (Mode::None, _) if network_off => Err(
+            "--network off needs a sandbox to take the network away from jobs, and --sandbox \
+             none runs them without one"
+                .into(),
+        ),
+        (Mode::None, _) => Ok(
+            "jobs run without a sandbox (--sandbox none): they see the runner's files and \
+             processes"
+                .into(),
+        ),
+        (_, Some(e @ ProbeError::Setup(_))) => Err(e.to_string()),
+        (Mode::Bwrap, Some(e)) => Err(format!("--sandbox bwrap, but {e}")),
+        (_, Some(e)) if network_off => Err(format!(
+            "--network off needs a sandbox to take the network away from jobs, but {e}"
+        )),
+        (_, e) => Ok(format!(
+            "jobs run without a sandbox: {}; install bubblewrap and allow user namespaces, or \
+             pass --sandbox none to accept this",
+            e.map(|e| e.to_string()).unwrap_or_default()
+        )),
+    }
+}
+
+/// Where each job's pids cgroup is made, if the kernel lets this runner make them; says in the
+/// log what bounds a job's processes.
+async fn pids_cgroups(work_dir: &std::path::Path) -> Option<cgroup::PidsParent> {
+    let owner = executor::owner_of(work_dir);
+    let found = tokio::task::spawn_blocking(move || cgroup::PidsParent::find(&owner))
+        .await
+        .ok()
+        .flatten();
+    match (&found, nix::unistd::geteuid().is_root()) {
+        (Some(p), _) => tracing::info!(cgroups = ?p, "each job gets a pids cgroup: the kernel refuses its forks past --max-procs"),
+        (None, true) => tracing::warn!("no pids cgroup can be made here: a root runner bounds a job's processes only by counting them every 10 ms"),
+        (None, false) => tracing::info!("no pids cgroup can be made here: RLIMIT_NPROC bounds a job's processes"),
+    }
+    found
+}
+
+/// The runner's secret files: NATS credentials and keys, and git logins, absolute (and resolved
+/// where they exist, so that a symlink to one is still recognised).
+fn secret_files(args: &Args) -> Vec<PathBuf> {
+    let c = &args.connect;
+    [&c.creds, &c.nkey, &c.tlskey, &args.git_credentials]
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            std::fs::canonicalize(p)
+                .or_else(|_| std::path::absolute(p))
+                .unwrap_or_else(|_| p.clone())
+        })
+        .collect()
+}
+
+/// [`secret_files`] and the configuration dirs a job never sees ([`sandbox::HIDDEN_DIRS`]).
+fn secrets(args: &Args) -> Vec<PathBuf> {
+    let mut all = secret_files(args);
+    all.extend(sandbox::HIDDEN_DIRS.iter().map(PathBuf::from));
+    all
+}
+
+/// What a runner without a sandbox cannot honour, for its warning: `--ro-bind` and a
+/// repository's `network = false` (whose jobs end `error`) need one.
 fn unenforced(args: &Args) -> &'static str {
-    if args.network == Network::Off || !args.ro_bind.is_empty() {
-        "; --network off and --ro-bind mean nothing without one"
+    if !args.ro_bind.is_empty() {
+        "; --ro-bind means nothing without one, and jobs of a repository with network = false \
+         end in error"
     } else {
-        ""
+        "; jobs of a repository with network = false end in error"
     }
 }
 
@@ -327,4 +403,37 @@ fn default_work_dir(id: &str) -> PathBuf {
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(std::env::temp_dir);
     base.join("jetci").join(format!("runner-{id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_off_never_runs_jobs_without_a_sandbox() {
+        let absent = ProbeError::Unavailable("no user namespaces".into());
+        let setup = ProbeError::Setup("cannot mount".into());
+        // Falls back with a warning only where nothing asked for the sandbox.
+        let w = without_sandbox(Mode::Auto, false, Some(&absent)).unwrap();
+        assert!(
+            w.contains("without a sandbox: bwrap does not work here"),
+            "{w}"
+        );
+        let w = without_sandbox(Mode::None, false, None).unwrap();
+        assert!(w.contains("--sandbox none"), "{w}");
+        for (mode, off, probe, why) in [
+            (
+                Mode::Auto,
+                true,
+                Some(&absent),
+                "--network off needs a sandbox",
+            ),
+            (Mode::None, true, None, "--network off needs a sandbox"),
+            (Mode::Bwrap, false, Some(&absent), "--sandbox bwrap, but"),
+            (Mode::Auto, false, Some(&setup), "cannot be set up"),
+        ] {
+            let e = without_sandbox(mode, off, probe).unwrap_err();
+            assert!(e.contains(why), "{mode:?} {off}: {e}");
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //!   the runner dies.
 //! - **its own user, IPC, UTS and cgroup namespaces**, and no capabilities (`--cap-drop ALL`).
 //! - **its own mount namespace**: a fresh root in which the system directories ([`SYSTEM_DIRS`],
-//!   and the operator's `--ro-bind`s) are read-only, `/dev` and `/tmp` are fresh, and only the
+//!   and the operator's `--ro-bind`s) are read-only, `/dev` (read-only, but for a
+//!   [`SHM_BYTES`] `/dev/shm`) and `/tmp` are fresh, and only the
 //!   job's checkout, HOME, TMPDIR and the opt-in cache dir are writable, each at the same path as
 //!   on the host (so `JETCI_*`, HOME and the working directory read as documented), and `/tmp`
 //!   (in memory, [`TMP_BYTES`]). The runner's
@@ -43,6 +44,9 @@ pub const HIDDEN_DIRS: &[&str] = &["/etc/jetci"];
 /// The size of a job's `/tmp`, in bytes (it lives in memory; `TMPDIR` is on disk, in the job's
 /// workspace).
 pub const TMP_BYTES: &str = "536870912";
+
+/// The size of a job's `/dev/shm`, in bytes (in memory; Docker's default size too).
+pub const SHM_BYTES: &str = "67108864";
 
 /// How the runner isolates a job (`--sandbox`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -129,8 +133,23 @@ impl Sandbox {
                 a.path3("--ro-bind", dir, dir);
             }
         }
+        // A fresh /dev holds only the usual devices; its own tmpfs would take up to half the
+        // memory, so it is read-only and /dev/shm (POSIX shared memory) a small tmpfs of its own.
         a.push([
-            "--dev", "/dev", "--proc", "/proc", "--size", TMP_BYTES, "--tmpfs", "/tmp",
+            "--dev",
+            "/dev",
+            "--size",
+            SHM_BYTES,
+            "--tmpfs",
+            "/dev/shm",
+            "--remount-ro",
+            "/dev",
+            "--proc",
+            "/proc",
+            "--size",
+            TMP_BYTES,
+            "--tmpfs",
+            "/tmp",
         ]);
         for (src, dest) in &self.ro_binds {
             a.path3("--ro-bind", src, dest);
@@ -244,12 +263,62 @@ pub fn parse_ro_bind(arg: &str) -> Result<(PathBuf, PathBuf), String> {
         Some((s, d)) => (PathBuf::from(s), PathBuf::from(d)),
         None => (PathBuf::from(arg), PathBuf::from(arg)),
     };
-    if !src.is_absolute() || !dest.is_absolute() {
+    let climbs = |p: &Path| p.components().any(|c| c == std::path::Component::ParentDir);
+    if !src.is_absolute() || !dest.is_absolute() || climbs(&src) || climbs(&dest) {
         return Err(format!(
-            "{arg:?} must be SRC or SRC:DEST, both absolute paths"
+            "{arg:?} must be SRC or SRC:DEST, both absolute paths without '..'"
         ));
     }
     Ok((src, dest))
+}
+
+/// Refuses an operator's `--ro-bind SRC:DEST` that would undo the sandbox: a SRC that holds
+/// the runner's work dir (mirrors, kept results, other jobs' workspaces) or a secret (`secrets`:
+/// credential files and dirs such as `/etc/jetci`), or lies inside one, or lies in the host's
+/// `/proc` (the runner's environment and command line); a DEST that would cover
+/// a job's own places (the work dir, which holds the checkout, HOME and TMPDIR, or the cache
+/// dir), or lies inside them, or is `/`. Paths are compared as given: the caller passes them
+/// resolved (`std::fs::canonicalize`), so a symlink cannot hide a parent. Pure.
+///
+/// Errors: one line naming the flag and what it would expose or cover.
+pub fn check_ro_bind(
+    src: &Path,
+    dest: &Path,
+    work_dir: &Path,
+    cache: Option<&Path>,
+    secrets: &[PathBuf],
+) -> Result<(), String> {
+    let shown = format!("--ro-bind {}:{}", src.display(), dest.display());
+    let nested = |a: &Path, b: &Path| a.starts_with(b) || b.starts_with(a);
+    if nested(src, work_dir) {
+        return Err(format!(
+            "{shown} would show jobs the runner's work dir {}",
+            work_dir.display()
+        ));
+    }
+    if src.starts_with("/proc") {
+        return Err(format!(
+            "{shown} would show jobs the host's processes (the runner's environment among them)"
+        ));
+    }
+    if let Some(secret) = secrets.iter().find(|s| nested(src, s)) {
+        return Err(format!(
+            "{shown} would show jobs the runner's secret {}",
+            secret.display()
+        ));
+    }
+    if dest == Path::new("/") {
+        return Err(format!("{shown} would cover the whole sandbox"));
+    }
+    for (place, what) in [(Some(work_dir), "the work dir"), (cache, "the cache dir")] {
+        if let Some(place) = place.filter(|p| nested(dest, p)) {
+            return Err(format!(
+                "{shown} would cover {what} {} (the job's checkout, HOME and TMPDIR live there)",
+                place.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// bwrap's arguments as they are built.
@@ -322,6 +391,7 @@ mod tests {
             "--bind /w/runner-1/jobs/a.1/home /w/runner-1/jobs/a.1/home",
             "--bind /cache /cache",
             "--size 536870912 --tmpfs /tmp",
+            "--dev /dev --size 67108864 --tmpfs /dev/shm --remount-ro /dev",
             "--remount-ro /w/runner-1 --remount-ro / --chdir /w/runner-1/jobs/a.1/src --",
         ] {
             assert!(w.contains(part), "{part:?} missing in {w}");
@@ -352,5 +422,47 @@ mod tests {
         );
         assert!(parse_ro_bind("opt").is_err());
         assert!(parse_ro_bind("/a:b").is_err());
+        assert!(parse_ro_bind("/opt/../var").is_err());
+    }
+
+    #[test]
+    fn ro_binds_that_would_expose_the_runner_or_cover_the_job_are_refused() {
+        let work = Path::new("/var/lib/jetci/r1");
+        let secrets = vec![
+            PathBuf::from("/etc/jetci"),
+            PathBuf::from("/srv/keys/nats.creds"),
+        ];
+        let check = |src: &str, dest: &str| {
+            check_ro_bind(
+                Path::new(src),
+                Path::new(dest),
+                work,
+                Some(Path::new("/cache")),
+                &secrets,
+            )
+        };
+        assert_eq!(check("/opt/tool", "/opt/tool"), Ok(()));
+        assert_eq!(check("/srv/keys/other", "/k"), Ok(()));
+        for (src, dest, why) in [
+            ("/var/lib", "/x", "work dir"),
+            ("/", "/host", "work dir"),
+            ("/var/lib/jetci/r1/mirrors", "/m", "work dir"),
+            ("/proc/1", "/p", "host's processes"),
+            ("/etc", "/host-etc", "secret /etc/jetci"),
+            ("/etc/jetci/sub", "/s", "secret /etc/jetci"),
+            ("/srv/keys", "/k", "secret /srv/keys/nats.creds"),
+            ("/srv/keys/nats.creds", "/k", "secret"),
+            ("/opt/tool", "/", "whole sandbox"),
+            ("/opt/tool", "/var", "cover the work dir"),
+            ("/opt/tool", "/var/lib/jetci/r1/jobs", "cover the work dir"),
+            ("/opt/tool", "/cache/x", "cover the cache dir"),
+        ] {
+            let e = check(src, dest).expect_err(src);
+            assert!(e.contains(why), "{src}:{dest}: {e}");
+            assert!(
+                e.starts_with(&format!("--ro-bind {src}:{dest} would")),
+                "{e}"
+            );
+        }
     }
 }
