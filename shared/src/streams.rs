@@ -19,14 +19,16 @@ use crate::connect::Nats;
 /// (JETSTREAM-NOTES 2, "Dedupe": the default is only 120 s).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(3600);
 
-/// Most bytes of recorded test timings (`ci-timings`), all repositories together: 2,048
-/// repositories at their bound of 512 KiB each.
-pub const TIMINGS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// Most bytes of recorded test timings (`ci-timings`), all repositories together. Small on
+/// purpose: JetStream reserves a stream's `max_bytes` from the server's storage when the stream
+/// is made, so every bound here is disk a small server must have free at start.
+pub const TIMINGS_MAX_BYTES: i64 = 64 * 1024 * 1024;
 /// How long a repository's test timings are kept without a run that records some.
 pub const TIMINGS_MAX_AGE: Duration = Duration::from_secs(90 * 24 * 3600);
 /// Most bytes of stored shard splits (`ci-shards`), all repositories together; splits are kept
-/// as long as results.
-pub const SHARDS_MAX_BYTES: i64 = 1024 * 1024 * 1024;
+/// as long as results. A split without recorded times takes about 100 bytes; when the bucket
+/// is full, shards split round-robin ([`crate::pipeline::timings::split_for`]).
+pub const SHARDS_MAX_BYTES: i64 = 64 * 1024 * 1024;
 
 /// How long results are kept.
 pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
