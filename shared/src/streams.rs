@@ -150,7 +150,7 @@ pub async fn setup(nats: &Nats) -> Result<Streams, SetupError> {
     let job_states = ensure_bucket(nats, n.jobs_bucket(), JOBS_KV_MAX_AGE).await?;
     let runners = ensure_bucket(nats, n.runners_bucket(), RUNNERS_KV_MAX_AGE).await?;
     let timings =
-        ensure_bounded_bucket(nats, n.timings_bucket(), Duration::ZERO, TIMINGS_MAX_BYTES).await?;
+        ensure_bounded_bucket(nats, n.timings_bucket(), TIMINGS_MAX_AGE, TIMINGS_MAX_BYTES).await?;
     let shards =
         ensure_bounded_bucket(nats, n.shards_bucket(), RESULTS_MAX_AGE, SHARDS_MAX_BYTES).await?;
     Ok(Streams {
