@@ -430,11 +430,24 @@ async fn cancelling_a_run_no_dispatcher_has_taken_ends_it_and_no_job_starts_afte
     })
     .await;
 
+    // First one job (the command waits for its result; its request is what matters here),
+    // then the whole run.
+    let lint = JobRef::new("app", &sha, 1, Some("lint")).key();
+    let mut one = crate::support::processes::Proc::spawn(
+        "jetci",
+        &["-s", &sys.url, "cancel", "app", &sha[..8], "--job", "lint"],
+        &[],
+    );
+    wait_job_phase(&sys.url, &lint, "queued", BOUND).await;
     let (ok, out, err) = jetci(&sys.url, &["cancel", "app", &sha[..8]]);
     assert!(ok, "{err}");
     let out = String::from_utf8_lossy(&out).into_owned();
     assert!(out.contains("before any dispatcher took it"), "{out}");
     assert!(out.contains("cancelled  app"), "{out}");
+    one.kill();
+    // The job's state agrees with the run's result instead of waiting for days (found by a
+    // break-it review: a `queued` entry stayed, shown as waiting on the web).
+    wait_job_phase(&sys.url, &lint, "final", BOUND).await;
 
     // A runner comes: the dispatcher takes the run, finds it cancelled, starts nothing.
     sys.add_runner("r0", &[], &[]);

@@ -16,7 +16,7 @@ use crate::support::http::{http_get, wait_http, Response};
 use crate::support::jetstream::{js, names, wait_results};
 use crate::support::nats::{free_addr, NatsServer};
 use crate::support::system::{spawn_web, System, REPO};
-use crate::support::waiting::BOUND;
+use crate::support::waiting::{wait_until, BOUND};
 
 /// `GET path` on `addr`; panics when nothing answers.
 fn get(addr: &str, path: &str) -> Response {
@@ -330,4 +330,41 @@ async fn the_web_skips_bad_messages_survives_a_nats_restart_and_streams_live_log
         "{}",
         web.log()
     );
+}
+
+/// Each live log holds a `CI_LOGS` consumer: anyone reaching the web could pile them up (found
+/// by a break-it review: 200 open connections, 200 consumers). Past 64 at once: 503.
+#[tokio::test(flavor = "multi_thread")]
+async fn live_logs_followed_at_once_are_bounded() {
+    let nats = NatsServer::start();
+    let addr = free_addr();
+    let _web = spawn_web(&nats.url(), &addr, &[]);
+    wait_http(&addr, "/healthz", BOUND, |r| r.status == 200);
+    let sha = "0".repeat(40);
+    let path = format!("/events/log/app/{sha}/1/1");
+    let open = |n: usize| -> (TcpStream, String) {
+        let mut s = TcpStream::connect(&addr).expect("connect");
+        s.set_read_timeout(Some(BOUND)).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nX-N: {n}\r\n\r\n").unwrap();
+        let mut status = String::new();
+        BufReader::new(s.try_clone().unwrap())
+            .read_line(&mut status)
+            .expect("a status line");
+        (s, status)
+    };
+    let held: Vec<(TcpStream, String)> = (0..64).map(open).collect();
+    for (_, status) in &held {
+        assert!(status.contains(" 200 "), "{status}");
+    }
+    let (_, status) = open(64);
+    assert!(status.contains(" 503 "), "the 65th: {status}");
+    drop(held);
+    // Closed streams give their places back.
+    wait_until("a live log to be followed again", BOUND, || {
+        open(65)
+            .1
+            .contains(" 200 ")
+            .then_some(())
+            .ok_or("still 503")
+    });
 }

@@ -402,6 +402,21 @@ async fn cancel_pipeline(
             // A dispatcher that took the run meanwhile marks it itself: a conflict is fine.
             let _ = store::write(&streams.job_states, &run_key, &done, Some(c.revision)).await;
         }
+        // A `cancel --job` before this left a `queued` state holding its request: the run's
+        // result lists that job `skipped`, and so does its state now (else it would show as
+        // waiting for days). A state a dispatcher moved on meanwhile is left to it.
+        for plan in jobs.iter().filter(|j| j.carried.is_none()) {
+            let key = JobRef::new(&t.repo, &t.sha, t.run, Some(&plan.job)).key();
+            if let Some(c) = store::read(&streams.job_states, &key).await? {
+                if c.state.phase == JobPhase::Queued {
+                    let done = c.state.finish(
+                        Status::Skipped,
+                        Some(format!("the run was cancelled {who} before it started")),
+                    );
+                    let _ = store::write(&streams.job_states, &key, &done, Some(c.revision)).await;
+                }
+            }
+        }
         println!(
             "cancelled {} in {} before any dispatcher took it: none of its {} jobs ran",
             t.describe(),

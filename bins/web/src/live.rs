@@ -23,6 +23,10 @@ use crate::server::{job_ref, App};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Live log streams (`/events/log/...`) open at once: each holds a consumer on `CI_LOGS`, so
+/// anyone reaching the page could otherwise pile them up. Past it: 503, try again.
+pub const MAX_LOG_FOLLOWERS: usize = 64;
+
 /// `GET /events`: one `change` event (JSON, see `feed::Change`) per change of the view; a
 /// `lagged` event when this client fell behind (the page should refresh).
 pub async fn changes(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
@@ -66,6 +70,15 @@ pub async fn job_log(
 }
 
 fn follow_log(app: App, job: &JobRef, attempt: u32, headers: &HeaderMap) -> Response {
+    // A log may be followed before its job starts (its output then streams from the start), so
+    // a name is not checked against the view; the number of followers is bounded instead.
+    let Ok(permit) = app.log_followers.clone().try_acquire_owned() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("too many live logs open ({MAX_LOG_FOLLOWERS}); try again later\n"),
+        )
+            .into_response();
+    };
     let subject = app.nats.names.logs_subject(job, attempt);
     let start = headers
         .get("last-event-id")
@@ -84,7 +97,7 @@ fn follow_log(app: App, job: &JobRef, attempt: u32, headers: &HeaderMap) -> Resp
         tx,
         token.clone(),
     ));
-    let guard = token.drop_guard();
+    let guard = (token.drop_guard(), permit);
     let events = stream::unfold((rx, guard), |(mut rx, guard)| async move {
         loop {
             match rx.recv().await? {

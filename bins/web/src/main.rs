@@ -111,6 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         commits: streams.commits.clone(),
         max_results: args.max_results,
         stop: stop.clone(),
+        log_followers: std::sync::Arc::new(tokio::sync::Semaphore::new(live::MAX_LOG_FOLLOWERS)),
     };
     let addr = listener.local_addr().unwrap_or(args.listen);
     tracing::info!(%addr, "serving http://{addr}/");

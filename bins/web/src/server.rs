@@ -55,6 +55,9 @@ pub struct App {
     pub max_results: usize,
     /// Cancelled at shutdown, so open event streams end.
     pub stop: CancellationToken,
+    /// Live log streams open at once, at most [`crate::live::MAX_LOG_FOLLOWERS`]: each holds a
+    /// `CI_LOGS` consumer.
+    pub log_followers: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The whole router.
