@@ -22,8 +22,8 @@ const RECORD_ATTEMPTS: usize = 8;
 
 /// The split of `tests` over `shards` for job `base` of commit `sha` of `repo`: the one stored
 /// already, else one made now from the recorded timings and stored. When the split cannot be
-/// stored (the bucket is full), the round-robin split, which every shard computes alike, is
-/// used without storing it (logged).
+/// stored and none is there after all (the bucket is full), the round-robin split, which every
+/// shard computes alike, is used without storing it (logged).
 ///
 /// Errors: the server did not answer a read (worth another attempt).
 pub async fn split_for(
@@ -53,10 +53,15 @@ pub async fn split_for(
         Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => stored_split(splits, &key)
             .await?
             .ok_or_else(|| format!("the shard split {key} vanished")),
-        Err(e) => {
-            tracing::warn!(key, error = %e, "cannot store the shard split; splitting round-robin");
-            Ok(Split::new(tests, &HashMap::new(), shards))
-        }
+        // A create that timed out may have been stored, or another shard's may be: take what
+        // is there. Only with none at all (a full bucket) does every shard fall back alike.
+        Err(e) => match stored_split(splits, &key).await? {
+            Some(split) => Ok(split),
+            None => {
+                tracing::warn!(key, error = %e, "cannot store the shard split; splitting round-robin");
+                Ok(Split::new(tests, &HashMap::new(), shards))
+            }
+        },
     }
 }
 
