@@ -273,6 +273,9 @@ pub struct History {
     pub index: HashMap<Oid, usize>,
     /// For each position in `commits`, the positions of its parents that are in the set.
     pub parents: Vec<Vec<usize>>,
+    /// For each position in `commits`, the position of its first parent when that parent is in
+    /// the set (a merge's first parent is the branch it was made on).
+    pub first_parent: Vec<Option<usize>>,
 }
 
 /// The bits of a commit that travel with it.
@@ -398,23 +401,22 @@ impl Watched {
             .map(|r| r.map_err(err("cannot walk history")))
             .collect::<Result<Vec<Oid>, _>>()?;
         let index: HashMap<Oid, usize> = commits.iter().enumerate().map(|(i, c)| (*c, i)).collect();
-        let parents = commits
-            .iter()
-            .map(|c| {
-                let commit = self
-                    .repo
-                    .find_commit(*c)
-                    .map_err(err(format!("cannot read commit {c}")))?;
-                Ok(commit
-                    .parent_ids()
-                    .filter_map(|p| index.get(&p).copied())
-                    .collect())
-            })
-            .collect::<Result<_, GitError>>()?;
+        let mut parents = Vec::with_capacity(commits.len());
+        let mut first_parent = Vec::with_capacity(commits.len());
+        for c in &commits {
+            let commit = self
+                .repo
+                .find_commit(*c)
+                .map_err(err(format!("cannot read commit {c}")))?;
+            let in_set = |p: Oid| index.get(&p).copied();
+            first_parent.push(commit.parent_ids().next().and_then(in_set));
+            parents.push(commit.parent_ids().filter_map(in_set).collect());
+        }
         Ok(History {
             commits,
             index,
             parents,
+            first_parent,
         })
     }
 
@@ -1140,6 +1142,8 @@ mod tests {
         assert_eq!(both.commits.len(), 3);
         assert_eq!(both.parents[both.index[&f]], vec![both.index[&b]]);
         assert!(both.parents[both.index[&b]].is_empty(), "a is hidden");
+        assert_eq!(both.first_parent[both.index[&f]], Some(both.index[&b]));
+        assert_eq!(both.first_parent[both.index[&b]], None, "a is hidden");
         assert_eq!(
             w.file_at(b, "b.txt", 1).unwrap().as_deref(),
             Some(&b"2"[..])

@@ -7,6 +7,7 @@
 //! labels = ["linux", "python"]    # what a runner must have
 //! junit = ["target/*.xml"]        # JUnit XML files to read counts from
 //! network = false                 # no network but loopback in the job's sandbox
+//! history = "first-parent"        # which new commits the observer publishes (default "all")
 //! [env]
 //! RUST_BACKTRACE = "1"
 //! ```
@@ -81,6 +82,21 @@ pub struct RepoConfig {
     /// `Some(false)`: the job's sandbox has no network but loopback (`None`: the runner's
     /// `--network` decides).
     pub network: Option<bool>,
+    /// Which of a branch's new commits the observer publishes (the observer reads it at the
+    /// head of the branch it plans; the runner ignores it).
+    pub history: HistoryMode,
+}
+
+/// `history`: which commits of a branch's new history are tested.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HistoryMode {
+    /// `"all"`: every new commit the head reaches, the commits a merge brought in included.
+    #[default]
+    All,
+    /// `"first-parent"`: only the commits reached from the head by following first parents (the
+    /// commits the branch itself moved through: a merge commit, not the side branch's commits).
+    FirstParent,
 }
 
 /// One `[jobs.<name>]` table, before its matrix and shards are expanded
@@ -125,6 +141,8 @@ struct Raw {
     fail_fast: bool,
     jobs: Option<BTreeMap<String, toml::Spanned<RawJob>>>,
     network: Option<bool>,
+    #[serde(default)]
+    history: HistoryMode,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +200,7 @@ impl RepoConfig {
             fail_fast: raw.fail_fast,
             jobs: vec![],
             network: raw.network,
+            history: raw.history,
         };
         if let Some(jobs) = raw.jobs {
             if config.command.is_some() {
@@ -486,6 +505,18 @@ mod tests {
         assert_eq!(
             RepoConfig::parse("network = false").unwrap().network,
             Some(false)
+        );
+        let history = |text: &str| RepoConfig::parse(text).map(|c| c.history);
+        assert_eq!(history("").unwrap(), HistoryMode::All);
+        assert_eq!(history("history = \"all\"").unwrap(), HistoryMode::All);
+        assert_eq!(
+            history("history = \"first-parent\"").unwrap(),
+            HistoryMode::FirstParent
+        );
+        let e = history("command = \"x\"\nhistory = \"linear\"\n").unwrap_err();
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("first-parent"),
+            "{e}"
         );
     }
 

@@ -76,35 +76,29 @@ pub fn message(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> Comm
 /// parses it again and reports the problem as the run's `error` result, with the line, before
 /// any command runs.
 fn settings(watched: &Watched, repo: &str, branch: &str, commit: Oid) -> RepoConfig {
-    let sha = commit.to_string();
+    config_at(watched, commit).unwrap_or_else(|e| {
+        tracing::warn!(
+            repo,
+            branch,
+            sha = short(&commit.to_string()),
+            "{e}; publishing as one job without labels (the runner will report it)"
+        );
+        RepoConfig::default()
+    })
+}
+
+/// The `.jetci.toml` at `commit`, parsed; the defaults when it has none.
+///
+/// Errors (as one line): the file cannot be read, is larger than [`MAX_FILE_BYTES`] (its size
+/// is read from the object's header, so it is never inflated), is not UTF-8, or does not parse.
+pub fn config_at(watched: &Watched, commit: Oid) -> Result<RepoConfig, String> {
     let text = match watched.file_at(commit, FILE_NAME, MAX_FILE_BYTES) {
         Ok(Some(bytes)) => bytes,
-        Ok(None) => return RepoConfig::default(),
-        Err(e) => {
-            tracing::warn!(
-                repo,
-                branch,
-                sha = short(&sha),
-                "cannot read {FILE_NAME}: {e}"
-            );
-            return RepoConfig::default();
-        }
+        Ok(None) => return Ok(RepoConfig::default()),
+        Err(e) => return Err(format!("cannot read {FILE_NAME}: {e}")),
     };
-    let parsed = std::str::from_utf8(&text)
-        .map_err(|_| format!("{FILE_NAME} is not UTF-8"))
-        .and_then(|t| RepoConfig::parse(t).map_err(|e| e.to_string()));
-    match parsed {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::warn!(
-                repo,
-                branch,
-                sha = short(&sha),
-                "{e}; publishing as one job without labels (the runner will report it)"
-            );
-            RepoConfig::default()
-        }
-    }
+    let text = std::str::from_utf8(&text).map_err(|_| format!("{FILE_NAME} is not UTF-8"))?;
+    RepoConfig::parse(text).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

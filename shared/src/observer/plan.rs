@@ -18,6 +18,13 @@
 //!   published like any others.
 //! - A branch jetci has no mark for (new, or deleted and re-created) in a seen repository
 //!   publishes everything not reachable from the other marks.
+//! - A branch whose head's `.jetci.toml` says `history = "first-parent"` publishes only the new
+//!   commits on its first-parent chain: from its head, first parent after first parent, down to
+//!   the first commit that is not new (a mark reaches it, or an earlier branch of this poll
+//!   claimed it). A merge commit is tested, the commits it brought in are not (unless another
+//!   branch's own history has them). The same rules hold otherwise: a branch rewritten by a
+//!   force-push or a rebase publishes the new commits of its chain, down to where the chain meets
+//!   history a mark reaches; a new branch, the chain's commits no other mark reaches.
 //!
 //! Branches are handled in a fixed order: branches with a mark first, then new branches; in each
 //! group the repository's `HEAD` branch first, then by name. So a commit that shows up on `main`
@@ -31,6 +38,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use crate::git::{BranchName, GitError, History, Watched};
+use crate::repo_config::HistoryMode;
 use git2::Oid;
 
 /// One thing a poll does to one branch, in order.
@@ -60,13 +68,16 @@ pub struct Plan {
 /// `branches` are the branches to watch (already filtered by `--branches`); `all_branches` every
 /// branch that exists, so a mark is deleted only when its branch is really gone. `marks` are the
 /// last heads handled per branch; `ever_polled` is false until one poll of this repository has
-/// completed. Errors of one branch land in [`Plan::failed`] and do not stop the others.
+/// completed. `history_at` says which history a branch tests, given its name and its head (the
+/// observer reads it from the head's `.jetci.toml`); it is asked only for branches whose new
+/// commits are walked. Errors of one branch land in [`Plan::failed`] and do not stop the others.
 pub fn plan(
     watched: &Watched,
     branches: &[(BranchName, Oid)],
     all_branches: &[(BranchName, Oid)],
     marks: &BTreeMap<BranchName, Oid>,
     ever_polled: bool,
+    history_at: &mut dyn FnMut(&BranchName, Oid) -> HistoryMode,
 ) -> Plan {
     let mut plan = Plan::default();
     let head_branch = watched.head_branch();
@@ -97,7 +108,7 @@ pub fn plan(
             let read = if (!ever_polled && mark.is_none()) || lost {
                 Read::HeadOnly
             } else {
-                Read::Walk
+                Read::Walk(history_at(name, *head))
             };
             Some((name, *head, read))
         })
@@ -106,7 +117,7 @@ pub fn plan(
     // Every commit that is new on some walked branch: reachable from its head, from no mark.
     let walked: Vec<Oid> = reads
         .iter()
-        .filter(|(_, _, read)| *read == Read::Walk)
+        .filter(|(_, _, read)| matches!(read, Read::Walk(_)))
         .map(|(_, head, _)| *head)
         .collect();
     let marked: Vec<Oid> = marks.values().copied().collect();
@@ -123,17 +134,23 @@ pub fn plan(
     // Each new commit goes to the first branch, in order, whose head reaches it: a commit that
     // an earlier branch's head reaches (its own or one that branch only marked) is not new for
     // a later one. Each commit is claimed once, so the whole poll stays linear in the new
-    // commits and the branches.
+    // commits and the branches. A first-parent branch claims only its chain: the commits a
+    // merge brought in stay free for a later branch whose own history has them.
     let mut claimed = vec![false; history.commits.len()];
     // The exact heads handled so far (and every mark): a first-sight head among them is not
     // published again.
     let mut seen: HashSet<Oid> = marked.iter().copied().collect();
     for (name, head, read) in reads {
-        let reached = claim(&history, &mut claimed, head);
+        let reached = match read {
+            Read::Walk(HistoryMode::FirstParent) => {
+                claim_first_parents(&history, &mut claimed, head)
+            }
+            Read::HeadOnly | Read::Walk(HistoryMode::All) => claim(&history, &mut claimed, head),
+        };
         let new = match read {
             Read::HeadOnly if seen.contains(&head) => vec![],
             Read::HeadOnly => vec![head],
-            Read::Walk => {
+            Read::Walk(_) => {
                 if let Some(e) = &walk_error {
                     plan.failed.push((name.clone(), e.clone()));
                     continue;
@@ -167,8 +184,8 @@ pub fn plan(
 enum Read {
     /// First sight (or a lost mark): its head only.
     HeadOnly,
-    /// Everything new since the marks.
-    Walk,
+    /// What is new since the marks: all of it, or its first-parent chain.
+    Walk(HistoryMode),
 }
 
 /// Claims the commits of `history` that `head` reaches and no earlier call claimed; returns
@@ -186,6 +203,23 @@ fn claim(history: &History, claimed: &mut [bool], head: Oid) -> Vec<usize> {
     }
     reached.sort_unstable();
     reached
+}
+
+/// Claims the commits of `history` on `head`'s first-parent chain, from `head` down to the first
+/// one that is not in the history (a mark reaches it) or that an earlier call claimed; returns
+/// their positions, oldest first. Linear in the chain's length.
+fn claim_first_parents(history: &History, claimed: &mut [bool], head: Oid) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut next = history.index.get(&head).copied();
+    while let Some(i) = next {
+        if std::mem::replace(&mut claimed[i], true) {
+            break;
+        }
+        chain.push(i);
+        next = history.first_parent[i];
+    }
+    chain.reverse();
+    chain
 }
 
 #[cfg(test)]
@@ -210,15 +244,25 @@ mod tests {
 
         /// A new commit on top of `parent` (or a root commit), made the head of `branch`.
         fn commit(&mut self, branch: &str, parent: Option<Oid>) -> Oid {
+            self.commit_on(branch, parent.as_slice())
+        }
+
+        /// A merge of `second` into `first` (its first parent), made the head of `branch`.
+        fn merge(&mut self, branch: &str, first: Oid, second: Oid) -> Oid {
+            self.commit_on(branch, &[first, second])
+        }
+
+        /// A new commit with `parents` (none: a root commit), made the head of `branch`.
+        fn commit_on(&mut self, branch: &str, parents: &[Oid]) -> Oid {
             self.n += 1;
             let blob = self.repo.blob(self.n.to_string().as_bytes()).unwrap();
             let mut tb = self.repo.treebuilder(None).unwrap();
             tb.insert("f", blob, 0o100644).unwrap();
             let tree = self.repo.find_tree(tb.write().unwrap()).unwrap();
             let sig = Signature::now("T", "t@x").unwrap();
-            let parents: Vec<_> = parent
-                .map(|p| self.repo.find_commit(p).unwrap())
-                .into_iter()
+            let parents: Vec<_> = parents
+                .iter()
+                .map(|p| self.repo.find_commit(*p).unwrap())
                 .collect();
             let parents: Vec<_> = parents.iter().collect();
             let oid = self
@@ -262,8 +306,28 @@ mod tests {
 
     /// Plans a poll over every branch, then applies it to `marks` as a successful poll would.
     fn poll(w: &Watched, marks: &mut BTreeMap<BranchName, Oid>, ever_polled: bool) -> Vec<Step> {
+        poll_with(w, marks, ever_polled, &mut history_all)
+    }
+
+    /// Every branch tests all of its history (the default).
+    fn history_all(_: &BranchName, _: Oid) -> HistoryMode {
+        HistoryMode::All
+    }
+
+    /// Every branch tests its first-parent chain.
+    fn history_first_parent(_: &BranchName, _: Oid) -> HistoryMode {
+        HistoryMode::FirstParent
+    }
+
+    /// [`poll`] with each branch's history chosen by `history_at`.
+    fn poll_with(
+        w: &Watched,
+        marks: &mut BTreeMap<BranchName, Oid>,
+        ever_polled: bool,
+        history_at: &mut dyn FnMut(&BranchName, Oid) -> HistoryMode,
+    ) -> Vec<Step> {
         let branches = w.branches().unwrap();
-        let p = plan(w, &branches, &branches, marks, ever_polled);
+        let p = plan(w, &branches, &branches, marks, ever_polled, history_at);
         assert!(p.failed.is_empty(), "{:?}", p.failed);
         for s in &p.steps {
             marks.insert(s.branch.clone(), s.commit);
@@ -444,7 +508,7 @@ mod tests {
 
         r.delete("topic");
         let branches = w.branches().unwrap();
-        let p = plan(&w, &branches, &branches, &marks, true);
+        let p = plan(&w, &branches, &branches, &marks, true, &mut history_all);
         assert_eq!(p.gone, vec![BranchName::from("topic")]);
         assert!(p.steps.is_empty());
         marks.remove(&BranchName::from("topic"));
@@ -471,7 +535,7 @@ mod tests {
             .cloned()
             .collect();
         let mut marks = BTreeMap::from([("other".into(), main[0])]);
-        let p = plan(&w, &watched, &all, &marks, false);
+        let p = plan(&w, &watched, &all, &marks, false, &mut history_all);
         assert!(p.gone.is_empty());
         assert_eq!(
             p.steps,
@@ -482,7 +546,7 @@ mod tests {
             }]
         );
         marks.clear();
-        let p = plan(&w, &watched, &all, &marks, false);
+        let p = plan(&w, &watched, &all, &marks, false, &mut history_all);
         assert_eq!(published(&p.steps), vec![("main", main[0])]);
     }
 
@@ -513,5 +577,145 @@ mod tests {
         assert_eq!((&published[1].branch, published[1].commit), (&e9, a));
         assert_eq!(published[0].branch.text(), "lat\u{fffd}n1");
         assert_eq!((marks[&e8], marks[&e9]), (b, a));
+    }
+
+    #[test]
+    fn first_parent_publishes_the_main_line_and_not_the_merged_side_commits() {
+        for mode in [HistoryMode::FirstParent, HistoryMode::All] {
+            let mut r = Repo::new();
+            let base = r.commit("main", None);
+            let w = r.watched();
+            let mut marks = BTreeMap::new();
+            poll(&w, &mut marks, false);
+            // main: m1, then a side branch of three commits (never seen: it is merged and
+            // deleted between two polls), m2, the merge (`--no-ff`: main is its first parent),
+            // and m3.
+            let m1 = r.commit("main", Some(base));
+            let side = r.commits("side", Some(m1), 3);
+            r.delete("side");
+            let m2 = r.commit("main", Some(m1));
+            let merge = r.merge("main", m2, side[2]);
+            let m3 = r.commit("main", Some(merge));
+            let steps = poll_with(&w, &mut marks, true, &mut |_, _| mode);
+            let got: Vec<Oid> = published(&steps).iter().map(|(_, c)| *c).collect();
+            if mode == HistoryMode::FirstParent {
+                assert_eq!(got, vec![m1, m2, merge, m3], "oldest first, the chain only");
+            } else {
+                let mut want = vec![m1, m2, merge, m3];
+                want.extend(&side);
+                assert_eq!(
+                    got.iter().copied().collect::<HashSet<_>>(),
+                    want.iter().copied().collect::<HashSet<_>>()
+                );
+                assert_eq!(got.len(), want.len(), "each once: {got:?}");
+            }
+            assert_eq!(marks[&BranchName::from("main")], m3);
+            assert!(poll_with(&w, &mut marks, true, &mut |_, _| mode).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_merged_branch_that_is_watched_keeps_its_own_commits_under_first_parent() {
+        let mut r = Repo::new();
+        let base = r.commit("main", None);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        // A topic branch pushed with two commits and merged into main in the same poll: main
+        // (marked, and the HEAD branch) goes first and takes the merge only; the topic's own
+        // first-parent chain is its two commits.
+        let topic = r.commits("topic", Some(base), 2);
+        let m1 = r.commit("main", Some(base));
+        let merge = r.merge("main", m1, topic[1]);
+        let steps = poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(
+            published(&steps),
+            vec![
+                ("main", m1),
+                ("main", merge),
+                ("topic", topic[0]),
+                ("topic", topic[1])
+            ]
+        );
+
+        // The topic goes on and is merged again: only the new topic commit and the new merge.
+        let more = r.commit("topic", Some(topic[1]));
+        let again = r.merge("main", merge, more);
+        let steps = poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(published(&steps), vec![("main", again), ("topic", more)]);
+    }
+
+    #[test]
+    fn first_parent_on_a_rewritten_branch_publishes_the_new_chain_down_to_known_history() {
+        let mut r = Repo::new();
+        let base = r.commits("main", None, 2);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        poll(&w, &mut marks, false);
+        let old = r.commits("main", Some(base[1]), 2);
+        poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(marks[&BranchName::from("main")], old[1]);
+
+        // Rebased: the mark is on no chain of the new head; the chain meets known history at
+        // the base, as today's rule for a rewritten branch.
+        let new = r.commits("main", Some(base[1]), 3);
+        let steps = poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(
+            published(&steps),
+            vec![("main", new[0]), ("main", new[1]), ("main", new[2])]
+        );
+
+        // Rewritten again from the base, merging the last head as a second parent (as
+        // `git pull` does from a stale clone): the mark is off the chain, which runs down to
+        // the base; what the mark reaches is not new.
+        let local = r.commits("main", Some(base[0]), 2);
+        let merge = r.merge("main", local[1], new[2]);
+        let steps = poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(
+            published(&steps),
+            vec![("main", local[0]), ("main", local[1]), ("main", merge)]
+        );
+
+        // Reset backwards: nothing to test, the mark follows.
+        r.set("main", new[0]);
+        let steps = poll_with(&w, &mut marks, true, &mut history_first_parent);
+        assert_eq!(published(&steps), vec![]);
+        assert_eq!(marks[&BranchName::from("main")], new[0]);
+    }
+
+    #[test]
+    fn history_is_chosen_per_branch_and_asked_only_for_walked_branches() {
+        let mut r = Repo::new();
+        let base = r.commit("main", None);
+        r.set("release", base);
+        let w = r.watched();
+        let mut marks = BTreeMap::new();
+        let mut asked = vec![];
+        // First sight: heads only, nothing is walked, so nothing is asked.
+        poll_with(&w, &mut marks, false, &mut |name, head| {
+            asked.push((name.clone(), head));
+            HistoryMode::All
+        });
+        assert!(asked.is_empty(), "{asked:?}");
+
+        // The same merge on main (first-parent) and on release (all).
+        let side = r.commits("side", Some(base), 2);
+        r.delete("side");
+        let merge = r.merge("main", base, side[1]);
+        r.set("release", merge);
+        // main goes first and takes the merge; release reaches nothing new through it.
+        let steps = poll_with(&w, &mut marks, true, &mut |name, head| {
+            asked.push((name.clone(), head));
+            if *name == BranchName::from("main") {
+                HistoryMode::FirstParent
+            } else {
+                HistoryMode::All
+            }
+        });
+        assert_eq!(published(&steps), vec![("main", merge)]);
+        assert_eq!(
+            asked,
+            vec![("main".into(), merge), ("release".into(), merge)]
+        );
     }
 }

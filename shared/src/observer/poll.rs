@@ -1,13 +1,13 @@
 //! One poll of the watched repository: the git half on tokio's blocking pool, then publish and
 //! mark, commit by commit.
 //!
-//! git2 is synchronous. The git half (fetch, branch list, history walk, reading each commit's
-//! `.jetci.toml`) runs on the blocking pool, so a slow fetch of a remote repository never stalls
+//! git2 is synchronous. The git half (fetch, branch list, each moved branch head's `history`,
+//! history walk, reading each commit's `.jetci.toml`) runs on the blocking pool, so a slow fetch of a remote repository never stalls
 //! the runtime, and a shutdown signal does not wait for it. Publishing is sequential: each
 //! commit's ack is awaited before its branch mark moves (DESIGN.md, "One commit's life", step 1),
 //! and the first NATS error ends the poll, leaving the remaining commits to the next one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use crate::connect::Nats;
 use crate::git::{BranchName, GitError, Watched};
 use crate::messages::CommitMsg;
 use crate::protocol::commit::publish_commit;
+use crate::repo_config::HistoryMode;
 use crate::shutdown::CancellationToken;
 use git2::Oid;
 use glob::Pattern;
@@ -177,7 +178,13 @@ fn read_git(
         .filter(|(name, _)| branches.matches(&name.text()))
         .cloned()
         .partition(|(name, _)| name.as_bytes().len() <= MAX_BRANCH_BYTES);
-    let plan = plan::plan(watched, &chosen, &all, heads, ever_polled);
+    let mut read: HashMap<Oid, HistoryMode> = HashMap::new();
+    let mut history_at = |branch: &BranchName, head: Oid| {
+        *read
+            .entry(head)
+            .or_insert_with(|| history_at(watched, repo, branch, head))
+    };
+    let plan = plan::plan(watched, &chosen, &all, heads, ever_polled, &mut history_at);
     let steps = plan
         .steps
         .into_iter()
@@ -194,6 +201,24 @@ fn read_git(
         failed: plan.failed,
         refused: refused.into_iter().map(|(name, _)| name.text()).collect(),
     })
+}
+
+/// Which history `branch` tests: the `history` of the `.jetci.toml` at its head `head`. A file
+/// the observer cannot read or parse gives the default (`all`, which tests too much rather than
+/// too little), with a warning; the runner reports the file's problem as the commit's result.
+fn history_at(watched: &Watched, repo: &str, branch: &BranchName, head: Oid) -> HistoryMode {
+    match commit::config_at(watched, head) {
+        Ok(config) => config.history,
+        Err(e) => {
+            warn!(
+                repo,
+                %branch,
+                sha = short(&head.to_string()),
+                "{e}; testing all of the branch's new history (history = \"all\")"
+            );
+            HistoryMode::All
+        }
+    }
 }
 
 /// Keeps a failing poll from repeating the same warning every tick: a new error is a warning,
@@ -223,5 +248,44 @@ impl Trouble {
                 self.last = Some(message);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo_config::{FILE_NAME, MAX_FILE_BYTES};
+    use git2::{Repository, Signature};
+
+    #[test]
+    fn history_is_read_at_the_head_and_a_bad_file_gives_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.git");
+        let repo = Repository::init_bare(&path).unwrap();
+        let w = Watched::open(path.to_str().unwrap(), dir.path()).unwrap();
+        let commit_with = |file: Option<&str>| {
+            let mut tb = repo.treebuilder(None).unwrap();
+            if let Some(text) = file {
+                let blob = repo.blob(text.as_bytes()).unwrap();
+                tb.insert(FILE_NAME, blob, 0o100644).unwrap();
+            }
+            let tree = repo.find_tree(tb.write().unwrap()).unwrap();
+            let sig = Signature::now("T", "t@x").unwrap();
+            repo.commit(None, &sig, &sig, "c", &tree, &[]).unwrap()
+        };
+        let history = |file| history_at(&w, "app", &"main".into(), commit_with(file));
+        assert_eq!(
+            history(Some("history = \"first-parent\"\n")),
+            HistoryMode::FirstParent
+        );
+        assert_eq!(history(Some("history = \"all\"\n")), HistoryMode::All);
+        assert_eq!(history(None), HistoryMode::All);
+        // Unparsable, an unknown value, garbage, over the size cap: the default.
+        assert_eq!(history(Some("history = first-parent\n")), HistoryMode::All);
+        assert_eq!(history(Some("history = \"linear\"\n")), HistoryMode::All);
+        assert_eq!(history(Some("\u{0}\u{ff}")), HistoryMode::All);
+        let padding = "# padding\n".repeat(MAX_FILE_BYTES as usize / 10);
+        let huge = format!("history = \"first-parent\"\n{padding}");
+        assert_eq!(history(Some(&huge)), HistoryMode::All);
     }
 }
