@@ -4,14 +4,22 @@
 //! For each count N it builds a bare repository with `main` and N branches, each one commit of
 //! its own on top of `main`, and times [`jetci::observer::plan::plan`] for: the first poll of a
 //! repository never seen, a poll with nothing new, N new branches in a repository already seen,
-//! and one commit pushed to `main` while every branch has a mark.
+//! and one commit pushed to `main` while every branch has a mark. Each walked branch's `history`
+//! is read from the `.jetci.toml` at its head, as the observer does.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use git2::{Oid, Repository, Signature};
 use jetci::git::BranchName;
+use jetci::observer::commit::config_at;
 use jetci::observer::plan::plan;
+use jetci::repo_config::HistoryMode;
+
+/// The `history` at `head`, as the observer reads it (the default when the file is bad).
+fn history_at(w: &jetci::git::Watched, _: &BranchName, head: Oid) -> HistoryMode {
+    config_at(w, head).map(|c| c.history).unwrap_or_default()
+}
 
 fn commit(repo: &Repository, branch: &str, parent: Option<Oid>, text: &str) -> Oid {
     let blob = repo.blob(text.as_bytes()).expect("blob");
@@ -53,7 +61,9 @@ fn main() {
         let b = w.branches().expect("branches");
         let time = |what: &str, marks: &BTreeMap<BranchName, Oid>, ever_polled: bool| {
             let t = Instant::now();
-            let p = plan(&w, &b, &b, marks, ever_polled);
+            let p = plan(&w, &b, &b, marks, ever_polled, &mut |n, h| {
+                history_at(&w, n, h)
+            });
             let publish = p.steps.iter().filter(|s| s.publish).count();
             println!(
                 "{n:>6} branches, {what}: {publish} to publish, {:?}",
@@ -73,7 +83,7 @@ fn main() {
         commit(&repo, "main", Some(root), "pushed");
         let b = w.branches().expect("branches");
         let t = Instant::now();
-        let p = plan(&w, &b, &b, &all, true);
+        let p = plan(&w, &b, &b, &all, true, &mut |n, h| history_at(&w, n, h));
         let publish = p.steps.iter().filter(|s| s.publish).count();
         println!(
             "{n:>6} branches, one push to main: {publish} to publish, {:?}",
