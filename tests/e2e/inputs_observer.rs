@@ -8,43 +8,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::process::Stdio;
 use std::time::Duration;
 
-use jetci::git::BranchName;
-use jetci::observer::marks::mark_key;
 use serde_json::Value;
 
 use crate::support::git::{git_command, GitRepo};
 use crate::support::jetstream::{
-    all_streams, js, names, stream_messages, stream_raw_messages, wait_results,
+    all_streams, js, mark, names, stream_messages, stream_raw_messages, wait_mark, wait_results,
 };
 use crate::support::nats::NatsServer;
 use crate::support::processes::Proc;
 use crate::support::system::{spawn_dispatcher, spawn_observer, spawn_runner, REPO};
 use crate::support::waiting::{wait_until_async, BOUND};
-
-/// The commit the `ci-observer` mark of `branch` (raw bytes) names, if any.
-async fn mark(url: &str, branch: &[u8]) -> Option<Value> {
-    let kv = js(url)
-        .await
-        .get_key_value(names().observer_bucket())
-        .await
-        .ok()?;
-    let key = mark_key(REPO, &BranchName::from_bytes(branch));
-    let value = kv.get(&key).await.ok()??;
-    serde_json::from_slice(&value).ok()
-}
-
-/// Waits until the mark of `branch` names `sha`: the observer published it and got its ack.
-async fn wait_mark(url: &str, branch: &[u8], sha: &str, bound: Duration) {
-    let what = format!(
-        "the mark of branch {:?} at {sha}",
-        String::from_utf8_lossy(branch)
-    );
-    wait_until_async(&what, bound, async || match mark(url, branch).await {
-        Some(m) if m["sha"] == sha => Ok(()),
-        other => Err(format!("{other:?}")),
-    })
-    .await;
-}
 
 /// Every commit message in `CI_COMMITS`, in order.
 async fn commits(url: &str) -> Vec<Value> {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::git::{failing_test, passing_test, GitRepo};
-use crate::support::jetstream::{names, stream_messages, wait_job_phase, wait_results};
+use crate::support::jetstream::{
+    names, stream_messages, wait_commits_acked, wait_job_phase, wait_mark, wait_results,
+};
 use crate::support::nats::NatsServer;
 use crate::support::system::{app_job, spawn_observer, System, REPO};
 use crate::support::waiting::{wait_until_async, BOUND};
@@ -244,4 +246,88 @@ async fn commits_wait_for_a_runner_and_start_when_one_registers() {
     assert_eq!(all[0]["sha"], sha.as_str());
     assert_eq!(all[0]["runner"], "late");
     assert_eq!(all[0]["status"], "passed");
+}
+
+/// With the observer stopped, makes on `repo`'s `main`: m1, a side branch of three commits from
+/// m1, m2, `git merge --no-ff side` (main is the merge's first parent), then m3, and deletes
+/// the side branch (so only `main`'s history brings its commits in). Returns main's new
+/// commits, oldest first, and the side branch's.
+fn merge_a_side_branch(repo: &GitRepo) -> (Vec<String>, Vec<String>) {
+    let m1 = repo.commit("m1", &[("m.txt", "1")]);
+    repo.checkout_new_branch("side");
+    let side: Vec<String> = (1..=3)
+        .map(|i| repo.commit(&format!("s{i}"), &[("s.txt", &i.to_string())]))
+        .collect();
+    repo.checkout("main");
+    let m2 = repo.commit("m2", &[("m.txt", "2")]);
+    repo.run_git(&["merge", "-q", "--no-ff", "-m", "merge side", "side"]);
+    let merge = repo.head();
+    repo.run_git(&["branch", "-q", "-D", "side"]);
+    let m3 = repo.commit("m3", &[("m.txt", "3")]);
+    (vec![m1, m2, merge, m3], side)
+}
+
+/// Runs the merged-side-branch history of [`merge_a_side_branch`] through the system, with
+/// `config` as the repository's `.jetci.toml`; returns main's new commits, the side commits and
+/// every commit that got a result (each with its status), once everything main's new head
+/// brought in is published and tested.
+async fn tested_after_a_merge(config: &str) -> (Vec<String>, Vec<String>, Vec<(String, String)>) {
+    let nats = NatsServer::start();
+    let repo = GitRepo::new();
+    let first = repo.commit("first", &[(".jetci.toml", config)]);
+    let mut sys = System::start(&nats, &repo, &["r0"]);
+    results(&sys.url, 1).await;
+
+    sys.observer.kill();
+    let (main_line, side) = merge_a_side_branch(&repo);
+    sys.observer = spawn_observer(&sys.url, &repo, &[]);
+    // Main's mark moves to m3 only after everything its poll publishes before it; then every
+    // published commit has its result once the work queue is empty.
+    let head = main_line.last().expect("main's new head");
+    wait_mark(&sys.url, b"main", head, BOUND).await;
+    wait_commits_acked(&sys.url, BOUND).await;
+    let n = names();
+    let tested = stream_messages(&sys.url, &n.results_stream(), &n.results_filter())
+        .await
+        .into_iter()
+        .map(|(_, r)| {
+            (
+                r["sha"].as_str().unwrap_or("").to_string(),
+                r["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .filter(|(sha, _)| *sha != first)
+        .collect();
+    (main_line, side, tested)
+}
+
+/// `history = "first-parent"`: of a side branch merged with `--no-ff`, the merge commit is
+/// tested and the side branch's own commits are not. Failed before the change: the key was
+/// refused (each commit's result an `error`) and all seven commits were tested.
+#[tokio::test(flavor = "multi_thread")]
+async fn first_parent_history_tests_only_the_main_lines_commits() {
+    let config = "history = \"first-parent\"\ncommand = \"true\"\n";
+    let (main_line, side, mut tested) = tested_after_a_merge(config).await;
+    let mut passed: Vec<(String, String)> = main_line
+        .iter()
+        .map(|sha| (sha.clone(), "passed".to_string()))
+        .collect();
+    passed.sort();
+    tested.sort();
+    assert_eq!(tested, passed, "main's commits, each once (side: {side:?})");
+}
+
+/// The default, `history = "all"`: the side branch's commits are tested too, each once.
+#[tokio::test(flavor = "multi_thread")]
+async fn all_history_tests_a_merged_branchs_commits_too() {
+    let (main_line, side, tested) = tested_after_a_merge("command = \"true\"\n").await;
+    let mut want: Vec<&String> = main_line.iter().chain(&side).collect();
+    want.sort();
+    let mut got: Vec<&String> = tested.iter().map(|(sha, _)| sha).collect();
+    got.sort();
+    assert_eq!(got, want, "main's and the side branch's commits, each once");
+    assert!(
+        tested.iter().all(|(_, status)| status == "passed"),
+        "{tested:?}"
+    );
 }

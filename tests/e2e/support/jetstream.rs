@@ -9,9 +9,12 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::jetstream::message::StreamMessage;
+use jetci::git::BranchName;
+use jetci::observer::marks::mark_key;
 use jetci::subjects::Names;
 use serde_json::Value;
 
+use super::system::REPO;
 use super::waiting::wait_until_async;
 
 /// The names of a default installation (prefix `ci`), which is what every test runs.
@@ -233,4 +236,29 @@ fn parse_json(message: &StreamMessage, strict: bool) -> Value {
         ),
         Err(_) => Value::String(String::from_utf8_lossy(&message.payload).into_owned()),
     }
+}
+
+/// The `ci-observer` mark of branch `branch` (raw bytes) of [`REPO`], if any: `{"sha": ...}`.
+pub async fn mark(url: &str, branch: &[u8]) -> Option<Value> {
+    let kv = js(url)
+        .await
+        .get_key_value(names().observer_bucket())
+        .await
+        .ok()?;
+    let key = mark_key(REPO, &BranchName::from_bytes(branch));
+    let value = kv.get(&key).await.ok()??;
+    serde_json::from_slice(&value).ok()
+}
+
+/// Waits until the mark of `branch` names `sha`: the observer published it and got its ack.
+pub async fn wait_mark(url: &str, branch: &[u8], sha: &str, bound: Duration) {
+    let what = format!(
+        "the mark of branch {:?} at {sha}",
+        String::from_utf8_lossy(branch)
+    );
+    wait_until_async(&what, bound, async || match mark(url, branch).await {
+        Some(m) if m["sha"] == sha => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .await;
 }
