@@ -295,7 +295,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     let expected: Arc<Mutex<BTreeMap<String, &'static str>>> =
         Arc::new(Mutex::new(BTreeMap::new()));
     expected.lock().unwrap().insert(first.clone(), "passed");
-    let pushing_done = Arc::new(Mutex::new(None::<Instant>));
+    let pushing_done = Arc::new(Mutex::new(None::<time::OffsetDateTime>));
     let stop = StopOnDrop(Arc::default());
     let pusher = {
         let expected = expected.clone();
@@ -324,9 +324,10 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
                         .insert(sha, if fail { "failed" } else { "passed" });
                     made += 1;
                 }
-                std::thread::sleep(Duration::from_millis(300 + rng.below(700)));
+                // Paced so that commits flow for about as long as the monkey kills.
+                std::thread::sleep(Duration::from_millis(600 + rng.below(1200)));
             }
-            *done.lock().unwrap() = Some(Instant::now());
+            *done.lock().unwrap() = Some(time::OffsetDateTime::now_utc());
         })
     };
 
@@ -374,7 +375,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     // Every commit, one result each, with its status.
     let expected = expected.lock().unwrap().clone();
     let all = wait_for_results(&mut results, expected.len(), &mut processes).await;
-    let drained = pushed_at.elapsed();
+    let drained = results.last_stored_at().expect("results were read") - pushed_at;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let n = names();
     let all_now = stream_messages(&url, &n.results_stream(), &n.results_filter()).await;
@@ -442,6 +443,7 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
     let median = recoveries.get(recoveries.len() / 2).copied();
     let worst = recoveries.last().copied();
     let own_exits: usize = processes.0.iter().map(|s| s.own_exits.len()).sum();
+    let later_attempts = all_now.iter().filter(|(_, r)| r["attempt"] != 1).count();
     let figures = format!(
         "| figure | value |\n| --- | --- |\n\
          | commits tested | {} (200 pushed in bursts over 3 branches, plus the first) |\n\
@@ -452,17 +454,19 @@ async fn chaos_loses_nothing_and_duplicates_nothing() {
          | commits with more than one final result | {duplicated} |\n\
          | wrong statuses | {} |\n\
          | healthy jobs run to the end twice | {extra} |\n\
+         | results of a later attempt / results kept as superseded | {later_attempts} / {} |\n\
          | commits missing, repeated or wrong in jetci-web's API / its result files | {} / {} |\n\
-         | time to drain after the last push | {:.1} s |\n\
+         | last result stored, after the last push (the monkey goes on) | {:.1} s |\n\
          | runner SIGKILL → its job running elsewhere | median {}, worst {} (over {} kills of a busy runner) |\n\
          | seed | {seed} |\n",
         expected.len(),
         processes.kills_by_kind(),
         lost.len(),
         wrong.len(),
+        superseded.len(),
         web.api.len(),
         web.files.len(),
-        drained.as_secs_f64(),
+        drained.as_seconds_f64(),
         median.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or("-".into()),
         worst.map(|d| format!("{:.2} s", d.as_secs_f64())).unwrap_or("-".into()),
         recoveries.len(),

@@ -109,6 +109,11 @@ impl StoredResults {
         self.seen.len()
     }
 
+    /// When the server stored the last result read (its clock), if any.
+    pub fn last_stored_at(&self) -> Option<time::OffsetDateTime> {
+        self.seen.last().map(|m| m.time)
+    }
+
     /// The results read so far, parsed as JSON, in stream order; panics on one that is not JSON.
     pub fn values(&self) -> Vec<Value> {
         self.seen.iter().map(|m| parse_json(m, true)).collect()
