@@ -181,13 +181,14 @@ impl Driver {
     /// Tells the core that the connection came back, if it did since the core was last told,
     /// so that the core judges what came after the outage as an outage's (I3).
     ///
-    /// Called before every event, not only when the connection callback's count changes: async-nats
-    /// counts a connection ([`async_nats::Statistics::connects`]) before it reads anything from it
-    /// and before its callback runs, so an answer that came over the new connection always finds
-    /// it counted here. A probe's "no responders" from a runner that had not reconnected yet (it
-    /// came back 8 ms after this dispatcher) was once taken before the reconnect, which the select
-    /// had left waiting behind other events: the runner's job went to another runner while the
-    /// first finished it, and the job ran to the end twice (found by the chaos test).
+    /// Called before every event, not only when the connection callback's count changes:
+    /// async-nats counts a connection ([`async_nats::Statistics::connects`]) before it reads
+    /// anything from it and before its callback runs, so an answer that came over the new
+    /// connection always finds it counted here. A probe's "no responders" from a runner that had
+    /// not reconnected yet (it came back 8 ms after this dispatcher) was once taken before the
+    /// reconnect, which the select had left waiting behind other events: the runner's job went
+    /// to another runner while the first finished it, and the job ran to the end twice (found by
+    /// the chaos test).
     async fn tell_comeback(&mut self) {
         let now = connects(&self.nats);
         if now > self.connects {
