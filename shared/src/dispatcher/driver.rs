@@ -56,6 +56,7 @@ pub async fn run(
     let (probes, probes_rx) = mpsc::channel(64);
     let mut driver = Driver {
         core: Core::new(config, Instant::now()),
+        connects: connects(&nats),
         nats,
         streams,
         consumer,
@@ -107,6 +108,9 @@ async fn commit_consumer(
 
 struct Driver {
     core: Core,
+    /// Connections to NATS the core has been told of (the first one included): see
+    /// [`Driver::tell_comeback`].
+    connects: u64,
     nats: Nats,
     streams: Streams,
     consumer: PullConsumer,
@@ -150,12 +154,14 @@ impl Driver {
                 },
                 Some(answer) = probes.recv() => Some(answer),
                 Some(ack) = job_acks.recv() => Some(ack),
-                // The first connection is not a comeback; every later one is.
+                // Wakes the loop; the comeback itself is told below, before any event.
                 Ok(()) = connections.changed() => {
-                    (*connections.borrow_and_update() > 1).then_some(Event::Reconnected)
+                    connections.borrow_and_update();
+                    None
                 }
                 _ = tick.tick() => Some(Event::Tick),
             };
+            self.tell_comeback().await;
             if let Some(event) = event {
                 self.handle(event).await;
             }
@@ -170,6 +176,25 @@ impl Driver {
         }
         let _ = self.nats.client.flush().await;
         tracing::info!(released = self.held.len(), "dispatcher stopped");
+    }
+
+    /// Tells the core that the connection came back, if it did since the core was last told,
+    /// so that the core judges what came after the outage as an outage's (I3).
+    ///
+    /// Called before every event, not only when the connection callback's count changes:
+    /// async-nats counts a connection ([`async_nats::Statistics::connects`]) before it reads
+    /// anything from it and before its callback runs, so an answer that came over the new
+    /// connection always finds it counted here. A probe's "no responders" from a runner that had
+    /// not reconnected yet (it came back 8 ms after this dispatcher) was once taken before the
+    /// reconnect, which the select had left waiting behind other events: the runner's job went
+    /// to another runner while the first finished it, and the job ran to the end twice (found by
+    /// the chaos test).
+    async fn tell_comeback(&mut self) {
+        let now = connects(&self.nats);
+        if now > self.connects {
+            self.connects = now;
+            self.handle(Event::Reconnected).await;
+        }
     }
 
     /// A pulled commit message: refused ones are terminated (redelivering cannot help, I5),
@@ -479,6 +504,14 @@ async fn pull_commits(
             return;
         }
     }
+}
+
+/// How many times the client has connected to NATS, the first time included.
+fn connects(nats: &Nats) -> u64 {
+    nats.client
+        .statistics()
+        .connects
+        .load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Asks a runner whether it is there. NATS answers "no responders" at once when no connection

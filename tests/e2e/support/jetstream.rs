@@ -47,56 +47,109 @@ pub async fn js(url: &str) -> jetstream::Context {
 /// all of them, parsed as JSON, in stream order.
 ///
 /// Reads what is *stored*, not what arrives, so a result published before the call counts, and
-/// the caller can assert on the exact number (I1: exactly one result per run). Each look reads
-/// only what was stored since the last one (the stream keeps every result for far longer than a
-/// test). The stream may not exist yet, and the server may be down for a while (I4 tests restart
-/// it): both count as "nothing yet". Panics after `bound`, listing what it did see.
+/// the caller can assert on the exact number (I1: exactly one result per run). See
+/// [`StoredResults`]. Panics after `bound`, listing what it did see.
 pub async fn wait_results(url: &str, count: usize, bound: Duration) -> Vec<Value> {
-    let names = names();
-    let (stream, filter) = (names.results_stream(), names.results_filter());
-    let mut client: Option<async_nats::Client> = None;
-    let mut seen: Vec<StreamMessage> = Vec::new();
-    let what = format!("{count} result(s) on {filter} in stream {stream} at {url}");
+    let mut results = StoredResults::new(url);
+    let what = format!("{count} result(s) on {} at {url}", results.filter);
     wait_until_async(&what, bound, async || {
-        if client.is_none() {
-            let connected = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_secs(2))
-                .connect(url)
-                .await;
-            match connected {
-                Ok(c) => client = Some(c),
-                Err(e) => return Err(listing(&seen, &format!("cannot connect to {url}: {e}"))),
-            }
-        }
-        let context = jetstream::new(client.clone().expect("connected above"));
-        let from = seen.last().map_or(1, |m| m.sequence + 1);
-        match read_stream(&context, &stream, &filter, from).await {
-            Ok(new) => seen.extend(new),
-            Err(e) => return Err(listing(&seen, &e)),
-        }
-        if seen.len() >= count {
-            Ok(seen.iter().map(|m| parse_json(m, true)).collect())
+        let error = results.look().await.err();
+        if results.len() >= count {
+            Ok(results.values())
         } else {
-            Err(listing(&seen, "none"))
+            Err(listing(&results.seen, error.as_deref().unwrap_or("none")))
         }
     })
     .await
 }
 
+/// The final results stored in `CI_RESULTS` (`ci.results.>`), read a look at a time: each
+/// [`StoredResults::look`] reads only what was stored since the last one (the stream keeps every
+/// result for far longer than a test). For a wait of its own, such as one that also watches the
+/// processes under test; [`wait_results`] is the usual one.
+pub struct StoredResults {
+    url: String,
+    stream: String,
+    filter: String,
+    client: Option<async_nats::Client>,
+    seen: Vec<StreamMessage>,
+}
+
+impl StoredResults {
+    /// Nothing read yet; the first [`StoredResults::look`] connects.
+    pub fn new(url: &str) -> StoredResults {
+        let names = names();
+        StoredResults {
+            url: url.to_string(),
+            stream: names.results_stream(),
+            filter: names.results_filter(),
+            client: None,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Reads the results stored since the last look. The stream may not exist yet (nothing
+    /// new), and the server may be down for a while (I4 tests restart it): `Err` says what
+    /// failed, for the caller to look again.
+    pub async fn look(&mut self) -> Result<(), String> {
+        if self.client.is_none() {
+            let connected = async_nats::ConnectOptions::new()
+                .connection_timeout(Duration::from_secs(2))
+                .connect(&self.url)
+                .await
+                .map_err(|e| format!("cannot connect to {}: {e}", self.url))?;
+            self.client = Some(connected);
+        }
+        let context = jetstream::new(self.client.clone().expect("connected above"));
+        let from = self.seen.last().map_or(1, |m| m.sequence + 1);
+        let new = read_stream(&context, &self.stream, &self.filter, from).await?;
+        self.seen.extend(new);
+        Ok(())
+    }
+
+    /// How many results were read so far.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// When the server stored the last result read (its clock), if any.
+    pub fn last_stored_at(&self) -> Option<time::OffsetDateTime> {
+        self.seen.last().map(|m| m.time)
+    }
+
+    /// The results read so far, parsed as JSON, in stream order; panics on one that is not JSON.
+    pub fn values(&self) -> Vec<Value> {
+        self.seen.iter().map(|m| parse_json(m, true)).collect()
+    }
+
+    /// How many results were read, and the last `n` of them one a line (`#SEQ SUBJECT: BODY`),
+    /// for a wait's "last saw".
+    pub fn summary(&self, n: usize) -> String {
+        let from = self.seen.len().saturating_sub(n);
+        let lines: Vec<String> = self.seen[from..].iter().map(line).collect();
+        format!(
+            "{} result(s), the last {}:\n{}",
+            self.seen.len(),
+            lines.len(),
+            lines.join("\n")
+        )
+    }
+}
+
 /// What a wait for results saw: the messages, one a line, and the last error.
 fn listing(seen: &[StreamMessage], error: &str) -> String {
-    let lines: Vec<String> = seen
-        .iter()
-        .map(|m| {
-            let body = String::from_utf8_lossy(&m.payload);
-            format!("  #{} {}: {body}", m.sequence, m.subject)
-        })
-        .collect();
+    let lines: Vec<String> = seen.iter().map(line).collect();
     format!(
         "{} message(s):\n{}\nlast error: {error}",
         seen.len(),
         lines.join("\n")
     )
+}
+
+/// One stored message on a line: `  #SEQ SUBJECT: BODY`.
+fn line(m: &StreamMessage) -> String {
+    let body = String::from_utf8_lossy(&m.payload);
+    format!("  #{} {}: {body}", m.sequence, m.subject)
 }
 
 /// What stream `stream` holds right now on subjects matching `filter`, in stream order, as

@@ -179,6 +179,11 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended, if it has (by itself or killed); `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Kills the process with SIGKILL, as a crash would, and waits for it. Its children live on
     /// (as they would after a crash) until this `Proc` is dropped.
     pub fn kill(&mut self) -> ExitStatus {

@@ -10,6 +10,11 @@
 //! A condition returns `Ok(value)` when it holds and `Err(seen)` otherwise, where `seen` says what
 //! it found instead (the last job state, the processes left, the last HTTP answer). For a yes or
 //! no about something worth showing: `left.is_empty().then_some(()).ok_or_else(|| ...)`.
+//!
+//! A wait whose length grows with the work (hundreds of results on a loaded machine) uses
+//! [`wait_progressing`] instead: it fails when the work stops moving for a while, not after one
+//! bound for the whole of it, so it needs no bound long enough for the slowest machine (which
+//! would also be the time a broken run takes to fail).
 
 use std::fmt::Display;
 use std::time::{Duration, Instant};
@@ -57,6 +62,46 @@ pub async fn wait_until_async<T, S: Display>(
             Ok(value) => return value,
             Err(seen) if Instant::now() >= deadline => timed_out(what, bound, seen),
             Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+/// What a condition of [`wait_progressing`] saw when it did not hold yet: how far the awaited work
+/// got (a count that grows while it moves, such as results stored) and what it saw.
+pub struct NotYet<S> {
+    pub progress: usize,
+    pub seen: S,
+}
+
+/// [`wait_until_async`] for work that takes longer the more there is: asks `condition` until it
+/// gives `Ok(value)` and returns the value, and panics with `what` and the last `seen` when its
+/// `progress` has not grown for `stall`, or after `bound` in all.
+pub async fn wait_progressing<T, S: Display>(
+    what: &str,
+    stall: Duration,
+    bound: Duration,
+    mut condition: impl AsyncFnMut() -> Result<T, NotYet<S>>,
+) -> T {
+    let started = Instant::now();
+    let (mut best, mut moved) = (0, started);
+    loop {
+        match condition().await {
+            Ok(value) => return value,
+            Err(not_yet) => {
+                if not_yet.progress > best {
+                    (best, moved) = (not_yet.progress, Instant::now());
+                }
+                if moved.elapsed() >= stall {
+                    panic!(
+                        "no progress for {stall:?} (at {best}) waiting for {what}; last saw: {:#}",
+                        not_yet.seen
+                    )
+                }
+                if started.elapsed() >= bound {
+                    timed_out(what, bound, not_yet.seen)
+                }
+                tokio::time::sleep(POLL).await
+            }
         }
     }
 }
