@@ -68,7 +68,10 @@ async fn commits_no_runner_can_take_hold_back_no_other_repository_and_start_when
         assert_eq!(r["status"], "passed", "{r:#}");
         assert!(r["runner"] == "r1" || r["runner"] == "r2", "{r:#}");
     }
-    assert!(of_repo(&all, "x").is_empty(), "no runner has a gpu: {all:#?}");
+    assert!(
+        of_repo(&all, "x").is_empty(),
+        "no runner has a gpu: {all:#?}"
+    );
 
     // A runner with a gpu joins: every one of x's commits runs on it.
     let _g1 = spawn_runner(&url, "g1", work.path(), &["--labels", "gpu"]);
