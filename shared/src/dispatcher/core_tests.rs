@@ -1969,3 +1969,52 @@ fn a_job_too_large_to_publish_ends_its_run_with_an_error_and_frees_its_runner() 
     let effects = w.tick();
     assignment(&effects, "r1", 1);
 }
+
+#[test]
+fn a_pipelines_job_no_runner_can_take_waits_uncounted_and_is_never_given_back() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let mut c = pipeline_commit(1, false);
+    c.jobs[2].labels = vec!["gpu".into()];
+    let effects = w.on(Event::CommitDelivered {
+        commit: c.clone(),
+        seq: 1,
+        redelivered: false,
+    });
+    assert_eq!(effects, [Effect::ReadState { key: c.key() }]);
+    let effects = w.on(Event::StateRead {
+        key: c.key(),
+        read: Ok(None),
+    });
+    // lint starts; build needs a gpu and waits on the side.
+    assert_eq!(
+        assignments(&effects),
+        vec![(job_key(1, "lint"), "r1".to_string())]
+    );
+    assert_eq!(
+        w.core.wanted(w.now),
+        1,
+        "r1's slot held ready; build counts for nothing"
+    );
+    // The bound reached with runs of one job: the one past it is given back, never the
+    // pipeline's job (its run is held whole).
+    for i in 2..=MAX_UNPLACEABLE as u64 {
+        no_effects(&w.deliver_with(i, &["gpu"]));
+    }
+    let last = MAX_UNPLACEABLE as u64 + 1;
+    let effects = w.deliver_with(last, &["gpu"]);
+    assert!(
+        matches!(&effects[..], [Effect::WriteState { key: k, .. }] if *k == key(last)),
+        "{effects:?}"
+    );
+    let effects = w.written(last, 9);
+    assert!(
+        matches!(&effects[..], [Effect::Release { run, .. }] if *run == commit(last).key()),
+        "{effects:?}"
+    );
+    assert_eq!(
+        w.core.held(),
+        MAX_UNPLACEABLE + 1,
+        "lint, build and the others"
+    );
+}
