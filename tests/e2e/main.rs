@@ -33,6 +33,7 @@ mod pipeline;
 mod pipelines;
 mod runner;
 mod sandbox;
+mod scheduling;
 mod submodules;
 mod up;
 mod verdicts;

@@ -42,6 +42,18 @@ pub const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
 /// Runners whose presence was not refreshed for this many leases are forgotten.
 const FORGET_AFTER_LEASES: u32 = 20;
 
+/// The most jobs a dispatcher holds that no live runner could take (they need labels nobody
+/// alive has): such jobs wait on the side and never count against [`Core::wanted`], so other
+/// commits keep flowing however many there are, and this bounds the memory they take. A run of
+/// one job beyond it is given back to the stream ([`Effect::Release`]); a pipeline's job beyond
+/// it counts as waiting again (its run is held whole, other jobs of it may run).
+pub const MAX_UNPLACEABLE: usize = 1_000;
+
+/// How long a commit given back for want of a runner with its labels stays in the stream before
+/// JetStream delivers it again (a delayed nak): once such a runner has joined, the commit starts
+/// within this delay.
+pub const RELEASE_DELAY: Duration = Duration::from_secs(30);
+
 /// The core's settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -159,6 +171,10 @@ pub enum Effect {
     },
     /// The run has its result: ack its commit message for good (the run's key).
     AckCommit { run: String },
+    /// Give the commit back to the stream, to be delivered again after `delay` (a delayed nak;
+    /// the consumer's `max_deliver` is unlimited, so it is never dropped for it): the core no
+    /// longer holds the run (`run`, its key). Its `queued` state in `ci-jobs` says why it waits.
+    Release { run: String, delay: Duration },
     /// Ask job `key` to stop (a pipeline's `fail_fast`, or its run cancelled): request a cancel
     /// in its state, as `jetci cancel` does, creating a `queued` one from `queued` when it has
     /// none. Its runner, or the dispatcher holding it when it is on none, ends it `cancelled`.
@@ -187,6 +203,37 @@ struct Presence {
     /// When it last wrote its entry, on this host's clock.
     written: Instant,
     revision: u64,
+    /// What it adds to [`Offered`]: its slots and its busy ones, while it was available when
+    /// last counted.
+    counted: Option<(u32, u32)>,
+}
+
+/// The slots of the available runners, all and busy, kept as runners and jobs come and go so
+/// that [`Core::wanted`], asked after every event, costs the same however many runners there
+/// are. A runner whose presence grows older than the lease leaves it at the next tick, when
+/// every runner is counted again.
+#[derive(Debug, Default, Clone, Copy)]
+struct Offered {
+    all: u64,
+    busy: u64,
+}
+
+impl Offered {
+    /// Replaces a runner's contribution `old` with `new`.
+    fn replace(&mut self, old: Option<(u32, u32)>, new: Option<(u32, u32)>) {
+        if let Some((all, busy)) = old {
+            self.all -= u64::from(all);
+            self.busy -= u64::from(busy);
+        }
+        if let Some((all, busy)) = new {
+            self.all += u64::from(all);
+            self.busy += u64::from(busy);
+        }
+    }
+
+    fn free(&self) -> u64 {
+        self.all - self.busy
+    }
 }
 
 /// A job that is `assigned` or `running` (by any dispatcher), as seen in `ci-jobs`.
@@ -215,6 +262,9 @@ enum Known {
 #[derive(Debug, Clone, PartialEq)]
 struct Wait {
     reason: String,
+    /// No live runner has the labels it needs (as of the last decision on it): it does not
+    /// count against [`Core::wanted`].
+    unplaceable: bool,
     since: Instant,
     /// Its `queued` state with this reason is in `ci-jobs` (for `jetci status`).
     recorded: bool,
@@ -379,6 +429,11 @@ pub struct Core {
     /// never does, so the outage does not bring it back to life.
     unconfirmed: HashMap<String, u64>,
     active: HashMap<String, Active>,
+    /// Jobs per runner, kept as `active` and the assignments being written change: those in
+    /// `active` on it, and those this dispatcher is assigning to it right now (`Step::Assigning`).
+    load: HashMap<String, u32>,
+    /// The available runners' slots, all and busy (see [`Offered`]).
+    offered: Offered,
     /// Held jobs by job key.
     runs: HashMap<String, Run>,
     /// Held pipeline runs by run key.
@@ -406,6 +461,8 @@ impl Core {
             gone: HashMap::new(),
             unconfirmed: HashMap::new(),
             active: HashMap::new(),
+            load: HashMap::new(),
+            offered: Offered::default(),
             runs: HashMap::new(),
             pipelines: HashMap::new(),
             picks: HashMap::new(),
@@ -453,7 +510,7 @@ impl Core {
                 revision,
             } => self.on_runner(key, info, age, revision, now, &mut out),
             Event::RunnerGone { key } => {
-                self.runners.remove(&key);
+                self.forget_runner(&key);
                 self.unconfirmed.remove(&key);
             }
             Event::ProbeAnswered { runner, gone } => self.on_probe(&runner, gone, now, &mut out),
@@ -465,16 +522,21 @@ impl Core {
 
     /// How many more commits to pull now: one per free runner slot, plus one per slot held ready
     /// (so a slot that frees is filled without a round trip to the stream), minus those that
-    /// already wait. The rest of the queue stays in the stream, in order.
+    /// already wait for a runner. A job no live runner could take (it needs labels nobody alive
+    /// has) does not count, up to [`MAX_UNPLACEABLE`] of them: nothing that cannot be placed
+    /// holds back what can. The rest of the queue stays in the stream, in order.
     pub fn wanted(&self, now: Instant) -> usize {
-        let ready = self.free_slots(now) + self.capacity(now);
-        ready.saturating_sub(self.waiting()) as usize
+        let _ = now; // `offered` is kept as things change (runners leave it at the next tick)
+        let (waiting, unplaceable) = self.waiting();
+        let counted = u64::from(waiting - unplaceable.min(MAX_UNPLACEABLE as u32));
+        let ready = self.offered.free() + self.offered.all;
+        ready.saturating_sub(counted).min(usize::MAX as u64) as usize
     }
 
     /// Figures for the gauges at `now`.
     pub fn gauges(&self, now: Instant) -> Gauges {
         Gauges {
-            waiting: self.waiting(),
+            waiting: self.waiting().0,
             in_flight: self.active.len(),
             oldest_heartbeat: self
                 .active
@@ -762,7 +824,7 @@ impl Core {
         now: Instant,
         out: &mut Effects,
     ) {
-        let Some((picked, reason)) = self.place(key, now) else {
+        let Some((picked, reason, unplaceable)) = self.place(key, now) else {
             return;
         };
         let Some(base) = self.base(key, current) else {
@@ -770,22 +832,28 @@ impl Core {
         };
         match picked {
             Some(runner) => self.start(key, base, runner, attempt, out),
-            None => self.wait(key, base, reason, wait, now, out),
+            None => self.wait(key, base, (reason, unplaceable), wait, now, out),
         }
     }
 
-    /// The runner for a held job, or why there is none.
-    fn place(&self, key: &str, now: Instant) -> Option<(Option<String>, String)> {
+    /// The runner for a held job, or why there is none: the reason, and whether no live runner
+    /// could ever take it (it needs labels nobody alive has).
+    fn place(&self, key: &str, now: Instant) -> Option<(Option<String>, String, bool)> {
         let run = self.runs.get(key)?;
         let candidates = self.candidates(now);
         let labels = &run.commit.labels;
         let picked = pick_runner(&candidates, labels, &self.picks).map(str::to_string);
-        let reason = if !labels.is_empty() && nobody_has_labels(&candidates, labels) {
-            format!("waiting for a runner with labels [{}]", labels.join(", "))
-        } else {
-            "waiting for a free runner".to_string()
-        };
-        Some((picked, reason))
+        if picked.is_some() {
+            return Some((picked, String::new(), false));
+        }
+        Some(
+            if !labels.is_empty() && nobody_has_labels(&candidates, labels) {
+                let reason = format!("waiting for a runner with labels [{}]", labels.join(", "));
+                (None, reason, true)
+            } else {
+                (None, "waiting for a free runner".to_string(), false)
+            },
+        )
     }
 
     /// What a decision on a held job writes over: its `current` state (or a fresh `queued` one).
@@ -812,6 +880,10 @@ impl Core {
     /// Claims `attempt` for `runner` (compare-and-set: of two dispatchers racing here, one
     /// write fails). The runner's slot counts as taken from now on.
     fn start(&mut self, key: &str, base: Base, runner: String, attempt: u32, out: &mut Effects) {
+        if !self.runs.contains_key(key) {
+            return;
+        }
+        self.add_load(&runner);
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
@@ -832,28 +904,32 @@ impl Core {
         });
     }
 
-    /// Leaves the job waiting for a runner (`reason`), and records that in its state so
-    /// `jetci status` can say why: a new commit only once it has waited a moment, a job that had
-    /// a state at once (so a lost attempt's runner is cleared and, if it comes back, finds
-    /// itself superseded).
+    /// Leaves the job waiting for a runner (`why`: the reason, and whether no live runner could
+    /// take it), and records that in its state so `jetci status` can say why: a new commit only
+    /// once it has waited a moment, a job that had a state at once (so a lost attempt's runner
+    /// is cleared and, if it comes back, finds itself superseded). A run that no live runner
+    /// could take, beyond [`MAX_UNPLACEABLE`] of them, is recorded at once and given back.
     fn wait(
         &mut self,
         key: &str,
         base: Base,
-        reason: String,
+        why: (String, bool),
         wait: Option<Wait>,
         now: Instant,
         out: &mut Effects,
     ) {
+        let (reason, unplaceable) = why;
+        let over = unplaceable && self.over_unplaceable(key);
         let Some(run) = self.runs.get_mut(key) else {
             return;
         };
         let mut wait = match wait {
-            Some(w) if w.reason == reason => w,
+            Some(w) if w.reason == reason => Wait { unplaceable, ..w },
             _ => {
                 tracing::info!(%key, %reason, "commit waits");
                 Wait {
                     reason: reason.clone(),
+                    unplaceable,
                     since: now,
                     recorded: false,
                 }
@@ -865,9 +941,13 @@ impl Core {
             && base.state.phase == JobPhase::Queued
             && base.state.runner.is_none()
             && base.state.reason.as_deref() == Some(reason.as_str());
-        let due = now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
+        let due = over || now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
         if wait.recorded || (base.revision.is_none() && !due) {
+            let recorded = wait.recorded;
             run.step = Step::Waiting(wait);
+            if recorded && over {
+                self.release(key, out);
+            }
             return;
         }
         let state = base.state.requeue(reason);
@@ -884,6 +964,34 @@ impl Core {
         });
     }
 
+    /// Whether held run `key` is a run of one job (not a pipeline's) and this dispatcher holds
+    /// [`MAX_UNPLACEABLE`] other jobs no live runner could take: then it is given back.
+    fn over_unplaceable(&self, key: &str) -> bool {
+        let single = self.runs.get(key).is_some_and(|r| r.job.job.is_none());
+        if !single {
+            return false;
+        }
+        let others = self
+            .runs
+            .iter()
+            .filter(|(k, r)| *k != key && matches!(&r.step, Step::Waiting(w) if w.unplaceable))
+            .count();
+        others >= MAX_UNPLACEABLE
+    }
+
+    /// Gives held run `key` (a run of one job, waiting with its state recorded) back to the
+    /// stream, to come back after [`RELEASE_DELAY`]: it neither blocks nor is lost.
+    fn release(&mut self, key: &str, out: &mut Effects) {
+        let Some(run) = self.runs.remove(key) else {
+            return;
+        };
+        tracing::info!(%key, delay = ?RELEASE_DELAY, "no live runner has the labels the commit needs and too many such wait here; giving it back to the stream");
+        out.push(Effect::Release {
+            run: run.commit.key(),
+            delay: RELEASE_DELAY,
+        });
+    }
+
     fn on_state_written(
         &mut self,
         key: &str,
@@ -896,6 +1004,7 @@ impl Core {
         };
         match (std::mem::replace(&mut run.step, Step::Idle), written) {
             (Step::Assigning { to, .. }, Ok(revision)) => {
+                self.sub_load(&to.runner);
                 self.assigned(key, to, revision, now, out)
             }
             (
@@ -905,6 +1014,7 @@ impl Core {
                 Ok(revision),
             ) => {
                 run.known = Known::State(state, revision);
+                let unplaceable = wait.unplaceable;
                 run.step = Step::Waiting(Wait {
                     recorded: true,
                     ..wait
@@ -912,9 +1022,20 @@ impl Core {
                 if let Some(seq) = stale {
                     out.push(Effect::DeleteJobMessage { seq });
                 }
+                if unplaceable && self.over_unplaceable(key) {
+                    self.release(key, out);
+                }
             }
-            (Step::Assigning { created, .. } | Step::RecordingWait { created, .. }, Err(e)) => {
+            (step @ (Step::Assigning { .. } | Step::RecordingWait { .. }), Err(e)) => {
                 run.known = Known::Unknown;
+                let created = match &step {
+                    Step::Assigning { to, created } => {
+                        self.sub_load(&to.runner);
+                        *created
+                    }
+                    Step::RecordingWait { created, .. } => *created,
+                    _ => false,
+                };
                 if matches!(e, StateError::Conflict) && created {
                     // The state existed after all (a commit published again, a cancel request
                     // written early): decide again on what is there.
@@ -967,8 +1088,8 @@ impl Core {
         }
         self.pick_count += 1;
         self.picks.insert(runner.clone(), self.pick_count);
-        self.active.insert(
-            key.to_string(),
+        self.set_active(
+            key,
             Active {
                 runner,
                 written: now,
@@ -1014,7 +1135,7 @@ impl Core {
             Known::Absent | Known::Unknown => None,
         };
         let attempt = current.as_ref().map_or(0, |c| c.state.attempt);
-        self.active.remove(key);
+        self.clear_active(key);
         let reason = format!(
             "the job cannot be sent to a runner: {reason} (its commit's branch, author or summary is too long)"
         );
@@ -1123,11 +1244,11 @@ impl Core {
         if let Some(seq) = stale {
             out.push(Effect::DeleteJobMessage { seq });
         }
-        self.active.remove(key);
         let attempt = match &run.known {
             Known::State(s, _) => s.attempt,
             _ => 0,
         };
+        self.clear_active(key);
         let ended = Outcome {
             status,
             runner: String::new(),
@@ -1464,7 +1585,7 @@ impl Core {
         out: &mut Effects,
     ) {
         let Some(v) = state else {
-            self.active.remove(key);
+            self.clear_active(key);
             return;
         };
         if v.state.cancel.is_some() && v.state.phase != JobPhase::Final {
@@ -1518,13 +1639,12 @@ impl Core {
             JobPhase::Assigned | JobPhase::Running => {
                 if let Some(runner) = v.state.runner.clone() {
                     let written = self.since(v.age, now);
-                    self.active
-                        .insert(key.to_string(), Active { runner, written });
+                    self.set_active(key, Active { runner, written });
                 }
             }
             JobPhase::Final => {
-                let freed = self.active.remove(key).is_some();
-                if freed || held {
+                let freed = self.clear_active(key);
+                if freed.is_some() || held {
                     out.push(Effect::CountResult {
                         status: v.state.status,
                         job: v.state.job.is_some(),
@@ -1533,13 +1653,14 @@ impl Core {
                 if held {
                     self.confirm_final(key, v, now, out);
                 }
-                if freed {
-                    self.assign_waiting(now, out);
+                if let Some(runner) = freed {
+                    // A slot of `runner` is free: the waiting jobs it can take.
+                    self.assign_to(&runner, now, out);
                 }
                 return;
             }
             JobPhase::Queued => {
-                self.active.remove(key);
+                self.clear_active(key);
             }
         }
         if held && v.state.cancel.is_some() {
@@ -1562,7 +1683,7 @@ impl Core {
             // hand): trusted, it would send jobs to the subject of a runner that cannot take
             // them. Ignored, and whatever the key held before is forgotten.
             tracing::warn!(%key, id = %info.id, "ignoring a runner entry whose id is not its key");
-            self.runners.remove(&key);
+            self.forget_runner(&key);
             return;
         }
         let written = self.since(age, now);
@@ -1574,16 +1695,22 @@ impl Core {
         if new {
             tracing::info!(runner = %info.id, labels = ?info.labels, capacity = info.capacity, "runner joined");
         }
-        self.runners.insert(
-            key,
+        let old = self.runners.insert(
+            key.clone(),
             Presence {
                 info,
                 written,
                 revision,
+                counted: None,
             },
         );
+        self.offered.replace(old.and_then(|p| p.counted), None);
+        self.recount(&key, now);
         if new || confirmed {
-            self.assign_waiting(now, out);
+            // Only a runner that may take a job now costs more than this entry: the waiting
+            // jobs it can take, as many as it has free slots (flat per entry, however many
+            // runners there are: 10,000 forged entries must not each look at every job).
+            self.assign_to(&key, now, out);
         }
     }
 
@@ -1659,15 +1786,21 @@ impl Core {
         let forget = self.config.lease * FORGET_AFTER_LEASES;
         self.runners
             .retain(|_, p| now.saturating_duration_since(p.written) < forget);
+        // Every runner counted again: presences that grew older than the lease leave `offered`.
+        self.recount_all(now);
+        let free = self.offered.free();
         for key in recheck {
-            // A job that waits (and is recorded, or not yet due to be) can wait for a free slot.
-            let idle_wait = self.runs.get(&key).is_some_and(|r| match &r.step {
-                Step::Waiting(w) => {
-                    w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER
-                }
-                _ => false,
-            });
-            if idle_wait && self.free_slots(now) == 0 {
+            // A job that waits (and is recorded, or not yet due to be) can wait for a free slot;
+            // one that waits, recorded, for labels no live runner has waits for a runner to
+            // join (which decides on it at once, `on_runner`).
+            let (idle_wait, unplaceable) = match self.runs.get(&key).map(|r| &r.step) {
+                Some(Step::Waiting(w)) => (
+                    w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER,
+                    w.recorded && w.unplaceable,
+                ),
+                _ => (false, false),
+            };
+            if unplaceable || (idle_wait && free == 0) {
                 continue;
             }
             self.advance(&key, now, out);
@@ -1687,6 +1820,7 @@ impl Core {
         };
         tracing::warn!(%runner, "runner's connection is gone; moving its jobs now");
         self.gone.insert(runner.to_string(), presence.revision);
+        self.recount(runner, now);
         let keys: Vec<String> = self
             .active
             .iter()
@@ -1715,6 +1849,7 @@ impl Core {
             self.unconfirmed.insert(id.clone(), p.revision);
         }
         self.gone.clear();
+        self.recount_all(now);
     }
 
     /// The time a state or presence written `age` before `now` counts as, after an outage.
@@ -1728,19 +1863,37 @@ impl Core {
 
     // ---- slots -------------------------------------------------------------------------------
 
-    /// Decides again on waiting jobs, oldest commit first, while runners have free slots.
-    fn assign_waiting(&mut self, now: Instant, out: &mut Effects) {
-        let mut waiting: Vec<(u64, String)> = self
+    /// A slot of runner `id` may be free (it joined, came back, or finished a job): decides
+    /// again on the waiting jobs it can take (its labels cover theirs), oldest commit first, as
+    /// many as it has free slots. Nothing when it is not available or full, so a runner entry
+    /// costs the same however many runners and jobs there are, bar the jobs it takes.
+    fn assign_to(&mut self, id: &str, now: Instant, out: &mut Effects) {
+        let Some(p) = self.runners.get(id) else {
+            return;
+        };
+        if !self.available(p, now) {
+            return;
+        }
+        let free = p.info.capacity.saturating_sub(self.load_of(id));
+        let mut room = free.saturating_sub(self.reading()) as usize;
+        if room == 0 {
+            return;
+        }
+        let labels = &p.info.labels;
+        let mut waiting: Vec<(u64, &String)> = self
             .runs
             .iter()
             .filter(|(_, r)| matches!(r.step, Step::Waiting(_)))
-            .map(|(k, r)| (r.seq, k.clone()))
+            .filter(|(_, r)| r.commit.labels.iter().all(|l| labels.contains(l)))
+            .map(|(k, r)| (r.seq, k))
             .collect();
         waiting.sort();
-        for (_, key) in waiting {
-            if self.free_slots(now) <= self.reading() {
+        let keys: Vec<String> = waiting.into_iter().map(|(_, k)| k.clone()).collect();
+        for key in keys {
+            if room == 0 {
                 break;
             }
+            room -= 1;
             self.advance(&key, now, out);
         }
     }
@@ -1763,54 +1916,133 @@ impl Core {
             && self.gone.get(id) != Some(&p.revision)
     }
 
-    /// Every known runner with its load: jobs assigned or running on it, and jobs this
-    /// dispatcher is assigning to it right now.
-    fn candidates(&self, now: Instant) -> Vec<Candidate<'_>> {
-        let mut busy: HashMap<&str, u32> = HashMap::new();
-        for a in self.active.values() {
-            *busy.entry(a.runner.as_str()).or_default() += 1;
+    /// Whether runner `p` may be given a job: it accepts jobs, is alive, and wrote its presence
+    /// since the last reconnect.
+    fn available(&self, p: &Presence, now: Instant) -> bool {
+        p.info.accepting
+            && self.runner_alive(&p.info.id, now)
+            && !self.unconfirmed.contains_key(&p.info.id)
+    }
+
+    /// Jobs on runner `id`: assigned or running on it, and being assigned to it here.
+    fn load_of(&self, id: &str) -> u32 {
+        self.load.get(id).copied().unwrap_or(0)
+    }
+
+    /// Records that job `key` is assigned or running on a runner (replacing what it was on).
+    fn set_active(&mut self, key: &str, active: Active) {
+        self.add_load(&active.runner);
+        if let Some(old) = self.active.insert(key.to_string(), active) {
+            self.sub_load(&old.runner);
         }
-        for run in self.runs.values() {
-            if let Step::Assigning { to, .. } = &run.step {
-                *busy.entry(to.runner.as_str()).or_default() += 1;
+    }
+
+    /// Job `key` is no longer on a runner; returns the runner it was on.
+    fn clear_active(&mut self, key: &str) -> Option<String> {
+        let old = self.active.remove(key)?;
+        self.sub_load(&old.runner);
+        Some(old.runner)
+    }
+
+    /// One job more on `runner`.
+    fn add_load(&mut self, runner: &str) {
+        *self.load.entry(runner.to_string()).or_default() += 1;
+        self.rebusy(runner);
+    }
+
+    /// One job fewer on `runner`.
+    fn sub_load(&mut self, runner: &str) {
+        if let Some(n) = self.load.get_mut(runner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.load.remove(runner);
             }
         }
+        self.rebusy(runner);
+    }
+
+    /// Runner `id`'s busy slots in `offered` after its load changed.
+    fn rebusy(&mut self, id: &str) {
+        let load = self.load_of(id);
+        let Some(p) = self.runners.get_mut(id) else {
+            return;
+        };
+        if let Some((all, busy)) = p.counted {
+            let new = Some((all, load.min(all)));
+            p.counted = new;
+            self.offered.replace(Some((all, busy)), new);
+        }
+    }
+
+    /// Runner `id` counted again in `offered` at `now`.
+    fn recount(&mut self, id: &str, now: Instant) {
+        let Some(p) = self.runners.get(id) else {
+            return;
+        };
+        let cap = p.info.capacity;
+        let new = self
+            .available(p, now)
+            .then(|| (cap, self.load_of(id).min(cap)));
+        if let Some(p) = self.runners.get_mut(id) {
+            let old = std::mem::replace(&mut p.counted, new);
+            self.offered.replace(old, new);
+        }
+    }
+
+    /// Every runner counted again at `now` (each tick, and after a reconnect).
+    fn recount_all(&mut self, now: Instant) {
+        let mut offered = Offered::default();
+        let counted: Vec<(String, Option<(u32, u32)>)> = self
+            .runners
+            .values()
+            .map(|p| {
+                let cap = p.info.capacity;
+                let c = self
+                    .available(p, now)
+                    .then(|| (cap, self.load_of(&p.info.id).min(cap)));
+                offered.replace(None, c);
+                (p.info.id.clone(), c)
+            })
+            .collect();
+        for (id, c) in counted {
+            if let Some(p) = self.runners.get_mut(&id) {
+                p.counted = c;
+            }
+        }
+        self.offered = offered;
+    }
+
+    /// Runner `id`'s entry is gone.
+    fn forget_runner(&mut self, id: &str) {
+        if let Some(p) = self.runners.remove(id) {
+            self.offered.replace(p.counted, None);
+        }
+    }
+
+    /// Every known runner with its load.
+    fn candidates(&self, now: Instant) -> Vec<Candidate<'_>> {
         self.runners
             .values()
             .map(|p| Candidate {
                 id: p.info.id.as_str(),
                 labels: &p.info.labels,
                 capacity: p.info.capacity,
-                busy: busy.get(p.info.id.as_str()).copied().unwrap_or(0),
-                available: p.info.accepting
-                    && self.runner_alive(&p.info.id, now)
-                    && !self.unconfirmed.contains_key(&p.info.id),
+                busy: self.load_of(&p.info.id),
+                available: self.available(p, now),
             })
             .collect()
     }
 
-    fn free_slots(&self, now: Instant) -> u32 {
-        self.candidates(now)
-            .iter()
-            .filter(|c| c.available)
-            .map(|c| c.capacity.saturating_sub(c.busy))
-            .sum()
-    }
-
-    /// Slots of all available runners, busy or not.
-    fn capacity(&self, now: Instant) -> u32 {
-        self.candidates(now)
-            .iter()
-            .filter(|c| c.available)
-            .map(|c| c.capacity)
-            .sum()
-    }
-
-    fn waiting(&self) -> u32 {
-        self.runs
-            .values()
-            .filter(|r| matches!(r.step, Step::Waiting(_)))
-            .count() as u32
+    /// Held jobs waiting for a runner: all of them, and those no live runner could take.
+    fn waiting(&self) -> (u32, u32) {
+        let (mut all, mut unplaceable) = (0, 0);
+        for r in self.runs.values() {
+            if let Step::Waiting(w) = &r.step {
+                all += 1;
+                unplaceable += u32::from(w.unplaceable);
+            }
+        }
+        (all, unplaceable)
     }
 }
 

@@ -336,6 +336,160 @@ fn a_job_whose_labels_no_runner_has_says_so_while_it_waits() {
     }
 }
 
+impl World {
+    /// Commit `i`, needing `labels`, delivered for the first time at stream sequence `i`.
+    fn deliver_with(&mut self, i: u64, labels: &[&str]) -> Vec<Effect> {
+        let mut c = commit(i);
+        c.labels = labels.iter().map(|l| l.to_string()).collect();
+        self.on(Event::CommitDelivered {
+            commit: c,
+            seq: i,
+            redelivered: false,
+        })
+    }
+}
+
+#[test]
+fn jobs_no_live_runner_can_take_do_not_hold_back_the_others() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.runner("r2", &[], 1);
+    assert_eq!(w.core.wanted(w.now), 4);
+    // Six commits need a gpu, which no runner has: they wait on the side and count for nothing.
+    for i in 1..=6 {
+        no_effects(&w.deliver_with(i, &["gpu"]));
+    }
+    assert_eq!(
+        w.core.wanted(w.now),
+        4,
+        "unplaceable jobs hold back no pull"
+    );
+    w.later(MS(600));
+    let recorded = w.tick();
+    assert_eq!(recorded.len(), 6, "{recorded:?}");
+    for i in 1..=6 {
+        w.written(i, 10 + i);
+    }
+    assert_eq!(w.core.wanted(w.now), 4);
+    // Another repository's commits go to the idle runners at once.
+    assignment(&w.deliver(7), "r1", 1);
+    w.written(7, 20);
+    assignment(&w.deliver(8), "r2", 1);
+    w.written(8, 21);
+    // Both busy: one commit more is held ready per slot, and a waiting one counts again.
+    assert_eq!(w.core.wanted(w.now), 2);
+    no_effects(&w.deliver(9));
+    assert_eq!(w.core.wanted(w.now), 1);
+    // Recorded, they are not decided again at every tick while nothing changes.
+    w.later(MS(300));
+    assert!(!w
+        .tick()
+        .iter()
+        .any(|e| matches!(e, Effect::ReadState { .. } | Effect::WriteState { .. })),);
+    // A runner with a gpu joins: the oldest of them start, as many as it has slots.
+    let effects = w.runner("g1", &["gpu"], 2);
+    let started: Vec<String> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WriteState { key, state, .. } if state.phase == JobPhase::Assigned => {
+                assert_eq!(state.runner.as_deref(), Some("g1"));
+                Some(key.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, vec![key(1), key(2)], "{effects:?}");
+}
+
+#[test]
+fn beyond_the_bound_a_run_no_runner_can_take_is_recorded_and_given_back() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    for i in 1..=MAX_UNPLACEABLE as u64 {
+        no_effects(&w.deliver_with(i, &["gpu"]));
+    }
+    assert_eq!(w.core.held(), MAX_UNPLACEABLE);
+    assert_eq!(
+        w.core.wanted(w.now),
+        2,
+        "the bound is not passed: nothing counts"
+    );
+    // One more: its wait is recorded at once (for `jetci status`), then its commit goes back.
+    let i = MAX_UNPLACEABLE as u64 + 1;
+    let effects = w.deliver_with(i, &["gpu"]);
+    match &effects[..] {
+        [Effect::WriteState {
+            key: k,
+            state,
+            revision: None,
+        }] => {
+            assert_eq!(k, &key(i));
+            assert_eq!(state.phase, JobPhase::Queued);
+            assert_eq!(
+                state.reason.as_deref(),
+                Some("waiting for a runner with labels [gpu]")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let effects = w.written(i, 7);
+    assert_eq!(
+        effects,
+        vec![Effect::Release {
+            run: commit(i).key(),
+            delay: RELEASE_DELAY,
+        }]
+    );
+    assert_eq!(w.core.held(), MAX_UNPLACEABLE);
+    // Delivered again later, its recorded state is read and it goes back at once.
+    w.later(RELEASE_DELAY);
+    let mut c = commit(i);
+    c.labels = vec!["gpu".into()];
+    let effects = w.on(Event::CommitDelivered {
+        commit: c,
+        seq: i,
+        redelivered: true,
+    });
+    assert!(
+        matches!(&effects[..], [Effect::LookUpResult { .. }]),
+        "{effects:?}"
+    );
+    let effects = w.looked_up(i, None);
+    assert_eq!(effects, vec![Effect::ReadState { key: key(i) }]);
+    let queued = state(i, |s| {
+        s.requeue("waiting for a runner with labels [gpu]".into())
+    });
+    let effects = w.read(i, Some(versioned(queued, 7, MS(10))));
+    assert_eq!(
+        effects,
+        vec![Effect::Release {
+            run: commit(i).key(),
+            delay: RELEASE_DELAY,
+        }]
+    );
+    // The other commits still flow (r1 refreshed its presence meanwhile).
+    no_effects(&w.runner_at("r1", &[], 1, 2));
+    assignment(&w.deliver(i + 1), "r1", 1);
+}
+
+#[test]
+fn a_runner_that_can_take_no_job_looks_at_none() {
+    let mut w = World::new();
+    no_effects(&w.deliver(1));
+    no_effects(&w.deliver_with(2, &["gpu"]));
+    // Draining, full (no slot), or without the labels: nothing starts.
+    no_effects(&w.on(Event::RunnerSeen {
+        key: "d1".into(),
+        info: runner_info("d1", &[], 4, false),
+        age: Duration::ZERO,
+        revision: 1,
+    }));
+    no_effects(&w.runner("z1", &[], 0));
+    assert_eq!(w.core.wanted(w.now), 0);
+    // One that can: the job it can take starts, the one it cannot waits.
+    assignment(&w.runner("r1", &["linux"], 4), "r1", 1);
+}
+
 #[test]
 fn waiting_jobs_start_oldest_first_when_a_runner_joins() {
     let mut w = World::new();
@@ -1814,4 +1968,53 @@ fn a_job_too_large_to_publish_ends_its_run_with_an_error_and_frees_its_runner() 
     w.later(MS(250));
     let effects = w.tick();
     assignment(&effects, "r1", 1);
+}
+
+#[test]
+fn a_pipelines_job_no_runner_can_take_waits_uncounted_and_is_never_given_back() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    let mut c = pipeline_commit(1, false);
+    c.jobs[2].labels = vec!["gpu".into()];
+    let effects = w.on(Event::CommitDelivered {
+        commit: c.clone(),
+        seq: 1,
+        redelivered: false,
+    });
+    assert_eq!(effects, [Effect::ReadState { key: c.key() }]);
+    let effects = w.on(Event::StateRead {
+        key: c.key(),
+        read: Ok(None),
+    });
+    // lint starts; build needs a gpu and waits on the side.
+    assert_eq!(
+        assignments(&effects),
+        vec![(job_key(1, "lint"), "r1".to_string())]
+    );
+    assert_eq!(
+        w.core.wanted(w.now),
+        1,
+        "r1's slot held ready; build counts for nothing"
+    );
+    // The bound reached with runs of one job: the one past it is given back, never the
+    // pipeline's job (its run is held whole).
+    for i in 2..=MAX_UNPLACEABLE as u64 {
+        no_effects(&w.deliver_with(i, &["gpu"]));
+    }
+    let last = MAX_UNPLACEABLE as u64 + 1;
+    let effects = w.deliver_with(last, &["gpu"]);
+    assert!(
+        matches!(&effects[..], [Effect::WriteState { key: k, .. }] if *k == key(last)),
+        "{effects:?}"
+    );
+    let effects = w.written(last, 9);
+    assert!(
+        matches!(&effects[..], [Effect::Release { run, .. }] if *run == commit(last).key()),
+        "{effects:?}"
+    );
+    assert_eq!(
+        w.core.held(),
+        MAX_UNPLACEABLE + 1,
+        "lint, build and the others"
+    );
 }

@@ -283,6 +283,10 @@ impl Driver {
                 self.ack(run);
                 None
             }
+            Effect::Release { run, delay } => {
+                self.release(run, delay).await;
+                None
+            }
             Effect::ExtendCommits => {
                 self.extend().await;
                 None
@@ -409,6 +413,18 @@ impl Driver {
                 }
             }
         });
+    }
+
+    /// The core gave run `run` back (no live runner has the labels it needs, and it holds as
+    /// many such runs as it may): a delayed nak, so JetStream delivers the commit again after
+    /// `delay` (to any dispatcher; `max_deliver` is unlimited, so it is never dropped for it).
+    async fn release(&mut self, run: String, delay: Duration) {
+        let Some(msg) = self.held.remove(&run) else {
+            return;
+        };
+        if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(key = %run, error = %e, "cannot give the commit back; it comes back after the lease");
+        }
     }
 
     /// Queue depth, jobs in flight and the oldest heartbeat, for `--metrics-addr`.
