@@ -28,6 +28,7 @@ use crate::pipeline::{Outcome, Progress};
 use crate::protocol::lease::{self, Decision};
 use crate::protocol::placement::{nobody_has_labels, pick_runner, Candidate};
 use crate::protocol::store::{StateError, Versioned};
+use crate::schedule::{Ready, Schedule};
 use crate::subjects::{JobRef, Names};
 
 /// How often the driver ticks: held jobs are checked for late heartbeats this often (in memory,
@@ -38,6 +39,12 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// written for `jetci status`: commits held ready for a busy runner usually start within
 /// milliseconds, and skipping the write for them saves a bucket write per job.
 pub const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
+
+/// How many commits a dispatcher holds waiting for a runner beyond its runners' slots: the
+/// window the fair share chooses from ([`crate::schedule`]). A push of more commits than this
+/// still waits behind the window in the stream, in order; each held commit costs one
+/// in-progress ack per lease/3 and its message's memory.
+pub const HOLD_AHEAD: u32 = 1_000;
 
 /// Runners whose presence was not refreshed for this many leases are forgotten.
 const FORGET_AFTER_LEASES: u32 = 20;
@@ -195,6 +202,9 @@ struct Active {
     runner: String,
     /// When its state was last written: the runner's last heartbeat.
     written: Instant,
+    /// Its repository and branch, for the fair share's running counts.
+    repo: String,
+    branch: String,
 }
 
 /// What this dispatcher knows of a held job's state, so that it can write without reading.
@@ -383,6 +393,9 @@ pub struct Core {
     runs: HashMap<String, Run>,
     /// Held pipeline runs by run key.
     pipelines: HashMap<String, Pipeline>,
+    /// The held jobs that wait for a runner, in the fair share's order (by repository, then
+    /// branch, running counts from `active`).
+    schedule: Schedule,
     /// When each runner was last given a job (a counter), so equal runners take turns.
     picks: HashMap<String, u64>,
     pick_count: u64,
@@ -408,6 +421,7 @@ impl Core {
             active: HashMap::new(),
             runs: HashMap::new(),
             pipelines: HashMap::new(),
+            schedule: Schedule::new(),
             picks: HashMap::new(),
             pick_count: 0,
             extended: now,
@@ -463,11 +477,17 @@ impl Core {
         out
     }
 
-    /// How many more commits to pull now: one per free runner slot, plus one per slot held ready
-    /// (so a slot that frees is filled without a round trip to the stream), minus those that
-    /// already wait. The rest of the queue stays in the stream, in order.
+    /// How many more commits to pull now: one per free runner slot, plus a window of
+    /// [`HOLD_AHEAD`] (at least one per slot; none without a runner) held waiting, so that a slot that frees goes to
+    /// the fairest of them (another repository's commit behind a big push) without a round
+    /// trip to the stream, minus those that already wait. The rest stays in the stream, in order.
     pub fn wanted(&self, now: Instant) -> usize {
-        let ready = self.free_slots(now) + self.capacity(now);
+        let capacity = self.capacity(now);
+        if capacity == 0 {
+            // No runner to fill: nothing to choose between yet.
+            return 0;
+        }
+        let ready = self.free_slots(now) + capacity.max(HOLD_AHEAD);
         ready.saturating_sub(self.waiting()) as usize
     }
 
@@ -600,6 +620,12 @@ impl Core {
         let wait = match &run.step {
             Step::Waiting(w) => Some(w.clone()),
             _ => None,
+        };
+        if wait.is_some() {
+            self.schedule.remove(key);
+        }
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
         };
         let known = match &run.known {
             Known::Absent => Some(None),
@@ -868,6 +894,7 @@ impl Core {
         let due = now.saturating_duration_since(wait.since) >= RECORD_WAIT_AFTER;
         if wait.recorded || (base.revision.is_none() && !due) {
             run.step = Step::Waiting(wait);
+            self.queue(key);
             return;
         }
         let state = base.state.requeue(reason);
@@ -912,6 +939,7 @@ impl Core {
                 if let Some(seq) = stale {
                     out.push(Effect::DeleteJobMessage { seq });
                 }
+                self.queue(key);
             }
             (Step::Assigning { created, .. } | Step::RecordingWait { created, .. }, Err(e)) => {
                 run.known = Known::Unknown;
@@ -967,13 +995,8 @@ impl Core {
         }
         self.pick_count += 1;
         self.picks.insert(runner.clone(), self.pick_count);
-        self.active.insert(
-            key.to_string(),
-            Active {
-                runner,
-                written: now,
-            },
-        );
+        let (repo, branch) = (run.commit.repo.clone(), run.commit.branch.clone());
+        self.activate(key, runner, now, repo, branch);
         out.push(Effect::PublishJob {
             key: key.to_string(),
             job,
@@ -1014,7 +1037,7 @@ impl Core {
             Known::Absent | Known::Unknown => None,
         };
         let attempt = current.as_ref().map_or(0, |c| c.state.attempt);
-        self.active.remove(key);
+        self.deactivate(key);
         let reason = format!(
             "the job cannot be sent to a runner: {reason} (its commit's branch, author or summary is too long)"
         );
@@ -1123,7 +1146,8 @@ impl Core {
         if let Some(seq) = stale {
             out.push(Effect::DeleteJobMessage { seq });
         }
-        self.active.remove(key);
+        self.deactivate(key);
+        let run = &self.runs[key];
         let attempt = match &run.known {
             Known::State(s, _) => s.attempt,
             _ => 0,
@@ -1174,6 +1198,7 @@ impl Core {
         let Some(run) = self.runs.remove(key) else {
             return;
         };
+        self.schedule.remove(key);
         match &run.job.job {
             None => out.push(Effect::AckCommit {
                 run: run.commit.key(),
@@ -1464,7 +1489,7 @@ impl Core {
         out: &mut Effects,
     ) {
         let Some(v) = state else {
-            self.active.remove(key);
+            self.deactivate(key);
             return;
         };
         if v.state.cancel.is_some() && v.state.phase != JobPhase::Final {
@@ -1518,12 +1543,12 @@ impl Core {
             JobPhase::Assigned | JobPhase::Running => {
                 if let Some(runner) = v.state.runner.clone() {
                     let written = self.since(v.age, now);
-                    self.active
-                        .insert(key.to_string(), Active { runner, written });
+                    let (repo, branch) = (v.state.repo.clone(), v.state.branch.clone());
+                    self.activate(key, runner, written, repo, branch);
                 }
             }
             JobPhase::Final => {
-                let freed = self.active.remove(key).is_some();
+                let freed = self.deactivate(key);
                 if freed || held {
                     out.push(Effect::CountResult {
                         status: v.state.status,
@@ -1539,7 +1564,7 @@ impl Core {
                 return;
             }
             JobPhase::Queued => {
-                self.active.remove(key);
+                self.deactivate(key);
             }
         }
         if held && v.state.cancel.is_some() {
@@ -1660,18 +1685,19 @@ impl Core {
         self.runners
             .retain(|_, p| now.saturating_duration_since(p.written) < forget);
         for key in recheck {
-            // A job that waits (and is recorded, or not yet due to be) can wait for a free slot.
+            // A job that waits (and is recorded, or not yet due to be) waits for a free slot,
+            // which the fair share gives below.
             let idle_wait = self.runs.get(&key).is_some_and(|r| match &r.step {
                 Step::Waiting(w) => {
                     w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER
                 }
                 _ => false,
             });
-            if idle_wait && self.free_slots(now) == 0 {
-                continue;
+            if !idle_wait {
+                self.advance(&key, now, out);
             }
-            self.advance(&key, now, out);
         }
+        self.assign_waiting(now, out);
     }
 
     fn on_probe(&mut self, runner: &str, gone: bool, now: Instant, out: &mut Effects) {
@@ -1728,20 +1754,89 @@ impl Core {
 
     // ---- slots -------------------------------------------------------------------------------
 
-    /// Decides again on waiting jobs, oldest commit first, while runners have free slots.
+    /// Fills free runner slots with waiting jobs, each slot taking the job the fair share
+    /// gives its runner ([`Schedule::pick`]: the repository, then the branch, with the fewest
+    /// jobs running, among the jobs that runner can take; oldest commit first within a branch).
     fn assign_waiting(&mut self, now: Instant, out: &mut Effects) {
-        let mut waiting: Vec<(u64, String)> = self
-            .runs
-            .iter()
-            .filter(|(_, r)| matches!(r.step, Step::Waiting(_)))
-            .map(|(k, r)| (r.seq, k.clone()))
-            .collect();
-        waiting.sort();
-        for (_, key) in waiting {
-            if self.free_slots(now) <= self.reading() {
+        // Runners with a free slot and nothing waiting for them, this pass.
+        let mut done: Vec<String> = Vec::new();
+        while !self.schedule.is_empty() && self.free_slots(now) > self.reading() {
+            let runner = self
+                .candidates(now)
+                .into_iter()
+                .filter(|c| c.available && c.busy < c.capacity)
+                .filter(|c| !done.iter().any(|d| d == c.id))
+                .max_by_key(|c| (c.capacity - c.busy, std::cmp::Reverse(c.id)))
+                .map(|c| (c.id.to_string(), c.labels.to_vec()));
+            let Some((runner, labels)) = runner else {
                 break;
+            };
+            let Some(pick) = self.schedule.pick(&labels) else {
+                done.push(runner);
+                continue;
+            };
+            let waiting = self
+                .runs
+                .get(&pick.key)
+                .is_some_and(|r| matches!(r.step, Step::Waiting(_)));
+            self.schedule.remove(&pick.key);
+            if waiting {
+                self.advance(&pick.key, now, out);
             }
-            self.advance(&key, now, out);
+        }
+    }
+
+    /// Puts held job `key`, now waiting, in the fair share's queue.
+    fn queue(&mut self, key: &str) {
+        let Some(run) = self.runs.get(key) else {
+            return;
+        };
+        self.schedule.add(Ready {
+            key: key.to_string(),
+            repo: run.commit.repo.clone(),
+            branch: run.commit.branch.clone(),
+            position: run.seq,
+            labels: run.commit.labels.clone(),
+            since: run.seq,
+        });
+    }
+
+    /// Records that job `key` is assigned or running on `runner` (any dispatcher's).
+    fn activate(
+        &mut self,
+        key: &str,
+        runner: String,
+        written: Instant,
+        repo: String,
+        branch: String,
+    ) {
+        let lane = (repo.clone(), branch.clone());
+        let active = Active {
+            runner,
+            written,
+            repo,
+            branch,
+        };
+        match self.active.insert(key.to_string(), active) {
+            Some(was)
+                if (was.repo.as_str(), was.branch.as_str())
+                    == (lane.0.as_str(), lane.1.as_str()) => {}
+            Some(was) => {
+                self.schedule.running(&was.repo, &was.branch, -1);
+                self.schedule.running(&lane.0, &lane.1, 1);
+            }
+            None => self.schedule.running(&lane.0, &lane.1, 1),
+        }
+    }
+
+    /// Job `key` no longer holds a runner slot; returns whether it did.
+    fn deactivate(&mut self, key: &str) -> bool {
+        match self.active.remove(key) {
+            Some(was) => {
+                self.schedule.running(&was.repo, &was.branch, -1);
+                true
+            }
+            None => false,
         }
     }
 
