@@ -46,6 +46,11 @@ pub const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
 /// in-progress ack per lease/3 and its message's memory.
 pub const HOLD_AHEAD: u32 = 1_000;
 
+/// The window shrinks to one commit per runner slot while the commits held waiting weigh more
+/// than this ([`weight`]): a publisher of commits near the server's max payload (1 MiB) cannot
+/// make a dispatcher hold a gigabyte.
+pub const HOLD_AHEAD_BYTES: usize = 64 << 20;
+
 /// Runners whose presence was not refreshed for this many leases are forgotten.
 const FORGET_AFTER_LEASES: u32 = 20;
 
@@ -487,7 +492,18 @@ impl Core {
             // No runner to fill: nothing to choose between yet.
             return 0;
         }
-        let ready = self.free_slots(now) + capacity.max(HOLD_AHEAD);
+        let held: usize = self
+            .runs
+            .values()
+            .filter(|r| matches!(r.step, Step::Waiting(_)))
+            .map(|r| weight(&r.commit))
+            .sum();
+        let window = if held > HOLD_AHEAD_BYTES {
+            capacity
+        } else {
+            capacity.max(HOLD_AHEAD)
+        };
+        let ready = self.free_slots(now) + window;
         ready.saturating_sub(self.waiting()) as usize
     }
 
@@ -1907,6 +1923,23 @@ impl Core {
             .filter(|r| matches!(r.step, Step::Waiting(_)))
             .count() as u32
     }
+}
+
+/// About how many bytes a held commit takes: its text fields and its jobs' (the message's
+/// size in memory, to a few dozen bytes each).
+fn weight(c: &CommitMsg) -> usize {
+    let texts = [&c.repo, &c.url, &c.branch, &c.sha, &c.author, &c.summary];
+    let jobs: usize = c
+        .jobs
+        .iter()
+        .map(|j| {
+            let lists = j.needs.iter().chain(&j.labels).map(|t| t.len() + 24);
+            64 + j.name.len() + j.job.len() + lists.sum::<usize>()
+        })
+        .sum();
+    256 + texts.iter().map(|t| t.len()).sum::<usize>()
+        + c.labels.iter().map(|l| l.len() + 24).sum::<usize>()
+        + jobs
 }
 
 /// How a job ended, by its stored result.

@@ -1974,3 +1974,26 @@ fn jobs_no_runner_can_take_are_never_offered_and_others_pass_them() {
     let effects = w.runner("g1", &["gpu"], 1);
     assert_eq!(assigned_repo(&effects), "gpu");
 }
+
+#[test]
+fn heavy_commits_shrink_the_window_to_the_runners_slots() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    let heavy = |i: u64| CommitMsg {
+        summary: "x".repeat(1 << 20),
+        ..commit(i)
+    };
+    for i in 2..=80 {
+        no_effects(&w.on(Event::CommitDelivered {
+            commit: heavy(i),
+            seq: i,
+            redelivered: false,
+        }));
+    }
+    assert_eq!(
+        w.core.wanted(w.now),
+        0,
+        "79 MiB held: no more than the one slot"
+    );
+}
