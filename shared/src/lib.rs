@@ -19,6 +19,7 @@
 //! - [`follow`]: following a limits stream in order across NATS restarts (results, logs);
 //! - [`result_file`]: the `test_results/<sha>` files;
 //! - [`scaling`]: jetci-manager's pure scaling decision;
+//! - [`schedule`]: which waiting job a free slot takes: fair share, branch order, bisection;
 //! - [`test_report`]: test counts from unittest/pytest output and JUnit XML files;
 //! - [`metrics`]: `--metrics-addr` and the Prometheus metric names;
 //! - [`shutdown`] and [`logging`]: process plumbing every binary shares.
@@ -38,6 +39,7 @@ pub mod repo_config;
 pub mod result_file;
 pub mod runner;
 pub mod scaling;
+pub mod schedule;
 pub mod shutdown;
 pub mod streams;
 pub mod subjects;

@@ -21,6 +21,7 @@ mod bench_smoke;
 mod browser;
 mod chaos;
 mod cluster;
+mod fair_share;
 mod faults;
 mod inputs;
 mod inputs_observer;

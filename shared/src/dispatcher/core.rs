@@ -28,6 +28,7 @@ use crate::pipeline::{Outcome, Progress};
 use crate::protocol::lease::{self, Decision};
 use crate::protocol::placement::{nobody_has_labels, pick_runner, Candidate};
 use crate::protocol::store::{StateError, Versioned};
+use crate::schedule::{Ready, Schedule};
 use crate::subjects::{JobRef, Names};
 
 /// How often the driver ticks: held jobs are checked for late heartbeats this often (in memory,
@@ -38,6 +39,17 @@ pub const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// written for `jetci status`: commits held ready for a busy runner usually start within
 /// milliseconds, and skipping the write for them saves a bucket write per job.
 pub const RECORD_WAIT_AFTER: Duration = Duration::from_millis(500);
+
+/// How many commits a dispatcher holds waiting for a runner beyond its runners' slots: the
+/// window the fair share chooses from ([`crate::schedule`]). A push of more commits than this
+/// still waits behind the window in the stream, in order; each held commit costs one
+/// in-progress ack per lease/3 and its message's memory.
+pub const HOLD_AHEAD: u64 = 1_000;
+
+/// The window shrinks to one commit per runner slot while the commits held waiting weigh more
+/// than this ([`weight`]): a publisher of commits near the server's max payload (1 MiB) cannot
+/// make a dispatcher hold a gigabyte.
+pub const HOLD_AHEAD_BYTES: usize = 64 << 20;
 
 /// Runners whose presence was not refreshed for this many leases are forgotten.
 const FORGET_AFTER_LEASES: u32 = 20;
@@ -242,6 +254,9 @@ struct Active {
     runner: String,
     /// When its state was last written: the runner's last heartbeat.
     written: Instant,
+    /// Its repository and branch, for the fair share's running counts.
+    repo: String,
+    branch: String,
 }
 
 /// What this dispatcher knows of a held job's state, so that it can write without reading.
@@ -438,6 +453,9 @@ pub struct Core {
     runs: HashMap<String, Run>,
     /// Held pipeline runs by run key.
     pipelines: HashMap<String, Pipeline>,
+    /// The held jobs that wait for a runner, in the fair share's order (by repository, then
+    /// branch, running counts from `active`).
+    schedule: Schedule,
     /// When each runner was last given a job (a counter), so equal runners take turns.
     picks: HashMap<String, u64>,
     pick_count: u64,
@@ -465,6 +483,7 @@ impl Core {
             offered: Offered::default(),
             runs: HashMap::new(),
             pipelines: HashMap::new(),
+            schedule: Schedule::new(),
             picks: HashMap::new(),
             pick_count: 0,
             extended: now,
@@ -520,16 +539,25 @@ impl Core {
         out
     }
 
-    /// How many more commits to pull now: one per free runner slot, plus one per slot held ready
-    /// (so a slot that frees is filled without a round trip to the stream), minus those that
-    /// already wait for a runner. A job no live runner could take (it needs labels nobody alive
-    /// has) does not count, up to [`MAX_UNPLACEABLE`] of them: nothing that cannot be placed
-    /// holds back what can. The rest of the queue stays in the stream, in order.
+    /// How many more commits to pull now: one per free runner slot, plus a window of
+    /// [`HOLD_AHEAD`] held waiting (at least one per slot; none while no runner is available;
+    /// one per slot while those held weigh over [`HOLD_AHEAD_BYTES`]), so that a slot that
+    /// frees goes to the fairest of them (another repository's commit behind a big push)
+    /// without a round trip to the stream, minus those that already wait for a runner. A job no
+    /// live runner could take (it needs labels nobody alive has) does not count, up to
+    /// [`MAX_UNPLACEABLE`] of them: nothing that cannot be placed holds back what can. The rest
+    /// of the queue stays in the stream, in order.
     pub fn wanted(&self, now: Instant) -> usize {
         let _ = now; // `offered` is kept as things change (runners leave it at the next tick)
-        let (waiting, unplaceable) = self.waiting();
+        let (waiting, unplaceable, bytes) = self.waiting();
         let counted = u64::from(waiting - unplaceable.min(MAX_UNPLACEABLE as u32));
-        let ready = self.offered.free() + self.offered.all;
+        let all = self.offered.all;
+        let window = if all == 0 || bytes > HOLD_AHEAD_BYTES {
+            all
+        } else {
+            all.max(HOLD_AHEAD)
+        };
+        let ready = self.offered.free() + window;
         ready.saturating_sub(counted).min(usize::MAX as u64) as usize
     }
 
@@ -662,6 +690,12 @@ impl Core {
         let wait = match &run.step {
             Step::Waiting(w) => Some(w.clone()),
             _ => None,
+        };
+        if wait.is_some() {
+            self.schedule.remove(key);
+        }
+        let Some(run) = self.runs.get_mut(key) else {
+            return;
         };
         let known = match &run.known {
             Known::Absent => Some(None),
@@ -945,6 +979,7 @@ impl Core {
         if wait.recorded || (base.revision.is_none() && !due) {
             let recorded = wait.recorded;
             run.step = Step::Waiting(wait);
+            self.queue(key);
             if recorded && over {
                 self.release(key, out);
             }
@@ -985,6 +1020,7 @@ impl Core {
         let Some(run) = self.runs.remove(key) else {
             return;
         };
+        self.schedule.remove(key);
         tracing::info!(%key, delay = ?RELEASE_DELAY, "no live runner has the labels the commit needs and too many such wait here; giving it back to the stream");
         out.push(Effect::Release {
             run: run.commit.key(),
@@ -1022,6 +1058,7 @@ impl Core {
                 if let Some(seq) = stale {
                     out.push(Effect::DeleteJobMessage { seq });
                 }
+                self.queue(key);
                 if unplaceable && self.over_unplaceable(key) {
                     self.release(key, out);
                 }
@@ -1088,11 +1125,14 @@ impl Core {
         }
         self.pick_count += 1;
         self.picks.insert(runner.clone(), self.pick_count);
+        let (repo, branch) = (run.commit.repo.clone(), run.commit.branch.clone());
         self.set_active(
             key,
             Active {
                 runner,
                 written: now,
+                repo,
+                branch,
             },
         );
         out.push(Effect::PublishJob {
@@ -1295,6 +1335,7 @@ impl Core {
         let Some(run) = self.runs.remove(key) else {
             return;
         };
+        self.schedule.remove(key);
         match &run.job.job {
             None => out.push(Effect::AckCommit {
                 run: run.commit.key(),
@@ -1639,7 +1680,16 @@ impl Core {
             JobPhase::Assigned | JobPhase::Running => {
                 if let Some(runner) = v.state.runner.clone() {
                     let written = self.since(v.age, now);
-                    self.set_active(key, Active { runner, written });
+                    let (repo, branch) = (v.state.repo.clone(), v.state.branch.clone());
+                    self.set_active(
+                        key,
+                        Active {
+                            runner,
+                            written,
+                            repo,
+                            branch,
+                        },
+                    );
                 }
             }
             JobPhase::Final => {
@@ -1788,22 +1838,30 @@ impl Core {
             .retain(|_, p| now.saturating_duration_since(p.written) < forget);
         // Every runner counted again: presences that grew older than the lease leave `offered`.
         self.recount_all(now);
-        let free = self.offered.free();
         for key in recheck {
-            // A job that waits (and is recorded, or not yet due to be) can wait for a free slot;
-            // one that waits, recorded, for labels no live runner has waits for a runner to
-            // join (which decides on it at once, `on_runner`).
-            let (idle_wait, unplaceable) = match self.runs.get(&key).map(|r| &r.step) {
-                Some(Step::Waiting(w)) => (
-                    w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER,
-                    w.recorded && w.unplaceable,
-                ),
-                _ => (false, false),
+            // A job that waits (and is recorded, or not yet due to be) waits for a free slot,
+            // which the fair share gives below; one that waits, recorded, for labels no live
+            // runner has waits for a runner to join (which decides on it at once, `on_runner`).
+            let idle_wait = match self.runs.get(&key).map(|r| &r.step) {
+                Some(Step::Waiting(w)) => {
+                    w.recorded || now.saturating_duration_since(w.since) < RECORD_WAIT_AFTER
+                }
+                _ => false,
             };
-            if unplaceable || (idle_wait && free == 0) {
-                continue;
+            if !idle_wait {
+                self.advance(&key, now, out);
             }
-            self.advance(&key, now, out);
+        }
+        if self.offered.free() > 0 && !self.schedule.is_empty() {
+            let free: Vec<String> = self
+                .runners
+                .values()
+                .filter(|p| p.counted.is_some_and(|(all, busy)| busy < all))
+                .map(|p| p.info.id.clone())
+                .collect();
+            for id in free {
+                self.assign_to(&id, now, out);
+            }
         }
     }
 
@@ -1863,10 +1921,12 @@ impl Core {
 
     // ---- slots -------------------------------------------------------------------------------
 
-    /// A slot of runner `id` may be free (it joined, came back, or finished a job): decides
-    /// again on the waiting jobs it can take (its labels cover theirs), oldest commit first, as
-    /// many as it has free slots. Nothing when it is not available or full, so a runner entry
-    /// costs the same however many runners and jobs there are, bar the jobs it takes.
+    /// A slot of runner `id` may be free (it joined, came back, or finished a job): gives each
+    /// of its free slots the waiting job the fair share picks for it ([`Schedule::pick`]: the
+    /// repository, then the branch, with the fewest jobs running, among the jobs its labels
+    /// cover; oldest commit first within a branch). Nothing when it is not available or full,
+    /// so a runner entry costs the same however many runners and jobs there are, bar the jobs
+    /// it takes.
     fn assign_to(&mut self, id: &str, now: Instant, out: &mut Effects) {
         let Some(p) = self.runners.get(id) else {
             return;
@@ -1875,27 +1935,37 @@ impl Core {
             return;
         }
         let free = p.info.capacity.saturating_sub(self.load_of(id));
-        let mut room = free.saturating_sub(self.reading()) as usize;
-        if room == 0 {
-            return;
-        }
-        let labels = &p.info.labels;
-        let mut waiting: Vec<(u64, &String)> = self
-            .runs
-            .iter()
-            .filter(|(_, r)| matches!(r.step, Step::Waiting(_)))
-            .filter(|(_, r)| r.commit.labels.iter().all(|l| labels.contains(l)))
-            .map(|(k, r)| (r.seq, k))
-            .collect();
-        waiting.sort();
-        let keys: Vec<String> = waiting.into_iter().map(|(_, k)| k.clone()).collect();
-        for key in keys {
-            if room == 0 {
+        let mut room = free.saturating_sub(self.reading());
+        let labels = p.info.labels.clone();
+        while room > 0 {
+            let Some(pick) = self.schedule.pick(&labels) else {
                 break;
+            };
+            self.schedule.remove(&pick.key);
+            let waiting = self
+                .runs
+                .get(&pick.key)
+                .is_some_and(|r| matches!(r.step, Step::Waiting(_)));
+            if waiting {
+                room -= 1;
+                self.advance(&pick.key, now, out);
             }
-            room -= 1;
-            self.advance(&key, now, out);
         }
+    }
+
+    /// Puts held job `key`, now waiting, in the fair share's queue.
+    fn queue(&mut self, key: &str) {
+        let Some(run) = self.runs.get(key) else {
+            return;
+        };
+        self.schedule.add(Ready {
+            key: key.to_string(),
+            repo: run.commit.repo.clone(),
+            branch: run.commit.branch.clone(),
+            position: run.seq,
+            labels: run.commit.labels.clone(),
+            since: run.seq,
+        });
     }
 
     /// Held jobs whose decision waits for a read (each may take a slot once it is answered).
@@ -1932,8 +2002,10 @@ impl Core {
     /// Records that job `key` is assigned or running on a runner (replacing what it was on).
     fn set_active(&mut self, key: &str, active: Active) {
         self.add_load(&active.runner);
+        self.schedule.running(&active.repo, &active.branch, 1);
         if let Some(old) = self.active.insert(key.to_string(), active) {
             self.sub_load(&old.runner);
+            self.schedule.running(&old.repo, &old.branch, -1);
         }
     }
 
@@ -1941,6 +2013,7 @@ impl Core {
     fn clear_active(&mut self, key: &str) -> Option<String> {
         let old = self.active.remove(key)?;
         self.sub_load(&old.runner);
+        self.schedule.running(&old.repo, &old.branch, -1);
         Some(old.runner)
     }
 
@@ -2033,17 +2106,36 @@ impl Core {
             .collect()
     }
 
-    /// Held jobs waiting for a runner: all of them, and those no live runner could take.
-    fn waiting(&self) -> (u32, u32) {
-        let (mut all, mut unplaceable) = (0, 0);
+    /// Held jobs waiting for a runner: all of them, those no live runner could take, and
+    /// about how many bytes they hold ([`weight`]).
+    fn waiting(&self) -> (u32, u32, usize) {
+        let (mut all, mut unplaceable, mut bytes) = (0, 0, 0);
         for r in self.runs.values() {
             if let Step::Waiting(w) = &r.step {
                 all += 1;
                 unplaceable += u32::from(w.unplaceable);
+                bytes += weight(&r.commit);
             }
         }
-        (all, unplaceable)
+        (all, unplaceable, bytes)
     }
+}
+
+/// About how many bytes a held commit takes: its text fields and its jobs' (the message's
+/// size in memory, to a few dozen bytes each).
+fn weight(c: &CommitMsg) -> usize {
+    let texts = [&c.repo, &c.url, &c.branch, &c.sha, &c.author, &c.summary];
+    let jobs: usize = c
+        .jobs
+        .iter()
+        .map(|j| {
+            let lists = j.needs.iter().chain(&j.labels).map(|t| t.len() + 24);
+            64 + j.name.len() + j.job.len() + lists.sum::<usize>()
+        })
+        .sum();
+    256 + texts.iter().map(|t| t.len()).sum::<usize>()
+        + c.labels.iter().map(|l| l.len() + 24).sum::<usize>()
+        + jobs
 }
 
 /// How a job ended, by its stored result.

@@ -354,14 +354,15 @@ fn jobs_no_live_runner_can_take_do_not_hold_back_the_others() {
     let mut w = World::new();
     w.runner("r1", &[], 1);
     w.runner("r2", &[], 1);
-    assert_eq!(w.core.wanted(w.now), 4);
+    let window = HOLD_AHEAD as usize;
+    assert_eq!(w.core.wanted(w.now), 2 + window);
     // Six commits need a gpu, which no runner has: they wait on the side and count for nothing.
     for i in 1..=6 {
         no_effects(&w.deliver_with(i, &["gpu"]));
     }
     assert_eq!(
         w.core.wanted(w.now),
-        4,
+        2 + window,
         "unplaceable jobs hold back no pull"
     );
     w.later(MS(600));
@@ -370,16 +371,16 @@ fn jobs_no_live_runner_can_take_do_not_hold_back_the_others() {
     for i in 1..=6 {
         w.written(i, 10 + i);
     }
-    assert_eq!(w.core.wanted(w.now), 4);
+    assert_eq!(w.core.wanted(w.now), 2 + window);
     // Another repository's commits go to the idle runners at once.
     assignment(&w.deliver(7), "r1", 1);
     w.written(7, 20);
     assignment(&w.deliver(8), "r2", 1);
     w.written(8, 21);
-    // Both busy: one commit more is held ready per slot, and a waiting one counts again.
-    assert_eq!(w.core.wanted(w.now), 2);
+    // Both busy: the window is held ready, and a waiting one counts again.
+    assert_eq!(w.core.wanted(w.now), window);
     no_effects(&w.deliver(9));
-    assert_eq!(w.core.wanted(w.now), 1);
+    assert_eq!(w.core.wanted(w.now), window - 1);
     // Recorded, they are not decided again at every tick while nothing changes.
     w.later(MS(300));
     assert!(!w
@@ -411,7 +412,7 @@ fn beyond_the_bound_a_run_no_runner_can_take_is_recorded_and_given_back() {
     assert_eq!(w.core.held(), MAX_UNPLACEABLE);
     assert_eq!(
         w.core.wanted(w.now),
-        2,
+        1 + HOLD_AHEAD as usize,
         "the bound is not passed: nothing counts"
     );
     // One more: its wait is recorded at once (for `jetci status`), then its commit goes back.
@@ -545,17 +546,18 @@ fn a_draining_runner_gets_no_new_job() {
 }
 
 #[test]
-fn it_pulls_one_commit_per_free_slot_plus_one_held_ready_per_slot() {
+fn it_pulls_one_commit_per_free_slot_plus_a_window_held_waiting() {
     let mut w = World::new();
     assert_eq!(w.core.wanted(w.now), 0, "no runner: nothing to pull");
     w.runner("r1", &[], 2);
-    assert_eq!(w.core.wanted(w.now), 4);
+    let window = HOLD_AHEAD as usize;
+    assert_eq!(w.core.wanted(w.now), 2 + window);
     w.assigned(1, "r1", 1);
-    assert_eq!(w.core.wanted(w.now), 3);
+    assert_eq!(w.core.wanted(w.now), 1 + window);
     w.deliver(2);
     w.deliver(3);
-    // Two slots of r1 plus... r1 now full: 0 free + 2 ready - 1 waiting.
-    assert_eq!(w.core.wanted(w.now), 1);
+    // r1 now full: 0 free + the window - 1 waiting.
+    assert_eq!(w.core.wanted(w.now), window - 1);
 }
 
 // ---- after a dispatcher restart --------------------------------------------------------------
@@ -1392,8 +1394,8 @@ fn a_runner_entry_whose_id_is_not_its_key_is_ignored() {
     }));
     assert_eq!(
         w.core.wanted(w.now),
-        2,
-        "r0's one slot, free and held ready"
+        1 + HOLD_AHEAD as usize,
+        "r0's one slot, free, and the window"
     );
     w.assigned(1, "r0", 1);
     // r0 is full: nothing more goes to its subject.
@@ -1993,8 +1995,8 @@ fn a_pipelines_job_no_runner_can_take_waits_uncounted_and_is_never_given_back() 
     );
     assert_eq!(
         w.core.wanted(w.now),
-        1,
-        "r1's slot held ready; build counts for nothing"
+        HOLD_AHEAD as usize,
+        "r1's slot held ready (the window); build counts for nothing"
     );
     // The bound reached with runs of one job: the one past it is given back, never the
     // pipeline's job (its run is held whole).
@@ -2016,5 +2018,186 @@ fn a_pipelines_job_no_runner_can_take_waits_uncounted_and_is_never_given_back() 
         w.core.held(),
         MAX_UNPLACEABLE + 1,
         "lint, build and the others"
+    );
+}
+
+// ---- the fair share ----------------------------------------------------------------------------
+
+/// Commit `i` of repository `repo` (branch `branch`), delivered for the first time at sequence `i`.
+fn deliver_of(w: &mut World, i: u64, repo: &str, branch: &str, labels: &[&str]) -> Vec<Effect> {
+    let c = CommitMsg {
+        repo: repo.into(),
+        branch: branch.into(),
+        labels: labels.iter().map(|l| l.to_string()).collect(),
+        ..commit(i)
+    };
+    w.on(Event::CommitDelivered {
+        commit: c,
+        seq: i,
+        redelivered: false,
+    })
+}
+
+fn key_of(i: u64, repo: &str) -> String {
+    CommitMsg {
+        repo: repo.into(),
+        ..commit(i)
+    }
+    .only_job()
+    .key()
+}
+
+/// The repository of the one job `effects` assigns.
+#[track_caller]
+fn assigned_repo(effects: &[Effect]) -> String {
+    match effects {
+        [Effect::WriteState { state, .. }] if state.phase == JobPhase::Assigned => {
+            state.repo.clone()
+        }
+        _ => panic!("expected one assignment, got {effects:?}"),
+    }
+}
+
+/// Runs commit `i` of `repo` to its end on the watch (assigned, then final).
+fn ends(w: &mut World, i: u64, repo: &str, runner: &str) -> Vec<Effect> {
+    let c = CommitMsg {
+        repo: repo.into(),
+        ..commit(i)
+    };
+    let done = JobState::queued(&c, &c.only_job())
+        .assign(runner, 1)
+        .claim(i)
+        .finish(Status::Passed, None);
+    w.on(Event::JobStateChanged {
+        key: key_of(i, repo),
+        state: Some(versioned(done, 100 + i, MS(0))),
+    })
+}
+
+#[test]
+fn a_freed_slot_goes_to_the_repository_with_the_fewest_jobs_running() {
+    let mut w = World::new();
+    w.runner("r1", &[], 2);
+    for i in 1..=2 {
+        assert_eq!(assigned_repo(&deliver_of(&mut w, i, "a", "main", &[])), "a");
+        let effects = w.on(Event::StateWritten {
+            key: key_of(i, "a"),
+            written: Ok(i),
+        });
+        assert!(
+            matches!(&effects[..], [Effect::PublishJob { .. }]),
+            "{effects:?}"
+        );
+    }
+    // A's backlog, then one commit of b: all wait, r1 is full.
+    for i in 3..=20 {
+        no_effects(&deliver_of(&mut w, i, "a", "main", &[]));
+    }
+    no_effects(&deliver_of(&mut w, 21, "b", "main", &[]));
+    // One of a's jobs ends: a has one running, b none: b's commit takes the slot.
+    let effects = ends(&mut w, 1, "a", "r1");
+    let assigned: Vec<&JobState> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WriteState { state, .. } if state.phase == JobPhase::Assigned => Some(state),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigned.len(), 1, "{effects:?}");
+    assert_eq!(
+        (assigned[0].repo.as_str(), assigned[0].sha.as_str()),
+        ("b", commit(21).sha.as_str())
+    );
+}
+
+#[test]
+fn within_a_repository_a_freed_slot_goes_to_the_branch_with_the_fewest_jobs_running() {
+    let mut w = World::new();
+    w.runner("r1", &[], 2);
+    for i in 1..=2 {
+        deliver_of(&mut w, i, "a", "feature", &[]);
+        w.on(Event::StateWritten {
+            key: key_of(i, "a"),
+            written: Ok(i),
+        });
+    }
+    for i in 3..=10 {
+        no_effects(&deliver_of(&mut w, i, "a", "feature", &[]));
+    }
+    no_effects(&deliver_of(&mut w, 11, "a", "main", &[]));
+    let c = CommitMsg {
+        repo: "a".into(),
+        branch: "feature".into(),
+        ..commit(1)
+    };
+    let done = JobState::queued(&c, &c.only_job())
+        .assign("r1", 1)
+        .claim(1)
+        .finish(Status::Passed, None);
+    let effects = w.on(Event::JobStateChanged {
+        key: key_of(1, "a"),
+        state: Some(versioned(done, 200, MS(0))),
+    });
+    let branches: Vec<&str> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WriteState { state, .. } if state.phase == JobPhase::Assigned => {
+                Some(state.branch.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(branches, vec!["main"], "{effects:?}");
+}
+
+#[test]
+fn jobs_no_runner_can_take_are_never_offered_and_others_pass_them() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    assert_eq!(assigned_repo(&deliver_of(&mut w, 1, "b", "main", &[])), "b");
+    w.on(Event::StateWritten {
+        key: key_of(1, "b"),
+        written: Ok(1),
+    });
+    for i in 2..=5 {
+        no_effects(&deliver_of(&mut w, i, "gpu", "main", &["gpu"]));
+    }
+    no_effects(&deliver_of(&mut w, 6, "b", "main", &[]));
+    let effects = ends(&mut w, 1, "b", "r1");
+    let repos: Vec<&str> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::WriteState { state, .. } if state.phase == JobPhase::Assigned => {
+                Some(state.repo.as_str())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(repos, vec!["b"], "{effects:?}");
+    // A runner with the label joins: a gpu job starts on it.
+    let effects = w.runner("g1", &["gpu"], 1);
+    assert_eq!(assigned_repo(&effects), "gpu");
+}
+
+#[test]
+fn heavy_commits_shrink_the_window_to_the_runners_slots() {
+    let mut w = World::new();
+    w.runner("r1", &[], 1);
+    w.assigned(1, "r1", 1);
+    let heavy = |i: u64| CommitMsg {
+        summary: "x".repeat(1 << 20),
+        ..commit(i)
+    };
+    for i in 2..=80 {
+        no_effects(&w.on(Event::CommitDelivered {
+            commit: heavy(i),
+            seq: i,
+            redelivered: false,
+        }));
+    }
+    assert_eq!(
+        w.core.wanted(w.now),
+        0,
+        "79 MiB held: no more than the one slot"
     );
 }

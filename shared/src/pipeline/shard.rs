@@ -297,7 +297,7 @@ pub struct FileIndex {
 
 impl FileIndex {
     /// The index of `tests` (at most [`MAX_TESTS`] paths of at most [`MAX_TEST_PATH`] bytes:
-    /// at most [`MAX_TAILS`] + 1 keys each).
+    /// at most `MAX_TAILS` (16) + 1 keys each).
     pub fn new(tests: &[String]) -> FileIndex {
         let module = |t: &str| -> String {
             let stem = match t.rfind('.') {

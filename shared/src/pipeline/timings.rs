@@ -96,7 +96,7 @@ async fn read_timings(timings: &kv::Store, repo: &str) -> Result<(Timings, Optio
 /// ([`record`]). Returns how many test files got a time (0: nothing written).
 ///
 /// Errors: the server refused or did not answer, or other writers kept winning for
-/// [`RECORD_ATTEMPTS`] rounds.
+/// `RECORD_ATTEMPTS` (8) rounds.
 pub async fn record_times(
     timings: &kv::Store,
     repo: &str,
