@@ -388,16 +388,7 @@ mod tests {
             assert_eq!(inbox_prefix(good).as_deref(), Ok(good));
         }
         for bad in [
-            "",
-            ".",
-            "_INBOX.",
-            ".x",
-            "a..b",
-            "_INBOX.>",
-            "_INBOX.*",
-            "a*b",
-            "in box",
-            "tab\t",
+            "", ".", "_INBOX.", ".x", "a..b", "_INBOX.>", "_INBOX.*", "a*b", "in box", "tab\t",
         ] {
             assert!(inbox_prefix(bad).is_err(), "{bad:?} was accepted");
         }

@@ -464,7 +464,10 @@ fn compose_file_passes_the_compose_schema_and_runs_real_commands() {
     let nats_ports = services["nats"]["ports"].as_array().expect("nats ports");
     assert!(!nats_ports.is_empty(), "{:#}", services["nats"]);
     for port in nats_ports {
-        assert_eq!(port["host_ip"], "127.0.0.1", "NATS published beyond loopback: {port}");
+        assert_eq!(
+            port["host_ip"], "127.0.0.1",
+            "NATS published beyond loopback: {port}"
+        );
     }
     // Every jetci service runs a binary of this workspace, with flags it has.
     for (name, service) in services {
@@ -549,7 +552,10 @@ fn the_shipped_server_config_serves_this_machine_only() {
         .json();
     // The addresses the server bound, in its own words.
     assert_eq!(varz["host"], "127.0.0.1", "clients' listener: {varz:#}");
-    assert_eq!(varz["http_host"], "127.0.0.1", "monitoring listener: {varz:#}");
+    assert_eq!(
+        varz["http_host"], "127.0.0.1",
+        "monitoring listener: {varz:#}"
+    );
     // And from the network's side: this host's own address reaches neither port.
     let http_port: u16 = monitoring
         .rsplit_once(':')
@@ -560,7 +566,10 @@ fn the_shipped_server_config_serves_this_machine_only() {
             for port in [nats.port(), http_port] {
                 let addr = SocketAddr::new(ip, port);
                 let reached = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
-                assert!(reached.is_err(), "nats-server answers on {addr}, beyond loopback");
+                assert!(
+                    reached.is_err(),
+                    "nats-server answers on {addr}, beyond loopback"
+                );
             }
         }
         None => eprintln!("this host has no address but loopback: checked /varz only"),

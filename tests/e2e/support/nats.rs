@@ -139,7 +139,9 @@ impl NatsServer {
     /// The monitoring address (`HOST:PORT`, `/varz`, `/healthz`) of a server started with
     /// [`NatsServer::start_as_shipped`], on 127.0.0.1; panics for any other server.
     pub fn monitoring_addr(&self) -> String {
-        let port = self.http_port.expect("only a server started as shipped has its monitoring port");
+        let port = self
+            .http_port
+            .expect("only a server started as shipped has its monitoring port");
         format!("127.0.0.1:{port}")
     }
 
