@@ -53,7 +53,7 @@ pub struct ConnectArgs {
     /// CA certificate to verify the server with; implies TLS.
     #[arg(long, env = "NATS_CA", global = true)]
     pub tlsca: Option<PathBuf>,
-    /// Prefix of reply subjects (default `_INBOX`): replies come on PREFIX.<id>[.<token>]. Give
+    /// Prefix of reply subjects (default `_INBOX`): replies come on `PREFIX.<id>[.<token>]`. Give
     /// each user its own (e.g. `_INBOX_runner-build-1`, allowed to subscribe to
     /// `_INBOX_runner-build-1.>` only) so no user can read another's replies (deploy/auth).
     #[arg(long, env = "NATS_INBOX_PREFIX", global = true, value_parser = inbox_prefix)]

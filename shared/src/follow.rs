@@ -67,7 +67,7 @@ const HEARTBEAT: Duration = Duration::from_secs(5);
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
 /// How long the server keeps a reader's consumer once no pull waits on it: the consumer of a
 /// reader that went away, or that a follower dropped to make a new one. A pull waiting on it
-/// ([`PULL_EXPIRES`], renewed as it ends) keeps it, so a reader at rest keeps its consumer. Short,
+/// (`PULL_EXPIRES`, renewed as it ends) keeps it, so a reader at rest keeps its consumer. Short,
 /// because these consumers count towards the streams' bound
 /// ([`crate::streams::READERS_MAX_CONSUMERS`]).
 pub const READER_INACTIVE: Duration = Duration::from_secs(10);
