@@ -53,9 +53,10 @@ pub struct ConnectArgs {
     /// CA certificate to verify the server with; implies TLS.
     #[arg(long, env = "NATS_CA", global = true)]
     pub tlsca: Option<PathBuf>,
-    /// Prefix of reply subjects (default `_INBOX`). Give each user its own (e.g.
-    /// `_INBOX_runner-build-1`) so a user allowed to read its replies cannot read others'.
-    #[arg(long, env = "NATS_INBOX_PREFIX", global = true)]
+    /// Prefix of reply subjects (default `_INBOX`): replies come on `PREFIX.<id>[.<token>]`. Give
+    /// each user its own (e.g. `_INBOX_runner-build-1`, allowed to subscribe to
+    /// `_INBOX_runner-build-1.>` only) so no user can read another's replies (deploy/auth).
+    #[arg(long, env = "NATS_INBOX_PREFIX", global = true, value_parser = inbox_prefix)]
     pub inbox_prefix: Option<String>,
     /// Prefix of every subject, stream and bucket, so installations can share an account.
     #[arg(long, env = "JETCI_PREFIX", default_value = "ci", global = true)]
@@ -63,6 +64,35 @@ pub struct ConnectArgs {
     /// Replicas of streams and buckets this process creates (3 on a three-node cluster).
     #[arg(long, env = "JETCI_REPLICAS", default_value_t = 1, global = true)]
     pub replicas: usize,
+}
+
+/// Most bytes of an `--inbox-prefix`.
+pub const MAX_INBOX_PREFIX_BYTES: usize = 128;
+
+/// An `--inbox-prefix`: one or more subject tokens (letters, digits, `-`, `_`, ...) separated by
+/// dots, without wildcards (`*`, `>`), whitespace or empty tokens, at most
+/// [`MAX_INBOX_PREFIX_BYTES`]. async-nats appends `.<id>` for an inbox and `.<id>.<token>` for a
+/// request's reply (async-nats 0.51, `Client::new_inbox` and the request multiplexer), so a user
+/// with the prefix `P` needs to subscribe to `P.>`. For clap's `value_parser`.
+pub fn inbox_prefix(text: &str) -> Result<String, String> {
+    if text.len() > MAX_INBOX_PREFIX_BYTES {
+        return Err(format!(
+            "an inbox prefix has at most {MAX_INBOX_PREFIX_BYTES} bytes"
+        ));
+    }
+    if text.split('.').any(|token| {
+        token.is_empty()
+            || token == "*"
+            || token.contains('>')
+            || token.contains('*')
+            || token.chars().any(|c| c.is_whitespace() || c.is_control())
+    }) {
+        return Err(format!(
+            "{text:?} is not an inbox prefix: subject tokens separated by dots, without *, > \
+             or whitespace (e.g. _INBOX_runner-build-1)"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 /// Why a connection could not be made or used.
@@ -351,6 +381,20 @@ pub fn version_at_least(version: &str, min: (u64, u64)) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inbox_prefixes_are_subject_tokens_without_wildcards() {
+        for good in ["_INBOX", "_INBOX_runner-build-1", "_INBOX.viewer", "a"] {
+            assert_eq!(inbox_prefix(good).as_deref(), Ok(good));
+        }
+        for bad in [
+            "", ".", "_INBOX.", ".x", "a..b", "_INBOX.>", "_INBOX.*", "a*b", "in box", "tab\t",
+        ] {
+            assert!(inbox_prefix(bad).is_err(), "{bad:?} was accepted");
+        }
+        assert!(inbox_prefix(&"x".repeat(MAX_INBOX_PREFIX_BYTES)).is_ok());
+        assert!(inbox_prefix(&"x".repeat(MAX_INBOX_PREFIX_BYTES + 1)).is_err());
+    }
 
     #[test]
     fn jetstream_info_replies() {

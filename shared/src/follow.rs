@@ -8,7 +8,9 @@
 //! the last message it forwarded. When anything goes wrong (a missed heartbeat, a pull error, the
 //! consumer lost in a NATS restart, a gap in the consumer sequence) it drops the consumer and
 //! creates a new one that starts right after that sequence, so each message is forwarded once
-//! and none is skipped. async-nats' ordered consumer would restart from the *first* message when
+//! and none is skipped. A dropped consumer is left to the server, which removes it once no pull
+//! has waited on it for [`READER_INACTIVE`]: readers never delete consumers, so a read-only user
+//! needs no right to delete any (one who had it could delete jetci-web's). async-nats' ordered consumer would restart from the *first* message when
 //! it is recreated before delivering anything (0.51 maps sequence 0 to `DeliverPolicy::All`).
 //! Both streams have limits retention, so an ephemeral consumer takes nothing away from anyone
 //! (JETSTREAM-NOTES 4). Errors are logged and the loop goes on (JETSTREAM-NOTES 0.5): a reader
@@ -63,8 +65,12 @@ pub enum Event {
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long one pull request waits for messages before it is renewed.
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// How long the server keeps the consumer of a reader that went away without deleting it.
-const INACTIVE: Duration = Duration::from_secs(60);
+/// How long the server keeps a reader's consumer once no pull waits on it: the consumer of a
+/// reader that went away, or that a follower dropped to make a new one. A pull waiting on it
+/// (`PULL_EXPIRES`, renewed as it ends) keeps it, so a reader at rest keeps its consumer. Short,
+/// because these consumers count towards the streams' bound
+/// ([`crate::streams::READERS_MAX_CONSUMERS`]).
+pub const READER_INACTIVE: Duration = Duration::from_secs(10);
 
 /// Following could not start.
 #[derive(Debug, thiserror::Error)]
@@ -197,22 +203,22 @@ fn deliver_policy(start: Start, done: Option<u64>) -> DeliverPolicy {
     }
 }
 
-/// An ephemeral reader's consumer: no acks, in memory, one replica, gone after [`INACTIVE`] if
-/// the reader vanishes.
+/// An ephemeral reader's consumer: no acks, in memory, one replica, gone [`READER_INACTIVE`]
+/// after its last pull.
 fn consumer_config(filter: Option<&str>, deliver_policy: DeliverPolicy) -> pull::Config {
     pull::Config {
         filter_subject: filter.unwrap_or_default().to_string(),
         deliver_policy,
         ack_policy: AckPolicy::None,
-        inactive_threshold: INACTIVE,
+        inactive_threshold: READER_INACTIVE,
         memory_storage: true,
         num_replicas: 1,
         ..Default::default()
     }
 }
 
-/// Reads `consumer` until it breaks (false: stop, or the receiver is gone), then deletes it.
-/// `done` advances past every message forwarded.
+/// Reads `consumer` until it breaks (false: stop, or the receiver is gone), then leaves it to
+/// lapse ([`READER_INACTIVE`]). `done` advances past every message forwarded.
 async fn follow_one(
     stream: &Stream,
     consumer: PullConsumer,
@@ -232,10 +238,6 @@ async fn follow_one(
     }
     let outcome = read(&consumer, tx, &mut last, caught_up, stop).await;
     *done = Some(last);
-    // Tidy up (the server would drop it after INACTIVE anyway); bounded, so a stop while NATS is
-    // away still returns at once.
-    let name = consumer.cached_info().name.clone();
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
     match outcome {
         Read::Stop => false,
         Read::Broken(why) => {
@@ -294,8 +296,7 @@ pub async fn read_stored(
                 }
             }
         }
-        let name = consumer.cached_info().name.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(1), stream.delete_consumer(&name)).await;
+        // The consumer lapses by itself (READER_INACTIVE).
         Ok((out, truncated))
     };
     tokio::time::timeout(timeout, work)
@@ -421,7 +422,7 @@ mod tests {
         assert_eq!(config.ack_policy, AckPolicy::None);
         assert!(config.durable_name.is_none() && config.memory_storage);
         assert_eq!(config.num_replicas, 1);
-        assert_eq!(config.inactive_threshold, INACTIVE);
+        assert_eq!(config.inactive_threshold, READER_INACTIVE);
         assert_eq!(consumer_config(None, DeliverPolicy::All).filter_subject, "");
     }
 }

@@ -36,6 +36,14 @@ pub const RESULTS_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 3600);
 pub const LOGS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Bytes of logs kept in all (oldest dropped first).
 pub const LOGS_MAX_BYTES: i64 = 4 * 1024 * 1024 * 1024;
+/// Most consumers `CI_RESULTS` and `CI_LOGS` each hold at once. Their readers (jetci-web's
+/// results feed and at most 64 live logs, `jetci tail`, `jetci logs`) make short-lived
+/// ephemeral consumers; any user allowed to make them (the `viewer` role of deploy/auth) could
+/// otherwise pile up as many as it likes. Past this the server refuses a new one (error 10026,
+/// "maximum consumers limit reached") until old ones lapse ([`crate::follow::READER_INACTIVE`]).
+/// No process of the dispatch protocol reads these two streams through a consumer, so a full
+/// stream delays readers only, never a test or its result.
+pub const READERS_MAX_CONSUMERS: i32 = 256;
 /// How long a job's state is kept in `ci-jobs` after its last change.
 pub const JOBS_KV_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a runner's presence entry outlives its last refresh. Liveness itself is judged by the
@@ -116,6 +124,7 @@ pub fn stream_configs(nats: &Nats) -> Vec<Config> {
             max_messages_per_subject: 1,
             discard: DiscardPolicy::New,
             discard_new_per_subject: true,
+            max_consumers: READERS_MAX_CONSUMERS,
             ..base.clone()
         },
         Config {
@@ -127,6 +136,7 @@ pub fn stream_configs(nats: &Nats) -> Vec<Config> {
             max_bytes: LOGS_MAX_BYTES,
             discard: DiscardPolicy::Old,
             allow_direct: true,
+            max_consumers: READERS_MAX_CONSUMERS,
             ..base
         },
     ]
@@ -194,21 +204,33 @@ async fn ensure_stream(
 
 /// The settings jetci has the server enforce that an older jetci did not set, and that can be
 /// changed in place: the per-subject limit of `CI_RESULTS` (one result per run, a second one
-/// refused). `None` when `found` has them already; else `found` with them set.
+/// refused), and a bound on the consumers of `CI_RESULTS` and `CI_LOGS` where the stream has
+/// none (a bound the operator chose is kept). `None` when `found` has them already; else
+/// `found` with them set.
 ///
 /// A stream that already holds a second message on a subject (stored before the limit) keeps
-/// only the newest once the limit applies: nats-server trims each subject to it.
+/// only the newest once the limit applies: nats-server trims each subject to it. Consumers
+/// beyond a new bound stay until they go; only new ones are refused.
 fn enforced_update(wanted: &Config, found: &Config) -> Option<Config> {
     let per_subject = wanted.max_messages_per_subject > 0
         && (found.max_messages_per_subject != wanted.max_messages_per_subject
             || found.discard != wanted.discard
             || found.discard_new_per_subject != wanted.discard_new_per_subject);
-    per_subject.then(|| Config {
-        max_messages_per_subject: wanted.max_messages_per_subject,
-        discard: wanted.discard,
-        discard_new_per_subject: wanted.discard_new_per_subject,
-        ..found.clone()
-    })
+    // nats-server stores "no limit" as -1 (0 when sent means the same).
+    let consumers = wanted.max_consumers > 0 && found.max_consumers <= 0;
+    if !per_subject && !consumers {
+        return None;
+    }
+    let mut update = found.clone();
+    if per_subject {
+        update.max_messages_per_subject = wanted.max_messages_per_subject;
+        update.discard = wanted.discard;
+        update.discard_new_per_subject = wanted.discard_new_per_subject;
+    }
+    if consumers {
+        update.max_consumers = wanted.max_consumers;
+    }
+    Some(update)
 }
 
 /// Updates a stream to `config` (created by an earlier jetci), saying so.
@@ -218,7 +240,8 @@ async fn upgrade(js: &jetstream::Context, config: Config) -> Result<Stream, Setu
     tracing::info!(
         stream = %name,
         max_messages_per_subject = config.max_messages_per_subject,
-        "upgraded the stream: the server now refuses a second message on a subject"
+        max_consumers = config.max_consumers,
+        "upgraded the stream to the limits this jetci has the server enforce"
     );
     retry_setup(&name, || js.get_stream(name.clone())).await
 }
@@ -415,6 +438,35 @@ mod tests {
             ..Default::default()
         };
         assert!(enforced_update(&commits, &old).is_none());
+    }
+
+    #[test]
+    fn a_readers_stream_without_a_consumer_bound_gets_one_and_an_operators_bound_stays() {
+        let wanted = Config {
+            name: "CI_LOGS".into(),
+            max_consumers: READERS_MAX_CONSUMERS,
+            ..Default::default()
+        };
+        for unbounded in [-1, 0] {
+            let old = Config {
+                max_consumers: unbounded,
+                max_age: Duration::from_secs(99),
+                ..wanted.clone()
+            };
+            let update = enforced_update(&wanted, &old).expect("an update");
+            assert_eq!(update.max_consumers, READERS_MAX_CONSUMERS);
+            assert_eq!(update.max_age, Duration::from_secs(99));
+            assert_eq!(
+                update.max_messages_per_subject,
+                old.max_messages_per_subject
+            );
+        }
+        let chosen = Config {
+            max_consumers: 1000,
+            ..wanted.clone()
+        };
+        assert!(enforced_update(&wanted, &chosen).is_none());
+        assert!(enforced_update(&wanted, &wanted).is_none());
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! jetci under `deploy/auth/nats-server.conf`: one NATS user per role, each allowed only what its
 //! process does. The real observer, dispatcher and runner run with their own role's
-//! `--user/--password` and test a commit end to end; then a client holding the runner's
-//! credentials is refused everything outside its role (publishing a commit, reading another
-//! runner's jobs), and the server says so.
+//! `--user/--password` and `--inbox-prefix` and test a commit end to end; then a client holding
+//! the runner's credentials is refused everything outside its role (publishing a commit, reading
+//! another runner's jobs), and the server says so. The attacks that worked under earlier
+//! versions of the file each have a test: reading another role's replies, ending the
+//! dispatcher's commit through its ack subject, and the viewer deleting or piling up consumers.
 
 use std::time::Duration;
 
@@ -20,37 +22,68 @@ use crate::support::waiting::{wait_until_async, BOUND};
 /// The deployment's configuration itself, so the test checks what operators run.
 const CONF: &str = include_str!("../../deploy/auth/nats-server.conf");
 
-/// The placeholder passwords of that configuration.
-const ADMIN: (&str, &str) = ("admin", "change-me-admin");
-const OBSERVER: (&str, &str) = ("observer", "change-me-observer");
-const DISPATCHER: (&str, &str) = ("dispatcher", "change-me-dispatcher");
-const RUNNER: (&str, &str) = ("runner-build-1", "change-me-runner-build-1");
-const VIEWER: (&str, &str) = ("viewer", "change-me-viewer");
-const NOTIFIER: (&str, &str) = ("notifier", "change-me-notifier");
+/// A user of that configuration: its name, its placeholder password, and the inbox prefix whose
+/// subjects it may subscribe to (`_INBOX_<user>`; admin may read any).
+#[derive(Clone, Copy, Debug)]
+struct Role {
+    user: &'static str,
+    password: &'static str,
+    inbox: &'static str,
+}
+
+const ADMIN: Role = role("admin", "change-me-admin", "_INBOX");
+const OBSERVER: Role = role("observer", "change-me-observer", "_INBOX_observer");
+const DISPATCHER: Role = role("dispatcher", "change-me-dispatcher", "_INBOX_dispatcher");
+const RUNNER: Role = role(
+    "runner-build-1",
+    "change-me-runner-build-1",
+    "_INBOX_runner-build-1",
+);
+const RUNNER_2: Role = role(
+    "runner-build-2",
+    "change-me-runner-build-2",
+    "_INBOX_runner-build-2",
+);
+const VIEWER: Role = role("viewer", "change-me-viewer", "_INBOX_viewer");
+const NOTIFIER: Role = role("notifier", "change-me-notifier", "_INBOX_notifier");
+
+const fn role(user: &'static str, password: &'static str, inbox: &'static str) -> Role {
+    Role {
+        user,
+        password,
+        inbox,
+    }
+}
 
 /// How long a refused subscription is watched for a message that must not arrive.
 const QUIET: Duration = Duration::from_secs(3);
 
-/// The flags that make any jetci binary connect as `who`.
-fn login<'a>(who: (&'a str, &'a str)) -> [&'a str; 4] {
-    ["--user", who.0, "--password", who.1]
+/// The flags that make any jetci binary connect as `who`, with its inbox prefix.
+fn login(who: Role) -> [&'static str; 6] {
+    [
+        "--user",
+        who.user,
+        "--password",
+        who.password,
+        "--inbox-prefix",
+        who.inbox,
+    ]
 }
 
 /// Runs the `jetci` command line as `who`.
-fn jetci_as(url: &str, who: (&str, &str), args: &[&str]) -> Proc {
+fn jetci_as(url: &str, who: Role, args: &[&str]) -> Proc {
     let all = [&["-s", url][..], &login(who), args].concat();
     Proc::spawn("jetci", &all, &[])
 }
 
-/// A client connected as `who`, with the server's asynchronous errors (permission violations
-/// arrive as `-ERR`, reported by async-nats as `Event::ServerError`) forwarded to a channel.
-async fn connect_as(
-    url: &str,
-    who: (&str, &str),
-) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+/// A client connected as `who` with its inbox prefix, with the server's asynchronous errors
+/// (permission violations arrive as `-ERR`, reported by async-nats as `Event::ServerError`)
+/// forwarded to a channel.
+async fn connect_as(url: &str, who: Role) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let client = async_nats::ConnectOptions::new()
-        .user_and_password(who.0.into(), who.1.into())
+        .user_and_password(who.user.into(), who.password.into())
+        .custom_inbox_prefix(who.inbox)
         .connection_timeout(Duration::from_secs(5))
         .event_callback(move |event| {
             let tx = tx.clone();
@@ -62,7 +95,7 @@ async fn connect_as(
         })
         .connect(url)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url} as {}: {e}", who.0));
+        .unwrap_or_else(|e| panic!("cannot connect to {url} as {}: {e}", who.user));
     (client, rx)
 }
 
@@ -130,7 +163,7 @@ fn violations(nats: &NatsServer) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outside_its_role() {
-    let nats = NatsServer::start_with_config(CONF, ADMIN.0, ADMIN.1);
+    let nats = NatsServer::start_with_config(CONF, ADMIN.user, ADMIN.password);
     let url = nats.url();
     let names = names();
     // The subjects the runner's role may not touch: commits, and another runner's jobs.
@@ -178,10 +211,18 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
             .is_ok(),
         "no log stored for the job"
     );
-    // The viewer's `jetci tail` printed the result.
+    // The viewer's `jetci tail` printed the result, and its `jetci logs` prints the job's output
+    // (both read through consumers the viewer never deletes).
     viewer
         .wait_for_log_async(&format!("passed  app  main  {}", &sha[..8]), BOUND)
         .await;
+    let mut logs_cmd = jetci_as(&url, VIEWER, &["logs", "app", &sha]);
+    let status = logs_cmd.wait_exit(BOUND);
+    assert!(
+        status.success() && logs_cmd.log().contains("Ran 1 test"),
+        "jetci logs as viewer: {status}\n{}",
+        logs_cmd.log()
+    );
     // The git hook's `jetci notify`, as notifier, is answered by the observer.
     let second = repo.commit("second", &[("a.txt", "1")]);
     let mut notify = jetci_as(&url, NOTIFIER, &["notify", "app"]);
@@ -349,8 +390,251 @@ async fn each_role_works_with_its_own_credentials_and_a_runner_is_refused_outsid
         assert!(
             logged
                 .iter()
-                .any(|l| l.contains(RUNNER.0) && l.contains(subject)),
+                .any(|l| l.contains(RUNNER.user) && l.contains(subject)),
             "the server log does not report the refusal on {subject}: {logged:#?}"
         );
     }
+}
+
+/// A server under the shipped configuration whose streams and buckets admin has made (as an
+/// operator does once), with admin's client.
+async fn server_with_streams() -> (NatsServer, async_nats::Client, jetstream::Context) {
+    let nats = NatsServer::start_with_config(CONF, ADMIN.user, ADMIN.password);
+    let (admin, _errors) = connect_as(&nats.url(), ADMIN).await;
+    let admin_js = jetstream::new(admin.clone());
+    let mut admin_tail = jetci_as(&nats.url(), ADMIN, &["tail"]);
+    wait_streams(&admin_js).await;
+    assert!(admin_tail.stop().success(), "{}", admin_tail.log());
+    (nats, admin, admin_js)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_role_reads_the_replies_of_another() {
+    let (nats, admin, _admin_js) = server_with_streams().await;
+    let url = nats.url();
+    for intruder_role in [RUNNER_2, VIEWER] {
+        let (intruder, mut errors) = connect_as(&url, intruder_role).await;
+        // Its own inbox works: a request gets its answer.
+        let answer = tokio::time::timeout(BOUND, intruder.request("$JS.API.INFO", "".into()))
+            .await
+            .expect("a request neither failed nor was answered");
+        assert!(
+            answer.is_ok(),
+            "{} gets no reply on its own inbox {}: {answer:?}",
+            intruder_role.user,
+            intruder_role.inbox
+        );
+        // Every other inbox is refused: the one every client uses by default, the dispatcher's
+        // (pulled commits with their ack subjects) and another runner's (its pulled jobs).
+        for other in ["_INBOX.>", "_INBOX_dispatcher.>", "_INBOX_runner-build-1.>"] {
+            let mut snoop = intruder.subscribe(other).await.expect("subscribe is sent");
+            intruder.flush().await.expect("flush");
+            expect_server_error(
+                &mut errors,
+                &format!("Permissions Violation for Subscription to \"{other}\""),
+            )
+            .await;
+            // A reply sent there reaches an allowed subscriber (admin) but not the intruder.
+            let subject = format!("{}.reply", other.trim_end_matches(".>"));
+            let mut control = admin.subscribe(other).await.expect("subscribe");
+            admin.flush().await.expect("flush");
+            admin
+                .publish(subject.clone(), "a reply".into())
+                .await
+                .expect("publish");
+            admin.flush().await.expect("flush");
+            let seen = tokio::time::timeout(BOUND, control.next()).await;
+            assert!(
+                matches!(seen, Ok(Some(_))),
+                "admin's subscription got nothing: the check below would prove nothing"
+            );
+            match tokio::time::timeout(QUIET, snoop.next()).await {
+                Err(_) | Ok(None) => {}
+                Ok(Some(msg)) => {
+                    panic!("{} read a reply on {subject}: {msg:?}", intruder_role.user)
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runner_user_cannot_end_the_dispatchers_commit_through_its_ack_subject() {
+    let (nats, admin, admin_js) = server_with_streams().await;
+    let url = nats.url();
+    let names = names();
+    let commits_stream = names.commits_stream();
+
+    // The intruder: a client with another runner's credentials. It listens to every inbox it
+    // may (under the old file, `_INBOX.>`: the dispatcher's pulled commits, whose reply subject
+    // is the commit's ack subject) and answers every commit it sees with a +TERM.
+    let (intruder, mut errors) = connect_as(&url, RUNNER_2).await;
+    let mut sniffers = futures::stream::select_all(Vec::new());
+    for other in ["_INBOX.>", "_INBOX_dispatcher.>"] {
+        sniffers.push(intruder.subscribe(other).await.expect("subscribe is sent"));
+    }
+    let (terms_tx, mut terms_rx) = mpsc::unbounded_channel::<String>();
+    let ack_prefix = format!("$JS.ACK.{commits_stream}.");
+    let sniffer_client = intruder.clone();
+    let sniffing = tokio::spawn(async move {
+        while let Some(msg) = sniffers.next().await {
+            if let Some(reply) = msg.reply.filter(|r| r.starts_with(&ack_prefix)) {
+                let _ = sniffer_client.publish(reply.clone(), "+TERM".into()).await;
+                let _ = sniffer_client.flush().await;
+                let _ = terms_tx.send(reply.to_string());
+            }
+        }
+    });
+    // And it learns the ack subject another way (a guess, or a message seen elsewhere): admin
+    // hears the dispatcher's in-progress acks, which are published on it.
+    let mut acks = admin
+        .subscribe(format!("$JS.ACK.{commits_stream}.>"))
+        .await
+        .expect("subscribe");
+    admin.flush().await.expect("flush");
+
+    // A commit only a runner labelled gpu may run: the dispatcher holds it, unacked, while no
+    // such runner is there.
+    let repo = GitRepo::new();
+    let (ok_name, ok_body) = passing_test();
+    let sha = repo.commit(
+        "needs a gpu",
+        &[(ok_name, ok_body), (".jetci.toml", "labels = [\"gpu\"]\n")],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut runner = spawn_runner(&url, "build-1", work.path(), &login(RUNNER));
+    let _observer = spawn_observer(&url, &repo, &login(OBSERVER));
+    let mut dispatcher = spawn_dispatcher(&url, &login(DISPATCHER));
+    let ack_subject = match tokio::time::timeout(BOUND, acks.next()).await {
+        Ok(Some(ack)) => ack.subject.to_string(),
+        other => panic!(
+            "the dispatcher never extended its commit: {other:?}\n{}",
+            dispatcher.log()
+        ),
+    };
+    intruder
+        .publish(ack_subject.clone(), "+TERM".into())
+        .await
+        .expect("publish is sent");
+    intruder.flush().await.expect("flush");
+    // The server refuses it: the intruder never received a message with that reply subject, and
+    // no allow list names it.
+    expect_server_error(
+        &mut errors,
+        &format!("Permissions Violation for Publish to \"{ack_subject}\""),
+    )
+    .await;
+
+    // The dispatcher restarts (holding nothing in memory) and a gpu runner comes: the commit is
+    // still in CI_COMMITS, so it is delivered again and tested.
+    dispatcher.kill();
+    assert!(runner.stop().success(), "{}", runner.log());
+    let _runner = spawn_runner(
+        &url,
+        "build-1",
+        work.path(),
+        &[&login(RUNNER)[..], &["--labels", "gpu"]].concat(),
+    );
+    let _dispatcher = spawn_dispatcher(&url, &login(DISPATCHER));
+    let results = admin_js
+        .get_stream(names.results_stream())
+        .await
+        .expect("CI_RESULTS");
+    let result = wait_result(&results, &names.results_subject(REPO, &sha, 1)).await;
+    assert_eq!(result["status"], "passed", "{result:#}");
+    sniffing.abort();
+    let terms: Vec<String> = std::iter::from_fn(|| terms_rx.try_recv().ok()).collect();
+    assert!(
+        terms.is_empty(),
+        "the intruder saw the commit's ack subject: {terms:?}"
+    );
+}
+
+/// The viewer's client and its JetStream context, which gives up on a refused request after 5 s.
+async fn viewer_js(
+    url: &str,
+) -> (
+    async_nats::Client,
+    jetstream::Context,
+    mpsc::UnboundedReceiver<String>,
+) {
+    let (viewer, errors) = connect_as(url, VIEWER).await;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build(viewer.clone());
+    (viewer, js, errors)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_cannot_delete_another_readers_consumer() {
+    let (nats, _admin, admin_js) = server_with_streams().await;
+    let names = names();
+    let (_viewer, viewer_js, mut errors) = viewer_js(&nats.url()).await;
+
+    // Another reader's consumer on CI_RESULTS (as jetci-web's feed is).
+    let results_stream = names.results_stream();
+    let results = admin_js
+        .get_stream(&results_stream)
+        .await
+        .expect("CI_RESULTS");
+    let feed = "web-feed";
+    results
+        .create_consumer(pull::Config {
+            name: Some(feed.into()),
+            inactive_threshold: Duration::from_secs(600),
+            ..Default::default()
+        })
+        .await
+        .expect("admin makes a consumer");
+    let viewer_results = viewer_js
+        .get_stream(&results_stream)
+        .await
+        .expect("the viewer may look CI_RESULTS up");
+    let deleted = viewer_results.delete_consumer(feed).await;
+    assert!(deleted.is_err(), "the viewer deleted {feed}");
+    expect_server_error(
+        &mut errors,
+        &format!("Permissions Violation for Publish to \"$JS.API.CONSUMER.DELETE.{results_stream}.{feed}\""),
+    )
+    .await;
+    assert!(results.consumer_info(feed).await.is_ok(), "{feed} is gone");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_cannot_pile_up_consumers() {
+    let (nats, _admin, _admin_js) = server_with_streams().await;
+    let names = names();
+    let (_viewer, viewer_js, _errors) = viewer_js(&nats.url()).await;
+
+    // The viewer makes consumers on CI_LOGS (as `jetci logs` does) until the server refuses one.
+    let logs_stream = names.logs_stream();
+    let logs = viewer_js
+        .get_stream(&logs_stream)
+        .await
+        .expect("the viewer may look CI_LOGS up");
+    let bound = jetci::streams::READERS_MAX_CONSUMERS as usize;
+    let mut made = 0;
+    let refusal = loop {
+        let created = logs
+            .create_consumer(pull::Config {
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                inactive_threshold: Duration::from_secs(600),
+                memory_storage: true,
+                ..Default::default()
+            })
+            .await;
+        match created {
+            Ok(_) => made += 1,
+            Err(e) => break e.to_string(),
+        }
+        assert!(
+            made <= bound,
+            "the viewer made {made} consumers on {logs_stream}, past the bound of {bound}"
+        );
+    };
+    assert_eq!(made, bound, "refused early: {refusal}");
+    assert!(
+        refusal.contains("maximum consumers limit reached"),
+        "{refusal}"
+    );
 }

@@ -6,19 +6,23 @@
 //!   `systemd-analyze verify` (and its flags with the binary it starts), the compose file with
 //!   `docker compose config` (the Compose specification's schema), every nats-server config with
 //!   `nats-server -t`. Each check is also shown a broken file, so a checker that passes
-//!   everything cannot go unnoticed.
+//!   everything cannot go unnoticed. The one-node config, which has no authorization, is also
+//!   started as shipped and must serve this machine only.
 //!
 //! The tools come with the machine (systemd-analyze, nats-server, docker) or from
 //! `deploy/install-docker-compose.sh`, which `.ci/run` runs. Where one is missing, the test fails
 //! under CI (`CI` set) and skips with a message elsewhere.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use serde_json::Value;
 
 use crate::support::git::GitRepo;
+use crate::support::http::http_get;
 use crate::support::jetstream::names;
 use crate::support::nats::NatsServer;
 use crate::support::processes::bin_path;
@@ -456,6 +460,15 @@ fn compose_file_passes_the_compose_schema_and_runs_real_commands() {
     ] {
         assert!(names.contains(expected), "no service {expected}: {names:?}");
     }
+    // NATS, without authentication there, is published on the host's loopback only.
+    let nats_ports = services["nats"]["ports"].as_array().expect("nats ports");
+    assert!(!nats_ports.is_empty(), "{:#}", services["nats"]);
+    for port in nats_ports {
+        assert_eq!(
+            port["host_ip"], "127.0.0.1",
+            "NATS published beyond loopback: {port}"
+        );
+    }
     // Every jetci service runs a binary of this workspace, with flags it has.
     for (name, service) in services {
         let command: Vec<String> = service["command"]
@@ -517,4 +530,48 @@ fn every_nats_server_config_is_valid() {
         "nats-server -t passed {}",
         said(&out)
     );
+}
+
+/// This host's address on its network (not loopback): the one the kernel picks for a datagram to
+/// 192.0.2.1 (TEST-NET-1; `connect` on UDP sends nothing). `None` on a host without a route.
+fn non_loopback_address() -> Option<IpAddr> {
+    let socket = UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let ip = socket.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn the_shipped_server_config_serves_this_machine_only() {
+    // The file as operators run it: only its ports and store directory are changed.
+    let conf = std::fs::read_to_string(deploy_dir().join("nats-server.conf")).expect("read");
+    let nats = NatsServer::start_as_shipped(&conf);
+    let monitoring = nats.monitoring_addr();
+    let varz = http_get(&monitoring, "/varz")
+        .unwrap_or_else(|e| panic!("no /varz on {monitoring}: {e}"))
+        .json();
+    // The addresses the server bound, in its own words.
+    assert_eq!(varz["host"], "127.0.0.1", "clients' listener: {varz:#}");
+    assert_eq!(
+        varz["http_host"], "127.0.0.1",
+        "monitoring listener: {varz:#}"
+    );
+    // And from the network's side: this host's own address reaches neither port.
+    let http_port: u16 = monitoring
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("port");
+    match non_loopback_address() {
+        Some(ip) => {
+            for port in [nats.port(), http_port] {
+                let addr = SocketAddr::new(ip, port);
+                let reached = TcpStream::connect_timeout(&addr, Duration::from_secs(5));
+                assert!(
+                    reached.is_err(),
+                    "nats-server answers on {addr}, beyond loopback"
+                );
+            }
+        }
+        None => eprintln!("this host has no address but loopback: checked /varz only"),
+    }
 }

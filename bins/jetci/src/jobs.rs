@@ -224,7 +224,7 @@ pub async fn logs(
         filter_subject: subject.clone(),
         deliver_policy: DeliverPolicy::All,
         ack_policy: AckPolicy::None,
-        inactive_threshold: Duration::from_secs(60),
+        inactive_threshold: jetci::follow::READER_INACTIVE,
         memory_storage: true,
         ..Default::default()
     };

@@ -32,16 +32,23 @@ pub struct NatsServer {
     child: Option<Child>,
     /// Holds `store/` and `nats-server.log`; removed when the struct is dropped.
     dir: TempDir,
-    /// Set by [`NatsServer::start_with_config`]: the config file and the user that checks
-    /// readiness.
+    /// Set by [`NatsServer::start_with_config`] and [`NatsServer::start_as_shipped`]: the config
+    /// file and the user that checks readiness.
     config: Option<ServerConfig>,
+    /// The monitoring port of a server started with [`NatsServer::start_as_shipped`].
+    http_port: Option<u16>,
 }
 
 /// A config file of a [`NatsServer`] started with [`NatsServer::start_with_config`].
 struct ServerConfig {
     path: PathBuf,
-    user: String,
-    password: String,
+    /// The config's text with its store directory replaced.
+    text: String,
+    /// Credentials of the user that checks readiness (none: anonymous).
+    login: Option<(String, String)>,
+    /// True: the config's own `listen` and `http` addresses are kept, only their ports are
+    /// replaced ([`NatsServer::start_as_shipped`]); false: `-a 127.0.0.1 -p PORT` override them.
+    own_addresses: bool,
 }
 
 impl NatsServer {
@@ -50,7 +57,15 @@ impl NatsServer {
     /// Panics if `nats-server` is not on PATH (run `deploy/install-nats-server.sh`) or if the
     /// server does not become ready within 30 s.
     pub fn start() -> NatsServer {
-        Self::start_inner(None)
+        Self::start_inner(None, false)
+    }
+
+    /// Starts a server with the configuration `conf` as an operator would run it: only the
+    /// ports of its `listen` and `http` lines (each set to a free port, the host part kept as
+    /// written) and its `store_dir` are changed, so the addresses it binds are the file's own.
+    /// For a config without authorization; panics as [`NatsServer::start`] does.
+    pub fn start_as_shipped(conf: &str) -> NatsServer {
+        Self::start_inner(Some((conf, None)), true)
     }
 
     /// Starts a server with the configuration `conf` (the text of a nats-server config file,
@@ -64,16 +79,16 @@ impl NatsServer {
     /// `store_dir` line of its own. Otherwise like [`NatsServer::start`]; `restart` reuses the
     /// config.
     pub fn start_with_config(conf: &str, user: &str, password: &str) -> NatsServer {
-        Self::start_inner(Some((conf, user, password)))
+        Self::start_inner(Some((conf, Some((user, password)))), false)
     }
 
-    fn start_inner(conf: Option<(&str, &str, &str)>) -> NatsServer {
+    fn start_inner(conf: Option<(&str, Option<(&str, &str)>)>, own_addresses: bool) -> NatsServer {
         let dir = tempfile::Builder::new()
             .prefix("jetci-nats-")
             .tempdir()
             .expect("cannot create a temp dir for nats-server");
         fs::create_dir_all(dir.path().join("store")).expect("cannot create the store dir");
-        let config = conf.map(|(text, user, password)| {
+        let config = conf.map(|(text, login)| {
             let store = dir.path().join("store");
             let text: String = text
                 .lines()
@@ -86,11 +101,12 @@ impl NatsServer {
                 })
                 .collect();
             let path = dir.path().join("nats-server.conf");
-            fs::write(&path, text).expect("cannot write nats-server.conf");
+            fs::write(&path, &text).expect("cannot write nats-server.conf");
             ServerConfig {
                 path,
-                user: user.to_string(),
-                password: password.to_string(),
+                text,
+                login: login.map(|(u, p)| (u.to_string(), p.to_string())),
+                own_addresses,
             }
         });
         let mut server = NatsServer {
@@ -98,6 +114,7 @@ impl NatsServer {
             child: None,
             dir,
             config,
+            http_port: own_addresses.then(free_port),
         };
         // The free port is found by binding port 0 and closing it, so another process may grab
         // it before nats-server does; then the server exits at once and we try another port.
@@ -117,6 +134,20 @@ impl NatsServer {
     /// The URL clients connect to: `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The monitoring address (`HOST:PORT`, `/varz`, `/healthz`) of a server started with
+    /// [`NatsServer::start_as_shipped`], on 127.0.0.1; panics for any other server.
+    pub fn monitoring_addr(&self) -> String {
+        let port = self
+            .http_port
+            .expect("only a server started as shipped has its monitoring port");
+        format!("127.0.0.1:{port}")
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The JetStream store directory (kept across [`NatsServer::restart`]).
@@ -176,16 +207,18 @@ impl NatsServer {
                 .arg(self.port.to_string())
                 .arg("-sd")
                 .arg(self.store_dir()),
+            Some(config) if config.own_addresses => {
+                let text = with_ports(&config.text, self.port, self.http_port);
+                fs::write(&config.path, text).expect("cannot write nats-server.conf");
+                command.arg("-c").arg(&config.path)
+            }
             Some(config) => command
                 .arg("-c")
                 .arg(&config.path)
                 .args(["-a", "127.0.0.1", "-p"])
                 .arg(self.port.to_string()),
         };
-        let auth = self
-            .config
-            .as_ref()
-            .map(|c| (c.user.clone(), c.password.clone()));
+        let auth = self.config.as_ref().and_then(|c| c.login.clone());
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
@@ -243,6 +276,28 @@ impl Drop for NatsServer {
             eprintln!("nats-server {}:\n{}", self.url(), self.log_tail(30));
         }
     }
+}
+
+/// `text` with the port of its top-level `listen:` line set to `port` and that of its `http:` line to
+/// `http` (when given), each keeping the host it names (`listen: 127.0.0.1:4222` becomes
+/// `listen: 127.0.0.1:PORT`). Other lines are kept as they are.
+fn with_ports(text: &str, port: u16, http: Option<u16>) -> String {
+    text.lines()
+        .map(|line| {
+            // Top-level lines only: a `cluster { listen: ... }` is not the clients' port.
+            let new_port = if line.starts_with("listen:") {
+                Some(port)
+            } else if line.starts_with("http:") {
+                http
+            } else {
+                None
+            };
+            match (new_port, line.rsplit_once(':')) {
+                (Some(p), Some((host, _))) => format!("{host}:{p}\n"),
+                _ => format!("{line}\n"),
+            }
+        })
+        .collect()
 }
 
 /// The nats-server binary on PATH; panics with a pointer to the install script if there is none.
