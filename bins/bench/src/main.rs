@@ -11,10 +11,11 @@
 //! `--quick` runs a tiny version of every benchmark (the smoke test `tests/e2e/bench_smoke.rs`).
 //!
 //! `sys.rs` is the world the benchmarks run in; `web.rs` is W (jetci-web with a full view),
-//! `dispatch.rs` is D (the dispatch rate) with the library's runner loop and an executor that runs nothing; the
+//! `fair.rs` is F (the fair share: one repository's commit beside another's backlog), `dispatch.rs` is D (the dispatch rate) with the library's runner loop and an executor that runs nothing; the
 //! other benchmarks are in this file.
 
 mod dispatch;
+mod fair;
 mod pipelines;
 mod sys;
 mod web;
@@ -152,7 +153,7 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
     let started = Instant::now();
 
     type Bench = fn(&tokio::runtime::Runtime, &Opts, &mut Report) -> Result<()>;
-    let benches: [(&str, Bench); 10] = [
+    let benches: [(&str, Bench); 11] = [
         ("L", bench_latency),
         ("T", bench_throughput),
         ("R", bench_recovery),
@@ -163,6 +164,7 @@ fn run(opts: &Opts, args: &[String]) -> Result<()> {
         ("B", bench_burst),
         ("S", bench_scaling),
         ("P", pipelines::bench_pipelines),
+        ("F", fair::bench_fair),
     ];
     for (id, f) in benches {
         if !wanted(opts, id) {
