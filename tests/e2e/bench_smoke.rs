@@ -57,6 +57,7 @@ fn quick_benchmark_writes_the_table() {
         ("S", "| S | T as history grows"),
         ("P", "| P | an 8 s suite as 4 shards"),
         ("P", "| P | longest of 4 shards of a skewed"),
+        ("F", "| F | b's commit while a has a backlog"),
     ] {
         let row = table
             .lines()
