@@ -22,6 +22,11 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// this much of a name another publisher sent.
 pub const MAX_BRANCH_BYTES: usize = 1024;
 
+/// The most jobs one runner may run at once (`jetci-runner --jobs`, `capacity` in its
+/// `ci-runners` entry): a dispatcher pulls commits for every slot runners offer, so an entry
+/// claiming billions of slots (a forged or mistyped one) would open the pull to the whole stream.
+pub const MAX_RUNNER_SLOTS: u32 = 1024;
+
 /// Parses a humantime duration (`90s`, `10m`, `1h 30m`) of at most `max`, and more than zero
 /// when `positive`.
 ///

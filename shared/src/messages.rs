@@ -610,7 +610,8 @@ pub struct RunnerInfo {
     pub id: String,
     pub host: String,
     pub labels: Vec<String>,
-    /// Jobs it runs at once.
+    /// Jobs it runs at once, at most [`crate::limits::MAX_RUNNER_SLOTS`] (an entry claiming more
+    /// is invalid: dispatchers skip it).
     pub capacity: u32,
     /// Job ids it runs now.
     pub jobs: Vec<String>,
@@ -631,7 +632,15 @@ impl Wire for RunnerInfo {
         self.v
     }
     fn validate(&self) -> Result<(), MessageError> {
-        Ok(check_token("runner", &self.id)?)
+        check_token("runner", &self.id)?;
+        if self.capacity > crate::limits::MAX_RUNNER_SLOTS {
+            return Err(MessageError::Invalid(format!(
+                "capacity {} is over {}",
+                self.capacity,
+                crate::limits::MAX_RUNNER_SLOTS
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -721,6 +730,27 @@ impl Wire for NotifyReply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runner_entry_claiming_more_slots_than_the_bound_is_invalid() {
+        let info = |capacity: u32| RunnerInfo {
+            v: VERSION,
+            id: "r1".into(),
+            host: "h".into(),
+            labels: vec![],
+            capacity,
+            jobs: vec![],
+            accepting: true,
+            started_at: now(),
+            updated_at: now(),
+            warnings: vec![],
+        };
+        let ok = encode(&info(crate::limits::MAX_RUNNER_SLOTS));
+        assert!(decode::<RunnerInfo>(&ok).is_ok());
+        let huge = encode(&info(u32::MAX));
+        let err = decode::<RunnerInfo>(&huge).unwrap_err();
+        assert!(err.to_string().contains("capacity"), "{err}");
+    }
 
     fn commit() -> CommitMsg {
         CommitMsg {

@@ -175,6 +175,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     check_token("runner id", &id)?;
     anyhow::ensure!(args.jobs >= 1, "--jobs must be at least 1");
     anyhow::ensure!(
+        args.jobs <= jetci::limits::MAX_RUNNER_SLOTS,
+        "--jobs must be at most {}",
+        jetci::limits::MAX_RUNNER_SLOTS
+    );
+    anyhow::ensure!(
         args.heartbeat < args.lease,
         "--heartbeat ({}) must be shorter than --lease ({})",
         humantime::format_duration(args.heartbeat),
